@@ -1,0 +1,245 @@
+//! The hub: which local sessions listen to which channel, and the fan-out of one published
+//! message to all of them.
+//!
+//! It owns the channel table (capped: it is keyed by client input) and pushes encoded frames into
+//! session outboxes. It never blocks on a session: a full outbox marks that session slow and the
+//! session's transport closes it. It does not know which transport a session uses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde_json::value::RawValue;
+
+use super::{Bus, BusError};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Channel, Offset};
+use crate::session::{Outbox, PushError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("this node holds its maximum of {0} channels")]
+    ChannelTableFull(usize),
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    session: u64,
+    outbox: Arc<Outbox>,
+}
+
+#[derive(Debug, Default)]
+struct ChannelEntry {
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+#[derive(Debug)]
+pub struct Hub {
+    channels: RwLock<HashMap<Channel, Arc<ChannelEntry>>>,
+    max_channels: usize,
+    bus: Bus,
+    metrics: Arc<Metrics>,
+}
+
+/// What one dispatch did, for the caller's accounting and for tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub delivered: usize,
+    pub overflowed: usize,
+}
+
+impl Hub {
+    pub fn new(bus: Bus, max_channels: usize, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            channels: RwLock::new(HashMap::new()),
+            max_channels,
+            bus,
+            metrics,
+        }
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.read().len()
+    }
+
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.channels
+            .read()
+            .get(channel)
+            .map_or(0, |e| e.subscribers.lock().len())
+    }
+
+    /// Adds a session to a channel. Idempotent per session. Both map and entry are locked so a
+    /// concurrent last-unsubscribe cannot remove the entry between lookup and insert.
+    pub fn subscribe(
+        &self,
+        channel: &Channel,
+        session: u64,
+        outbox: &Arc<Outbox>,
+    ) -> Result<(), SubscribeError> {
+        let mut channels = self.channels.write();
+        let len = channels.len();
+        let entry = match channels.get(channel) {
+            Some(e) => e.clone(),
+            None => {
+                if len >= self.max_channels {
+                    return Err(SubscribeError::ChannelTableFull(self.max_channels));
+                }
+                let e = Arc::new(ChannelEntry::default());
+                channels.insert(channel.clone(), e.clone());
+                self.metrics.channels.set(channels.len() as i64);
+                e
+            }
+        };
+        let mut subs = entry.subscribers.lock();
+        if !subs.iter().any(|s| s.session == session) {
+            subs.push(Subscriber {
+                session,
+                outbox: outbox.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes a session from a channel; the channel leaves the table with its last subscriber.
+    /// Returns whether the session was subscribed.
+    pub fn unsubscribe(&self, channel: &Channel, session: u64) -> bool {
+        let mut channels = self.channels.write();
+        let Some(entry) = channels.get(channel) else {
+            return false;
+        };
+        let (removed, now_empty) = {
+            let mut subs = entry.subscribers.lock();
+            let before = subs.len();
+            subs.retain(|s| s.session != session);
+            (subs.len() != before, subs.is_empty())
+        };
+        if now_empty {
+            channels.remove(channel);
+            self.metrics.channels.set(channels.len() as i64);
+        }
+        removed
+    }
+
+    /// Publishes through the bus. For the embedded bus the message comes straight back through
+    /// [`Hub::dispatch`]; other buses deliver it from their own receive path.
+    pub async fn publish(&self, channel: &Channel, data: &RawValue) -> Result<(), BusError> {
+        self.metrics.publishes.inc();
+        match &self.bus {
+            Bus::Memory(mem) => {
+                self.dispatch(channel, || mem.next_offset(), data.get());
+                Ok(())
+            }
+        }
+    }
+
+    /// Encodes the message once and pushes the same bytes to every local subscriber of
+    /// `channel`. `assign` picks the offset under the channel's lock, so subscribers see offsets
+    /// in the order they were assigned.
+    pub fn dispatch(
+        &self,
+        channel: &Channel,
+        assign: impl FnOnce() -> Offset,
+        data: &str,
+    ) -> Fanout {
+        let Some(entry) = self.channels.read().get(channel).cloned() else {
+            return Fanout::default();
+        };
+        let subs = entry.subscribers.lock();
+        let frame = protocol::encode_message(channel, assign(), data);
+        let mut out = Fanout::default();
+        for sub in subs.iter() {
+            match sub.outbox.push(frame.clone()) {
+                Ok(()) => out.delivered += 1,
+                Err(PushError::Overflow) => out.overflowed += 1,
+                Err(PushError::Closed) => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+
+    fn hub(max_channels: usize) -> Hub {
+        Hub::new(
+            Bus::Memory(MemoryBus::new()),
+            max_channels,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn ch(s: &str) -> Channel {
+        Channel::new(s).unwrap()
+    }
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn fanout_shares_one_encoding() {
+        let h = hub(10);
+        let a = Arc::new(Outbox::new(8));
+        let b = Arc::new(Outbox::new(8));
+        h.subscribe(&ch("x"), 1, &a).unwrap();
+        h.subscribe(&ch("x"), 2, &b).unwrap();
+        h.subscribe(&ch("x"), 2, &b).unwrap();
+        assert_eq!(h.subscriber_count("x"), 2);
+        h.publish(&ch("x"), &raw("{\"v\":1}")).await.unwrap();
+        let (mut fa, mut fb) = (Vec::new(), Vec::new());
+        a.drain(&mut fa);
+        b.drain(&mut fb);
+        assert_eq!(fa.len(), 1);
+        assert_eq!(fa, fb);
+        // Same allocation, not merely equal bytes.
+        assert_eq!(fa[0].as_bytes().as_ptr(), fb[0].as_bytes().as_ptr());
+    }
+
+    #[tokio::test]
+    async fn channel_table_is_capped_and_shrinks() {
+        let h = hub(2);
+        let o = Arc::new(Outbox::new(8));
+        h.subscribe(&ch("a"), 1, &o).unwrap();
+        h.subscribe(&ch("b"), 1, &o).unwrap();
+        assert_eq!(
+            h.subscribe(&ch("c"), 1, &o),
+            Err(SubscribeError::ChannelTableFull(2))
+        );
+        // An existing channel can still be joined at the cap.
+        h.subscribe(&ch("a"), 2, &o).unwrap();
+        assert!(h.unsubscribe(&ch("b"), 1));
+        assert!(!h.unsubscribe(&ch("b"), 1));
+        assert_eq!(h.channel_count(), 1);
+        h.subscribe(&ch("c"), 1, &o).unwrap();
+    }
+
+    #[tokio::test]
+    async fn full_outbox_overflows_without_blocking_others() {
+        let h = hub(10);
+        let slow = Arc::new(Outbox::new(2));
+        let fast = Arc::new(Outbox::new(100));
+        h.subscribe(&ch("x"), 1, &slow).unwrap();
+        h.subscribe(&ch("x"), 2, &fast).unwrap();
+        let mut overflowed = 0;
+        for i in 0..10 {
+            overflowed += h
+                .dispatch(&ch("x"), || Offset { epoch: 1, seq: i }, "1")
+                .overflowed;
+        }
+        assert_eq!(
+            overflowed, 1,
+            "overflow is reported once, then the outbox is closed"
+        );
+        let mut got = Vec::new();
+        fast.drain(&mut got);
+        assert_eq!(got.len(), 10);
+    }
+}

@@ -1,0 +1,619 @@
+//! Configuration: loading (TOML file, then `EDGEPLEX__SECTION__KEY` environment overrides),
+//! validation into typed values, and errors that name the key, where it came from and what is
+//! allowed.
+//!
+//! This module owns the meaning of every config key. It does not open sockets or read
+//! certificates; the server and the TLS module do that with the validated [`Config`].
+
+pub mod schema;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+
+pub use schema::{FileConfig, LogFormat};
+
+/// Prefix of environment overrides; `__` separates section and key.
+pub const ENV_PREFIX: &str = "EDGEPLEX__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file or an environment variable does not fit the schema (unknown key, wrong type).
+    #[error("{0}")]
+    Schema(String),
+    /// A value has the right type but is not allowed.
+    #[error("{origin}: key `{key}`: {reason}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The validated configuration the edge runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub bus: BusConfig,
+    pub session: SessionConfig,
+    pub admission: AdmissionConfig,
+    pub log: LogConfig,
+    /// The file as loaded, environment overrides applied: what `check-config` prints.
+    pub effective: FileConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub listen_plain: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub max_sessions: usize,
+    /// Node-wide cap on channels with local subscribers: the hub's table is keyed by client input.
+    pub max_channels: usize,
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsConfig {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Generate a self-signed certificate at start and write its PEM here.
+    Dev {
+        cert_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub redis_url: Option<String>,
+    pub channel_prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub outbound_queue: usize,
+    pub max_message_bytes: usize,
+    pub close_message_bytes: usize,
+    pub max_channels: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub close_after_refusals: u32,
+    pub client_publish: bool,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    /// A write to the client that takes longer than this ends the session: the client has
+    /// stopped reading and its queue would only grow.
+    pub write_timeout: Duration,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// `None`: any origin is allowed (the list held `"*"`).
+    pub allowed_origins: Option<Vec<String>>,
+    pub allow_missing_origin: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Loads `path`, applies `EDGEPLEX__*` variables from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Read once up front so a missing or unreadable file is its own clear error.
+        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment, Some(path))
+    }
+
+    /// Built-in defaults with environment overrides, no file.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::new().merge(Env::prefixed(ENV_PREFIX).split("__")),
+            None,
+        )
+    }
+
+    /// Validates a file config that did not come from a file (tests and embedders).
+    pub fn from_file_config(file: FileConfig) -> Result<Config, ConfigError> {
+        validate(file, &|_| "config".to_string())
+    }
+
+    fn from_figment(figment: Figment, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let parsed: FileConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::Schema(describe_figment_error(e)))?;
+        // A key that no source set still belongs to the file the operator is editing.
+        let origin = |key: &str| match (figment.find_metadata(key), file) {
+            (Some(md), _) => describe_source(md, key),
+            (None, Some(path)) => format!("{} (key not set, default used)", path.display()),
+            (None, None) => "built-in default".to_string(),
+        };
+        let file = parsed;
+        validate(file, &origin)
+    }
+}
+
+fn describe_source(md: &figment::Metadata, key: &str) -> String {
+    if let Some(figment::Source::File(path)) = &md.source {
+        return path.display().to_string();
+    }
+    if md.name.contains("environment") {
+        let keys: Vec<&str> = key.split('.').collect();
+        format!(
+            "environment variable {}",
+            md.interpolate(&figment::Profile::Default, &keys)
+        )
+    } else {
+        md.name.to_string()
+    }
+}
+
+fn describe_figment_error(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = match &e.metadata {
+                Some(md) if !key.is_empty() => describe_source(md, &key),
+                Some(md) => md.name.to_string(),
+                None => "config".to_string(),
+            };
+            let kind = match &e.kind {
+                figment::error::Kind::UnknownField(field, allowed) => {
+                    format!(
+                        "unknown key `{field}`; allowed keys here are: {}",
+                        allowed.join(", ")
+                    )
+                }
+                other => other.to_string(),
+            };
+            if key.is_empty() {
+                format!("{origin}: {kind}")
+            } else {
+                format!("{origin}: key `{key}`: {kind}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Turns the file structs into the validated [`Config`]. `origin` names where a key's value came
+/// from (file, environment variable or default) for the error.
+fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+        origin: origin(key),
+        key,
+        reason,
+    };
+    let addr = |key: &'static str,
+                v: &str,
+                optional: bool|
+     -> Result<Option<SocketAddr>, ConfigError> {
+        if v.is_empty() && optional {
+            return Ok(None);
+        }
+        v.parse::<SocketAddr>().map(Some).map_err(|_| {
+            invalid(
+                key,
+                format!(
+                    "{v:?} is not an address; write IP:PORT such as \"127.0.0.1:8443\" or \"[::1]:8443\"{}",
+                    if optional { ", or \"\" to turn it off" } else { "" }
+                ),
+            )
+        })
+    };
+    let range = |key: &'static str, v: usize, lo: usize, hi: usize| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                key,
+                format!("{v} is out of range; allowed is {lo} to {hi}"),
+            ))
+        }
+    };
+    let min_duration = |key: &'static str, v: Duration, lo: Duration| {
+        if v >= lo {
+            Ok(v)
+        } else {
+            Err(invalid(
+                key,
+                format!(
+                    "{} is too short; it must be at least {}",
+                    humantime::format_duration(v),
+                    humantime::format_duration(lo)
+                ),
+            ))
+        }
+    };
+
+    let s = &file.server;
+    let server = ServerConfig {
+        listen: addr("server.listen", &s.listen, false)?.expect("not optional"),
+        listen_plain: addr("server.listen_plain", &s.listen_plain, true)?,
+        admin_listen: addr("server.admin_listen", &s.admin_listen, true)?,
+        max_connections: range("server.max_connections", s.max_connections, 1, 10_000_000)?,
+        max_sessions: range("server.max_sessions", s.max_sessions, 1, 10_000_000)?,
+        max_channels: range("server.max_channels", s.max_channels, 1, 100_000_000)?,
+        // hyper refuses a read buffer under 8 KiB.
+        max_header_bytes: range("server.max_header_bytes", s.max_header_bytes, 8192, 1 << 20)?,
+        handshake_timeout: min_duration(
+            "server.handshake_timeout",
+            s.handshake_timeout,
+            Duration::from_millis(100),
+        )?,
+        shutdown_grace: s.shutdown_grace,
+    };
+
+    let t = &file.tls;
+    let tls = match (t.cert.is_empty(), t.key.is_empty()) {
+        (true, true) => {
+            if t.dev_cert_path.is_empty() {
+                return Err(invalid(
+                    "tls.dev_cert_path",
+                    "is empty; with no tls.cert and tls.key a dev certificate is made and its PEM \
+                     must be written somewhere"
+                        .into(),
+                ));
+            }
+            TlsConfig::Dev {
+                cert_path: PathBuf::from(&t.dev_cert_path),
+            }
+        }
+        (false, false) => TlsConfig::Files {
+            cert: PathBuf::from(&t.cert),
+            key: PathBuf::from(&t.key),
+        },
+        (true, false) => {
+            return Err(invalid(
+                "tls.cert",
+                "is empty while tls.key is set; set both PEM paths, or neither for a dev certificate"
+                    .into(),
+            ));
+        }
+        (false, true) => {
+            return Err(invalid(
+                "tls.key",
+                "is empty while tls.cert is set; set both PEM paths, or neither for a dev certificate"
+                    .into(),
+            ));
+        }
+    };
+
+    let b = &file.bus;
+    let redis_url = if b.redis_url.is_empty() {
+        None
+    } else if !(b.redis_url.starts_with("redis://") || b.redis_url.starts_with("rediss://")) {
+        return Err(invalid(
+            "bus.redis_url",
+            "must start with redis:// or rediss://, or be \"\" for the embedded bus".into(),
+        ));
+    } else {
+        return Err(invalid(
+            "bus.redis_url",
+            "the Redis bus is not part of this build yet; leave it \"\" for the embedded bus"
+                .into(),
+        ));
+    };
+    if b.channel_prefix.len() > 64 || b.channel_prefix.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(
+            "bus.channel_prefix",
+            "must be at most 64 characters without whitespace".into(),
+        ));
+    }
+    let bus = BusConfig {
+        redis_url,
+        channel_prefix: b.channel_prefix.clone(),
+    };
+
+    let ss = &file.session;
+    let max_message_bytes = range(
+        "session.max_message_bytes",
+        ss.max_message_bytes,
+        64,
+        16 << 20,
+    )?;
+    let close_message_bytes = range(
+        "session.close_message_bytes",
+        ss.close_message_bytes,
+        64,
+        64 << 20,
+    )?;
+    if close_message_bytes < max_message_bytes {
+        return Err(invalid(
+            "session.close_message_bytes",
+            format!(
+                "{close_message_bytes} is below session.max_message_bytes ({max_message_bytes}); \
+                 it must be at least that"
+            ),
+        ));
+    }
+    let ping_interval = min_duration(
+        "session.ping_interval",
+        ss.ping_interval,
+        Duration::from_millis(100),
+    )?;
+    if ss.idle_timeout <= ping_interval {
+        return Err(invalid(
+            "session.idle_timeout",
+            format!(
+                "{} must be longer than session.ping_interval ({}) so a live client can answer a ping",
+                humantime::format_duration(ss.idle_timeout),
+                humantime::format_duration(ping_interval)
+            ),
+        ));
+    }
+    let session = SessionConfig {
+        outbound_queue: range("session.outbound_queue", ss.outbound_queue, 1, 1_000_000)?,
+        max_message_bytes,
+        close_message_bytes,
+        max_channels: range("session.max_channels", ss.max_channels, 1, 100_000)?,
+        messages_per_second: range(
+            "session.messages_per_second",
+            ss.messages_per_second as usize,
+            1,
+            1_000_000,
+        )? as u32,
+        message_burst: range(
+            "session.message_burst",
+            ss.message_burst as usize,
+            1,
+            1_000_000,
+        )? as u32,
+        close_after_refusals: range(
+            "session.close_after_refusals",
+            ss.close_after_refusals as usize,
+            1,
+            1_000_000,
+        )? as u32,
+        client_publish: ss.client_publish,
+        ping_interval,
+        idle_timeout: ss.idle_timeout,
+        write_timeout: min_duration(
+            "session.write_timeout",
+            ss.write_timeout,
+            Duration::from_millis(100),
+        )?,
+        read_buffer_bytes: range(
+            "session.read_buffer_bytes",
+            ss.read_buffer_bytes,
+            256,
+            1 << 20,
+        )?,
+        write_buffer_bytes: range(
+            "session.write_buffer_bytes",
+            ss.write_buffer_bytes,
+            0,
+            16 << 20,
+        )?,
+    };
+
+    let a = &file.admission;
+    let allowed_origins = if a.allowed_origins.iter().any(|o| o == "*") {
+        None
+    } else {
+        for o in &a.allowed_origins {
+            if let Err(reason) = crate::admission::origin::validate_rule(o) {
+                return Err(invalid(
+                    "admission.allowed_origins",
+                    format!("{o:?}: {reason}"),
+                ));
+            }
+        }
+        Some(
+            a.allowed_origins
+                .iter()
+                .map(|o| o.to_ascii_lowercase())
+                .collect(),
+        )
+    };
+    let admission = AdmissionConfig {
+        allowed_origins,
+        allow_missing_origin: a.allow_missing_origin,
+    };
+
+    let l = &file.log;
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
+        return Err(invalid(
+            "log.level",
+            format!(
+                "{:?} is not a filter ({e}); use e.g. \"info\" or \"edgeplex=debug,info\"",
+                l.level
+            ),
+        ));
+    }
+    let log = LogConfig {
+        format: l.format,
+        level: l.level.clone(),
+    };
+
+    Ok(Config {
+        server,
+        tls,
+        bus,
+        session,
+        admission,
+        log,
+        effective: file,
+    })
+}
+
+impl Config {
+    /// A human summary of what the edge will do with this config, for `check-config`.
+    pub fn summary(&self) -> String {
+        let s = &self.server;
+        let mut out = String::new();
+        let opt = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+        out.push_str(&format!(
+            "TLS listener {} (TCP: HTTP/1.1 and HTTP/2; WebSocket at /ws)\n",
+            s.listen
+        ));
+        out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
+        out.push_str(&format!("admin listener {}\n", opt(s.admin_listen)));
+        out.push_str(&match &self.tls {
+            TlsConfig::Files { cert, key } => {
+                format!(
+                    "certificate {} with key {}\n",
+                    cert.display(),
+                    key.display()
+                )
+            }
+            TlsConfig::Dev { cert_path } => format!(
+                "dev certificate generated at start, PEM written to {}\n",
+                cert_path.display()
+            ),
+        });
+        out.push_str(match &self.bus.redis_url {
+            None => "bus: embedded (single node)\n",
+            Some(_) => "bus: Redis\n",
+        });
+        let ss = &self.session;
+        out.push_str(&format!(
+            "per session: {} msg/s (burst {}), closed after {} refusals in a row; \
+             messages over {} B refused, over {} B closed (1009); {} channels; \
+             outbound queue {} messages\n",
+            ss.messages_per_second,
+            ss.message_burst,
+            ss.close_after_refusals,
+            ss.max_message_bytes,
+            ss.close_message_bytes,
+            ss.max_channels,
+            ss.outbound_queue
+        ));
+        out.push_str(&format!(
+            "node: {} connections, {} sessions, {} channels\n",
+            s.max_connections, s.max_sessions, s.max_channels
+        ));
+        out.push_str(&match &self.admission.allowed_origins {
+            None => "origins: any\n".to_string(),
+            Some(list) => format!(
+                "origins: {}; requests without Origin {}\n",
+                if list.is_empty() {
+                    "none".to_string()
+                } else {
+                    list.join(", ")
+                },
+                if self.admission.allow_missing_origin {
+                    "allowed"
+                } else {
+                    "refused"
+                }
+            ),
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::from_figment(Figment::new().merge(Toml::file_exact(&path)), Some(&path))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_file_config(FileConfig::default()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.server.listen_plain, None);
+        assert!(matches!(c.tls, TlsConfig::Dev { .. }));
+    }
+
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let text = include_str!("../../config/edgeplex.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.effective, FileConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file() {
+        let e = parse("[server]\nlisten_port = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml"), "{e}");
+        assert!(
+            e.contains("server.listen_port") || e.contains("listen_port"),
+            "{e}"
+        );
+        assert!(e.contains("allowed keys here are"), "{e}");
+        let e = parse("[serve]\n").unwrap_err().to_string();
+        assert!(e.contains("unknown key `serve`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse("[session]\noutbound_queue = \"big\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("session.outbound_queue"), "{e}");
+        let e = parse("[log]\nformat = \"xml\"\n").unwrap_err().to_string();
+        assert!(e.contains("log.format") && e.contains("text"), "{e}");
+        let e = parse("[server]\nshutdown_grace = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.shutdown_grace"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_named() {
+        let cases = [
+            ("[server]\nlisten = \"8443\"\n", "server.listen"),
+            ("[server]\nmax_sessions = 0\n", "server.max_sessions"),
+            (
+                "[session]\nmax_message_bytes = 1000\nclose_message_bytes = 500\n",
+                "session.close_message_bytes",
+            ),
+            (
+                "[session]\nping_interval = \"30s\"\nidle_timeout = \"10s\"\n",
+                "session.idle_timeout",
+            ),
+            ("[tls]\ncert = \"a.pem\"\n", "tls.key"),
+            ("[bus]\nredis_url = \"http://x\"\n", "bus.redis_url"),
+            (
+                "[admission]\nallowed_origins = [\"example.com\"]\n",
+                "admission.allowed_origins",
+            ),
+            ("[log]\nlevel = \"[[[\"\n", "log.level"),
+        ];
+        for (toml, key) in cases {
+            let e = parse(toml).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(key), "{toml}: {text}");
+            assert!(text.contains("test.toml"), "{toml}: {text}");
+        }
+    }
+
+    #[test]
+    fn star_allows_any_origin() {
+        let c = parse("[admission]\nallowed_origins = [\"*\"]\n").unwrap();
+        assert!(c.admission.allowed_origins.is_none());
+    }
+}

@@ -1,0 +1,206 @@
+//! The config file as operators write it: one struct per TOML section, every key optional with a
+//! named default, unknown keys refused. Nothing here is trusted yet; [`super::Config`] is what the
+//! rest of the edge reads, built from these structs by validation.
+//!
+//! Keep `config/edgeplex.toml` in step with this file: it documents every key with its default,
+//! and a test checks that it parses to exactly these defaults.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
+pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_CLOSE_MESSAGE_BYTES: usize = 256 * 1024;
+pub const DEFAULT_MAX_CHANNELS_PER_SESSION: usize = 100;
+pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 50;
+pub const DEFAULT_MESSAGE_BURST: u32 = 100;
+pub const DEFAULT_CLOSE_AFTER_REFUSALS: u32 = 50;
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub bus: BusSection,
+    pub session: SessionSection,
+    pub admission: AdmissionSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: String,
+    pub listen_plain: String,
+    pub admin_listen: String,
+    pub max_connections: usize,
+    pub max_sessions: usize,
+    pub max_channels: usize,
+    pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: DEFAULT_LISTEN.into(),
+            listen_plain: String::new(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_channels: DEFAULT_MAX_CHANNELS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    pub cert: String,
+    pub key: String,
+    pub dev_cert_path: String,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: String::new(),
+            key: String::new(),
+            dev_cert_path: DEFAULT_DEV_CERT_PATH.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSection {
+    pub redis_url: String,
+    pub channel_prefix: String,
+}
+
+impl Default for BusSection {
+    fn default() -> Self {
+        BusSection {
+            redis_url: String::new(),
+            channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSection {
+    pub outbound_queue: usize,
+    pub max_message_bytes: usize,
+    pub close_message_bytes: usize,
+    pub max_channels: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub close_after_refusals: u32,
+    pub client_publish: bool,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        SessionSection {
+            outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            close_message_bytes: DEFAULT_CLOSE_MESSAGE_BYTES,
+            max_channels: DEFAULT_MAX_CHANNELS_PER_SESSION,
+            messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
+            message_burst: DEFAULT_MESSAGE_BURST,
+            close_after_refusals: DEFAULT_CLOSE_AFTER_REFUSALS,
+            client_publish: true,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    pub allowed_origins: Vec<String>,
+    pub allow_missing_origin: bool,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        AdmissionSection {
+            allowed_origins: default_origins(),
+            allow_missing_origin: true,
+        }
+    }
+}
+
+/// The origins a developer serves pages from locally. A production config lists its own.
+pub fn default_origins() -> Vec<String> {
+    [
+        "https://localhost:8443",
+        "https://127.0.0.1:8443",
+        "http://localhost:8080",
+        "http://127.0.0.1:8080",
+        "http://localhost:3000",
+        "http://127.0.0.1:3000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            level: DEFAULT_LOG_LEVEL.into(),
+        }
+    }
+}

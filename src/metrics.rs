@@ -1,0 +1,198 @@
+//! Operator metrics, rendered as Prometheus text by the admin listener.
+//!
+//! Each edge instance owns its registry (no global recorder), so several edges in one test process
+//! keep separate counts. Hot paths hold the counter handles they need (a `Counter` is an `Arc`
+//! around an atomic) instead of looking a label set up per message.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::protocol::ErrorCode;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Transport {
+    websocket,
+    sse,
+    webtransport,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sessions: Family<TransportLabels, Gauge>,
+    pub sessions_opened: Family<TransportLabels, Counter>,
+    pub messages_in: Family<TransportLabels, Counter>,
+    pub messages_out: Family<TransportLabels, Counter>,
+    pub slow_consumer_closes: Family<TransportLabels, Counter>,
+    pub errors: Family<CodeLabels, Counter>,
+    pub refusals: Family<ReasonLabels, Counter>,
+    pub session_closes: Family<ReasonLabels, Counter>,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
+    pub channels: Gauge,
+    pub publishes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("edgeplex");
+        let m = Metrics {
+            sessions: Family::default(),
+            sessions_opened: Family::default(),
+            messages_in: Family::default(),
+            messages_out: Family::default(),
+            slow_consumer_closes: Family::default(),
+            errors: Family::default(),
+            refusals: Family::default(),
+            session_closes: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            channels: Gauge::default(),
+            publishes: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "Client sessions open now", m.sessions.clone());
+        registry.register(
+            "sessions_opened",
+            "Client sessions opened",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "messages_in",
+            "Client frames received",
+            m.messages_in.clone(),
+        );
+        registry.register(
+            "messages_out",
+            "Frames sent to clients (pushes and replies)",
+            m.messages_out.clone(),
+        );
+        registry.register(
+            "slow_consumer_closes",
+            "Sessions closed (1013) because their outbound queue was full",
+            m.slow_consumer_closes.clone(),
+        );
+        registry.register(
+            "errors",
+            "Error replies sent, by protocol error code",
+            m.errors.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused before a session started, by reason",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "session_closes",
+            "Sessions ended, by reason",
+            m.session_closes.clone(),
+        );
+        registry.register(
+            "connections",
+            "TCP connections open now",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "TCP connections dropped at accept because server.max_connections was reached",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "channels",
+            "Channels with local subscribers",
+            m.channels.clone(),
+        );
+        registry.register(
+            "publishes",
+            "Messages published through this node",
+            m.publishes.clone(),
+        );
+        // Pre-create every error code and transport so dashboards see zeros, not gaps.
+        for code in ErrorCode::ALL {
+            let _ = m.errors.get_or_create(&CodeLabels {
+                code: code.as_str(),
+            });
+        }
+        for t in [
+            Transport::websocket,
+            Transport::sse,
+            Transport::webtransport,
+        ] {
+            let l = TransportLabels { transport: t };
+            let _ = m.sessions.get_or_create(&l);
+            let _ = m.messages_in.get_or_create(&l);
+            let _ = m.messages_out.get_or_create(&l);
+            let _ = m.slow_consumer_closes.get_or_create(&l);
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        self.errors
+            .get_or_create(&CodeLabels {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_zeros() {
+        let m = Metrics::new();
+        m.error(ErrorCode::RateLimited);
+        let text = m.render();
+        assert!(
+            text.contains("edgeplex_errors_total{code=\"rate_limited\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgeplex_errors_total{code=\"internal\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgeplex_sessions{transport=\"websocket\"} 0"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,620 @@
+//! The client protocol of `shared/design.md`: decoding client frames and encoding edge frames.
+//!
+//! This module owns the wire vocabulary (ops, error codes, channel names, offsets) and nothing else:
+//! it does no I/O, keeps no state and never panics on input, so the fuzz target in `fuzz/` drives
+//! [`decode`] directly. Transports call it with the bytes of one frame (a WebSocket text message, one
+//! WebTransport line) and frame its output themselves.
+//!
+//! Decoding is two-phase on purpose: the frame is first split into its known fields as raw JSON,
+//! then each field is checked on its own. That way a frame with a bad `channel` still gets an error
+//! reply that carries its `id`, and the error names the field that was wrong. Unknown fields are
+//! ignored so that newer clients can talk to older edges.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Longest channel name, in bytes (design.md: 1–200 characters, all ASCII).
+pub const MAX_CHANNEL_LEN: usize = 200;
+
+/// The server string sent in the welcome frame.
+pub const SERVER_NAME: &str = concat!("edgeplex/", env!("CARGO_PKG_VERSION"));
+
+/// Error codes of the protocol. The set is closed: clients switch on these strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownOp,
+    TooLarge,
+    RateLimited,
+    Forbidden,
+    NotSubscribed,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Forbidden,
+        ErrorCode::NotSubscribed,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated channel name. Cheap to clone: the hub keys its table with it and every push
+/// refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Channel(Arc<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is longer than {MAX_CHANNEL_LEN} characters")]
+    TooLong,
+    #[error("channel name has the character {0:?}; allowed are A-Z a-z 0-9 and _ . : @ / -")]
+    BadChar(char),
+}
+
+impl Channel {
+    pub fn new(name: &str) -> Result<Channel, ChannelError> {
+        if name.is_empty() {
+            return Err(ChannelError::Empty);
+        }
+        if let Some(c) = name.chars().find(|c| !is_channel_char(*c)) {
+            return Err(ChannelError::BadChar(c));
+        }
+        // Checked after the characters so that the length in bytes is the length in characters.
+        if name.len() > MAX_CHANNEL_LEN {
+            return Err(ChannelError::TooLong);
+        }
+        Ok(Channel(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for Channel {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '/' | '-')
+}
+
+/// A position in a channel's sequence of messages. Clients see it as an opaque string
+/// `"<epoch>-<seq>"`; only the edge compares offsets. The shape is that of a Redis stream id on
+/// purpose, so the Redis bus can use stream ids as offsets without a second scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("offset must look like \"<number>-<number>\" as the edge sent it")]
+pub struct OffsetError;
+
+impl FromStr for Offset {
+    type Err = OffsetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, b) = s.split_once('-').ok_or(OffsetError)?;
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(a) || !digits(b) {
+            return Err(OffsetError);
+        }
+        Ok(Offset {
+            epoch: a.parse().map_err(|_| OffsetError)?,
+            seq: b.parse().map_err(|_| OffsetError)?,
+        })
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.epoch, self.seq)
+    }
+}
+
+/// A decoded client frame. `data` borrows from the input frame: publishing does not copy the
+/// payload until it is encoded into the push that every subscriber shares.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        id: Option<u64>,
+        channel: Channel,
+        since: Option<Offset>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: Channel,
+    },
+    Publish {
+        id: Option<u64>,
+        channel: Channel,
+        data: &'a RawValue,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+}
+
+impl ClientFrame<'_> {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Publish { id, .. }
+            | ClientFrame::Ping { id } => *id,
+        }
+    }
+
+    /// The op name, for logs and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            ClientFrame::Subscribe { .. } => "subscribe",
+            ClientFrame::Unsubscribe { .. } => "unsubscribe",
+            ClientFrame::Publish { .. } => "publish",
+            ClientFrame::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// Why a frame was refused, with the `id` when it could be read so the reply can carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl DecodeError {
+    fn bad(id: Option<u64>, message: impl Into<String>) -> Self {
+        DecodeError {
+            id,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+/// The known fields of a frame as raw JSON. Every field goes through [`present`] so that an
+/// explicit `null` is kept (and refused where it is not allowed) instead of reading as absent.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    channel: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// Decodes one client frame. Never panics, whatever the bytes.
+pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    let text = std::str::from_utf8(frame)
+        .map_err(|_| DecodeError::bad(None, "frame is not valid UTF-8"))?;
+    // serde would also read a struct from a JSON array (`[1,"ping"]`); the protocol is objects only.
+    if text.trim_start().as_bytes().first() != Some(&b'{') {
+        let msg = match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => "frame must be a JSON object".to_string(),
+            Err(e) => format!("frame is not valid JSON: {e}"),
+        };
+        return Err(DecodeError::bad(None, msg));
+    }
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("frame is not valid JSON: {e}")
+        } else {
+            format!("frame is not a valid protocol object: {e}")
+        };
+        DecodeError::bad(None, msg)
+    })?;
+
+    let id = match env.id {
+        None => None,
+        Some(raw) => Some(
+            serde_json::from_str::<u64>(raw.get())
+                .map_err(|_| DecodeError::bad(None, "field `id` must be a non-negative integer"))?,
+        ),
+    };
+    let op: String = match env.op {
+        None => return Err(DecodeError::bad(id, "field `op` is missing")),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| DecodeError::bad(id, "field `op` must be a string"))?,
+    };
+    let channel = |required: bool| -> Result<Option<Channel>, DecodeError> {
+        match env.channel {
+            None if required => Err(DecodeError::bad(
+                id,
+                format!("`{op}` needs field `channel`"),
+            )),
+            None => Ok(None),
+            Some(raw) => {
+                let name: String = serde_json::from_str(raw.get())
+                    .map_err(|_| DecodeError::bad(id, "field `channel` must be a string"))?;
+                Channel::new(&name)
+                    .map(Some)
+                    .map_err(|e| DecodeError::bad(id, format!("field `channel`: {e}")))
+            }
+        }
+    };
+    // `channel(true)` yields Some or an error; the expect-free unwrap keeps the no-panic promise.
+    let required = |c: Result<Option<Channel>, DecodeError>| {
+        c.and_then(|c| c.ok_or_else(|| DecodeError::bad(id, "field `channel` is missing")))
+    };
+
+    match op.as_str() {
+        "subscribe" => {
+            let channel = required(channel(true))?;
+            let since = match env.since {
+                None => None,
+                Some(raw) => {
+                    let s: String = serde_json::from_str(raw.get())
+                        .map_err(|_| DecodeError::bad(id, "field `since` must be a string"))?;
+                    Some(
+                        s.parse::<Offset>()
+                            .map_err(|e| DecodeError::bad(id, format!("field `since`: {e}")))?,
+                    )
+                }
+            };
+            Ok(ClientFrame::Subscribe { id, channel, since })
+        }
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            id,
+            channel: required(channel(true))?,
+        }),
+        "publish" => {
+            let channel = required(channel(true))?;
+            let data = env
+                .data
+                .ok_or_else(|| DecodeError::bad(id, "`publish` needs field `data`"))?;
+            Ok(ClientFrame::Publish { id, channel, data })
+        }
+        "ping" => Ok(ClientFrame::Ping { id }),
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            Err(DecodeError {
+                id,
+                code: ErrorCode::UnknownOp,
+                message: format!(
+                    "unknown op {shown:?}; known ops are subscribe, unsubscribe, publish, ping"
+                ),
+            })
+        }
+    }
+}
+
+/// One encoded edge → client frame: a single line of UTF-8 JSON, built once and shared by every
+/// session it goes to. It wraps tungstenite's `Utf8Bytes` so that a WebSocket send is a reference
+/// count increment, with UTF-8 checked once at encoding instead of once per subscriber; the other
+/// wires read it as plain bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Utf8Bytes);
+
+impl Frame {
+    fn from_string(s: String) -> Frame {
+        Frame(Utf8Bytes::from(s))
+    }
+
+    fn from_utf8(b: Bytes) -> Frame {
+        // Every caller builds `b` from `&str` pieces, so this cannot fail; a replacement frame
+        // keeps the no-panic promise if that ever stops being true.
+        Frame(Utf8Bytes::try_from(b).unwrap_or_else(|_| {
+            Utf8Bytes::from_static(r#"{"error":{"code":"internal","message":"encoding"}}"#)
+        }))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The WebSocket text payload, without copying.
+    pub fn to_utf8_bytes(&self) -> Utf8Bytes {
+        self.0.clone()
+    }
+}
+
+/// Writes `data` as one line of compact-enough JSON. Outside strings a raw newline is only
+/// whitespace and inside strings JSON forbids it, so replacing CR and LF with spaces keeps the
+/// value identical while making it safe for line-framed wires (WebTransport lines, SSE `data:`).
+fn put_single_line(buf: &mut BytesMut, data: &[u8]) {
+    if data.iter().any(|b| *b == b'\n' || *b == b'\r') {
+        buf.extend(data.iter().map(|b| match b {
+            b'\n' | b'\r' => b' ',
+            b => *b,
+        }));
+    } else {
+        buf.put_slice(data);
+    }
+}
+
+/// Encodes a push once; every subscriber on every transport shares the returned bytes.
+/// Channel names and offsets hold no characters that JSON would escape, so they are written raw.
+pub fn encode_message(channel: &Channel, offset: Offset, data: &str) -> Frame {
+    let mut buf = BytesMut::with_capacity(64 + channel.as_str().len() + data.len());
+    buf.put_slice(b"{\"op\":\"message\",\"channel\":\"");
+    buf.put_slice(channel.as_str().as_bytes());
+    buf.put_slice(b"\",\"offset\":\"");
+    buf.put_slice(offset.to_string().as_bytes());
+    buf.put_slice(b"\",\"data\":");
+    put_single_line(&mut buf, data.as_bytes());
+    buf.put_u8(b'}');
+    Frame::from_utf8(buf.freeze())
+}
+
+pub fn encode_gap(channel: &Channel) -> Frame {
+    Frame::from_string(format!(
+        "{{\"op\":\"gap\",\"channel\":\"{}\"}}",
+        channel.as_str()
+    ))
+}
+
+pub fn encode_welcome(session: &str) -> Frame {
+    let v = serde_json::json!({"op": "welcome", "session": session, "server": SERVER_NAME});
+    Frame::from_string(v.to_string())
+}
+
+pub fn encode_ok(id: Option<u64>) -> Frame {
+    match id {
+        Some(id) => Frame::from_string(format!("{{\"id\":{id},\"ok\":true}}")),
+        None => Frame(Utf8Bytes::from_static("{\"ok\":true}")),
+    }
+}
+
+pub fn encode_error(
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Frame {
+    let mut err = serde_json::Map::new();
+    err.insert("code".into(), code.as_str().into());
+    err.insert("message".into(), message.into());
+    if let Some(ms) = retry_after_ms {
+        err.insert("retry_after_ms".into(), ms.into());
+    }
+    let mut obj = serde_json::Map::new();
+    if let Some(id) = id {
+        obj.insert("id".into(), id.into());
+    }
+    obj.insert("error".into(), serde_json::Value::Object(err));
+    Frame::from_string(serde_json::Value::Object(obj).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn err(frame: &str) -> DecodeError {
+        decode(frame.as_bytes()).expect_err(frame)
+    }
+
+    #[test]
+    fn decodes_every_op() {
+        let f = decode(br#"{"id":1,"op":"subscribe","channel":"prices","since":"5-7"}"#).unwrap();
+        match f {
+            ClientFrame::Subscribe { id, channel, since } => {
+                assert_eq!(id, Some(1));
+                assert_eq!(channel.as_str(), "prices");
+                assert_eq!(since, Some(Offset { epoch: 5, seq: 7 }));
+            }
+            other => panic!("{other:?}"),
+        }
+        let f = decode(br#"{"id":2,"op":"unsubscribe","channel":"prices"}"#).unwrap();
+        assert!(matches!(f, ClientFrame::Unsubscribe { id: Some(2), .. }));
+        let f =
+            decode(br#"{"id":3,"op":"publish","channel":"chat:42","data":{"a":[1,2]}}"#).unwrap();
+        match f {
+            ClientFrame::Publish { id, channel, data } => {
+                assert_eq!(id, Some(3));
+                assert_eq!(channel.as_str(), "chat:42");
+                assert_eq!(data.get(), r#"{"a":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(br#"{"op":"ping"}"#).unwrap(),
+            ClientFrame::Ping { id: None }
+        ));
+    }
+
+    #[test]
+    fn publish_keeps_null_and_escaped_channel() {
+        let f = decode(br#"{"op":"publish","channel":"\u0061b","data":null}"#).unwrap();
+        match f {
+            ClientFrame::Publish { channel, data, .. } => {
+                assert_eq!(channel.as_str(), "ab");
+                assert_eq!(data.get(), "null");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        assert!(decode(br#"{"op":"ping","future":{"x":1}}"#).is_ok());
+    }
+
+    #[test]
+    fn errors_keep_the_id_and_name_the_field() {
+        let e = err(r#"{"id":9,"op":"subscribe"}"#);
+        assert_eq!((e.id, e.code), (Some(9), ErrorCode::BadRequest));
+        assert!(e.message.contains("channel"), "{}", e.message);
+
+        let e = err(r#"{"id":9,"op":"subscribe","channel":"no spaces"}"#);
+        assert_eq!(e.id, Some(9));
+        assert!(e.message.contains("' '"), "{}", e.message);
+
+        let e = err(r#"{"id":9,"op":"subscribe","channel":5}"#);
+        assert!(e.message.contains("must be a string"));
+
+        let e = err(r#"{"id":9,"op":"subscribe","channel":"a","since":"x"}"#);
+        assert!(e.message.contains("since"));
+
+        let e = err(r#"{"id":9,"op":"publish","channel":"a"}"#);
+        assert!(e.message.contains("data"));
+
+        let e = err(r#"{"id":9,"op":"dance"}"#);
+        assert_eq!((e.id, e.code), (Some(9), ErrorCode::UnknownOp));
+
+        let e = err(r#"{"id":9}"#);
+        assert!(e.message.contains("`op` is missing"));
+
+        let e = err(r#"{"id":9,"op":null}"#);
+        assert!(e.message.contains("`op` must be a string"));
+    }
+
+    #[test]
+    fn malformed_frames_are_bad_requests_without_id() {
+        for f in [
+            "",
+            "not json",
+            "[1,2]",
+            "42",
+            "\"op\"",
+            "{",
+            r#"{"id":-1,"op":"ping"}"#,
+            r#"{"id":"1","op":"ping"}"#,
+            r#"{"id":1.5,"op":"ping"}"#,
+            r#"{"op":"ping","op":"ping"}"#,
+        ] {
+            let e = err(f);
+            assert_eq!((e.id, e.code), (None, ErrorCode::BadRequest), "{f}");
+        }
+        assert_eq!(
+            decode(&[0xff, 0xfe]).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(err("[1]").message, "frame must be a JSON object");
+    }
+
+    #[test]
+    fn channel_rules() {
+        assert!(Channel::new("A-z_0.9:@/x").is_ok());
+        assert_eq!(Channel::new(""), Err(ChannelError::Empty));
+        assert!(Channel::new(&"a".repeat(200)).is_ok());
+        assert_eq!(Channel::new(&"a".repeat(201)), Err(ChannelError::TooLong));
+        assert_eq!(Channel::new("é"), Err(ChannelError::BadChar('é')));
+        assert_eq!(Channel::new("a\"b"), Err(ChannelError::BadChar('"')));
+    }
+
+    #[test]
+    fn offsets_round_trip_and_order() {
+        let o: Offset = "1700000000000-3".parse().unwrap();
+        assert_eq!(o.to_string(), "1700000000000-3");
+        assert!(o < "1700000000000-10".parse().unwrap());
+        assert!(o < "1700000000001-0".parse().unwrap());
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1-2-3",
+            "a-1",
+            "+1-2",
+            "1 -2",
+            "99999999999999999999999-1",
+        ] {
+            assert!(bad.parse::<Offset>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn encoded_frames_are_valid_json() {
+        let ch = Channel::new("prices").unwrap();
+        let m = encode_message(&ch, Offset { epoch: 1, seq: 2 }, "{\"p\":\n 1}");
+        assert!(!m.as_bytes().contains(&b'\n'));
+        let v: Value = serde_json::from_slice(m.as_bytes()).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"message","channel":"prices","offset":"1-2","data":{"p":1}})
+        );
+        let v: Value = serde_json::from_slice(encode_gap(&ch).as_bytes()).unwrap();
+        assert_eq!(v, json!({"op":"gap","channel":"prices"}));
+        let v: Value = serde_json::from_slice(encode_ok(Some(7)).as_bytes()).unwrap();
+        assert_eq!(v, json!({"id":7,"ok":true}));
+        let v: Value = serde_json::from_slice(
+            encode_error(Some(3), ErrorCode::RateLimited, "slow \"down\"", Some(250)).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"id":3,"error":{"code":"rate_limited","message":"slow \"down\"","retry_after_ms":250}})
+        );
+        let v: Value = serde_json::from_slice(encode_welcome("s1").as_bytes()).unwrap();
+        assert_eq!(v["op"], "welcome");
+        assert_eq!(v["server"], SERVER_NAME);
+    }
+
+    #[test]
+    fn message_data_with_newline_inside_string_escape_is_untouched() {
+        // A JSON string can only hold a newline as the two characters `\n`; those stay as they are.
+        let ch = Channel::new("c").unwrap();
+        let m = encode_message(&ch, Offset { epoch: 0, seq: 1 }, r#""a\nb""#);
+        let v: Value = serde_json::from_slice(m.as_bytes()).unwrap();
+        assert_eq!(v["data"], "a\nb");
+    }
+}

@@ -1,0 +1,231 @@
+//! The running edge: binds the listeners a [`Config`] names, serves them, and shuts them down
+//! gracefully.
+//!
+//! This module owns node-wide state ([`EdgeState`]: caps, draining flag, shutdown signal, task
+//! tracking) and the listener lifecycle. Protocol meaning lives in `session`, wire adaptation in
+//! `transport`, policy in `admission`.
+
+pub mod routes;
+mod tcp;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::memory::MemoryBus;
+use crate::bus::{Bus, Hub};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::session::SessionEnv;
+use crate::tls::{self, DevCert, TlsError};
+
+/// Response body of every route: boxed so that streaming routes (SSE) and fixed ones share a type.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full_body(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into()).boxed()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Node-wide state shared by every connection and session.
+#[derive(Debug)]
+pub struct EdgeState {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub sessions: Arc<SessionEnv>,
+    /// Cancelled when shutdown starts: listeners stop accepting, sessions close with 1001.
+    pub shutdown: CancellationToken,
+    draining: AtomicBool,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    pub connection_slots: Arc<Semaphore>,
+    pub session_slots: Arc<Semaphore>,
+}
+
+impl EdgeState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.hub.bus().is_ready()
+    }
+}
+
+/// A running edge. Dropping it does not stop it; call [`Edge::shutdown`].
+#[derive(Debug)]
+pub struct Edge {
+    state: Arc<EdgeState>,
+    tls_addr: SocketAddr,
+    plain_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    dev_cert: Option<DevCert>,
+    /// The admin listener keeps answering during the drain (so `/readyz` reports it) and stops
+    /// last.
+    admin_stop: CancellationToken,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every connection and session ended within the grace period.
+    pub clean: bool,
+}
+
+impl Edge {
+    /// Binds every listener in `config` and starts serving. Port 0 picks a free port; the bound
+    /// addresses are available from the accessors.
+    pub async fn start(config: Config) -> Result<Edge, StartError> {
+        let (tls_config, dev_cert) = tls::server_config(&config.tls)?;
+        let metrics = Arc::new(Metrics::new());
+        let bus = match &config.bus.redis_url {
+            // Validation refuses a Redis URL until the Redis bus exists.
+            None | Some(_) => Bus::Memory(MemoryBus::new()),
+        };
+        let hub = Arc::new(Hub::new(bus, config.server.max_channels, metrics.clone()));
+        let sessions = Arc::new(SessionEnv::new(
+            hub.clone(),
+            config.session.clone(),
+            metrics.clone(),
+        ));
+        let s = &config.server;
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let tls_listener = bind("server.listen", s.listen).await?;
+        let plain_listener = match s.listen_plain {
+            Some(a) => Some(bind("server.listen_plain", a).await?),
+            None => None,
+        };
+        let admin_listener = match s.admin_listen {
+            Some(a) => Some(bind("server.admin_listen", a).await?),
+            None => None,
+        };
+        let local = |l: &TcpListener| l.local_addr().expect("a bound listener has an address");
+        let tls_addr = local(&tls_listener);
+        let plain_addr = plain_listener.as_ref().map(local);
+        let admin_addr = admin_listener.as_ref().map(local);
+
+        let state = Arc::new(EdgeState {
+            connection_slots: Arc::new(Semaphore::new(s.max_connections)),
+            session_slots: Arc::new(Semaphore::new(s.max_sessions)),
+            config,
+            metrics,
+            hub,
+            sessions,
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+        let public_stop = state.shutdown.clone();
+        tokio::spawn(tcp::accept_loop(
+            tls_listener,
+            Some(acceptor),
+            state.clone(),
+            routes::Listener::Public,
+            public_stop.clone(),
+        ));
+        if let Some(l) = plain_listener {
+            tokio::spawn(tcp::accept_loop(
+                l,
+                None,
+                state.clone(),
+                routes::Listener::Public,
+                public_stop,
+            ));
+        }
+        let admin_stop = CancellationToken::new();
+        if let Some(l) = admin_listener {
+            tokio::spawn(tcp::accept_loop(
+                l,
+                None,
+                state.clone(),
+                routes::Listener::Admin,
+                admin_stop.clone(),
+            ));
+        }
+        tracing::info!(%tls_addr, plain = ?plain_addr, admin = ?admin_addr, bus = state.hub.bus().name(), "edgeplex listening");
+        Ok(Edge {
+            state,
+            tls_addr,
+            plain_addr,
+            admin_addr,
+            dev_cert,
+            admin_stop,
+        })
+    }
+
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls_addr
+    }
+
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn dev_cert(&self) -> Option<&DevCert> {
+        self.dev_cert.as_ref()
+    }
+
+    pub fn state(&self) -> &Arc<EdgeState> {
+        &self.state
+    }
+
+    /// Stops accepting, tells every session to close with 1001, and waits up to
+    /// `server.shutdown_grace` for connections and sessions to end.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let grace = self.state.config.server.shutdown_grace;
+        self.shutdown_within(grace).await
+    }
+
+    pub async fn shutdown_within(self, grace: Duration) -> ShutdownReport {
+        let state = &self.state;
+        state.draining.store(true, Ordering::Release);
+        state.shutdown.cancel();
+        state.tasks.close();
+        let open = state.tasks.len();
+        tracing::info!(open, grace = ?grace, "shutting down");
+        let clean = tokio::time::timeout(grace, state.tasks.wait())
+            .await
+            .is_ok();
+        if clean {
+            tracing::info!("all sessions closed");
+        } else {
+            tracing::warn!(
+                left = state.tasks.len(),
+                "grace period over; dropping what is left"
+            );
+        }
+        self.admin_stop.cancel();
+        ShutdownReport { clean }
+    }
+}

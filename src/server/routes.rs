@@ -1,0 +1,81 @@
+//! Routing of HTTP requests to transports (public listeners) or to the admin API, and the one
+//! place an admission [`Refusal`] becomes an HTTP response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{Body, EdgeState, full_body};
+use crate::admission::Refusal;
+use crate::protocol;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Public,
+    Admin,
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// The connection's slot under `server.max_connections`. A session that outlives the HTTP
+    /// connection (an upgrade) holds a clone so the slot stays taken while the socket is open.
+    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+pub(super) async fn route(
+    req: Request<Incoming>,
+    state: Arc<EdgeState>,
+    kind: Listener,
+    info: ConnInfo,
+) -> Response<Body> {
+    if kind == Listener::Admin {
+        return crate::admin::handle(req, &state).await;
+    }
+    match req.uri().path() {
+        "/ws" => crate::transport::websocket::accept(req, state, info),
+        "/" if req.method() == Method::GET => text(
+            StatusCode::OK,
+            concat!(
+                "edgeplex/",
+                env!("CARGO_PKG_VERSION"),
+                ": WebSocket clients connect to /ws\n"
+            ),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full_body(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Renders a refusal before a handshake: the status of the refusal table, `Retry-After` where a
+/// retry makes sense, and a JSON body in the protocol's error shape. Counts it.
+pub fn refusal_response(refusal: &Refusal, state: &EdgeState) -> Response<Body> {
+    state.metrics.refusal(refusal.reason());
+    let retry_ms = refusal.retry_after_secs().map(|s| s * 1000);
+    let body = protocol::encode_error(None, refusal.error_code(), refusal.message(), retry_ms);
+    let mut r = Response::new(full_body(bytes::Bytes::copy_from_slice(body.as_bytes())));
+    *r.status_mut() = refusal.http_status();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = refusal.retry_after_secs() {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}

@@ -1,0 +1,143 @@
+//! The TCP side: accept loops, the connection cap, TLS handshakes under a deadline, and hyper
+//! serving HTTP/1.1 and HTTP/2 (chosen by ALPN / preface) with upgrades.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::EdgeState;
+use super::routes::{self, ConnInfo, Listener};
+
+/// Pause after an accept error (EMFILE and friends) so a full fd table does not spin the loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<EdgeState>,
+    kind: Listener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        match kind {
+            Listener::Public => {
+                // At the cap the connection is closed at once rather than left in the backlog:
+                // the client learns now instead of after its own timeout.
+                let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
+                    state.metrics.connections_refused.inc();
+                    drop(stream);
+                    continue;
+                };
+                let st = state.clone();
+                let tls = tls.clone();
+                state.tasks.spawn(async move {
+                    st.metrics.connections.inc();
+                    let info = ConnInfo {
+                        peer,
+                        tls: tls.is_some(),
+                        permit: Some(Arc::new(permit)),
+                    };
+                    serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
+                    st.metrics.connections.dec();
+                });
+            }
+            // Admin connections are few, trusted, and must outlive the drain so `/readyz` can
+            // report it: they are neither capped nor tracked with the client tasks.
+            Listener::Admin => {
+                let st = state.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let info = ConnInfo {
+                        peer,
+                        tls: false,
+                        permit: None,
+                    };
+                    serve(stream, None, st, kind, info, stop).await;
+                });
+            }
+        }
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    state: Arc<EdgeState>,
+    kind: Listener,
+    info: ConnInfo,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let deadline = state.config.server.handshake_timeout;
+    match tls {
+        None => serve_http(stream, state, kind, info, stop).await,
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => serve_http(tls_stream, state, kind, info, stop).await,
+            Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
+        },
+    }
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    state: Arc<EdgeState>,
+    kind: Listener,
+    info: ConnInfo,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let s = &state.config.server;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.handshake_timeout)
+        .max_buf_size(s.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(s.max_header_bytes as u32)
+        .max_concurrent_streams(100);
+    let peer = info.peer;
+    let st = state.clone();
+    let service = service_fn(move |req| {
+        let st = st.clone();
+        let info = info.clone();
+        async move { Ok::<_, std::convert::Infallible>(routes::route(req, st, kind, info).await) }
+    });
+    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = stop.cancelled() => {
+            // HTTP/2 gets GOAWAY, idle HTTP/1.1 is closed; upgraded sessions run in their own
+            // tasks and close themselves on the same signal.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(state.config.server.shutdown_grace, conn).await;
+        }
+    }
+}

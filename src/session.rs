@@ -1,0 +1,550 @@
+//! The transport-independent session: what one client is subscribed to, its bounded outbound
+//! queue, its message budget, and the meaning of every client frame.
+//!
+//! A transport adapter owns the socket. It hands each complete client frame to
+//! [`Session::handle_frame`], writes whatever appears in the [`Outbox`], and closes the wire when
+//! a [`Verdict`] or the outbox says so. This module never touches a socket and never learns which
+//! wire a client uses beyond the label for metrics.
+
+use std::collections::{HashSet, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+
+use crate::admission::close;
+use crate::bus::hub::SubscribeError;
+use crate::bus::{BusError, Hub};
+use crate::config::SessionConfig;
+use crate::metrics::{Metrics, Transport, TransportLabels};
+use crate::protocol::{self, Channel, ClientFrame, ErrorCode, Frame};
+
+/// What a session needs from the node it runs on.
+#[derive(Debug)]
+pub struct SessionEnv {
+    pub hub: Arc<Hub>,
+    pub config: SessionConfig,
+    pub metrics: Arc<Metrics>,
+    node_id: String,
+    next_session: AtomicU64,
+}
+
+impl SessionEnv {
+    pub fn new(hub: Arc<Hub>, config: SessionConfig, metrics: Arc<Metrics>) -> SessionEnv {
+        let node_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| format!("{:x}", d.as_millis()))
+            .unwrap_or_else(|_| "0".into());
+        SessionEnv {
+            hub,
+            config,
+            metrics,
+            node_id,
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Why the outbox refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue was full: the session is now marked slow and will be closed with 1013.
+    /// Returned once per session; later pushes get `Closed`.
+    Overflow,
+    /// The session is closing; the frame is dropped.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxStatus {
+    Open,
+    /// The queue overflowed; the transport must close the session with 1013.
+    Overflowed,
+    Closed,
+}
+
+/// A session's bounded outbound queue. Producers (the hub, the session's own replies) never
+/// wait: a full queue means the client cannot keep up, and holding more for it would let one
+/// slow reader grow the node's memory without bound.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    notify: Notify,
+    cap: usize,
+}
+
+#[derive(Debug)]
+struct OutboxState {
+    queue: VecDeque<Frame>,
+    status: OutboxStatus,
+}
+
+/// A drained queue holding more than this many slots gives its memory back, so a burst does not
+/// leave an idle session holding a large ring.
+const OUTBOX_KEEP_CAPACITY: usize = 16;
+
+impl Outbox {
+    pub fn new(cap: usize) -> Outbox {
+        Outbox {
+            state: Mutex::new(OutboxState {
+                queue: VecDeque::new(),
+                status: OutboxStatus::Open,
+            }),
+            notify: Notify::new(),
+            cap,
+        }
+    }
+
+    pub fn push(&self, frame: Frame) -> Result<(), PushError> {
+        let mut st = self.state.lock();
+        match st.status {
+            OutboxStatus::Open => {}
+            OutboxStatus::Overflowed | OutboxStatus::Closed => return Err(PushError::Closed),
+        }
+        if st.queue.len() >= self.cap {
+            st.status = OutboxStatus::Overflowed;
+            st.queue.clear();
+            drop(st);
+            self.notify.notify_one();
+            return Err(PushError::Overflow);
+        }
+        let was_empty = st.queue.is_empty();
+        st.queue.push_back(frame);
+        drop(st);
+        // The writer drains everything on each wake-up, so only the empty → non-empty edge needs
+        // a wake-up; `notify_one` keeps a permit if the writer is not waiting yet.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves every queued frame into `out` and says whether the session may go on.
+    pub fn drain(&self, out: &mut Vec<Frame>) -> OutboxStatus {
+        let mut st = self.state.lock();
+        out.extend(st.queue.drain(..));
+        if st.queue.capacity() > OUTBOX_KEEP_CAPACITY {
+            st.queue = VecDeque::new();
+        }
+        st.status
+    }
+
+    /// Waits until something was pushed (or the status changed) since the last drain.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        if st.status == OutboxStatus::Open {
+            st.status = OutboxStatus::Closed;
+        }
+        st.queue.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a transport must close the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: close::TRY_AGAIN_LATER,
+        reason: "slow consumer: outbound queue full",
+    };
+    pub const RATE_ABUSE: CloseReason = CloseReason {
+        code: close::POLICY,
+        reason: "rate limit exceeded repeatedly",
+    };
+    pub const TOO_BIG: CloseReason = CloseReason {
+        code: close::TOO_BIG,
+        reason: "message too big",
+    };
+    pub const SHUTDOWN: CloseReason = CloseReason {
+        code: close::GOING_AWAY,
+        reason: "edge shutting down",
+    };
+    pub const IDLE: CloseReason = CloseReason {
+        code: close::GOING_AWAY,
+        reason: "idle timeout",
+    };
+
+    /// Label for the `session_closes` metric.
+    pub fn label(&self) -> &'static str {
+        match self.code {
+            close::TRY_AGAIN_LATER => "slow_consumer",
+            close::POLICY => "policy",
+            close::TOO_BIG => "too_big",
+            close::GOING_AWAY if self.reason == Self::IDLE.reason => "idle",
+            close::GOING_AWAY => "shutdown",
+            _ => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Close(CloseReason),
+}
+
+/// Counter handles resolved once per session so the per-frame path does no label lookups.
+#[derive(Debug)]
+struct SessionCounters {
+    messages_in: Counter,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    public_id: String,
+    transport: Transport,
+    env: Arc<SessionEnv>,
+    outbox: Arc<Outbox>,
+    subscriptions: HashSet<Channel>,
+    limiter: DefaultDirectRateLimiter,
+    refusals_in_row: u32,
+    counters: SessionCounters,
+}
+
+impl Session {
+    /// Opens a session and queues its welcome frame.
+    pub fn open(env: Arc<SessionEnv>, transport: Transport) -> Session {
+        let id = env.next_session.fetch_add(1, Ordering::Relaxed);
+        let public_id = format!("{}-{id}", env.node_id);
+        let cfg = &env.config;
+        let per_second = NonZeroU32::new(cfg.messages_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cfg.message_burst).unwrap_or(NonZeroU32::MIN);
+        let labels = TransportLabels { transport };
+        env.metrics.sessions.get_or_create(&labels).inc();
+        env.metrics.sessions_opened.get_or_create(&labels).inc();
+        let counters = SessionCounters {
+            messages_in: env.metrics.messages_in.get_or_create(&labels).clone(),
+        };
+        let outbox = Arc::new(Outbox::new(cfg.outbound_queue));
+        let session = Session {
+            id,
+            transport,
+            outbox,
+            subscriptions: HashSet::new(),
+            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            refusals_in_row: 0,
+            counters,
+            public_id,
+            env,
+        };
+        // A fresh outbox has room for at least one frame.
+        let _ = session
+            .outbox
+            .push(protocol::encode_welcome(&session.public_id));
+        session
+    }
+
+    pub fn public_id(&self) -> &str {
+        &self.public_id
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.env.config
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Handles one complete client frame (a WebSocket text message, a WebTransport line).
+    pub async fn handle_frame(&mut self, frame: &[u8]) -> Verdict {
+        self.counters.messages_in.inc();
+        let decoded = protocol::decode(frame);
+        let id = match &decoded {
+            Ok(f) => f.id(),
+            Err(e) => e.id,
+        };
+        // Every frame counts against the budget, malformed ones included: a flood of garbage is
+        // still a flood.
+        if let Err(not_until) = self.limiter.check() {
+            self.refusals_in_row += 1;
+            if self.refusals_in_row > self.env.config.close_after_refusals {
+                return Verdict::Close(CloseReason::RATE_ABUSE);
+            }
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let ms = (wait.as_millis() as u64).max(1);
+            self.error(
+                id,
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+                Some(ms),
+            );
+            return Verdict::Continue;
+        }
+        self.refusals_in_row = 0;
+        if frame.len() > self.env.config.max_message_bytes {
+            let msg = format!(
+                "message of {} bytes is over the limit of {} bytes",
+                frame.len(),
+                self.env.config.max_message_bytes
+            );
+            self.error(id, ErrorCode::TooLarge, &msg, None);
+            return Verdict::Continue;
+        }
+        match decoded {
+            Err(e) => self.error(e.id, e.code, &e.message, None),
+            Ok(frame) => self.execute(frame).await,
+        }
+        Verdict::Continue
+    }
+
+    /// A wire-level control frame (a WebSocket ping). It gets no reply of ours, but it spends
+    /// the message budget: a client flooding pings is closed like one flooding messages.
+    pub fn handle_control(&mut self) -> Verdict {
+        self.counters.messages_in.inc();
+        self.charge()
+    }
+
+    /// Takes one message from the budget; only closes, never replies.
+    fn charge(&mut self) -> Verdict {
+        if self.limiter.check().is_err() {
+            self.refusals_in_row += 1;
+            if self.refusals_in_row > self.env.config.close_after_refusals {
+                return Verdict::Close(CloseReason::RATE_ABUSE);
+            }
+        } else {
+            self.refusals_in_row = 0;
+        }
+        Verdict::Continue
+    }
+
+    /// A frame the wire delivered but the protocol does not carry (e.g. a WebSocket binary frame).
+    pub fn handle_unsupported(&mut self, what: &str) -> Verdict {
+        self.counters.messages_in.inc();
+        if let Verdict::Close(r) = self.charge() {
+            return Verdict::Close(r);
+        }
+        let msg = format!("{what} are not part of the protocol; send JSON text frames");
+        self.error(None, ErrorCode::BadRequest, &msg, None);
+        Verdict::Continue
+    }
+
+    async fn execute(&mut self, frame: ClientFrame<'_>) {
+        match frame {
+            ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
+            ClientFrame::Subscribe { id, channel, since } => {
+                if self.subscriptions.contains(&channel) {
+                    self.reply(protocol::encode_ok(id));
+                    return;
+                }
+                if self.subscriptions.len() >= self.env.config.max_channels {
+                    let msg = format!(
+                        "a session may hold at most {} channels",
+                        self.env.config.max_channels
+                    );
+                    self.error(id, ErrorCode::TooLarge, &msg, None);
+                    return;
+                }
+                match self.env.hub.subscribe(&channel, self.id, &self.outbox) {
+                    Ok(()) => {
+                        self.subscriptions.insert(channel.clone());
+                        self.reply(protocol::encode_ok(id));
+                        // No history is kept yet, so nothing after `since` can be replayed: say
+                        // so rather than leave a silent hole.
+                        if since.is_some() {
+                            self.reply(protocol::encode_gap(&channel));
+                        }
+                    }
+                    Err(e @ SubscribeError::ChannelTableFull(_)) => {
+                        self.error(id, ErrorCode::Unavailable, &e.to_string(), None)
+                    }
+                }
+            }
+            ClientFrame::Unsubscribe { id, channel } => {
+                if self.subscriptions.remove(&channel) {
+                    self.env.hub.unsubscribe(&channel, self.id);
+                    self.reply(protocol::encode_ok(id));
+                } else {
+                    let msg = format!("not subscribed to {channel}");
+                    self.error(id, ErrorCode::NotSubscribed, &msg, None);
+                }
+            }
+            ClientFrame::Publish { id, channel, data } => {
+                if !self.env.config.client_publish {
+                    self.error(
+                        id,
+                        ErrorCode::Forbidden,
+                        "clients may not publish on this edge",
+                        None,
+                    );
+                    return;
+                }
+                match self.env.hub.publish(&channel, data).await {
+                    Ok(()) => self.reply(protocol::encode_ok(id)),
+                    Err(BusError::Unavailable(why)) => {
+                        self.error(id, ErrorCode::Unavailable, why, Some(1000))
+                    }
+                }
+            }
+        }
+    }
+
+    fn reply(&self, frame: Frame) {
+        // A full outbox already marked the session slow; the transport closes it.
+        let _ = self.outbox.push(frame);
+    }
+
+    fn error(&self, id: Option<u64>, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
+        self.env.metrics.error(code);
+        tracing::debug!(session = %self.public_id, %code, message, "error reply");
+        self.reply(protocol::encode_error(id, code, message, retry_after_ms));
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.outbox.close();
+        for channel in self.subscriptions.drain() {
+            self.env.hub.unsubscribe(&channel, self.id);
+        }
+        self.env
+            .metrics
+            .sessions
+            .get_or_create(&TransportLabels {
+                transport: self.transport,
+            })
+            .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Bus;
+    use crate::bus::memory::MemoryBus;
+    use crate::config::{Config, FileConfig};
+    use serde_json::Value;
+
+    fn env(edit: impl FnOnce(&mut FileConfig)) -> Arc<SessionEnv> {
+        let mut f = FileConfig::default();
+        edit(&mut f);
+        let cfg = Config::from_file_config(f).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(
+            Bus::Memory(MemoryBus::new()),
+            100,
+            metrics.clone(),
+        ));
+        Arc::new(SessionEnv::new(hub, cfg.session, metrics))
+    }
+
+    fn frames(s: &Session) -> Vec<Value> {
+        let mut out = Vec::new();
+        s.outbox().drain(&mut out);
+        out.iter()
+            .map(|f| serde_json::from_slice(f.as_bytes()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn welcome_then_replies() {
+        let e = env(|_| {});
+        let mut s = Session::open(e.clone(), Transport::websocket);
+        let w = frames(&s);
+        assert_eq!(w[0]["op"], "welcome");
+        assert_eq!(w[0]["session"], s.public_id());
+        s.handle_frame(br#"{"id":1,"op":"subscribe","channel":"a"}"#)
+            .await;
+        s.handle_frame(br#"{"id":2,"op":"publish","channel":"a","data":[1]}"#)
+            .await;
+        let f = frames(&s);
+        assert_eq!(f[0], serde_json::json!({"id":1,"ok":true}));
+        assert_eq!(f[1]["op"], "message");
+        assert_eq!(f[2], serde_json::json!({"id":2,"ok":true}));
+        drop(s);
+        assert_eq!(e.hub.channel_count(), 0, "drop unsubscribes");
+    }
+
+    #[tokio::test]
+    async fn subscription_cap_and_resume_gap() {
+        let e = env(|f| f.session.max_channels = 1);
+        let mut s = Session::open(e, Transport::websocket);
+        frames(&s);
+        s.handle_frame(br#"{"id":1,"op":"subscribe","channel":"a","since":"1-1"}"#)
+            .await;
+        s.handle_frame(br#"{"id":2,"op":"subscribe","channel":"b"}"#)
+            .await;
+        let f = frames(&s);
+        assert_eq!(f[0]["ok"], true);
+        assert_eq!(f[1], serde_json::json!({"op":"gap","channel":"a"}));
+        assert_eq!(f[2]["error"]["code"], "too_large");
+        assert_eq!(s.subscription_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_replies_then_closes() {
+        let e = env(|f| {
+            f.session.messages_per_second = 1;
+            f.session.message_burst = 2;
+            f.session.close_after_refusals = 3;
+        });
+        let mut s = Session::open(e, Transport::websocket);
+        frames(&s);
+        let mut verdicts = Vec::new();
+        for i in 0..6 {
+            let frame = format!(r#"{{"id":{i},"op":"ping"}}"#);
+            verdicts.push(s.handle_frame(frame.as_bytes()).await);
+        }
+        let f = frames(&s);
+        assert_eq!(f[0]["ok"], true);
+        assert_eq!(f[1]["ok"], true);
+        for r in &f[2..5] {
+            assert_eq!(r["error"]["code"], "rate_limited");
+            assert!(r["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+        }
+        assert_eq!(f[2]["id"], 2);
+        assert_eq!(verdicts[5], Verdict::Close(CloseReason::RATE_ABUSE));
+    }
+
+    #[test]
+    fn outbox_cap_holds() {
+        let o = Outbox::new(3);
+        let f = protocol::encode_ok(None);
+        for _ in 0..3 {
+            o.push(f.clone()).unwrap();
+        }
+        assert_eq!(o.push(f.clone()), Err(PushError::Overflow));
+        assert_eq!(o.push(f.clone()), Err(PushError::Closed));
+        assert_eq!(o.len(), 0, "an overflowed outbox frees its frames at once");
+        let mut out = Vec::new();
+        assert_eq!(o.drain(&mut out), OutboxStatus::Overflowed);
+    }
+
+    #[test]
+    fn outbox_gives_back_burst_memory() {
+        let o = Outbox::new(10_000);
+        for _ in 0..1000 {
+            o.push(protocol::encode_ok(None)).unwrap();
+        }
+        let mut out = Vec::new();
+        o.drain(&mut out);
+        assert_eq!(out.len(), 1000);
+        assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+    }
+}

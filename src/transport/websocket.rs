@@ -1,0 +1,317 @@
+//! WebSocket (RFC 6455) over HTTP/1.1 upgrade: adapts a tungstenite stream to a [`Session`].
+//!
+//! This file owns the WebSocket handshake checks and the wire loop (text frames in, outbox frames
+//! out, pings, close codes). Admission policy, protocol meaning and fan-out are not here.
+//!
+//! Binary frames are not part of the protocol: each gets a `bad_request` error reply and the
+//! session goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tracing::Instrument;
+
+use crate::admission::{self, Refusal};
+use crate::config::SessionConfig;
+use crate::metrics::{Transport, TransportLabels};
+use crate::server::routes::{ConnInfo, refusal_response, text};
+use crate::server::{Body, EdgeState, full_body};
+use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
+
+/// How long to wait for the client's answer to our close frame before dropping the socket.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The tungstenite settings for one session. The read buffer is allocated up front for every
+/// connection, so it is sized for many idle sessions, not for throughput.
+pub fn ws_config(cfg: &SessionConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(cfg.read_buffer_bytes)
+        .write_buffer_size(cfg.write_buffer_bytes)
+        // Bounded: a client that does not read cannot make the edge buffer without limit.
+        .max_write_buffer_size(cfg.write_buffer_bytes + 2 * cfg.close_message_bytes + 4096)
+        .max_message_size(Some(cfg.close_message_bytes))
+        .max_frame_size(Some(cfg.close_message_bytes))
+}
+
+/// Answers `GET /ws`: checks the handshake and admission, then upgrades and runs the session in
+/// its own task.
+pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
+    if req.method() != Method::GET {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET to open a WebSocket\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    if req.version() != Version::HTTP_11 {
+        return text(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "WebSocket needs HTTP/1.1 here; open /ws over an HTTP/1.1 connection\n",
+        );
+    }
+    let key = match check_handshake(req.headers()) {
+        Ok(key) => key,
+        Err(resp) => return resp,
+    };
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Err(refusal) = admission::check_origin(origin, &state.config.admission) {
+        tracing::info!(peer = %info.peer, origin = ?origin, "websocket refused: origin");
+        return refusal_response(&refusal, &state);
+    }
+    if state.is_draining() {
+        return refusal_response(&Refusal::Draining, &state);
+    }
+    let Ok(slot) = state.session_slots.clone().try_acquire_owned() else {
+        return refusal_response(&Refusal::Overloaded, &state);
+    };
+
+    let on_upgrade = hyper::upgrade::on(req);
+    let st = state.clone();
+    state.tasks.spawn(async move {
+        let _slot = slot;
+        let _conn_slot = info.permit;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(peer = %info.peer, error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config(&st.config.session)),
+        )
+        .await;
+        let session = Session::open(st.sessions.clone(), Transport::websocket);
+        let span = tracing::info_span!(
+            "session",
+            id = %session.public_id(),
+            peer = %info.peer,
+            transport = "websocket",
+            tls = info.tls
+        );
+        run(ws, session, st).instrument(span).await;
+    });
+
+    let mut resp = Response::new(full_body(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&key).unwrap_or_else(|_| HeaderValue::from_static("")),
+    );
+    resp
+}
+
+/// RFC 6455 §4.2.1 checks. Returns the `Sec-WebSocket-Accept` value.
+#[allow(clippy::result_large_err)]
+fn check_handshake(h: &HeaderMap) -> Result<String, Response<Body>> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket: send Upgrade: websocket\n",
+        );
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(r);
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version; this edge speaks version 13\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    match h.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if !k.is_empty() => Ok(derive_accept_key(k.as_bytes())),
+        _ => Err(text(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Key header\n",
+        )),
+    }
+}
+
+/// Why the wire loop ended.
+enum End {
+    /// We close the session with this code.
+    Close(CloseReason),
+    /// The peer closed or the socket failed: nothing left to say.
+    Gone,
+}
+
+async fn run<S>(mut ws: WebSocketStream<S>, mut session: Session, state: Arc<EdgeState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tracing::debug!("session open");
+    let cfg = state.config.session.clone();
+    let labels = TransportLabels {
+        transport: Transport::websocket,
+    };
+    let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
+    let outbox = session.outbox().clone();
+    let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut batch = Vec::new();
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => break End::Close(CloseReason::SHUTDOWN),
+            _ = outbox.ready() => {
+                let status = outbox.drain(&mut batch);
+                if status == OutboxStatus::Overflowed {
+                    state.metrics.slow_consumer_closes.get_or_create(&labels).inc();
+                    break End::Close(CloseReason::SLOW_CONSUMER);
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let n = batch.len() as u64;
+                // One flush per wake-up: whatever queued since the last one goes out together.
+                let write = async {
+                    for frame in batch.drain(..) {
+                        ws.feed(Message::Text(frame.to_utf8_bytes())).await?;
+                    }
+                    ws.flush().await
+                };
+                match tokio::time::timeout(cfg.write_timeout, write).await {
+                    Ok(Ok(())) => {
+                        messages_out.inc_by(n);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "write failed");
+                        break End::Gone;
+                    }
+                    Err(_) => {
+                        batch.clear();
+                        state.metrics.slow_consumer_closes.get_or_create(&labels).inc();
+                        break End::Close(CloseReason::SLOW_CONSUMER);
+                    }
+                }
+            }
+            msg = ws.next() => {
+                let verdict = match msg {
+                    None => break End::Gone,
+                    Some(Ok(Message::Text(t))) => {
+                        last_heard = Instant::now();
+                        session.handle_frame(t.as_bytes()).await
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        last_heard = Instant::now();
+                        session.handle_unsupported("binary frames")
+                    }
+                    Some(Ok(Message::Ping(_))) => {
+                        last_heard = Instant::now();
+                        // tungstenite queued the pong; send it now rather than with the next push.
+                        if ws.flush().await.is_err() {
+                            break End::Gone;
+                        }
+                        // Control frames spend the same budget, so a ping flood ends in 1008.
+                        session.handle_control()
+                    }
+                    Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {
+                        last_heard = Instant::now();
+                        Verdict::Continue
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        tracing::debug!(?frame, "client closed");
+                        // tungstenite answers the close frame on this flush.
+                        let _ = ws.flush().await;
+                        break End::Gone;
+                    }
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                        tracing::info!(size, max_size, "message over session.close_message_bytes");
+                        break End::Close(CloseReason::TOO_BIG);
+                    }
+                    Some(Err(WsError::Capacity(e))) => {
+                        tracing::info!(error = %e, "frame over capacity");
+                        break End::Close(CloseReason::TOO_BIG);
+                    }
+                    Some(Err(WsError::Protocol(e))) => {
+                        tracing::info!(error = %e, "websocket protocol error");
+                        break End::Close(CloseReason { code: 1002, reason: "protocol error" });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "read failed");
+                        break End::Gone;
+                    }
+                };
+                if let Verdict::Close(reason) = verdict {
+                    break End::Close(reason);
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= cfg.idle_timeout {
+                    break End::Close(CloseReason::IDLE);
+                }
+                let sent = tokio::time::timeout(cfg.write_timeout, ws.send(Message::Ping(Default::default()))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+
+    let label = match &end {
+        End::Close(r) => r.label(),
+        End::Gone => "client",
+    };
+    state
+        .metrics
+        .session_closes
+        .get_or_create(&crate::metrics::ReasonLabels { reason: label })
+        .inc();
+    // The session leaves the hub before the close handshake, so nothing more is queued for it.
+    drop(session);
+    if let End::Close(reason) = end {
+        tracing::info!(
+            code = reason.code,
+            reason = reason.reason,
+            "closing session"
+        );
+        let frame = CloseFrame {
+            code: CloseCode::from(reason.code),
+            reason: reason.reason.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+            if ws.close(Some(frame)).await.is_ok() {
+                // Read until the client's answering close frame ends the stream.
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+    } else {
+        tracing::debug!("session ended by the client");
+    }
+}
