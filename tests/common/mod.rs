@@ -1,0 +1,181 @@
+//! Shared harness for integration tests: a real edge on 127.0.0.1 port 0 with a fresh dev
+//! certificate, and real clients that trust exactly that certificate.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeplex::config::{Config, FileConfig};
+use edgeplex::Edge;
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestEdge {
+    pub edge: Edge,
+    pub tls: Arc<rustls::ClientConfig>,
+    _dir: tempfile::TempDir,
+}
+
+/// Test defaults: ephemeral ports everywhere, dev certificate in a temp dir, generous budgets so
+/// only the test that means to hit a limit hits it.
+pub fn test_config(dir: &std::path::Path) -> FileConfig {
+    let mut f = FileConfig::default();
+    f.server.listen = "127.0.0.1:0".into();
+    f.server.admin_listen = "127.0.0.1:0".into();
+    f.tls.dev_cert_path = dir.join("dev.pem").display().to_string();
+    f.session.messages_per_second = 10_000;
+    f.session.message_burst = 10_000;
+    f
+}
+
+pub async fn start(edit: impl FnOnce(&mut FileConfig)) -> TestEdge {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = test_config(dir.path());
+    edit(&mut f);
+    let config = Config::from_file_config(f).expect("test config is valid");
+    let edge = Edge::start(config).await.expect("edge starts");
+    let dev = edge.dev_cert().expect("dev certificate").clone();
+    let tls = Arc::new(client_tls(&dev.der, &[b"http/1.1"]));
+    TestEdge { edge, tls, _dir: dir }
+}
+
+/// A rustls client config trusting only `cert` (no verification switched off).
+pub fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    edgeplex::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let mut c = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    c
+}
+
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub welcome: Value,
+}
+
+impl TestEdge {
+    pub async fn tls_stream(&self) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.edge.tls_addr()).await.unwrap();
+        TlsConnector::from(self.tls.clone())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("TLS handshake with the dev certificate")
+    }
+
+    /// Opens `wss://localhost/ws`; returns the handshake error as is.
+    pub async fn try_connect(&self, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
+        let mut req = format!("wss://localhost:{}/ws", self.edge.tls_addr().port())
+            .into_client_request()
+            .unwrap();
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        let stream = self.tls_stream().await;
+        tokio_tungstenite::client_async(req, stream)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Connects and reads the welcome frame.
+    pub async fn connect(&self) -> Client {
+        let ws = self.try_connect(None).await.expect("websocket handshake");
+        let mut c = Client { ws, welcome: Value::Null };
+        c.welcome = c.recv().await;
+        assert_eq!(c.welcome["op"], "welcome", "first frame is the welcome");
+        c
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.edge.admin_addr().unwrap(), path)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(self.admin_url(path)).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The value of one metric sample line, e.g. `edgeplex_sessions{transport="websocket"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+    }
+}
+
+impl Client {
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// Next text frame as JSON; fails the test on close, error or timeout.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .expect("a frame before the timeout")
+                .expect("stream still open")
+                .expect("no websocket error");
+            match m {
+                Message::Text(t) => return serde_json::from_str(&t).expect("frames are JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns the next frame (its reply, when nothing else is in flight).
+    pub async fn request(&mut self, v: Value) -> Value {
+        self.send(v).await;
+        self.recv().await
+    }
+
+    pub async fn subscribe(&mut self, id: u64, channel: &str) {
+        let r = self.request(json!({"id": id, "op": "subscribe", "channel": channel})).await;
+        assert_eq!(r, json!({"id": id, "ok": true}));
+    }
+
+    /// Reads until the server's close frame; returns its code and reason. Text frames before it
+    /// are returned too, in order.
+    pub async fn until_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            let m = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .expect("close before the timeout");
+            match m {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string(), before);
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new(), before),
+                Some(Ok(Message::Text(t))) => before.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+pub fn close_code(c: CloseCode) -> u16 {
+    u16::from(c)
+}

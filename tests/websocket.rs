@@ -1,0 +1,456 @@
+//! WebSocket clients against a real edge over TLS on loopback: the protocol, its errors, its
+//! limits and its close codes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, start};
+use edgeplex::protocol::Offset;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+fn offset(v: &Value) -> Offset {
+    v["offset"].as_str().expect("offset is a string").parse().expect("offset parses")
+}
+
+#[tokio::test]
+async fn welcome_subscribe_publish_receive_in_order() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    assert_eq!(a.welcome["server"], format!("edgeplex/{}", env!("CARGO_PKG_VERSION")));
+    assert_ne!(a.welcome["session"], b.welcome["session"]);
+
+    a.subscribe(1, "prices").await;
+    for i in 0..20 {
+        let r = b
+            .request(json!({"id": 100 + i, "op": "publish", "channel": "prices", "data": {"p": i}}))
+            .await;
+        assert_eq!(r, json!({"id": 100 + i, "ok": true}));
+    }
+    let mut last: Option<Offset> = None;
+    for i in 0..20 {
+        let m = a.recv().await;
+        assert_eq!(m["op"], "message");
+        assert_eq!(m["channel"], "prices");
+        assert_eq!(m["data"], json!({"p": i}));
+        let o = offset(&m);
+        if let Some(prev) = last {
+            assert!(o > prev, "offsets increase: {prev} then {o}");
+        }
+        last = Some(o);
+    }
+    // The publisher, not subscribed, received nothing but its replies.
+    let r = b.request(json!({"id": 1, "op": "ping"})).await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+}
+
+#[tokio::test]
+async fn publisher_subscribed_to_its_channel_gets_its_own_message() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "room").await;
+    a.send(json!({"id": 2, "op": "publish", "channel": "room", "data": "hi"})).await;
+    let first = a.recv().await;
+    let second = a.recv().await;
+    let mut got = [first, second];
+    got.sort_by_key(|v| v.get("op").is_none());
+    assert_eq!(got[0]["data"], "hi");
+    assert_eq!(got[1], json!({"id": 2, "ok": true}));
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    a.subscribe(1, "news").await;
+    b.request(json!({"id": 1, "op": "publish", "channel": "news", "data": 1})).await;
+    assert_eq!(a.recv().await["data"], 1);
+    let r = a.request(json!({"id": 2, "op": "unsubscribe", "channel": "news"})).await;
+    assert_eq!(r, json!({"id": 2, "ok": true}));
+    b.request(json!({"id": 2, "op": "publish", "channel": "news", "data": 2})).await;
+    // Frames on one session are ordered: had the publish reached `a`, it would come before the
+    // reply to this ping.
+    let r = a.request(json!({"id": 3, "op": "ping"})).await;
+    assert_eq!(r, json!({"id": 3, "ok": true}));
+    assert_eq!(t.edge.state().hub.channel_count(), 0, "the last unsubscribe frees the channel");
+}
+
+#[tokio::test]
+async fn ping_gets_a_reply_with_and_without_id() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    assert_eq!(a.request(json!({"id": 7, "op": "ping"})).await, json!({"id": 7, "ok": true}));
+    assert_eq!(a.request(json!({"op": "ping"})).await, json!({"ok": true}));
+}
+
+async fn expect_error(c: &mut Client, frame: Message, id: Option<u64>, code: &str) -> Value {
+    c.send_raw(frame).await;
+    let r = c.recv().await;
+    assert_eq!(r["error"]["code"], code, "{r}");
+    assert!(r["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+    match id {
+        Some(id) => assert_eq!(r["id"], id, "{r}"),
+        None => assert!(r.get("id").is_none(), "{r}"),
+    }
+    r
+}
+
+fn text(v: Value) -> Message {
+    Message::text(v.to_string())
+}
+
+#[tokio::test]
+async fn bad_requests_get_error_replies_and_the_session_survives() {
+    let t = start(|_| {}).await;
+    let mut c = t.connect().await;
+    expect_error(&mut c, Message::text("not json"), None, "bad_request").await;
+    expect_error(&mut c, Message::text("[1,\"ping\"]"), None, "bad_request").await;
+    expect_error(&mut c, Message::binary(vec![1u8, 2, 3]), None, "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 1})), Some(1), "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 2, "op": "subscribe"})), Some(2), "bad_request").await;
+    let r = expect_error(
+        &mut c,
+        text(json!({"id": 3, "op": "subscribe", "channel": "bad channel!"})),
+        Some(3),
+        "bad_request",
+    )
+    .await;
+    assert!(r["error"]["message"].as_str().unwrap().contains("channel"));
+    expect_error(&mut c, text(json!({"id": 4, "op": "subscribe", "channel": "x".repeat(201)})), Some(4), "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 5, "op": "subscribe", "channel": 5})), Some(5), "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 6, "op": "subscribe", "channel": "a", "since": "yesterday"})), Some(6), "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 7, "op": "publish", "channel": "a"})), Some(7), "bad_request").await;
+    expect_error(&mut c, text(json!({"id": "eight", "op": "ping"})), None, "bad_request").await;
+    expect_error(&mut c, text(json!({"id": 9, "op": "launch"})), Some(9), "unknown_op").await;
+    expect_error(&mut c, text(json!({"id": 10, "op": "unsubscribe", "channel": "never"})), Some(10), "not_subscribed").await;
+    // Still a working session.
+    c.subscribe(11, "ok").await;
+}
+
+#[tokio::test]
+async fn limits_reached_from_the_wire() {
+    let t = start(|f| {
+        f.session.max_message_bytes = 1024;
+        f.session.close_message_bytes = 4096;
+        f.session.max_channels = 2;
+        f.server.max_channels = 3;
+    })
+    .await;
+    let mut c = t.connect().await;
+    // too_large: a message over max_message_bytes is refused, the session goes on.
+    let big = json!({"id": 1, "op": "publish", "channel": "a", "data": "x".repeat(2000)});
+    expect_error(&mut c, text(big), Some(1), "too_large").await;
+    // too_large: more channels than a session may hold.
+    c.subscribe(2, "a").await;
+    c.subscribe(3, "b").await;
+    expect_error(&mut c, text(json!({"id": 4, "op": "subscribe", "channel": "c"})), Some(4), "too_large").await;
+    // unavailable: the node's channel table is full.
+    let mut d = t.connect().await;
+    d.subscribe(1, "c").await;
+    expect_error(&mut d, text(json!({"id": 2, "op": "subscribe", "channel": "d"})), Some(2), "unavailable").await;
+    // Joining a channel that exists is still fine at the cap.
+    d.subscribe(3, "a").await;
+    assert_eq!(t.metric("edgeplex_errors_total{code=\"too_large\"}").await, 2.0);
+    assert_eq!(t.metric("edgeplex_errors_total{code=\"unavailable\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn forbidden_when_clients_may_not_publish() {
+    let t = start(|f| f.session.client_publish = false).await;
+    let mut c = t.connect().await;
+    let frame = text(json!({"id": 1, "op": "publish", "channel": "a", "data": 1}));
+    expect_error(&mut c, frame, Some(1), "forbidden").await;
+}
+
+#[tokio::test]
+async fn message_over_the_close_cap_closes_with_1009() {
+    let t = start(|f| {
+        f.session.max_message_bytes = 1024;
+        f.session.close_message_bytes = 4096;
+    })
+    .await;
+    let mut c = t.connect().await;
+    c.send_raw(Message::text("x".repeat(10_000))).await;
+    let (code, reason, _) = c.until_close().await;
+    assert_eq!(code, 1009, "{reason}");
+}
+
+#[tokio::test]
+async fn message_flood_is_rate_limited_then_closed_with_1008() {
+    let t = start(|f| {
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    let mut c = t.connect().await;
+    for i in 0..30u64 {
+        // A send may fail once the edge has closed the session.
+        let _ = c.ws.send(text(json!({"id": i, "op": "ping"}))).await;
+    }
+    let (code, _, before) = c.until_close().await;
+    assert_eq!(code, 1008);
+    let ok = before.iter().filter(|v| v["ok"] == true).count();
+    let limited: Vec<&Value> = before.iter().filter(|v| v["error"]["code"] == "rate_limited").collect();
+    assert_eq!(ok, 5, "the burst passes: {before:?}");
+    assert_eq!(limited.len(), 10, "then refusals until the close: {before:?}");
+    assert!(limited.iter().all(|v| v["error"]["retry_after_ms"].as_u64().unwrap() > 0));
+    assert_eq!(limited[0]["id"], 5);
+}
+
+#[tokio::test]
+async fn websocket_ping_flood_is_closed_with_1008() {
+    let t = start(|f| {
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    let mut c = t.connect().await;
+    for _ in 0..50 {
+        let _ = c.ws.send(Message::Ping(Default::default())).await;
+    }
+    let (code, _, _) = c.until_close().await;
+    assert_eq!(code, 1008);
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_with_1013_while_fast_one_keeps_up() {
+    const N: usize = 400;
+    let t = start(|f| {
+        f.session.outbound_queue = 16;
+        f.session.write_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut fast = t.connect().await;
+    let mut slow = t.connect().await;
+    let mut publisher = t.connect().await;
+    fast.subscribe(1, "firehose").await;
+    slow.subscribe(1, "firehose").await;
+    // Large payloads fill the slow client's socket buffers quickly; it does not read meanwhile.
+    let payload = "y".repeat(32 * 1024);
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < N {
+            let m = fast.recv().await;
+            if m["op"] == "message" {
+                seen += 1;
+            }
+        }
+        seen
+    });
+    for i in 0..N {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    assert_eq!(reader.await.unwrap(), N, "the fast subscriber got every message");
+    let (code, reason, before) = slow.until_close().await;
+    assert_eq!(code, 1013, "{reason}");
+    assert!(before.len() < N, "the slow subscriber was cut off");
+    assert_eq!(t.metric("edgeplex_slow_consumer_closes_total{transport=\"websocket\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    a.subscribe(1, "x").await;
+    let common::TestEdge { edge, .. } = t;
+    let report = tokio::spawn(edge.shutdown_within(Duration::from_secs(5)));
+    for c in [&mut a, &mut b] {
+        let (code, reason, _) = c.until_close().await;
+        assert_eq!(code, 1001, "{reason}");
+    }
+    assert!(report.await.unwrap().clean, "every session ended within the grace period");
+}
+
+#[tokio::test]
+async fn draining_edge_refuses_new_sessions_and_reports_not_ready() {
+    let t = start(|_| {}).await;
+    let mut a = t.connect().await;
+    // `silent` never reads, so the edge waits out its close handshake (1 s): the drain stays
+    // open while we look at it.
+    let _silent = t.connect().await;
+    a.subscribe(1, "x").await;
+    let admin = t.admin_url("/readyz");
+    assert_eq!(reqwest::get(&admin).await.unwrap().status(), 200);
+    let common::TestEdge { edge, tls, .. } = t;
+    let addr = edge.tls_addr();
+    let state = edge.state().clone();
+    let shutdown = tokio::spawn(edge.shutdown_within(Duration::from_secs(5)));
+    let (code, _, _) = a.until_close().await;
+    assert_eq!(code, 1001);
+    assert!(state.is_draining());
+    let r = reqwest::get(&admin).await.unwrap();
+    assert_eq!(r.status(), 503, "not ready while draining");
+    assert_eq!(r.text().await.unwrap(), "draining\n");
+    // The public listener is closed: new TCP connections are refused.
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    if let Ok(tcp) = refused {
+        // The listener may still be closing; a handshake must not produce a session.
+        let r = tokio_rustls::TlsConnector::from(tls)
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await;
+        assert!(r.is_err(), "no TLS session on a draining edge");
+    }
+    assert!(shutdown.await.unwrap().clean);
+}
+
+#[tokio::test]
+async fn origin_not_allowed_gets_403_before_the_handshake() {
+    let t = start(|f| {
+        f.admission.allowed_origins = vec!["https://app.example.com".into()];
+        f.admission.allow_missing_origin = false;
+    })
+    .await;
+    match t.try_connect(Some("https://evil.example.com")).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    match t.try_connect(None).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403 without Origin, got {other:?}"),
+    }
+    assert!(t.try_connect(Some("https://app.example.com")).await.is_ok());
+    assert_eq!(t.metric("edgeplex_refusals_total{reason=\"origin\"}").await, 2.0);
+}
+
+#[tokio::test]
+async fn session_cap_answers_503_with_retry_after() {
+    let t = start(|f| f.server.max_sessions = 1).await;
+    let _a = t.connect().await;
+    match t.try_connect(None).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(_a);
+    // The slot comes back once the first session is gone.
+    let mut ok = false;
+    for _ in 0..50 {
+        if t.try_connect(None).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a freed session slot is reused");
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_after_the_idle_timeout() {
+    let t = start(|f| {
+        f.session.ping_interval = Duration::from_millis(200);
+        f.session.idle_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let mut c = t.connect().await;
+    // Not reading means not answering pings: the edge hears nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, reason, _) = c.until_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
+}
+
+#[tokio::test]
+async fn live_client_answers_pings_and_stays() {
+    let t = start(|f| {
+        f.session.ping_interval = Duration::from_millis(100);
+        f.session.idle_timeout = Duration::from_millis(350);
+    })
+    .await;
+    let mut c = t.connect().await;
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, c.ws.next()).await {
+        match m {
+            Message::Ping(_) => pings += 1,
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+    assert!(pings >= 3, "the edge pings on its interval ({pings} pings)");
+    assert_eq!(c.request(json!({"id": 1, "op": "ping"})).await["ok"], true);
+}
+
+#[tokio::test]
+async fn stalled_handshake_is_dropped_after_the_handshake_timeout() {
+    let t = start(|f| f.server.handshake_timeout = Duration::from_millis(300)).await;
+    let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr()).await.unwrap();
+    tcp.write_all(b"\x16\x03\x01").await.unwrap(); // the start of a ClientHello, then nothing
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("the edge hangs up before 5 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "connection closed: {n:?}");
+}
+
+#[tokio::test]
+async fn http2_and_http1_share_the_tls_listener() {
+    let t = start(|_| {}).await;
+    let der = t.edge.dev_cert().unwrap().der.clone();
+    let cert = reqwest::Certificate::from_der(&der).unwrap();
+    let url = format!("https://localhost:{}/", t.edge.tls_addr().port());
+    let resolve = ("localhost", t.edge.tls_addr());
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(cert.clone())
+        .resolve(resolve.0, resolve.1)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(cert)
+        .resolve(resolve.0, resolve.1)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    // WebSocket over HTTP/2 is not offered; the answer says what to do instead.
+    let r = h2.get(format!("https://localhost:{}/ws", t.edge.tls_addr().port())).send().await.unwrap();
+    assert_eq!(r.status(), 505);
+}
+
+#[tokio::test]
+async fn admin_reports_health_readiness_and_metrics() {
+    let t = start(|_| {}).await;
+    assert_eq!(t.admin_get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(t.admin_get("/readyz").await, (200, "ready\n".into()));
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    a.subscribe(1, "m").await;
+    b.request(json!({"id": 1, "op": "publish", "channel": "m", "data": 1})).await;
+    a.recv().await;
+    b.request(json!({"id": 2, "op": "bogus"})).await;
+    assert_eq!(t.metric("edgeplex_sessions{transport=\"websocket\"}").await, 2.0);
+    assert_eq!(t.metric("edgeplex_channels").await, 1.0);
+    assert_eq!(t.metric("edgeplex_publishes_total").await, 1.0);
+    assert_eq!(t.metric("edgeplex_errors_total{code=\"unknown_op\"}").await, 1.0);
+    assert_eq!(t.metric("edgeplex_messages_in_total{transport=\"websocket\"}").await, 3.0);
+    // Welcome ×2, subscribe reply, push, publish reply, error reply.
+    assert_eq!(t.metric("edgeplex_messages_out_total{transport=\"websocket\"}").await, 6.0);
+    drop(a);
+    let mut sessions = 2.0;
+    for _ in 0..50 {
+        sessions = t.metric("edgeplex_sessions{transport=\"websocket\"}").await;
+        if sessions == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sessions, 1.0, "a closed session leaves the gauge");
+    let (status, _) = t.admin_get("/nope").await;
+    assert_eq!(status, 404);
+}
