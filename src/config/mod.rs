@@ -162,14 +162,15 @@ fn describe_source(md: &figment::Metadata, key: &str) -> String {
         return path.display().to_string();
     }
     if md.name.contains("environment") {
-        let keys: Vec<&str> = key.split('.').collect();
-        format!(
-            "environment variable {}",
-            md.interpolate(&figment::Profile::Default, &keys)
-        )
+        format!("environment variable {}", env_var_name(key))
     } else {
         md.name.to_string()
     }
+}
+
+/// `session.max_channels` → `EDGEPLEX__SESSION__MAX_CHANNELS`.
+pub fn env_var_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_ascii_uppercase())
 }
 
 fn describe_figment_error(err: figment::Error) -> String {
