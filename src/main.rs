@@ -55,11 +55,12 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let edgeplex::config::TlsConfig::Files { .. } = &config.tls {
-        if let Err(e) = tls::server_config(&config.tls) {
-            eprintln!("{}: {e}", file.display());
-            return ExitCode::from(2);
-        }
+    // Certificate files are part of the config: a path that does not load is a config error.
+    if let edgeplex::config::TlsConfig::Files { .. } = &config.tls
+        && let Err(e) = tls::server_config(&config.tls)
+    {
+        eprintln!("{}: {e}", file.display());
+        return ExitCode::from(2);
     }
     println!("{}: valid\n", file.display());
     print!("{}", config.summary());

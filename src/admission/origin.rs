@@ -36,12 +36,10 @@ pub fn validate_rule(rule: &str) -> Result<(), String> {
         "http" => Some(":80"),
         _ => None,
     };
-    if let Some(p) = default_port {
-        if host.ends_with(p) {
-            return Err(format!(
-                "browsers omit the default port in Origin, so a rule with {p} would never match; drop it"
-            ));
-        }
+    if let Some(p) = default_port.filter(|p| host.ends_with(p)) {
+        return Err(format!(
+            "browsers omit the default port in Origin, so a rule with {p} would never match; drop it"
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, unit and integration tests, the fuzz
+# regression inputs, and a build of the benchmarks and fuzz targets. Installs what the tests need
+# (redis-server, for the Redis bus tests) and fails loudly when it cannot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
+
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+
+# Tests that need Redis start their own redis-server on a free port; they never use a running one.
+if ! command -v redis-server >/dev/null; then
+    say "installing redis-server"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq || die "apt-get update failed; install redis-server by hand"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server \
+        || die "cannot install redis-server; install it by hand and re-run"
+fi
+redis-server --version >/dev/null || die "redis-server is installed but does not run"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+say "cargo test"
+cargo test --locked
+
+say "benchmarks build"
+cargo bench --locked --no-run
+
+if [ -f fuzz/Cargo.toml ]; then
+    say "fuzz targets type-check (run them with fuzz/run.sh)"
+    cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+fi
+say "all tests passed"
