@@ -14,12 +14,21 @@ use edgeplex::session::Outbox;
 use serde_json::value::RawValue;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     println!("hub fan-out, 100-byte payloads, one channel, outboxes drained every 64 publishes");
-    println!("{:>12} {:>10} {:>16} {:>14}", "subscribers", "publishes", "deliveries/s", "ns/delivery");
+    println!(
+        "{:>12} {:>10} {:>16} {:>14}",
+        "subscribers", "publishes", "deliveries/s", "ns/delivery"
+    );
     for &subs in &[1usize, 100, 1_000, 5_000] {
         let publishes = (2_000_000 / subs).clamp(200, 200_000);
-        let hub = Hub::new(Bus::Memory(MemoryBus::new()), 1_000, Arc::new(Metrics::new()));
+        let hub = Hub::new(
+            Bus::Memory(MemoryBus::new()),
+            1_000,
+            Arc::new(Metrics::new()),
+        );
         let channel = Channel::new("bench").unwrap();
         let outboxes: Vec<Arc<Outbox>> = (0..subs)
             .map(|i| {

@@ -8,24 +8,33 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgeplex::config::{Config, FileConfig};
 use edgeplex::Edge;
+use edgeplex::config::{Config, FileConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 fn main() {
     let subscribers = env("SUBSCRIBERS", 1000) as usize;
     let rate = env("RATE", 100);
     let seconds = env("DURATION_SECS", 5);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(subscribers, rate, seconds));
 }
 
@@ -38,7 +47,9 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
     f.tls.dev_cert_path = dir.path().join("dev.pem").display().to_string();
     f.session.messages_per_second = 1_000_000;
     f.session.message_burst = 1_000_000;
-    let edge = Edge::start(Config::from_file_config(f).unwrap()).await.unwrap();
+    let edge = Edge::start(Config::from_file_config(f).unwrap())
+        .await
+        .unwrap();
     let url = format!("ws://{}/ws", edge.plain_addr().unwrap());
 
     let total = (rate * seconds) as usize;
@@ -47,7 +58,11 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
     for _ in 0..subscribers {
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
         ws.next().await; // welcome
-        ws.send(Message::text(r#"{"id":1,"op":"subscribe","channel":"bench"}"#)).await.unwrap();
+        ws.send(Message::text(
+            r#"{"id":1,"op":"subscribe","channel":"bench"}"#,
+        ))
+        .await
+        .unwrap();
         let ready = ready_tx.clone();
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(total);
@@ -64,7 +79,10 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
                     continue;
                 }
                 if let Some(i) = t.find("\"t\":") {
-                    let digits: String = t[i + 4..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                    let digits: String = t[i + 4..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect();
                     if let Ok(sent) = digits.parse::<u64>() {
                         latencies.push(now_micros().saturating_sub(sent));
                     }
@@ -106,11 +124,20 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
         all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0
     };
     let offered = total * subscribers;
-    println!("ws fan-out: {subscribers} subscribers, {rate} publishes/s for {seconds} s, plain TCP, embedded bus");
+    println!(
+        "ws fan-out: {subscribers} subscribers, {rate} publishes/s for {seconds} s, plain TCP, embedded bus"
+    );
     println!("offered deliveries    {offered}");
-    println!("delivered             {} ({:.3}% loss)", all.len(), 100.0 * (offered - all.len()) as f64 / offered as f64);
+    println!(
+        "delivered             {} ({:.3}% loss)",
+        all.len(),
+        100.0 * (offered - all.len()) as f64 / offered as f64
+    );
     println!("publish phase         {:.2} s", publish_time.as_secs_f64());
-    println!("deliveries/s          {:.0}", all.len() as f64 / elapsed.as_secs_f64());
+    println!(
+        "deliveries/s          {:.0}",
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
     println!("latency ms p50        {:.2}", pct(0.50));
     println!("latency ms p99        {:.2}", pct(0.99));
     println!("latency ms p99.9      {:.2}", pct(0.999));

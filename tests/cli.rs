@@ -45,7 +45,10 @@ fn write_config(dir: &std::path::Path, text: &str) -> String {
 fn version_prints_the_crate_version() {
     let (code, out, _) = run(&["--version"], &[]);
     assert_eq!(code, 0);
-    assert_eq!(out.trim(), format!("edgeplex {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        out.trim(),
+        format!("edgeplex {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -54,7 +57,10 @@ fn check_config_accepts_the_shipped_file_and_prints_the_effective_config() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("valid"), "{out}");
     assert!(out.contains("TLS listener 127.0.0.1:8443"), "{out}");
-    assert!(out.contains("[session]") && out.contains("outbound_queue = 1024"), "{out}");
+    assert!(
+        out.contains("[session]") && out.contains("outbound_queue = 1024"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -65,7 +71,10 @@ fn check_config_names_an_unknown_key_and_the_file() {
     assert_ne!(code, 0, "{out}");
     assert!(err.contains(&path), "{err}");
     assert!(err.contains("session.max_chanels"), "{err}");
-    assert!(err.contains("max_channels"), "the allowed keys are listed: {err}");
+    assert!(
+        err.contains("max_channels"),
+        "the allowed keys are listed: {err}"
+    );
 }
 
 #[test]
@@ -79,7 +88,10 @@ fn check_config_names_a_wrong_type_and_an_impossible_value() {
     let path = write_config(dir.path(), "[session]\noutbound_queue = 0\n");
     let (code, _, err) = run(&["check-config", &path], &[]);
     assert_ne!(code, 0);
-    assert!(err.contains("session.outbound_queue") && err.contains("allowed is 1 to"), "{err}");
+    assert!(
+        err.contains("session.outbound_queue") && err.contains("allowed is 1 to"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -93,19 +105,31 @@ fn check_config_reports_a_missing_file() {
 fn environment_overrides_keys_and_is_named_in_errors() {
     let (code, out, err) = run(
         &["check-config", SHIPPED],
-        &[("EDGEPLEX__SESSION__MAX_CHANNELS", "7"), ("EDGEPLEX__SERVER__LISTEN_PLAIN", "127.0.0.1:8080")],
+        &[
+            ("EDGEPLEX__SESSION__MAX_CHANNELS", "7"),
+            ("EDGEPLEX__SERVER__LISTEN_PLAIN", "127.0.0.1:8080"),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("max_channels = 7"), "{out}");
     assert!(out.contains("plain listener 127.0.0.1:8080"), "{out}");
 
-    let (code, _, err) = run(&["check-config", SHIPPED], &[("EDGEPLEX__SERVER__LISTEN", "nowhere")]);
+    let (code, _, err) = run(
+        &["check-config", SHIPPED],
+        &[("EDGEPLEX__SERVER__LISTEN", "nowhere")],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("EDGEPLEX__SERVER__LISTEN"), "{err}");
 
-    let (code, _, err) = run(&["check-config", SHIPPED], &[("EDGEPLEX__SERVER__LISTN", "x")]);
+    let (code, _, err) = run(
+        &["check-config", SHIPPED],
+        &[("EDGEPLEX__SERVER__LISTN", "x")],
+    );
     assert_ne!(code, 0);
-    assert!(err.contains("listn"), "an unknown override is refused, not ignored: {err}");
+    assert!(
+        err.contains("listn"),
+        "an unknown override is refused, not ignored: {err}"
+    );
 }
 
 /// The README's first command, as a user runs it: the binary serves, a `wss://` client trusting
@@ -138,9 +162,15 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
     let mut addr = None;
     let mut sha = None;
     while addr.is_none() {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("the edge starts");
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the edge starts");
         if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
-            addr = Some(a.trim_end_matches("/ws").parse::<std::net::SocketAddr>().unwrap());
+            addr = Some(
+                a.trim_end_matches("/ws")
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap(),
+            );
         }
         if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
             sha = Some(h.to_string());
@@ -150,7 +180,11 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
     let cert = CertificateDer::from_pem_file(&pem).expect("the dev certificate PEM was written");
     let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(sha.as_deref(), Some(hex.as_str()), "the printed SHA-256 is the served certificate's");
+    assert_eq!(
+        sha.as_deref(),
+        Some(hex.as_str()),
+        "the printed SHA-256 is the served certificate's"
+    );
 
     let tls = std::sync::Arc::new(common::client_tls(&cert, &[b"http/1.1"]));
     let connect = || async {
@@ -161,18 +195,25 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
             .unwrap();
         let url = format!("wss://localhost:{}/ws", addr.port());
         let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
-        let mut c = common::Client { ws, welcome: serde_json::Value::Null };
+        let mut c = common::Client {
+            ws,
+            welcome: serde_json::Value::Null,
+        };
         c.welcome = c.recv().await;
         c
     };
     let mut a = connect().await;
     let mut b = connect().await;
     a.subscribe(1, "demo").await;
-    b.request(json!({"id": 1, "op": "publish", "channel": "demo", "data": {"hello": "world"}})).await;
+    b.request(json!({"id": 1, "op": "publish", "channel": "demo", "data": {"hello": "world"}}))
+        .await;
     let m = a.recv().await;
     assert_eq!(m["data"], json!({"hello": "world"}));
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     for c in [&mut a, &mut b] {
         let (code, _, _) = c.until_close().await;
@@ -187,7 +228,10 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "the edge exits within its grace period");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edge exits within its grace period"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");

@@ -13,7 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 fn offset(v: &Value) -> Offset {
-    v["offset"].as_str().expect("offset is a string").parse().expect("offset parses")
+    v["offset"]
+        .as_str()
+        .expect("offset is a string")
+        .parse()
+        .expect("offset parses")
 }
 
 #[tokio::test]
@@ -21,7 +25,10 @@ async fn welcome_subscribe_publish_receive_in_order() {
     let t = start(|_| {}).await;
     let mut a = t.connect().await;
     let mut b = t.connect().await;
-    assert_eq!(a.welcome["server"], format!("edgeplex/{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        a.welcome["server"],
+        format!("edgeplex/{}", env!("CARGO_PKG_VERSION"))
+    );
     assert_ne!(a.welcome["session"], b.welcome["session"]);
 
     a.subscribe(1, "prices").await;
@@ -53,7 +60,8 @@ async fn publisher_subscribed_to_its_channel_gets_its_own_message() {
     let t = start(|_| {}).await;
     let mut a = t.connect().await;
     a.subscribe(1, "room").await;
-    a.send(json!({"id": 2, "op": "publish", "channel": "room", "data": "hi"})).await;
+    a.send(json!({"id": 2, "op": "publish", "channel": "room", "data": "hi"}))
+        .await;
     let first = a.recv().await;
     let second = a.recv().await;
     let mut got = [first, second];
@@ -68,23 +76,34 @@ async fn unsubscribe_stops_delivery() {
     let mut a = t.connect().await;
     let mut b = t.connect().await;
     a.subscribe(1, "news").await;
-    b.request(json!({"id": 1, "op": "publish", "channel": "news", "data": 1})).await;
+    b.request(json!({"id": 1, "op": "publish", "channel": "news", "data": 1}))
+        .await;
     assert_eq!(a.recv().await["data"], 1);
-    let r = a.request(json!({"id": 2, "op": "unsubscribe", "channel": "news"})).await;
+    let r = a
+        .request(json!({"id": 2, "op": "unsubscribe", "channel": "news"}))
+        .await;
     assert_eq!(r, json!({"id": 2, "ok": true}));
-    b.request(json!({"id": 2, "op": "publish", "channel": "news", "data": 2})).await;
+    b.request(json!({"id": 2, "op": "publish", "channel": "news", "data": 2}))
+        .await;
     // Frames on one session are ordered: had the publish reached `a`, it would come before the
     // reply to this ping.
     let r = a.request(json!({"id": 3, "op": "ping"})).await;
     assert_eq!(r, json!({"id": 3, "ok": true}));
-    assert_eq!(t.edge.state().hub.channel_count(), 0, "the last unsubscribe frees the channel");
+    assert_eq!(
+        t.edge.state().hub.channel_count(),
+        0,
+        "the last unsubscribe frees the channel"
+    );
 }
 
 #[tokio::test]
 async fn ping_gets_a_reply_with_and_without_id() {
     let t = start(|_| {}).await;
     let mut a = t.connect().await;
-    assert_eq!(a.request(json!({"id": 7, "op": "ping"})).await, json!({"id": 7, "ok": true}));
+    assert_eq!(
+        a.request(json!({"id": 7, "op": "ping"})).await,
+        json!({"id": 7, "ok": true})
+    );
     assert_eq!(a.request(json!({"op": "ping"})).await, json!({"ok": true}));
 }
 
@@ -92,7 +111,12 @@ async fn expect_error(c: &mut Client, frame: Message, id: Option<u64>, code: &st
     c.send_raw(frame).await;
     let r = c.recv().await;
     assert_eq!(r["error"]["code"], code, "{r}");
-    assert!(r["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{r}"
+    );
     match id {
         Some(id) => assert_eq!(r["id"], id, "{r}"),
         None => assert!(r.get("id").is_none(), "{r}"),
@@ -110,9 +134,21 @@ async fn bad_requests_get_error_replies_and_the_session_survives() {
     let mut c = t.connect().await;
     expect_error(&mut c, Message::text("not json"), None, "bad_request").await;
     expect_error(&mut c, Message::text("[1,\"ping\"]"), None, "bad_request").await;
-    expect_error(&mut c, Message::binary(vec![1u8, 2, 3]), None, "bad_request").await;
+    expect_error(
+        &mut c,
+        Message::binary(vec![1u8, 2, 3]),
+        None,
+        "bad_request",
+    )
+    .await;
     expect_error(&mut c, text(json!({"id": 1})), Some(1), "bad_request").await;
-    expect_error(&mut c, text(json!({"id": 2, "op": "subscribe"})), Some(2), "bad_request").await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 2, "op": "subscribe"})),
+        Some(2),
+        "bad_request",
+    )
+    .await;
     let r = expect_error(
         &mut c,
         text(json!({"id": 3, "op": "subscribe", "channel": "bad channel!"})),
@@ -121,13 +157,55 @@ async fn bad_requests_get_error_replies_and_the_session_survives() {
     )
     .await;
     assert!(r["error"]["message"].as_str().unwrap().contains("channel"));
-    expect_error(&mut c, text(json!({"id": 4, "op": "subscribe", "channel": "x".repeat(201)})), Some(4), "bad_request").await;
-    expect_error(&mut c, text(json!({"id": 5, "op": "subscribe", "channel": 5})), Some(5), "bad_request").await;
-    expect_error(&mut c, text(json!({"id": 6, "op": "subscribe", "channel": "a", "since": "yesterday"})), Some(6), "bad_request").await;
-    expect_error(&mut c, text(json!({"id": 7, "op": "publish", "channel": "a"})), Some(7), "bad_request").await;
-    expect_error(&mut c, text(json!({"id": "eight", "op": "ping"})), None, "bad_request").await;
-    expect_error(&mut c, text(json!({"id": 9, "op": "launch"})), Some(9), "unknown_op").await;
-    expect_error(&mut c, text(json!({"id": 10, "op": "unsubscribe", "channel": "never"})), Some(10), "not_subscribed").await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 4, "op": "subscribe", "channel": "x".repeat(201)})),
+        Some(4),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 5, "op": "subscribe", "channel": 5})),
+        Some(5),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 6, "op": "subscribe", "channel": "a", "since": "yesterday"})),
+        Some(6),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 7, "op": "publish", "channel": "a"})),
+        Some(7),
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": "eight", "op": "ping"})),
+        None,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 9, "op": "launch"})),
+        Some(9),
+        "unknown_op",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 10, "op": "unsubscribe", "channel": "never"})),
+        Some(10),
+        "not_subscribed",
+    )
+    .await;
     // Still a working session.
     c.subscribe(11, "ok").await;
 }
@@ -148,15 +226,34 @@ async fn limits_reached_from_the_wire() {
     // too_large: more channels than a session may hold.
     c.subscribe(2, "a").await;
     c.subscribe(3, "b").await;
-    expect_error(&mut c, text(json!({"id": 4, "op": "subscribe", "channel": "c"})), Some(4), "too_large").await;
+    expect_error(
+        &mut c,
+        text(json!({"id": 4, "op": "subscribe", "channel": "c"})),
+        Some(4),
+        "too_large",
+    )
+    .await;
     // unavailable: the node's channel table is full.
     let mut d = t.connect().await;
     d.subscribe(1, "c").await;
-    expect_error(&mut d, text(json!({"id": 2, "op": "subscribe", "channel": "d"})), Some(2), "unavailable").await;
+    expect_error(
+        &mut d,
+        text(json!({"id": 2, "op": "subscribe", "channel": "d"})),
+        Some(2),
+        "unavailable",
+    )
+    .await;
     // Joining a channel that exists is still fine at the cap.
     d.subscribe(3, "a").await;
-    assert_eq!(t.metric("edgeplex_errors_total{code=\"too_large\"}").await, 2.0);
-    assert_eq!(t.metric("edgeplex_errors_total{code=\"unavailable\"}").await, 1.0);
+    assert_eq!(
+        t.metric("edgeplex_errors_total{code=\"too_large\"}").await,
+        2.0
+    );
+    assert_eq!(
+        t.metric("edgeplex_errors_total{code=\"unavailable\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -196,10 +293,21 @@ async fn message_flood_is_rate_limited_then_closed_with_1008() {
     let (code, _, before) = c.until_close().await;
     assert_eq!(code, 1008);
     let ok = before.iter().filter(|v| v["ok"] == true).count();
-    let limited: Vec<&Value> = before.iter().filter(|v| v["error"]["code"] == "rate_limited").collect();
+    let limited: Vec<&Value> = before
+        .iter()
+        .filter(|v| v["error"]["code"] == "rate_limited")
+        .collect();
     assert_eq!(ok, 5, "the burst passes: {before:?}");
-    assert_eq!(limited.len(), 10, "then refusals until the close: {before:?}");
-    assert!(limited.iter().all(|v| v["error"]["retry_after_ms"].as_u64().unwrap() > 0));
+    assert_eq!(
+        limited.len(),
+        10,
+        "then refusals until the close: {before:?}"
+    );
+    assert!(
+        limited
+            .iter()
+            .all(|v| v["error"]["retry_after_ms"].as_u64().unwrap() > 0)
+    );
     assert_eq!(limited[0]["id"], 5);
 }
 
@@ -250,11 +358,19 @@ async fn slow_consumer_is_closed_with_1013_while_fast_one_keeps_up() {
             .await;
         assert_eq!(r["ok"], true);
     }
-    assert_eq!(reader.await.unwrap(), N, "the fast subscriber got every message");
+    assert_eq!(
+        reader.await.unwrap(),
+        N,
+        "the fast subscriber got every message"
+    );
     let (code, reason, before) = slow.until_close().await;
     assert_eq!(code, 1013, "{reason}");
     assert!(before.len() < N, "the slow subscriber was cut off");
-    assert_eq!(t.metric("edgeplex_slow_consumer_closes_total{transport=\"websocket\"}").await, 1.0);
+    assert_eq!(
+        t.metric("edgeplex_slow_consumer_closes_total{transport=\"websocket\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -269,7 +385,10 @@ async fn shutdown_closes_sessions_with_1001() {
         let (code, reason, _) = c.until_close().await;
         assert_eq!(code, 1001, "{reason}");
     }
-    assert!(report.await.unwrap().clean, "every session ended within the grace period");
+    assert!(
+        report.await.unwrap().clean,
+        "every session ended within the grace period"
+    );
 }
 
 #[tokio::test]
@@ -297,7 +416,10 @@ async fn draining_edge_refuses_new_sessions_and_reports_not_ready() {
     if let Ok(tcp) = refused {
         // The listener may still be closing; a handshake must not produce a session.
         let r = tokio_rustls::TlsConnector::from(tls)
-            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
             .await;
         assert!(r.is_err(), "no TLS session on a draining edge");
     }
@@ -320,7 +442,10 @@ async fn origin_not_allowed_gets_403_before_the_handshake() {
         other => panic!("expected 403 without Origin, got {other:?}"),
     }
     assert!(t.try_connect(Some("https://app.example.com")).await.is_ok());
-    assert_eq!(t.metric("edgeplex_refusals_total{reason=\"origin\"}").await, 2.0);
+    assert_eq!(
+        t.metric("edgeplex_refusals_total{reason=\"origin\"}").await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -385,7 +510,9 @@ async fn live_client_answers_pings_and_stays() {
 #[tokio::test]
 async fn stalled_handshake_is_dropped_after_the_handshake_timeout() {
     let t = start(|f| f.server.handshake_timeout = Duration::from_millis(300)).await;
-    let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr()).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr())
+        .await
+        .unwrap();
     tcp.write_all(b"\x16\x03\x01").await.unwrap(); // the start of a ClientHello, then nothing
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
@@ -419,7 +546,11 @@ async fn http2_and_http1_share_the_tls_listener() {
     let r = h1.get(&url).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     // WebSocket over HTTP/2 is not offered; the answer says what to do instead.
-    let r = h2.get(format!("https://localhost:{}/ws", t.edge.tls_addr().port())).send().await.unwrap();
+    let r = h2
+        .get(format!("https://localhost:{}/ws", t.edge.tls_addr().port()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 505);
 }
 
@@ -431,16 +562,31 @@ async fn admin_reports_health_readiness_and_metrics() {
     let mut a = t.connect().await;
     let mut b = t.connect().await;
     a.subscribe(1, "m").await;
-    b.request(json!({"id": 1, "op": "publish", "channel": "m", "data": 1})).await;
+    b.request(json!({"id": 1, "op": "publish", "channel": "m", "data": 1}))
+        .await;
     a.recv().await;
     b.request(json!({"id": 2, "op": "bogus"})).await;
-    assert_eq!(t.metric("edgeplex_sessions{transport=\"websocket\"}").await, 2.0);
+    assert_eq!(
+        t.metric("edgeplex_sessions{transport=\"websocket\"}").await,
+        2.0
+    );
     assert_eq!(t.metric("edgeplex_channels").await, 1.0);
     assert_eq!(t.metric("edgeplex_publishes_total").await, 1.0);
-    assert_eq!(t.metric("edgeplex_errors_total{code=\"unknown_op\"}").await, 1.0);
-    assert_eq!(t.metric("edgeplex_messages_in_total{transport=\"websocket\"}").await, 3.0);
+    assert_eq!(
+        t.metric("edgeplex_errors_total{code=\"unknown_op\"}").await,
+        1.0
+    );
+    assert_eq!(
+        t.metric("edgeplex_messages_in_total{transport=\"websocket\"}")
+            .await,
+        3.0
+    );
     // Welcome ×2, subscribe reply, push, publish reply, error reply.
-    assert_eq!(t.metric("edgeplex_messages_out_total{transport=\"websocket\"}").await, 6.0);
+    assert_eq!(
+        t.metric("edgeplex_messages_out_total{transport=\"websocket\"}")
+            .await,
+        6.0
+    );
     drop(a);
     let mut sessions = 2.0;
     for _ in 0..50 {

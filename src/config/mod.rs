@@ -170,7 +170,10 @@ fn describe_source(md: &figment::Metadata, key: &str) -> String {
 
 /// `session.max_channels` → `EDGEPLEX__SESSION__MAX_CHANNELS`.
 pub fn env_var_name(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_ascii_uppercase())
+    format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
 }
 
 fn describe_figment_error(err: figment::Error) -> String {

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeplex::config::{Config, FileConfig};
 use edgeplex::Edge;
+use edgeplex::config::{Config, FileConfig};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
@@ -47,11 +47,18 @@ pub async fn start(edit: impl FnOnce(&mut FileConfig)) -> TestEdge {
     let edge = Edge::start(config).await.expect("edge starts");
     let dev = edge.dev_cert().expect("dev certificate").clone();
     let tls = Arc::new(client_tls(&dev.der, &[b"http/1.1"]));
-    TestEdge { edge, tls, _dir: dir }
+    TestEdge {
+        edge,
+        tls,
+        _dir: dir,
+    }
 }
 
 /// A rustls client config trusting only `cert` (no verification switched off).
-pub fn client_tls(cert: &rustls::pki_types::CertificateDer<'static>, alpn: &[&[u8]]) -> rustls::ClientConfig {
+pub fn client_tls(
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
     edgeplex::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
@@ -95,7 +102,10 @@ impl TestEdge {
     /// Connects and reads the welcome frame.
     pub async fn connect(&self) -> Client {
         let ws = self.try_connect(None).await.expect("websocket handshake");
-        let mut c = Client { ws, welcome: Value::Null };
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+        };
         c.welcome = c.recv().await;
         assert_eq!(c.welcome["op"], "welcome", "first frame is the welcome");
         c
@@ -151,7 +161,9 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, id: u64, channel: &str) {
-        let r = self.request(json!({"id": id, "op": "subscribe", "channel": channel})).await;
+        let r = self
+            .request(json!({"id": id, "op": "subscribe", "channel": channel}))
+            .await;
         assert_eq!(r, json!({"id": id, "ok": true}));
     }
 
