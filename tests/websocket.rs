@@ -9,7 +9,6 @@ use common::{Client, start};
 use edgeplex::protocol::Offset;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 fn offset(v: &Value) -> Offset {
@@ -505,53 +504,6 @@ async fn live_client_answers_pings_and_stays() {
     }
     assert!(pings >= 3, "the edge pings on its interval ({pings} pings)");
     assert_eq!(c.request(json!({"id": 1, "op": "ping"})).await["ok"], true);
-}
-
-#[tokio::test]
-async fn stalled_handshake_is_dropped_after_the_handshake_timeout() {
-    let t = start(|f| f.server.handshake_timeout = Duration::from_millis(300)).await;
-    let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr())
-        .await
-        .unwrap();
-    tcp.write_all(b"\x16\x03\x01").await.unwrap(); // the start of a ClientHello, then nothing
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-        .await
-        .expect("the edge hangs up before 5 s");
-    assert!(matches!(n, Ok(0) | Err(_)), "connection closed: {n:?}");
-}
-
-#[tokio::test]
-async fn http2_and_http1_share_the_tls_listener() {
-    let t = start(|_| {}).await;
-    let der = t.edge.dev_cert().unwrap().der.clone();
-    let cert = reqwest::Certificate::from_der(&der).unwrap();
-    let url = format!("https://localhost:{}/", t.edge.tls_addr().port());
-    let resolve = ("localhost", t.edge.tls_addr());
-    let h2 = reqwest::Client::builder()
-        .add_root_certificate(cert.clone())
-        .resolve(resolve.0, resolve.1)
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let r = h2.get(&url).send().await.unwrap();
-    assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    assert_eq!(r.status(), 200);
-    let h1 = reqwest::Client::builder()
-        .add_root_certificate(cert)
-        .resolve(resolve.0, resolve.1)
-        .http1_only()
-        .build()
-        .unwrap();
-    let r = h1.get(&url).send().await.unwrap();
-    assert_eq!(r.version(), reqwest::Version::HTTP_11);
-    // WebSocket over HTTP/2 is not offered; the answer says what to do instead.
-    let r = h2
-        .get(format!("https://localhost:{}/ws", t.edge.tls_addr().port()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 505);
 }
 
 #[tokio::test]

@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub max_channels: usize,
     pub max_header_bytes: usize,
     pub handshake_timeout: Duration,
+    /// An HTTP connection with no request in flight for this long is closed (HTTP/2 has no
+    /// idle limit of its own; HTTP/1.1 keep-alive is also bounded by the handshake timeout).
+    pub http_idle_timeout: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -267,6 +270,11 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         handshake_timeout: min_duration(
             "server.handshake_timeout",
             s.handshake_timeout,
+            Duration::from_millis(100),
+        )?,
+        http_idle_timeout: min_duration(
+            "server.http_idle_timeout",
+            s.http_idle_timeout,
             Duration::from_millis(100),
         )?,
         shutdown_grace: s.shutdown_grace,

@@ -16,6 +16,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
@@ -57,6 +58,8 @@ pub struct ServerSection {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub http_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }
 
@@ -71,6 +74,7 @@ impl Default for ServerSection {
             max_channels: DEFAULT_MAX_CHANNELS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }

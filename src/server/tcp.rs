@@ -3,7 +3,10 @@
 
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -119,25 +122,93 @@ async fn serve_http<IO>(
         .timer(TokioTimer::new())
         .max_header_list_size(s.max_header_bytes as u32)
         .max_concurrent_streams(100);
+    builder
+        .http2()
+        // Pings find dead peers; the idle check below closes live but unused connections.
+        .keep_alive_interval(state.config.session.ping_interval)
+        .keep_alive_timeout(s.handshake_timeout);
     let peer = info.peer;
     let st = state.clone();
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
     let service = service_fn(move |req| {
         let st = st.clone();
         let info = info.clone();
-        async move { Ok::<_, std::convert::Infallible>(routes::route(req, st, kind, info).await) }
+        let guard = act.begin();
+        async move {
+            let resp = routes::route(req, st, kind, info).await;
+            drop(guard);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
+    let idle_limit = s.http_idle_timeout;
+    let mut idle_check = tokio::time::interval(idle_limit / 4);
     let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let draining = loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.cancelled() => break true,
+            _ = idle_check.tick() => {
+                if activity.idle_for() >= idle_limit {
+                    tracing::debug!(%peer, "closing idle HTTP connection");
+                    break false;
+                }
             }
         }
-        _ = stop.cancelled() => {
-            // HTTP/2 gets GOAWAY, idle HTTP/1.1 is closed; upgraded sessions run in their own
-            // tasks and close themselves on the same signal.
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.config.server.shutdown_grace, conn).await;
+    };
+    // HTTP/2 gets GOAWAY, idle HTTP/1.1 is closed; upgraded sessions run in their own tasks and
+    // close themselves on the shutdown signal.
+    conn.as_mut().graceful_shutdown();
+    let wait = if draining {
+        state.config.server.shutdown_grace
+    } else {
+        idle_limit
+    };
+    let _ = tokio::time::timeout(wait, conn).await;
+}
+
+/// Requests in flight on one connection and when the last one ended, for the idle check.
+/// A request counts until its handler returns; a streaming response (SSE) must carry an
+/// [`InFlight`] guard in its body to keep its connection from looking idle.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last: parking_lot::Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: parking_lot::Mutex::new(Instant::now()),
         }
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.last.lock().elapsed()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last.lock() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
