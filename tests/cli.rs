@@ -141,17 +141,24 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
     let pem = dir.path().join("dev.pem");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         shutdown_grace = \"5s\"\n[tls]\ndev_cert_path = \"{}\"\n",
+         shutdown_grace = \"5s\"\n[tls]\ndev_cert_path = \"{}\"\n[log]\nformat = \"json\"\n",
         pem.display()
     );
     let path = write_config(dir.path(), &config);
     let mut child = Command::new(BIN)
         .args(["serve", "--config", &path])
-        .env("RUST_LOG", "warn")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -235,4 +242,28 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
+
+    // log.format = "json": every line is one JSON object, and session events carry the
+    // session's span with its peer address and transport.
+    let logs = logs.join().unwrap();
+    let parsed: Vec<serde_json::Value> = logs
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        parsed.iter().any(|v| v["message"] == "SIGTERM: draining"),
+        "{logs:?}"
+    );
+    let closing = parsed
+        .iter()
+        .find(|v| v["message"] == "closing session")
+        .unwrap_or_else(|| panic!("a session close is logged: {logs:?}"));
+    assert_eq!(closing["span"]["transport"], "websocket");
+    assert_eq!(closing["code"], 1001);
+    assert!(
+        closing["span"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
 }

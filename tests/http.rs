@@ -108,3 +108,52 @@ async fn idle_http1_keep_alive_connection_is_closed() {
         .expect("the edge closes the idle keep-alive connection before 5 s");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
+
+#[tokio::test]
+async fn connection_cap_closes_connections_past_it_at_accept() {
+    let t = start(|f| {
+        f.server.listen_plain = "127.0.0.1:0".into();
+        f.server.max_connections = 2;
+    })
+    .await;
+    let addr = t.edge.plain_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A full request/response proves each held connection was served.
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(c);
+    }
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the third connection is not served: {n:?}"
+    );
+    assert_eq!(t.metric("edgeplex_connections_refused_total").await, 1.0);
+    assert_eq!(t.metric("edgeplex_connections").await, 2.0);
+    // A slot freed is a slot reused.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await {
+            if n > 0 {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served);
+}
