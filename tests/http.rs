@@ -147,11 +147,10 @@ async fn connection_cap_closes_connections_past_it_at_accept() {
     for _ in 0..50 {
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await {
-            if n > 0 {
-                served = true;
-                break;
-            }
+        let read = tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await;
+        if matches!(read, Ok(Ok(n)) if n > 0) {
+            served = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
