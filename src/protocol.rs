@@ -318,6 +318,7 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
             let data = env
                 .data
                 .ok_or_else(|| DecodeError::bad(id, "`publish` needs field `data`"))?;
+            check_data(data).map_err(|e| DecodeError::bad(id, format!("field `data`: {e}")))?;
             Ok(ClientFrame::Publish { id, channel, data })
         }
         "ping" => Ok(ClientFrame::Ping { id }),
@@ -332,6 +333,20 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
             })
         }
     }
+}
+
+/// Checks what `RawValue` does not: serde_json's raw parser accepts `\uD800`-style escapes of
+/// unpaired surrogates, which strict JSON parsers (serde_json's own `Value` included) reject, so
+/// forwarding them would send every subscriber a push it cannot parse. Raw UTF-8 cannot hold a
+/// lone surrogate, so only data with a `\u` escape needs the full parse.
+pub fn check_data(data: &RawValue) -> Result<(), String> {
+    let text = data.get();
+    if !text.contains("\\u") {
+        return Ok(());
+    }
+    serde_json::from_str::<serde_json::Value>(text)
+        .map(|_| ())
+        .map_err(|e| format!("not valid JSON text ({e})"))
 }
 
 /// One encoded edge → client frame: a single line of UTF-8 JSON, built once and shared by every
@@ -491,6 +506,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn data_with_unpaired_surrogate_escape_is_refused() {
+        // Found by the fuzzer: accepted by RawValue, rejected by every strict parser.
+        for f in [
+            r#"{"id":1,"op":"publish","channel":"c","data":"t\ud828"}"#,
+            r#"{"id":1,"op":"publish","channel":"c","data":{"k":[{"\udc00":1}]}}"#,
+        ] {
+            let e = err(f);
+            assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{f}");
+            assert!(e.message.contains("data"), "{}", e.message);
+        }
+        // A paired surrogate (an emoji) and other escapes are fine.
+        assert!(decode(br#"{"op":"publish","channel":"c","data":"\ud83d\ude00 \u00e9"}"#).is_ok());
     }
 
     #[test]
