@@ -33,7 +33,7 @@ fn main() {
         let outboxes: Vec<Arc<Outbox>> = (0..subs)
             .map(|i| {
                 let o = Arc::new(Outbox::new(1024));
-                hub.subscribe(&channel, i as u64, &o).unwrap();
+                rt.block_on(hub.subscribe(&channel, i as u64, &o)).unwrap();
                 o
             })
             .collect();

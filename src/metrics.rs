@@ -50,6 +50,11 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub channels: Gauge,
     pub publishes: Counter,
+    pub redis_connected: Gauge,
+    pub redis_subscriptions: Gauge,
+    pub redis_publish_errors: Counter,
+    pub redis_reconnects: Counter,
+    pub redis_bad_payloads: Counter,
 }
 
 impl Default for Metrics {
@@ -74,6 +79,11 @@ impl Metrics {
             connections_refused: Counter::default(),
             channels: Gauge::default(),
             publishes: Counter::default(),
+            redis_connected: Gauge::default(),
+            redis_subscriptions: Gauge::default(),
+            redis_publish_errors: Counter::default(),
+            redis_reconnects: Counter::default(),
+            redis_bad_payloads: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions open now", m.sessions.clone());
@@ -131,6 +141,31 @@ impl Metrics {
             "publishes",
             "Messages published through this node",
             m.publishes.clone(),
+        );
+        registry.register(
+            "redis_connected",
+            "1 while the Redis subscriber connection is up (Redis bus only)",
+            m.redis_connected.clone(),
+        );
+        registry.register(
+            "redis_subscriptions",
+            "Redis pub/sub channels this node is subscribed to",
+            m.redis_subscriptions.clone(),
+        );
+        registry.register(
+            "redis_publish_errors",
+            "Publishes that Redis refused or did not answer in time",
+            m.redis_publish_errors.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis subscriber connection came back after a loss",
+            m.redis_reconnects.clone(),
+        );
+        registry.register(
+            "redis_bad_payloads",
+            "Redis messages dropped because they were not UTF-8",
+            m.redis_bad_payloads.clone(),
         );
         // Pre-create every error code and transport so dashboards see zeros, not gaps.
         for code in ErrorCode::ALL {

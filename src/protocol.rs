@@ -349,6 +349,14 @@ pub fn check_data(data: &RawValue) -> Result<(), String> {
         .map_err(|e| format!("not valid JSON text ({e})"))
 }
 
+/// Checks text that arrives from outside the protocol (a backend's Redis `PUBLISH`) before it is
+/// pushed as `data`: one complete JSON value, with the same surrogate check as [`check_data`].
+pub fn check_json_text(text: &str) -> Result<(), String> {
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| format!("not valid JSON text ({e})"))?;
+    check_data(raw)
+}
+
 /// One encoded edge → client frame: a single line of UTF-8 JSON, built once and shared by every
 /// session it goes to. It wraps tungstenite's `Utf8Bytes` so that a WebSocket send is a reference
 /// count increment, with UTF-8 checked once at encoding instead of once per subscriber; the other
@@ -407,12 +415,16 @@ fn put_single_line(buf: &mut BytesMut, data: &[u8]) {
 
 /// Encodes a push once; every subscriber on every transport shares the returned bytes.
 /// Channel names and offsets hold no characters that JSON would escape, so they are written raw.
-pub fn encode_message(channel: &Channel, offset: Offset, data: &str) -> Frame {
+/// A message without an offset (a backend's raw Redis `PUBLISH`) is pushed without the `offset`
+/// field: it cannot be resumed from.
+pub fn encode_message(channel: &Channel, offset: Option<Offset>, data: &str) -> Frame {
     let mut buf = BytesMut::with_capacity(64 + channel.as_str().len() + data.len());
     buf.put_slice(b"{\"op\":\"message\",\"channel\":\"");
     buf.put_slice(channel.as_str().as_bytes());
-    buf.put_slice(b"\",\"offset\":\"");
-    buf.put_slice(offset.to_string().as_bytes());
+    if let Some(offset) = offset {
+        buf.put_slice(b"\",\"offset\":\"");
+        buf.put_slice(offset.to_string().as_bytes());
+    }
     buf.put_slice(b"\",\"data\":");
     put_single_line(&mut buf, data.as_bytes());
     buf.put_u8(b'}');
@@ -615,7 +627,7 @@ mod tests {
     #[test]
     fn encoded_frames_are_valid_json() {
         let ch = Channel::new("prices").unwrap();
-        let m = encode_message(&ch, Offset { epoch: 1, seq: 2 }, "{\"p\":\n 1}");
+        let m = encode_message(&ch, Some(Offset { epoch: 1, seq: 2 }), "{\"p\":\n 1}");
         assert!(!m.as_bytes().contains(&b'\n'));
         let v: Value = serde_json::from_slice(m.as_bytes()).unwrap();
         assert_eq!(
@@ -643,7 +655,7 @@ mod tests {
     fn message_data_with_newline_inside_string_escape_is_untouched() {
         // A JSON string can only hold a newline as the two characters `\n`; those stay as they are.
         let ch = Channel::new("c").unwrap();
-        let m = encode_message(&ch, Offset { epoch: 0, seq: 1 }, r#""a\nb""#);
+        let m = encode_message(&ch, Some(Offset { epoch: 0, seq: 1 }), r#""a\nb""#);
         let v: Value = serde_json::from_slice(m.as_bytes()).unwrap();
         assert_eq!(v["data"], "a\nb");
     }

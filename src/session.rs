@@ -361,7 +361,12 @@ impl Session {
                     self.error(id, ErrorCode::TooLarge, &msg, None);
                     return;
                 }
-                match self.env.hub.subscribe(&channel, self.id, &self.outbox) {
+                match self
+                    .env
+                    .hub
+                    .subscribe(&channel, self.id, &self.outbox)
+                    .await
+                {
                     Ok(()) => {
                         self.subscriptions.insert(channel.clone());
                         self.reply(protocol::encode_ok(id));
@@ -373,6 +378,9 @@ impl Session {
                     }
                     Err(e @ SubscribeError::ChannelTableFull(_)) => {
                         self.error(id, ErrorCode::Unavailable, &e.to_string(), None)
+                    }
+                    Err(SubscribeError::BusUnavailable(why)) => {
+                        self.error(id, ErrorCode::Unavailable, why, Some(1000))
                     }
                 }
             }

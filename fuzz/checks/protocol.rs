@@ -28,7 +28,7 @@ pub fn check_decode(input: &[u8]) {
             match frame {
                 ClientFrame::Publish { channel, data, .. } => {
                     let offset = Offset { epoch: 1, seq: 2 };
-                    let msg = protocol::encode_message(&channel, offset, data.get());
+                    let msg = protocol::encode_message(&channel, Some(offset), data.get());
                     let v = assert_single_line_json("encode_message output", msg.as_bytes());
                     assert_eq!(v["op"], "message");
                     assert_eq!(v["channel"], channel.as_str());

@@ -20,6 +20,8 @@ use crate::session::{Outbox, PushError};
 pub enum SubscribeError {
     #[error("this node holds its maximum of {0} channels")]
     ChannelTableFull(usize),
+    #[error("{0}")]
+    BusUnavailable(&'static str),
 }
 
 #[derive(Debug)]
@@ -73,9 +75,36 @@ impl Hub {
             .map_or(0, |e| e.subscribers.lock().len())
     }
 
-    /// Adds a session to a channel. Idempotent per session. Both map and entry are locked so a
-    /// concurrent last-unsubscribe cannot remove the entry between lookup and insert.
-    pub fn subscribe(
+    /// Names of the channels with local subscribers (what the Redis bus must subscribe to).
+    pub fn channel_names(&self) -> Vec<Channel> {
+        self.channels.read().keys().cloned().collect()
+    }
+
+    /// Adds a session to a channel and makes sure the bus delivers that channel to this node
+    /// before returning, so a message published after the caller's `ok` reply is not missed.
+    /// Idempotent per session. On a bus failure the session is not left subscribed.
+    pub async fn subscribe(
+        &self,
+        channel: &Channel,
+        session: u64,
+        outbox: &Arc<Outbox>,
+    ) -> Result<(), SubscribeError> {
+        self.add(channel, session, outbox)?;
+        match &self.bus {
+            Bus::Memory(_) => Ok(()),
+            Bus::Redis(redis) => match redis.ensure_subscribed(channel).await {
+                Ok(()) => Ok(()),
+                Err(BusError::Unavailable(why)) => {
+                    self.unsubscribe(channel, session);
+                    Err(SubscribeError::BusUnavailable(why))
+                }
+            },
+        }
+    }
+
+    /// Both map and entry are locked so a concurrent last-unsubscribe cannot remove the entry
+    /// between lookup and insert.
+    fn add(
         &self,
         channel: &Channel,
         session: u64,
@@ -105,8 +134,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Removes a session from a channel; the channel leaves the table with its last subscriber.
-    /// Returns whether the session was subscribed.
+    /// Removes a session from a channel; the channel leaves the table with its last subscriber
+    /// (and the bus is told, so the node stops receiving it). Returns whether the session was
+    /// subscribed.
     pub fn unsubscribe(&self, channel: &Channel, session: u64) -> bool {
         let mut channels = self.channels.write();
         let Some(entry) = channels.get(channel) else {
@@ -121,29 +151,39 @@ impl Hub {
         if now_empty {
             channels.remove(channel);
             self.metrics.channels.set(channels.len() as i64);
+            drop(channels);
+            if let Bus::Redis(redis) = &self.bus {
+                redis.channel_dropped();
+            }
         }
         removed
     }
 
     /// Publishes through the bus. For the embedded bus the message comes straight back through
-    /// [`Hub::dispatch`]; other buses deliver it from their own receive path.
+    /// the hub; the Redis bus delivers it from its subscriber connection, on every node alike.
     pub async fn publish(&self, channel: &Channel, data: &RawValue) -> Result<(), BusError> {
         self.metrics.publishes.inc();
         match &self.bus {
             Bus::Memory(mem) => {
-                self.dispatch(channel, || mem.next_offset(), data.get());
+                self.dispatch_with(channel, || Some(mem.next_offset()), data.get());
                 Ok(())
             }
+            Bus::Redis(redis) => redis.publish(channel, data.get()).await.map(|_| ()),
         }
+    }
+
+    /// Delivers a message whose offset the bus already assigned (or that has none).
+    pub fn dispatch(&self, channel: &Channel, offset: Option<Offset>, data: &str) -> Fanout {
+        self.dispatch_with(channel, || offset, data)
     }
 
     /// Encodes the message once and pushes the same bytes to every local subscriber of
     /// `channel`. `assign` picks the offset under the channel's lock, so subscribers see offsets
     /// in the order they were assigned.
-    pub fn dispatch(
+    fn dispatch_with(
         &self,
         channel: &Channel,
-        assign: impl FnOnce() -> Offset,
+        assign: impl FnOnce() -> Option<Offset>,
         data: &str,
     ) -> Fanout {
         let Some(entry) = self.channels.read().get(channel).cloned() else {
@@ -160,6 +200,24 @@ impl Hub {
             }
         }
         out
+    }
+
+    /// Tells every local subscriber of `channels` that messages may have been missed (after a
+    /// bus outage). Returns how many sessions were told.
+    pub fn gap_all(&self, channels: &[Channel]) -> usize {
+        let mut told = 0;
+        for channel in channels {
+            let Some(entry) = self.channels.read().get(channel).cloned() else {
+                continue;
+            };
+            let frame = protocol::encode_gap(channel);
+            for sub in entry.subscribers.lock().iter() {
+                if sub.outbox.push(frame.clone()).is_ok() {
+                    told += 1;
+                }
+            }
+        }
+        told
     }
 }
 
@@ -189,9 +247,9 @@ mod tests {
         let h = hub(10);
         let a = Arc::new(Outbox::new(8));
         let b = Arc::new(Outbox::new(8));
-        h.subscribe(&ch("x"), 1, &a).unwrap();
-        h.subscribe(&ch("x"), 2, &b).unwrap();
-        h.subscribe(&ch("x"), 2, &b).unwrap();
+        h.subscribe(&ch("x"), 1, &a).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b).await.unwrap();
         assert_eq!(h.subscriber_count("x"), 2);
         h.publish(&ch("x"), &raw("{\"v\":1}")).await.unwrap();
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
@@ -207,18 +265,18 @@ mod tests {
     async fn channel_table_is_capped_and_shrinks() {
         let h = hub(2);
         let o = Arc::new(Outbox::new(8));
-        h.subscribe(&ch("a"), 1, &o).unwrap();
-        h.subscribe(&ch("b"), 1, &o).unwrap();
+        h.subscribe(&ch("a"), 1, &o).await.unwrap();
+        h.subscribe(&ch("b"), 1, &o).await.unwrap();
         assert_eq!(
-            h.subscribe(&ch("c"), 1, &o),
+            h.subscribe(&ch("c"), 1, &o).await,
             Err(SubscribeError::ChannelTableFull(2))
         );
         // An existing channel can still be joined at the cap.
-        h.subscribe(&ch("a"), 2, &o).unwrap();
+        h.subscribe(&ch("a"), 2, &o).await.unwrap();
         assert!(h.unsubscribe(&ch("b"), 1));
         assert!(!h.unsubscribe(&ch("b"), 1));
         assert_eq!(h.channel_count(), 1);
-        h.subscribe(&ch("c"), 1, &o).unwrap();
+        h.subscribe(&ch("c"), 1, &o).await.unwrap();
     }
 
     #[tokio::test]
@@ -226,12 +284,12 @@ mod tests {
         let h = hub(10);
         let slow = Arc::new(Outbox::new(2));
         let fast = Arc::new(Outbox::new(100));
-        h.subscribe(&ch("x"), 1, &slow).unwrap();
-        h.subscribe(&ch("x"), 2, &fast).unwrap();
+        h.subscribe(&ch("x"), 1, &slow).await.unwrap();
+        h.subscribe(&ch("x"), 2, &fast).await.unwrap();
         let mut overflowed = 0;
         for i in 0..10 {
             overflowed += h
-                .dispatch(&ch("x"), || Offset { epoch: 1, seq: i }, "1")
+                .dispatch(&ch("x"), Some(Offset { epoch: 1, seq: i }), "1")
                 .overflowed;
         }
         assert_eq!(

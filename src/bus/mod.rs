@@ -6,6 +6,7 @@
 
 pub mod hub;
 pub mod memory;
+pub mod redis;
 
 pub use hub::Hub;
 
@@ -14,6 +15,7 @@ pub use hub::Hub;
 #[derive(Debug)]
 pub enum Bus {
     Memory(memory::MemoryBus),
+    Redis(std::sync::Arc<redis::RedisBus>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +29,7 @@ impl Bus {
     pub fn name(&self) -> &'static str {
         match self {
             Bus::Memory(_) => "memory",
+            Bus::Redis(_) => "redis",
         }
     }
 
@@ -34,6 +37,7 @@ impl Bus {
     pub fn is_ready(&self) -> bool {
         match self {
             Bus::Memory(_) => true,
+            Bus::Redis(r) => r.is_ready(),
         }
     }
 }

@@ -1,0 +1,397 @@
+//! The Redis bus: many edge nodes share one pub/sub layer.
+//!
+//! Channel `C` is the Redis pub/sub channel `<prefix>C`; its history is the Redis stream with the
+//! same name `<prefix>C` (a key, so it does not clash with the pub/sub channel). A publish runs one
+//! Lua script that appends to the stream (`XADD`, trimmed to `bus.history_len`, expiring after
+//! `bus.history_ttl`) and publishes `{"$edgeplex":"<stream id>","data":<data>}`: the stream id is
+//! the offset, assigned once in Redis, so it means the same on every node and increases per
+//! channel in publish order. Anything else on the channel (a backend's raw `PUBLISH`) is delivered
+//! as the message's data, without an offset.
+//!
+//! Each node holds one publishing connection (a `ConnectionManager`, which reconnects by itself)
+//! and one subscriber connection, owned by [`RedisBus::run`]. redis-rs's `aio::PubSub` never
+//! reconnects, so that task does: on loss it marks the bus down (publishes and new subscribes
+//! answer `unavailable`, `/readyz` fails), retries with capped backoff, resubscribes every channel
+//! the hub holds, and sends each local subscriber a `gap` notice for the outage.
+//!
+//! The set of Redis subscriptions follows the hub's channel table: one per channel with local
+//! subscribers, added before the subscribing client gets its `ok`, dropped when the last local
+//! subscriber leaves. All SUBSCRIBE/UNSUBSCRIBE traffic goes through one async lock so that a
+//! channel dropped and joined again at the same moment cannot end up unsubscribed.
+//!
+//! This module does not know about sessions or transports; it talks to the hub only.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{BusError, Hub};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Channel, Offset};
+
+/// First and largest pause between reconnect attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE when restoring many at once.
+const SUBSCRIBE_BATCH: usize = 500;
+
+/// Appends to the history stream and publishes the envelope in one atomic step, so the order of
+/// stream ids is the order subscribers see.
+const PUBLISH_LUA: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. ARGV[1] .. '}')
+return id
+"#;
+
+const ENVELOPE_HEAD: &str = r#"{"$edgeplex":""#;
+const ENVELOPE_DATA: &str = r#"","data":"#;
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub history_len: usize,
+    pub history_ttl: Duration,
+    /// Connect and command timeout: a dead Redis makes a publish fail after this long at most.
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+struct SubState {
+    /// The subscriber connection's command side; `None` while disconnected.
+    sink: Option<PubSubSink>,
+    /// Channels subscribed on the current connection.
+    active: HashSet<Channel>,
+}
+
+pub struct RedisBus {
+    client: redis::Client,
+    settings: RedisSettings,
+    publisher: ConnectionManager,
+    script: redis::Script,
+    subs: tokio::sync::Mutex<SubState>,
+    /// The hub dropped a channel: the subscriber task reconciles.
+    changed: Notify,
+    connected: AtomicBool,
+    metrics: Arc<Metrics>,
+    publish_errors: Counter,
+    reconnects: Counter,
+    connected_gauge: Gauge,
+    subscriptions_gauge: Gauge,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("RedisBus")
+            .field("prefix", &self.settings.prefix)
+            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bus.redis_url: {0}")]
+pub struct RedisConfigError(String);
+
+impl RedisBus {
+    /// Prepares the connections; nothing is dialled until [`RedisBus::run`] starts, so an edge
+    /// whose Redis is down still starts (not ready) and recovers when Redis comes up.
+    pub fn new(
+        settings: RedisSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBus, RedisConfigError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| RedisConfigError(format!("not a usable Redis URL ({:?})", e.kind())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(RECONNECT_MAX);
+        let publisher =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| {
+                RedisConfigError(format!("cannot prepare the connection ({:?})", e.kind()))
+            })?;
+        Ok(RedisBus {
+            client,
+            publisher,
+            script: redis::Script::new(PUBLISH_LUA),
+            subs: tokio::sync::Mutex::new(SubState {
+                sink: None,
+                active: HashSet::new(),
+            }),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            publish_errors: metrics.redis_publish_errors.clone(),
+            reconnects: metrics.redis_reconnects.clone(),
+            connected_gauge: metrics.redis_connected.clone(),
+            subscriptions_gauge: metrics.redis_subscriptions.clone(),
+            metrics,
+            settings,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn key(&self, channel: &Channel) -> String {
+        format!("{}{}", self.settings.prefix, channel.as_str())
+    }
+
+    /// Publishes through the script; the message reaches local subscribers through the
+    /// subscriber connection like everyone else's. Returns the offset Redis assigned.
+    pub async fn publish(&self, channel: &Channel, data: &str) -> Result<Offset, BusError> {
+        if !self.is_ready() {
+            return Err(BusError::Unavailable("Redis is unreachable"));
+        }
+        let key = self.key(channel);
+        let mut conn = self.publisher.clone();
+        let mut invocation = self.script.key(&key);
+        invocation
+            .arg(data)
+            .arg(self.settings.history_len)
+            .arg(self.settings.history_ttl.as_millis() as u64)
+            .arg(&key);
+        let call = invocation.invoke_async::<String>(&mut conn);
+        match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(id)) => id.parse().map_err(|_| {
+                self.publish_errors.inc();
+                tracing::error!(%id, "Redis returned a stream id that is not an offset");
+                BusError::Unavailable("Redis answered with an unexpected id")
+            }),
+            Ok(Err(e)) => {
+                self.publish_errors.inc();
+                tracing::warn!(error = %e, "publish to Redis failed");
+                Err(BusError::Unavailable("publish to Redis failed"))
+            }
+            Err(_) => {
+                self.publish_errors.inc();
+                tracing::warn!("publish to Redis timed out");
+                Err(BusError::Unavailable("publish to Redis timed out"))
+            }
+        }
+    }
+
+    /// Makes sure this node is subscribed to `channel` in Redis. Idempotent and cheap when it is.
+    pub async fn ensure_subscribed(&self, channel: &Channel) -> Result<(), BusError> {
+        let mut st = self.subs.lock().await;
+        if st.active.contains(channel) {
+            return Ok(());
+        }
+        let Some(sink) = st.sink.as_mut() else {
+            return Err(BusError::Unavailable("Redis is unreachable"));
+        };
+        let key = self.key(channel);
+        match tokio::time::timeout(self.settings.timeout, sink.subscribe(&key)).await {
+            Ok(Ok(())) => {
+                st.active.insert(channel.clone());
+                self.subscriptions_gauge.set(st.active.len() as i64);
+                Ok(())
+            }
+            _ => Err(BusError::Unavailable("cannot subscribe in Redis")),
+        }
+    }
+
+    /// The hub dropped its last local subscriber of some channel.
+    pub fn channel_dropped(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Brings the Redis subscriptions in line with the hub's channel table.
+    async fn reconcile(&self, hub: &Hub) -> Result<(), redis::RedisError> {
+        let mut st = self.subs.lock().await;
+        let desired: HashSet<Channel> = hub.channel_names().into_iter().collect();
+        let Some(mut sink) = st.sink.clone() else {
+            return Ok(());
+        };
+        let add: Vec<Channel> = desired.difference(&st.active).cloned().collect();
+        let remove: Vec<Channel> = st.active.difference(&desired).cloned().collect();
+        for batch in add.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            self.timed(sink.subscribe(&keys)).await?;
+            st.active.extend(batch.iter().cloned());
+        }
+        for batch in remove.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            self.timed(sink.unsubscribe(&keys)).await?;
+            for c in batch {
+                st.active.remove(c);
+            }
+        }
+        self.subscriptions_gauge.set(st.active.len() as i64);
+        Ok(())
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(self.settings.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "Redis command timed out",
+            ))),
+        }
+    }
+
+    /// Turns one pub/sub message into a hub dispatch.
+    fn deliver(&self, hub: &Hub, msg: &redis::Msg) {
+        let Some(name) = msg
+            .get_channel_name()
+            .strip_prefix(self.settings.prefix.as_str())
+        else {
+            return;
+        };
+        let Ok(channel) = Channel::new(name) else {
+            tracing::debug!(
+                channel = name,
+                "message on a Redis channel that is no edge channel"
+            );
+            return;
+        };
+        let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
+            self.metrics.redis_bad_payloads.inc();
+            tracing::warn!(%channel, "dropped a Redis message that is not UTF-8");
+            return;
+        };
+        match parse_envelope(payload) {
+            Some((offset, data)) if protocol::check_json_text(data).is_ok() => {
+                hub.dispatch(&channel, Some(offset), data);
+            }
+            _ if protocol::check_json_text(payload).is_ok() => {
+                hub.dispatch(&channel, None, payload);
+            }
+            _ => {
+                // A backend published plain text: deliver it as a JSON string rather than drop it.
+                let as_string = serde_json::Value::String(payload.to_string()).to_string();
+                hub.dispatch(&channel, None, &as_string);
+            }
+        }
+    }
+
+    /// The subscriber connection's life: connect, restore, deliver, and on loss start over with
+    /// capped backoff. Ends when `stop` is cancelled or the hub is gone.
+    pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        let mut backoff = RECONNECT_MIN;
+        let mut ever_connected = false;
+        let mut logged_down = false;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let attempt = self.timed(self.client.get_async_pubsub()).await;
+            match attempt {
+                Ok(pubsub) => {
+                    let (sink, mut stream) = pubsub.split();
+                    {
+                        let mut st = self.subs.lock().await;
+                        st.sink = Some(sink);
+                        st.active.clear();
+                    }
+                    let Some(strong) = hub.upgrade() else { return };
+                    if let Err(e) = self.reconcile(&strong).await {
+                        tracing::warn!(error = %e, "cannot restore Redis subscriptions");
+                        self.mark_down().await;
+                    } else {
+                        self.connected.store(true, Ordering::Release);
+                        self.connected_gauge.set(1);
+                        backoff = RECONNECT_MIN;
+                        logged_down = false;
+                        if ever_connected {
+                            self.reconnects.inc();
+                            let channels = strong.channel_names();
+                            let notified = strong.gap_all(&channels);
+                            tracing::info!(
+                                channels = channels.len(),
+                                notified,
+                                "Redis is back; subscriptions restored, gap notices sent"
+                            );
+                        } else {
+                            tracing::info!("connected to Redis");
+                        }
+                        ever_connected = true;
+                        drop(strong);
+                        loop {
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                msg = stream.next() => match msg {
+                                    Some(m) => match hub.upgrade() {
+                                        Some(h) => self.deliver(&h, &m),
+                                        None => return,
+                                    },
+                                    None => break,
+                                },
+                                _ = self.changed.notified() => {
+                                    let Some(h) = hub.upgrade() else { return };
+                                    if let Err(e) = self.reconcile(&h).await {
+                                        tracing::warn!(error = %e, "Redis subscription change failed");
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        tracing::warn!("lost the Redis subscriber connection; reconnecting");
+                        self.mark_down().await;
+                    }
+                }
+                Err(e) => {
+                    if !logged_down {
+                        tracing::warn!(error = %e, "cannot reach Redis; retrying with backoff");
+                        logged_down = true;
+                    }
+                    self.mark_down().await;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    async fn mark_down(&self) {
+        self.connected.store(false, Ordering::Release);
+        self.connected_gauge.set(0);
+        let mut st = self.subs.lock().await;
+        st.sink = None;
+        st.active.clear();
+        self.subscriptions_gauge.set(0);
+    }
+}
+
+/// Splits `{"$edgeplex":"<offset>","data":<data>}` without a full JSON parse.
+fn parse_envelope(payload: &str) -> Option<(Offset, &str)> {
+    let rest = payload.strip_prefix(ENVELOPE_HEAD)?;
+    let end = rest.find('"')?;
+    let offset = rest[..end].parse().ok()?;
+    let data = rest[end..].strip_prefix(ENVELOPE_DATA)?.strip_suffix('}')?;
+    Some((offset, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip() {
+        let p = r#"{"$edgeplex":"1700000000000-3","data":{"a":[1,"}"]}}"#;
+        let (o, d) = parse_envelope(p).unwrap();
+        assert_eq!(o.to_string(), "1700000000000-3");
+        assert_eq!(d, r#"{"a":[1,"}"]}"#);
+        assert!(parse_envelope(r#"{"a":1}"#).is_none());
+        assert!(parse_envelope(r#"{"$edgeplex":"x","data":1}"#).is_none());
+        assert!(parse_envelope(r#"{"$edgeplex":"1-1","dat":1}"#).is_none());
+    }
+}
