@@ -32,8 +32,9 @@ fn main() {
         let channel = Channel::new("bench").unwrap();
         let outboxes: Vec<Arc<Outbox>> = (0..subs)
             .map(|i| {
-                let o = Arc::new(Outbox::new(1024));
-                rt.block_on(hub.subscribe(&channel, i as u64, &o)).unwrap();
+                let o = Arc::new(Outbox::new(1024, 1 << 20));
+                rt.block_on(hub.subscribe(&channel, i as u64, &o, Vec::new()))
+                    .unwrap();
                 o
             })
             .collect();

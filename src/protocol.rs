@@ -335,18 +335,66 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
     }
 }
 
-/// Checks what `RawValue` does not: serde_json's raw parser accepts `\uD800`-style escapes of
-/// unpaired surrogates, which strict JSON parsers (serde_json's own `Value` included) reject, so
-/// forwarding them would send every subscriber a push it cannot parse. Raw UTF-8 cannot hold a
-/// lone surrogate, so only data with a `\u` escape needs the full parse.
+/// Checks what `RawValue` does not. serde_json's raw parser skips over values without decoding
+/// them, so it accepts `\uD800`-style escapes of unpaired surrogates and numbers out of `f64`
+/// range (`1e400`), both of which strict parsers (serde_json's own `Value` included) reject:
+/// forwarding them would send every subscriber a push it cannot parse. [`StrictJson`] walks the
+/// value once, decoding strings and numbers, without building it.
 pub fn check_data(data: &RawValue) -> Result<(), String> {
-    let text = data.get();
-    if !text.contains("\\u") {
-        return Ok(());
-    }
-    serde_json::from_str::<serde_json::Value>(text)
+    serde_json::from_str::<StrictJson>(data.get())
         .map(|_| ())
         .map_err(|e| format!("not valid JSON text ({e})"))
+}
+
+/// Deserializes any JSON value and keeps nothing; fails where a strict parser would.
+struct StrictJson;
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = StrictJson;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<StrictJson, E> {
+        if v.is_finite() {
+            Ok(StrictJson)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_unit<E>(self) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrictJson, A::Error> {
+        while seq.next_element::<StrictJson>()?.is_some() {}
+        Ok(StrictJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StrictJson, A::Error> {
+        while map.next_key::<StrictJson>()?.is_some() {
+            map.next_value::<StrictJson>()?;
+        }
+        Ok(StrictJson)
+    }
 }
 
 /// Checks text that arrives from outside the protocol (a backend's Redis `PUBLISH`) before it is
@@ -531,6 +579,12 @@ mod tests {
             assert_eq!((e.id, e.code), (Some(1), ErrorCode::BadRequest), "{f}");
             assert!(e.message.contains("data"), "{}", e.message);
         }
+        let e = err(r#"{"id":1,"op":"publish","channel":"c","data":[1e400]}"#);
+        assert!(e.message.contains("data"), "{}", e.message);
+        assert!(
+            decode(br#"{"op":"publish","channel":"c","data":[1e300,-0.5,18446744073709551616]}"#)
+                .is_ok()
+        );
         // A paired surrogate (an emoji) and other escapes are fine.
         assert!(decode(br#"{"op":"publish","channel":"c","data":"\ud83d\ude00 \u00e9"}"#).is_ok());
     }

@@ -76,11 +76,15 @@ pub struct Outbox {
     state: Mutex<OutboxState>,
     notify: Notify,
     cap: usize,
+    cap_bytes: usize,
 }
 
 #[derive(Debug)]
 struct OutboxState {
     queue: VecDeque<Frame>,
+    /// Bytes of the queued frames. Frames are shared with other sessions, so this overstates
+    /// what the queue alone keeps alive; as a cap that errs on the safe side.
+    bytes: usize,
     status: OutboxStatus,
 }
 
@@ -89,14 +93,17 @@ struct OutboxState {
 const OUTBOX_KEEP_CAPACITY: usize = 16;
 
 impl Outbox {
-    pub fn new(cap: usize) -> Outbox {
+    /// At most `cap` frames and `cap_bytes` bytes; a frame that would pass either overflows it.
+    pub fn new(cap: usize, cap_bytes: usize) -> Outbox {
         Outbox {
             state: Mutex::new(OutboxState {
                 queue: VecDeque::new(),
+                bytes: 0,
                 status: OutboxStatus::Open,
             }),
             notify: Notify::new(),
             cap,
+            cap_bytes,
         }
     }
 
@@ -106,14 +113,19 @@ impl Outbox {
             OutboxStatus::Open => {}
             OutboxStatus::Overflowed | OutboxStatus::Closed => return Err(PushError::Closed),
         }
-        if st.queue.len() >= self.cap {
+        // An empty queue takes any one frame, so a single message larger than the byte cap still
+        // reaches a client that keeps up.
+        let over_bytes = !st.queue.is_empty() && st.bytes + frame.len() > self.cap_bytes;
+        if st.queue.len() >= self.cap || over_bytes {
             st.status = OutboxStatus::Overflowed;
             st.queue.clear();
+            st.bytes = 0;
             drop(st);
             self.notify.notify_one();
             return Err(PushError::Overflow);
         }
         let was_empty = st.queue.is_empty();
+        st.bytes += frame.len();
         st.queue.push_back(frame);
         drop(st);
         // The writer drains everything on each wake-up, so only the empty → non-empty edge needs
@@ -128,6 +140,7 @@ impl Outbox {
     pub fn drain(&self, out: &mut Vec<Frame>) -> OutboxStatus {
         let mut st = self.state.lock();
         out.extend(st.queue.drain(..));
+        st.bytes = 0;
         if st.queue.capacity() > OUTBOX_KEEP_CAPACITY {
             st.queue = VecDeque::new();
         }
@@ -145,6 +158,7 @@ impl Outbox {
             st.status = OutboxStatus::Closed;
         }
         st.queue.clear();
+        st.bytes = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -184,6 +198,14 @@ impl CloseReason {
         code: close::GOING_AWAY,
         reason: "idle timeout",
     };
+    pub const INVALID_UTF8: CloseReason = CloseReason {
+        code: close::INVALID_PAYLOAD,
+        reason: "text frame is not valid UTF-8",
+    };
+    pub const PROTOCOL: CloseReason = CloseReason {
+        code: close::PROTOCOL_ERROR,
+        reason: "protocol error",
+    };
 
     /// Label for the `session_closes` metric.
     pub fn label(&self) -> &'static str {
@@ -191,6 +213,7 @@ impl CloseReason {
             close::TRY_AGAIN_LATER => "slow_consumer",
             close::POLICY => "policy",
             close::TOO_BIG => "too_big",
+            close::PROTOCOL_ERROR | close::INVALID_PAYLOAD => "protocol_error",
             close::GOING_AWAY if self.reason == Self::IDLE.reason => "idle",
             close::GOING_AWAY => "shutdown",
             _ => "other",
@@ -237,7 +260,7 @@ impl Session {
         let counters = SessionCounters {
             messages_in: env.metrics.messages_in.get_or_create(&labels).clone(),
         };
-        let outbox = Arc::new(Outbox::new(cfg.outbound_queue));
+        let outbox = Arc::new(Outbox::new(cfg.outbound_queue, cfg.outbound_queue_bytes));
         let session = Session {
             id,
             transport,
@@ -275,10 +298,18 @@ impl Session {
     /// Handles one complete client frame (a WebSocket text message, a WebTransport line).
     pub async fn handle_frame(&mut self, frame: &[u8]) -> Verdict {
         self.counters.messages_in.inc();
-        let decoded = protocol::decode(frame);
+        // An oversize frame is refused unread: parsing it only to find its id would let a client
+        // spend the edge's CPU on bytes it is refused for.
+        let oversize = frame.len() > self.env.config.max_message_bytes;
+        let decoded = if oversize {
+            None
+        } else {
+            Some(protocol::decode(frame))
+        };
         let id = match &decoded {
-            Ok(f) => f.id(),
-            Err(e) => e.id,
+            Some(Ok(f)) => f.id(),
+            Some(Err(e)) => e.id,
+            None => None,
         };
         // Every frame counts against the budget, malformed ones included: a flood of garbage is
         // still a flood.
@@ -298,18 +329,17 @@ impl Session {
             return Verdict::Continue;
         }
         self.refusals_in_row = 0;
-        if frame.len() > self.env.config.max_message_bytes {
-            let msg = format!(
-                "message of {} bytes is over the limit of {} bytes",
-                frame.len(),
-                self.env.config.max_message_bytes
-            );
-            self.error(id, ErrorCode::TooLarge, &msg, None);
-            return Verdict::Continue;
-        }
         match decoded {
-            Err(e) => self.error(e.id, e.code, &e.message, None),
-            Ok(frame) => self.execute(frame).await,
+            None => {
+                let msg = format!(
+                    "message of {} bytes is over the limit of {} bytes",
+                    frame.len(),
+                    self.env.config.max_message_bytes
+                );
+                self.error(None, ErrorCode::TooLarge, &msg, None);
+            }
+            Some(Err(e)) => self.error(e.id, e.code, &e.message, None),
+            Some(Ok(frame)) => self.execute(frame).await,
         }
         Verdict::Continue
     }
@@ -340,7 +370,7 @@ impl Session {
         if let Verdict::Close(r) = self.charge() {
             return Verdict::Close(r);
         }
-        let msg = format!("{what} are not part of the protocol; send JSON text frames");
+        let msg = format!("{what}; send JSON text frames");
         self.error(None, ErrorCode::BadRequest, &msg, None);
         Verdict::Continue
     }
@@ -361,20 +391,18 @@ impl Session {
                     self.error(id, ErrorCode::TooLarge, &msg, None);
                     return;
                 }
-                match self
-                    .env
-                    .hub
-                    .subscribe(&channel, self.id, &self.outbox)
-                    .await
-                {
+                // The reply (and, for a resume, the gap notice) is queued by the hub at the
+                // moment the subscription turns live, so no push can overtake it. No history is
+                // kept yet, so nothing after `since` can be replayed: say so rather than leave a
+                // silent hole.
+                let mut first = vec![protocol::encode_ok(id)];
+                if since.is_some() {
+                    first.push(protocol::encode_gap(&channel));
+                }
+                let hub = &self.env.hub;
+                match hub.subscribe(&channel, self.id, &self.outbox, first).await {
                     Ok(()) => {
                         self.subscriptions.insert(channel.clone());
-                        self.reply(protocol::encode_ok(id));
-                        // No history is kept yet, so nothing after `since` can be replayed: say
-                        // so rather than leave a silent hole.
-                        if since.is_some() {
-                            self.reply(protocol::encode_gap(&channel));
-                        }
                     }
                     Err(e @ SubscribeError::ChannelTableFull(_)) => {
                         self.error(id, ErrorCode::Unavailable, &e.to_string(), None)
@@ -532,7 +560,7 @@ mod tests {
 
     #[test]
     fn outbox_cap_holds() {
-        let o = Outbox::new(3);
+        let o = Outbox::new(3, 1 << 20);
         let f = protocol::encode_ok(None);
         for _ in 0..3 {
             o.push(f.clone()).unwrap();
@@ -545,8 +573,27 @@ mod tests {
     }
 
     #[test]
+    fn outbox_byte_cap_holds() {
+        let big = protocol::encode_error(None, ErrorCode::TooLarge, &"x".repeat(1000), None);
+        let o = Outbox::new(1000, 2500);
+        // One frame over the byte cap still passes into an empty queue.
+        let huge = protocol::encode_error(None, ErrorCode::TooLarge, &"y".repeat(5000), None);
+        o.push(huge).unwrap();
+        let mut out = Vec::new();
+        o.drain(&mut out);
+        o.push(big.clone()).unwrap();
+        o.push(big.clone()).unwrap();
+        assert_eq!(
+            o.push(big.clone()),
+            Err(PushError::Overflow),
+            "two ~1 KB frames fit, a third does not"
+        );
+        assert_eq!(o.drain(&mut out), OutboxStatus::Overflowed);
+    }
+
+    #[test]
     fn outbox_gives_back_burst_memory() {
-        let o = Outbox::new(10_000);
+        let o = Outbox::new(10_000, 1 << 20);
         for _ in 0..1000 {
             o.push(protocol::encode_ok(None)).unwrap();
         }

@@ -219,9 +219,10 @@ async fn limits_reached_from_the_wire() {
     })
     .await;
     let mut c = t.connect().await;
-    // too_large: a message over max_message_bytes is refused, the session goes on.
+    // too_large: a message over max_message_bytes is refused unread (so the reply has no id),
+    // and the session goes on.
     let big = json!({"id": 1, "op": "publish", "channel": "a", "data": "x".repeat(2000)});
-    expect_error(&mut c, text(big), Some(1), "too_large").await;
+    expect_error(&mut c, text(big), None, "too_large").await;
     // too_large: more channels than a session may hold.
     c.subscribe(2, "a").await;
     c.subscribe(3, "b").await;
@@ -551,4 +552,145 @@ async fn admin_reports_health_readiness_and_metrics() {
     assert_eq!(sessions, 1.0, "a closed session leaves the gauge");
     let (status, _) = t.admin_get("/nope").await;
     assert_eq!(status, 404);
+}
+
+/// Fills a non-reading subscriber's socket until the edge's writes to it block.
+async fn stall_subscriber(t: &common::TestEdge, channel: &str) -> (Client, Client) {
+    let mut stalled = t.connect().await;
+    stalled.subscribe(1, channel).await;
+    let mut publisher = t.connect().await;
+    let payload = "z".repeat(60 * 1024);
+    // ~12 MB: more than loopback socket buffers hold on both sides.
+    for i in 0..200u64 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": channel, "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    (stalled, publisher)
+}
+
+#[tokio::test]
+async fn a_stalled_writer_does_not_stop_reading_the_client() {
+    let t = start(|f| {
+        f.session.outbound_queue = 100_000;
+        f.session.outbound_queue_bytes = 1 << 30;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (mut stalled, _publisher) = stall_subscriber(&t, "flood").await;
+    assert_eq!(t.edge.state().hub.subscriber_count("flood"), 1);
+    // The edge cannot write to this client, yet it still reads it: the unsubscribe takes effect.
+    stalled
+        .send(json!({"id": 2, "op": "unsubscribe", "channel": "flood"}))
+        .await;
+    let mut left = false;
+    for _ in 0..100 {
+        if t.edge.state().hub.subscriber_count("flood") == 0 {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left,
+        "the unsubscribe was read while the write side was blocked"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_is_clean_within_grace_even_with_a_stalled_client() {
+    let t = start(|f| {
+        f.session.outbound_queue = 100_000;
+        f.session.outbound_queue_bytes = 1 << 30;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (_stalled, _publisher) = stall_subscriber(&t, "flood").await;
+    let common::TestEdge { edge, .. } = t;
+    let started = tokio::time::Instant::now();
+    let report = edge.shutdown_within(Duration::from_secs(5)).await;
+    assert!(
+        report.clean,
+        "every task ended although one client never reads"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_write_that_outlasts_write_timeout_closes_the_session_as_slow() {
+    let t = start(|f| {
+        f.session.outbound_queue = 100_000;
+        f.session.outbound_queue_bytes = 1 << 30;
+        f.session.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (_stalled, _publisher) = stall_subscriber(&t, "flood").await;
+    let mut closed = false;
+    for _ in 0..100 {
+        if t.metric("edgeplex_slow_consumer_closes_total{transport=\"websocket\"}")
+            .await
+            == 1.0
+        {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the stalled session was closed as a slow consumer");
+    assert_eq!(t.edge.state().hub.subscriber_count("flood"), 0);
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_frame_is_closed_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let t = start(|_| {}).await;
+    let mut c = t.connect().await;
+    let frame = Frame::message(vec![0xff, 0xfe, b'{'], OpCode::Data(Data::Text), true);
+    c.send_raw(Message::Frame(frame)).await;
+    let (code, reason, _) = c.until_close().await;
+    assert_eq!(code, 1007, "{reason}");
+}
+
+#[tokio::test]
+async fn an_open_websocket_counts_as_a_connection() {
+    let t = start(|_| {}).await;
+    let _a = t.connect().await;
+    let _b = t.connect().await;
+    assert_eq!(t.metric("edgeplex_connections").await, 2.0);
+}
+
+#[tokio::test]
+async fn the_subscribe_reply_comes_before_any_push() {
+    let t = start(|_| {}).await;
+    let mut publisher = t.connect().await;
+    let flood = tokio::spawn(async move {
+        for i in 0..2000u64 {
+            publisher
+                .send(json!({"id": i, "op": "publish", "channel": "busy", "data": i}))
+                .await;
+        }
+        publisher
+    });
+    for _ in 0..20 {
+        let mut c = t.connect().await;
+        c.send(json!({"id": 77, "op": "subscribe", "channel": "busy", "since": "1-1"}))
+            .await;
+        assert_eq!(
+            c.recv().await,
+            json!({"id": 77, "ok": true}),
+            "the reply is the first frame"
+        );
+        assert_eq!(
+            c.recv().await,
+            json!({"op": "gap", "channel": "busy"}),
+            "then the gap notice"
+        );
+    }
+    flood.await.unwrap();
 }

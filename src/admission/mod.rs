@@ -61,7 +61,7 @@ impl Refusal {
             Refusal::RateLimited { retry_after } => {
                 Some(retry_after.as_millis().div_ceil(1000).max(1) as u64)
             }
-            Refusal::Overloaded | Refusal::BusDown => Some(1),
+            Refusal::Overloaded | Refusal::BusDown | Refusal::Draining => Some(1),
             _ => None,
         }
     }
@@ -113,6 +113,8 @@ impl Refusal {
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;

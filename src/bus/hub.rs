@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::{Bus, BusError};
 use crate::metrics::Metrics;
-use crate::protocol::{self, Channel, Offset};
+use crate::protocol::{self, Channel, Frame, Offset};
 use crate::session::{Outbox, PushError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +28,9 @@ pub enum SubscribeError {
 struct Subscriber {
     session: u64,
     outbox: Arc<Outbox>,
+    /// False until the bus confirmed the channel and the session's reply was queued: pushes
+    /// skip it meanwhile, so nothing reaches a client before its subscribe `ok`.
+    live: bool,
 }
 
 #[derive(Debug, Default)]
@@ -83,22 +86,38 @@ impl Hub {
     /// Adds a session to a channel and makes sure the bus delivers that channel to this node
     /// before returning, so a message published after the caller's `ok` reply is not missed.
     /// Idempotent per session. On a bus failure the session is not left subscribed.
+    ///
+    /// `first` (the subscribe reply, a gap notice) is queued to the session at the moment the
+    /// subscription turns live, under the channel's lock, so no push can overtake it.
     pub async fn subscribe(
         &self,
         channel: &Channel,
         session: u64,
         outbox: &Arc<Outbox>,
+        first: Vec<Frame>,
     ) -> Result<(), SubscribeError> {
         self.add(channel, session, outbox)?;
-        match &self.bus {
-            Bus::Memory(_) => Ok(()),
-            Bus::Redis(redis) => match redis.ensure_subscribed(channel).await {
-                Ok(()) => Ok(()),
-                Err(BusError::Unavailable(why)) => {
-                    self.unsubscribe(channel, session);
-                    Err(SubscribeError::BusUnavailable(why))
-                }
-            },
+        if let Bus::Redis(redis) = &self.bus
+            && let Err(BusError::Unavailable(why)) = redis.ensure_subscribed(channel).await
+        {
+            self.unsubscribe(channel, session);
+            return Err(SubscribeError::BusUnavailable(why));
+        }
+        self.go_live(channel, session, first);
+        Ok(())
+    }
+
+    fn go_live(&self, channel: &Channel, session: u64, first: Vec<Frame>) {
+        let Some(entry) = self.channels.read().get(channel).cloned() else {
+            return;
+        };
+        let mut subs = entry.subscribers.lock();
+        if let Some(sub) = subs.iter_mut().find(|s| s.session == session) {
+            for frame in first {
+                // A full outbox is the session's own problem; its transport closes it.
+                let _ = sub.outbox.push(frame);
+            }
+            sub.live = true;
         }
     }
 
@@ -129,6 +148,7 @@ impl Hub {
             subs.push(Subscriber {
                 session,
                 outbox: outbox.clone(),
+                live: false,
             });
         }
         Ok(())
@@ -192,7 +212,7 @@ impl Hub {
         let subs = entry.subscribers.lock();
         let frame = protocol::encode_message(channel, assign(), data);
         let mut out = Fanout::default();
-        for sub in subs.iter() {
+        for sub in subs.iter().filter(|s| s.live) {
             match sub.outbox.push(frame.clone()) {
                 Ok(()) => out.delivered += 1,
                 Err(PushError::Overflow) => out.overflowed += 1,
@@ -211,7 +231,7 @@ impl Hub {
                 continue;
             };
             let frame = protocol::encode_gap(channel);
-            for sub in entry.subscribers.lock().iter() {
+            for sub in entry.subscribers.lock().iter().filter(|s| s.live) {
                 if sub.outbox.push(frame.clone()).is_ok() {
                     told += 1;
                 }
@@ -245,11 +265,11 @@ mod tests {
     #[tokio::test]
     async fn fanout_shares_one_encoding() {
         let h = hub(10);
-        let a = Arc::new(Outbox::new(8));
-        let b = Arc::new(Outbox::new(8));
-        h.subscribe(&ch("x"), 1, &a).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b).await.unwrap();
+        let a = Arc::new(Outbox::new(8, 1 << 20));
+        let b = Arc::new(Outbox::new(8, 1 << 20));
+        h.subscribe(&ch("x"), 1, &a, vec![]).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![]).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![]).await.unwrap();
         assert_eq!(h.subscriber_count("x"), 2);
         h.publish(&ch("x"), &raw("{\"v\":1}")).await.unwrap();
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
@@ -264,28 +284,28 @@ mod tests {
     #[tokio::test]
     async fn channel_table_is_capped_and_shrinks() {
         let h = hub(2);
-        let o = Arc::new(Outbox::new(8));
-        h.subscribe(&ch("a"), 1, &o).await.unwrap();
-        h.subscribe(&ch("b"), 1, &o).await.unwrap();
+        let o = Arc::new(Outbox::new(8, 1 << 20));
+        h.subscribe(&ch("a"), 1, &o, vec![]).await.unwrap();
+        h.subscribe(&ch("b"), 1, &o, vec![]).await.unwrap();
         assert_eq!(
-            h.subscribe(&ch("c"), 1, &o).await,
+            h.subscribe(&ch("c"), 1, &o, vec![]).await,
             Err(SubscribeError::ChannelTableFull(2))
         );
         // An existing channel can still be joined at the cap.
-        h.subscribe(&ch("a"), 2, &o).await.unwrap();
+        h.subscribe(&ch("a"), 2, &o, vec![]).await.unwrap();
         assert!(h.unsubscribe(&ch("b"), 1));
         assert!(!h.unsubscribe(&ch("b"), 1));
         assert_eq!(h.channel_count(), 1);
-        h.subscribe(&ch("c"), 1, &o).await.unwrap();
+        h.subscribe(&ch("c"), 1, &o, vec![]).await.unwrap();
     }
 
     #[tokio::test]
     async fn full_outbox_overflows_without_blocking_others() {
         let h = hub(10);
-        let slow = Arc::new(Outbox::new(2));
-        let fast = Arc::new(Outbox::new(100));
-        h.subscribe(&ch("x"), 1, &slow).await.unwrap();
-        h.subscribe(&ch("x"), 2, &fast).await.unwrap();
+        let slow = Arc::new(Outbox::new(2, 1 << 20));
+        let fast = Arc::new(Outbox::new(100, 1 << 20));
+        h.subscribe(&ch("x"), 1, &slow, vec![]).await.unwrap();
+        h.subscribe(&ch("x"), 2, &fast, vec![]).await.unwrap();
         let mut overflowed = 0;
         for i in 0..10 {
             overflowed += h

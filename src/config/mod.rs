@@ -89,6 +89,7 @@ pub struct BusConfig {
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
     pub max_message_bytes: usize,
     pub close_message_bytes: usize,
     pub max_channels: usize,
@@ -242,8 +243,16 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ))
         }
     };
+    // Durations have a ceiling too: a day is longer than any sane timeout, and far-future
+    // deadlines overflow timer arithmetic.
     let min_duration = |key: &'static str, v: Duration, lo: Duration| {
-        if v >= lo {
+        const CEILING: Duration = Duration::from_secs(24 * 3600);
+        if v > CEILING {
+            Err(invalid(
+                key,
+                format!("{} is too long; at most 24h", humantime::format_duration(v)),
+            ))
+        } else if v >= lo {
             Ok(v)
         } else {
             Err(invalid(
@@ -277,7 +286,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             s.http_idle_timeout,
             Duration::from_millis(100),
         )?,
-        shutdown_grace: s.shutdown_grace,
+        shutdown_grace: min_duration("server.shutdown_grace", s.shutdown_grace, Duration::ZERO)?,
     };
 
     let t = &file.tls;
@@ -368,7 +377,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         ss.ping_interval,
         Duration::from_millis(100),
     )?;
-    if ss.idle_timeout <= ping_interval {
+    let idle_timeout = min_duration(
+        "session.idle_timeout",
+        ss.idle_timeout,
+        Duration::from_millis(100),
+    )?;
+    if idle_timeout <= ping_interval {
         return Err(invalid(
             "session.idle_timeout",
             format!(
@@ -380,6 +394,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     }
     let session = SessionConfig {
         outbound_queue: range("session.outbound_queue", ss.outbound_queue, 1, 1_000_000)?,
+        outbound_queue_bytes: range(
+            "session.outbound_queue_bytes",
+            ss.outbound_queue_bytes,
+            1024,
+            1 << 30,
+        )?,
         max_message_bytes,
         close_message_bytes,
         max_channels: range("session.max_channels", ss.max_channels, 1, 100_000)?,
@@ -403,7 +423,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         )? as u32,
         client_publish: ss.client_publish,
         ping_interval,
-        idle_timeout: ss.idle_timeout,
+        idle_timeout,
         write_timeout: min_duration(
             "session.write_timeout",
             ss.write_timeout,

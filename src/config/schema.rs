@@ -21,6 +21,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CLOSE_MESSAGE_BYTES: usize = 256 * 1024;
 pub const DEFAULT_MAX_CHANNELS_PER_SESSION: usize = 100;
@@ -31,7 +32,7 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
-pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -118,6 +119,7 @@ impl Default for BusSection {
 #[serde(deny_unknown_fields, default)]
 pub struct SessionSection {
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
     pub max_message_bytes: usize,
     pub close_message_bytes: usize,
     pub max_channels: usize,
@@ -139,6 +141,7 @@ impl Default for SessionSection {
     fn default() -> Self {
         SessionSection {
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             close_message_bytes: DEFAULT_CLOSE_MESSAGE_BYTES,
             max_channels: DEFAULT_MAX_CHANNELS_PER_SESSION,

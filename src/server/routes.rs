@@ -25,7 +25,35 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The connection's slot under `server.max_connections`. A session that outlives the HTTP
     /// connection (an upgrade) holds a clone so the slot stays taken while the socket is open.
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+    pub permit: Option<Arc<ConnSlot>>,
+}
+
+/// A public connection's slot: holds its place under `server.max_connections` and counts it in
+/// `edgeplex_connections` for as long as any part of the connection (HTTP, then an upgraded
+/// session) is alive.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnSlot {
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        gauge.inc();
+        ConnSlot {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 pub(super) async fn route(

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::EdgeState;
-use super::routes::{self, ConnInfo, Listener};
+use super::routes::{self, ConnInfo, ConnSlot, Listener};
 
 /// Pause after an accept error (EMFILE and friends) so a full fd table does not spin the loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -52,15 +52,14 @@ pub(super) async fn accept_loop(
                 };
                 let st = state.clone();
                 let tls = tls.clone();
+                let slot = ConnSlot::new(permit, state.metrics.connections.clone());
                 state.tasks.spawn(async move {
-                    st.metrics.connections.inc();
                     let info = ConnInfo {
                         peer,
                         tls: tls.is_some(),
-                        permit: Some(Arc::new(permit)),
+                        permit: Some(Arc::new(slot)),
                     };
                     serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
-                    st.metrics.connections.dec();
                 });
             }
             // Admin connections are few, trusted, and must outlive the drain so `/readyz` can

@@ -18,7 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use crate::admission::{self, Refusal};
@@ -160,7 +160,7 @@ fn check_handshake(h: &HeaderMap) -> Result<String, Response<Body>> {
     }
 }
 
-/// Why the wire loop ended.
+/// Why a half of the wire loop ended.
 enum End {
     /// We close the session with this code.
     Close(CloseReason),
@@ -168,7 +168,13 @@ enum End {
     Gone,
 }
 
-async fn run<S>(mut ws: WebSocketStream<S>, mut session: Session, state: Arc<EdgeState>)
+/// Keep the drained-batch vector small between bursts.
+const BATCH_KEEP_CAPACITY: usize = 64;
+
+/// Runs one session. Reading and writing are separate halves polled together, so a client whose
+/// socket is full can still be read (it can still unsubscribe or close), and a write that stalls
+/// cannot stop shutdown or the idle check. Every write is bounded by `session.write_timeout`.
+async fn run<S>(ws: WebSocketStream<S>, mut session: Session, state: Arc<EdgeState>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -179,31 +185,104 @@ where
     };
     let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
     let outbox = session.outbox().clone();
+    let (mut sink, mut stream) = ws.split();
+
+    let end = tokio::select! {
+        _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
+        end = write_half(&mut sink, &outbox, &cfg, &messages_out) => end,
+        end = read_half(&mut stream, &mut session, &cfg) => end,
+    };
+
+    let label = match &end {
+        End::Close(r) => r.label(),
+        End::Gone => "client",
+    };
+    if matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
+        state
+            .metrics
+            .slow_consumer_closes
+            .get_or_create(&labels)
+            .inc();
+    }
+    state
+        .metrics
+        .session_closes
+        .get_or_create(&crate::metrics::ReasonLabels { reason: label })
+        .inc();
+    // Replies already queued (say, the refusals before a 1008) go out before the close frame, so
+    // the client sees why. An overflowed outbox holds nothing; on shutdown nothing is owed.
+    let mut owed = Vec::new();
+    if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
+        outbox.drain(&mut owed);
+    }
+    // The session leaves the hub before the close handshake, so nothing more is queued for it.
+    drop(session);
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+        match end {
+            End::Close(reason) => {
+                tracing::info!(
+                    code = reason.code,
+                    reason = reason.reason,
+                    "closing session"
+                );
+                for frame in owed {
+                    if sink
+                        .feed(Message::Text(frame.to_utf8_bytes()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                let frame = CloseFrame {
+                    code: CloseCode::from(reason.code),
+                    reason: reason.reason.into(),
+                };
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    // Read until the client's answering close frame ends the stream.
+                    while let Some(Ok(_)) = stream.next().await {}
+                }
+            }
+            End::Gone => {
+                // If the client sent a close frame, tungstenite answers it on this flush.
+                let _ = sink.flush().await;
+                tracing::debug!("session ended by the client");
+            }
+        }
+    })
+    .await;
+}
+
+/// Writes what the outbox holds (one flush per wake-up) and pings on the interval.
+async fn write_half<S>(
+    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    outbox: &crate::session::Outbox,
+    cfg: &SessionConfig,
+    messages_out: &prometheus_client::metrics::counter::Counter,
+) -> End
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
     let mut batch = Vec::new();
-
-    let end = loop {
+    loop {
         tokio::select! {
-            biased;
-            _ = state.shutdown.cancelled() => break End::Close(CloseReason::SHUTDOWN),
             _ = outbox.ready() => {
-                let status = outbox.drain(&mut batch);
-                if status == OutboxStatus::Overflowed {
-                    state.metrics.slow_consumer_closes.get_or_create(&labels).inc();
-                    break End::Close(CloseReason::SLOW_CONSUMER);
+                match outbox.drain(&mut batch) {
+                    OutboxStatus::Open => {}
+                    OutboxStatus::Overflowed => return End::Close(CloseReason::SLOW_CONSUMER),
+                    OutboxStatus::Closed => return End::Gone,
                 }
                 if batch.is_empty() {
                     continue;
                 }
                 let n = batch.len() as u64;
-                // One flush per wake-up: whatever queued since the last one goes out together.
                 let write = async {
                     for frame in batch.drain(..) {
-                        ws.feed(Message::Text(frame.to_utf8_bytes())).await?;
+                        sink.feed(Message::Text(frame.to_utf8_bytes())).await?;
                     }
-                    ws.flush().await
+                    sink.flush().await
                 };
                 match tokio::time::timeout(cfg.write_timeout, write).await {
                     Ok(Ok(())) => {
@@ -211,107 +290,77 @@ where
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "write failed");
-                        break End::Gone;
+                        return End::Gone;
                     }
-                    Err(_) => {
-                        batch.clear();
-                        state.metrics.slow_consumer_closes.get_or_create(&labels).inc();
-                        break End::Close(CloseReason::SLOW_CONSUMER);
-                    }
+                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
                 }
-            }
-            msg = ws.next() => {
-                let verdict = match msg {
-                    None => break End::Gone,
-                    Some(Ok(Message::Text(t))) => {
-                        last_heard = Instant::now();
-                        session.handle_frame(t.as_bytes()).await
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        last_heard = Instant::now();
-                        session.handle_unsupported("binary frames")
-                    }
-                    Some(Ok(Message::Ping(_))) => {
-                        last_heard = Instant::now();
-                        // tungstenite queued the pong; send it now rather than with the next push.
-                        if ws.flush().await.is_err() {
-                            break End::Gone;
-                        }
-                        // Control frames spend the same budget, so a ping flood ends in 1008.
-                        session.handle_control()
-                    }
-                    Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {
-                        last_heard = Instant::now();
-                        Verdict::Continue
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        tracing::debug!(?frame, "client closed");
-                        // tungstenite answers the close frame on this flush.
-                        let _ = ws.flush().await;
-                        break End::Gone;
-                    }
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                        tracing::info!(size, max_size, "message over session.close_message_bytes");
-                        break End::Close(CloseReason::TOO_BIG);
-                    }
-                    Some(Err(WsError::Capacity(e))) => {
-                        tracing::info!(error = %e, "frame over capacity");
-                        break End::Close(CloseReason::TOO_BIG);
-                    }
-                    Some(Err(WsError::Protocol(e))) => {
-                        tracing::info!(error = %e, "websocket protocol error");
-                        break End::Close(CloseReason { code: 1002, reason: "protocol error" });
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        break End::Gone;
-                    }
-                };
-                if let Verdict::Close(reason) = verdict {
-                    break End::Close(reason);
+                batch.clear();
+                if batch.capacity() > BATCH_KEEP_CAPACITY {
+                    batch = Vec::new();
                 }
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() >= cfg.idle_timeout {
-                    break End::Close(CloseReason::IDLE);
-                }
-                let sent = tokio::time::timeout(cfg.write_timeout, ws.send(Message::Ping(Default::default()))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    break End::Gone;
+                let sent = tokio::time::timeout(
+                    cfg.write_timeout,
+                    sink.send(Message::Ping(Default::default())),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Gone,
+                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
                 }
             }
         }
-    };
+    }
+}
 
-    let label = match &end {
-        End::Close(r) => r.label(),
-        End::Gone => "client",
-    };
-    state
-        .metrics
-        .session_closes
-        .get_or_create(&crate::metrics::ReasonLabels { reason: label })
-        .inc();
-    // The session leaves the hub before the close handshake, so nothing more is queued for it.
-    drop(session);
-    if let End::Close(reason) = end {
-        tracing::info!(
-            code = reason.code,
-            reason = reason.reason,
-            "closing session"
-        );
-        let frame = CloseFrame {
-            code: CloseCode::from(reason.code),
-            reason: reason.reason.into(),
+/// Reads client frames into the session until it says close, the client goes, or nothing has
+/// been heard for `session.idle_timeout` (pongs to our pings count as heard).
+async fn read_half<S>(
+    stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
+    session: &mut Session,
+    cfg: &SessionConfig,
+) -> End
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let Ok(msg) = tokio::time::timeout(cfg.idle_timeout, stream.next()).await else {
+            return End::Close(CloseReason::IDLE);
         };
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
-            if ws.close(Some(frame)).await.is_ok() {
-                // Read until the client's answering close frame ends the stream.
-                while let Some(Ok(_)) = ws.next().await {}
+        let verdict = match msg {
+            None => return End::Gone,
+            Some(Ok(Message::Text(t))) => session.handle_frame(t.as_bytes()).await,
+            Some(Ok(Message::Binary(_))) => {
+                session.handle_unsupported("binary frames are not part of the protocol")
             }
-        })
-        .await;
-    } else {
-        tracing::debug!("session ended by the client");
+            // tungstenite answers pings itself (the pong goes out with the next read or write).
+            // Control frames spend the same budget, so a ping flood ends in 1008.
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => session.handle_control(),
+            Some(Ok(Message::Frame(_))) => Verdict::Continue,
+            Some(Ok(Message::Close(frame))) => {
+                tracing::debug!(?frame, "client closed");
+                return End::Gone;
+            }
+            // RFC 6455 §8.1: invalid UTF-8 in a text frame fails the connection (and
+            // tokio-tungstenite's stream ends after any error, so it could not go on anyway).
+            Some(Err(WsError::Utf8(_))) => return End::Close(CloseReason::INVALID_UTF8),
+            Some(Err(WsError::Capacity(e))) => {
+                tracing::info!(error = %e, "message over session.close_message_bytes");
+                return End::Close(CloseReason::TOO_BIG);
+            }
+            Some(Err(WsError::Protocol(e))) => {
+                tracing::info!(error = %e, "websocket protocol error");
+                return End::Close(CloseReason::PROTOCOL);
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "read failed");
+                return End::Gone;
+            }
+        };
+        if let Verdict::Close(reason) = verdict {
+            return End::Close(reason);
+        }
     }
 }
