@@ -1,9 +1,15 @@
-//! The admin listener's routes: liveness, readiness and metrics for operators. Plain HTTP on a
-//! private address; nothing here is reachable from the public listeners.
+//! The admin listener's routes: liveness, readiness and metrics for operators, and the backend
+//! publish API. Plain HTTP on a private address; nothing here is reachable from the public
+//! listeners.
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
+use crate::bus::BusError;
+use crate::protocol::{self, Channel, ErrorCode};
 use crate::server::routes::text;
 use crate::server::{Body, EdgeState, full_body};
 
@@ -11,14 +17,11 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub async fn handle(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
-    if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "admin routes answer GET\n");
-    }
-    match req.uri().path() {
+    match (req.method(), req.uri().path()) {
         // Alive as long as this process answers.
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         // Ready when a new client would be served: the bus is reachable and we are not draining.
-        "/readyz" => {
+        (&Method::GET, "/readyz") => {
             if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if !state.hub.bus().is_ready() {
@@ -27,7 +30,7 @@ pub async fn handle(req: Request<Incoming>, state: &EdgeState) -> Response<Body>
                 text(StatusCode::OK, "ready\n")
             }
         }
-        "/metrics" => {
+        (&Method::GET, "/metrics") => {
             let mut r = Response::new(full_body(state.metrics.render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -35,9 +38,119 @@ pub async fn handle(req: Request<Incoming>, state: &EdgeState) -> Response<Body>
             );
             r
         }
+        (&Method::POST, "/v1/publish") => publish(req, state).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz, /metrics\n",
+            "not found; try /healthz, /readyz, /metrics, POST /v1/publish\n",
         ),
+    }
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /v1/publish {"channel":"C","data":<JSON>}` with `Authorization: Bearer <admin.api_key>`:
+/// the backend's way in, same bus path as a client publish. Answers the protocol's reply object.
+async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
+    let Some(key) = &state.config.admin.api_key else {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "the publish API is off; set admin.api_key",
+        );
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.as_bytes())) {
+        let mut r = json_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden,
+            "missing or wrong bearer key",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let limit = state.config.session.max_message_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let msg = format!("body over {limit} bytes (session.max_message_bytes)");
+            return json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg);
+        }
+    };
+    let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("expected {{\"channel\":\"…\",\"data\":…}}: {e}");
+            return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
+        }
+    };
+    let channel = match Channel::new(&parsed.channel) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("field `channel`: {e}");
+            return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
+        }
+    };
+    if let Err(e) = protocol::check_data(parsed.data) {
+        let msg = format!("field `data`: {e}");
+        return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
+    }
+    match state.hub.publish(&channel, parsed.data).await {
+        Ok(()) => json(StatusCode::OK, protocol::encode_ok(None).as_str()),
+        Err(BusError::Unavailable(why)) => {
+            let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+fn json(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(full_body(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        protocol::encode_error(None, code, message, None).as_str(),
+    )
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

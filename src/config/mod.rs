@@ -44,6 +44,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub tls: TlsConfig,
     pub bus: BusConfig,
+    pub admin: AdminConfig,
     pub session: SessionConfig,
     pub admission: AdmissionConfig,
     pub log: LogConfig,
@@ -80,10 +81,40 @@ pub enum TlsConfig {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BusConfig {
     pub redis_url: Option<String>,
     pub channel_prefix: String,
+    /// Messages kept per channel in the Redis history stream (approximate trim).
+    pub history_len: usize,
+    pub history_ttl: Duration,
+    pub redis_timeout: Duration,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The Redis URL may carry a password.
+        f.debug_struct("BusConfig")
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("history_len", &self.history_len)
+            .field("history_ttl", &self.history_ttl)
+            .field("redis_timeout", &self.redis_timeout)
+            .finish()
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct AdminConfig {
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -332,12 +363,18 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             "bus.redis_url",
             "must start with redis:// or rediss://, or be \"\" for the embedded bus".into(),
         ));
-    } else {
+    } else if let Err(e) = redis::Client::open(b.redis_url.as_str()) {
+        // The URL itself is not echoed: it may hold a password.
         return Err(invalid(
             "bus.redis_url",
-            "the Redis bus is not part of this build yet; leave it \"\" for the embedded bus"
-                .into(),
+            format!(
+                "is not a usable Redis URL ({:?}); the form is \
+                 redis[s]://[user[:password]@]host[:port][/db]",
+                e.kind()
+            ),
         ));
+    } else {
+        Some(b.redis_url.clone())
     };
     if b.channel_prefix.len() > 64 || b.channel_prefix.chars().any(|c| c.is_whitespace()) {
         return Err(invalid(
@@ -348,6 +385,27 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     let bus = BusConfig {
         redis_url,
         channel_prefix: b.channel_prefix.clone(),
+        history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
+        history_ttl: min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?,
+        redis_timeout: min_duration(
+            "bus.redis_timeout",
+            b.redis_timeout,
+            Duration::from_millis(10),
+        )?,
+    };
+    let admin = AdminConfig {
+        api_key: match file.admin.api_key.as_str() {
+            "" => None,
+            k if k.len() < 16 => {
+                return Err(invalid(
+                    "admin.api_key",
+                    "is shorter than 16 characters; use a long random token, or \"\" to turn \
+                     the publish API off"
+                        .into(),
+                ));
+            }
+            k => Some(k.to_string()),
+        },
     };
 
     let ss = &file.session;
@@ -486,6 +544,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         server,
         tls,
         bus,
+        admin,
         session,
         admission,
         log,
@@ -518,9 +577,19 @@ impl Config {
                 cert_path.display()
             ),
         });
-        out.push_str(match &self.bus.redis_url {
-            None => "bus: embedded (single node)\n",
-            Some(_) => "bus: Redis\n",
+        out.push_str(&match &self.bus.redis_url {
+            None => "bus: embedded (single node)\n".to_string(),
+            Some(_) => format!(
+                "bus: Redis (channel C is {}C; history {} messages, kept {})\n",
+                self.bus.channel_prefix,
+                self.bus.history_len,
+                humantime::format_duration(self.bus.history_ttl)
+            ),
+        });
+        out.push_str(if self.admin.api_key.is_some() {
+            "backend publish API: POST /v1/publish on the admin listener (bearer key)\n"
+        } else {
+            "backend publish API: off (set admin.api_key)\n"
         });
         let ss = &self.session;
         out.push_str(&format!(
@@ -629,6 +698,12 @@ mod tests {
             ),
             ("[tls]\ncert = \"a.pem\"\n", "tls.key"),
             ("[bus]\nredis_url = \"http://x\"\n", "bus.redis_url"),
+            (
+                "[bus]\nredis_url = \"redis://:99999999/\"\n",
+                "bus.redis_url",
+            ),
+            ("[bus]\nhistory_len = 0\n", "bus.history_len"),
+            ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
             (
                 "[admission]\nallowed_origins = [\"example.com\"]\n",
                 "admission.allowed_origins",

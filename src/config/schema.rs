@@ -20,6 +20,9 @@ pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
+pub const DEFAULT_HISTORY_LEN: usize = 1000;
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -41,6 +44,7 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub tls: TlsSection,
     pub bus: BusSection,
+    pub admin: AdminSection,
     pub session: SessionSection,
     pub admission: AdmissionSection,
     pub log: LogSection,
@@ -104,6 +108,11 @@ impl Default for TlsSection {
 pub struct BusSection {
     pub redis_url: String,
     pub channel_prefix: String,
+    pub history_len: usize,
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
 }
 
 impl Default for BusSection {
@@ -111,8 +120,18 @@ impl Default for BusSection {
         BusSection {
             redis_url: String::new(),
             channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
+            history_len: DEFAULT_HISTORY_LEN,
+            history_ttl: DEFAULT_HISTORY_TTL,
+            redis_timeout: DEFAULT_REDIS_TIMEOUT,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Bearer token for `POST /v1/publish`; empty turns the publish API off.
+    pub api_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::memory::MemoryBus;
+use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -46,6 +47,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Redis(#[from] RedisConfigError),
 }
 
 /// Node-wide state shared by every connection and session.
@@ -100,11 +103,30 @@ impl Edge {
     pub async fn start(config: Config) -> Result<Edge, StartError> {
         let (tls_config, dev_cert) = tls::server_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
-        let bus = match &config.bus.redis_url {
-            // Validation refuses a Redis URL until the Redis bus exists.
-            None | Some(_) => Bus::Memory(MemoryBus::new()),
+        let shutdown = CancellationToken::new();
+        let redis = match &config.bus.redis_url {
+            None => None,
+            Some(url) => Some(Arc::new(RedisBus::new(
+                RedisSettings {
+                    url: url.clone(),
+                    prefix: config.bus.channel_prefix.clone(),
+                    history_len: config.bus.history_len,
+                    history_ttl: config.bus.history_ttl,
+                    timeout: config.bus.redis_timeout,
+                },
+                metrics.clone(),
+            )?)),
+        };
+        let bus = match &redis {
+            None => Bus::Memory(MemoryBus::new()),
+            Some(r) => Bus::Redis(r.clone()),
         };
         let hub = Arc::new(Hub::new(bus, config.server.max_channels, metrics.clone()));
+        if let Some(r) = redis {
+            // Stops with the shutdown signal: sessions are closed with 1001 at that moment and
+            // need no more deliveries.
+            tokio::spawn(r.run(Arc::downgrade(&hub), shutdown.child_token()));
+        }
         let sessions = Arc::new(SessionEnv::new(
             hub.clone(),
             config.session.clone(),
@@ -137,7 +159,7 @@ impl Edge {
             metrics,
             hub,
             sessions,
-            shutdown: CancellationToken::new(),
+            shutdown,
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         });

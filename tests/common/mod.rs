@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +120,21 @@ impl TestEdge {
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let r = reqwest::get(self.admin_url(path)).await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub async fn ready(&self) -> bool {
+        self.admin_get("/readyz").await.0 == 200
+    }
+
+    /// Waits up to 10 s for `/readyz` to say `want`.
+    pub async fn wait_ready(&self, want: bool) {
+        for _ in 0..500 {
+            if self.ready().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("/readyz did not become {want}");
     }
 
     /// The value of one metric sample line, e.g. `edgeplex_sessions{transport="websocket"}`.

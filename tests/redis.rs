@@ -1,0 +1,345 @@
+//! The Redis bus with a real `redis-server` (started per test on a free port) and several edge
+//! nodes in one process: fan-out across nodes, backends in both directions, one Redis
+//! subscription per channel per node, and surviving a Redis restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::{Client, TestEdge, start};
+use edgeplex::protocol::Offset;
+use serde_json::{Value, json};
+
+const KEY: &str = "test-admin-key-0123456789";
+
+async fn node(redis: &RedisServer) -> TestEdge {
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = Duration::from_millis(500);
+        f.admin.api_key = KEY.into();
+    })
+    .await;
+    t.wait_ready(true).await;
+    t
+}
+
+/// Reads frames until `n` pushes arrived; fails on anything unexpected.
+async fn pushes(c: &mut Client, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let f = c.recv().await;
+        assert_eq!(f["op"], "message", "{f}");
+        out.push(f);
+    }
+    out
+}
+
+/// Proves nothing else is queued: the next frame is the reply to this ping.
+async fn nothing_more(c: &mut Client) {
+    assert_eq!(
+        c.request(json!({"id": 999, "op": "ping"})).await,
+        json!({"id": 999, "ok": true})
+    );
+}
+
+fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let mut c = redis.connection();
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(&mut c)
+        .unwrap();
+    n
+}
+
+async fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
+    for _ in 0..250 {
+        if numsub(redis, channel) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "PUBSUB NUMSUB {channel} stayed at {} (want {want})",
+        numsub(redis, channel)
+    );
+}
+
+#[tokio::test]
+async fn a_publish_on_one_node_reaches_every_node_once_in_order() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await, node(&redis).await];
+    let mut subs = Vec::new();
+    for n in &nodes {
+        for _ in 0..2 {
+            let mut c = n.connect().await;
+            c.subscribe(1, "room").await;
+            subs.push(c);
+        }
+    }
+    let mut publisher = nodes[0].connect().await;
+    for i in 0..20 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "room", "data": {"n": i}}))
+            .await;
+        assert_eq!(r, json!({"id": i, "ok": true}));
+    }
+    let mut reference: Option<Vec<String>> = None;
+    for c in &mut subs {
+        let got = pushes(c, 20).await;
+        let data: Vec<i64> = got
+            .iter()
+            .map(|m| m["data"]["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            data,
+            (0..20).collect::<Vec<_>>(),
+            "every message once, in publish order"
+        );
+        let offsets: Vec<String> = got
+            .iter()
+            .map(|m| m["offset"].as_str().unwrap().to_string())
+            .collect();
+        let parsed: Vec<Offset> = offsets.iter().map(|o| o.parse().unwrap()).collect();
+        assert!(
+            parsed.windows(2).all(|w| w[0] < w[1]),
+            "offsets increase: {offsets:?}"
+        );
+        match &reference {
+            None => reference = Some(offsets),
+            Some(r) => assert_eq!(r, &offsets, "an offset means the same on every node"),
+        }
+        nothing_more(c).await;
+    }
+    // One Redis subscription per node, not per session.
+    assert_eq!(numsub(&redis, "edgeplex:room"), 3);
+    assert_eq!(nodes[0].metric("edgeplex_redis_subscriptions").await, 1.0);
+}
+
+#[tokio::test]
+async fn backends_publish_through_redis_and_see_client_publishes() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut a = nodes[0].connect().await;
+    let mut b = nodes[1].connect().await;
+    a.subscribe(1, "orders").await;
+    b.subscribe(1, "orders").await;
+
+    // A backend's raw PUBLISH: delivered everywhere, without an offset.
+    let mut backend = redis.connection();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("edgeplex:orders")
+        .arg(r#"{"id": 7, "state": "paid"}"#)
+        .query(&mut backend)
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("edgeplex:orders")
+        .arg("plain text, not JSON")
+        .query(&mut backend)
+        .unwrap();
+    for c in [&mut a, &mut b] {
+        let m = c.recv().await;
+        assert_eq!(
+            m,
+            json!({"op": "message", "channel": "orders", "data": {"id": 7, "state": "paid"}})
+        );
+        let m = c.recv().await;
+        assert_eq!(
+            m["data"], "plain text, not JSON",
+            "non-JSON arrives as a JSON string"
+        );
+        nothing_more(c).await;
+    }
+
+    // A backend subscribed to the same channel sees what clients publish, with the offset.
+    let mut listener = redis.connection();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe("edgeplex:orders").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = a
+        .request(json!({"id": 2, "op": "publish", "channel": "orders", "data": [1, 2]}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let msg = pubsub.get_message().unwrap();
+    let payload: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+    assert_eq!(payload["data"], json!([1, 2]));
+    let offset = payload["$edgeplex"].as_str().unwrap().to_string();
+    assert_eq!(a.recv().await["offset"], offset.as_str());
+    assert_eq!(b.recv().await["offset"], offset.as_str());
+    // ...and the channel's history stream holds it under that id.
+    let mut conn = redis.connection();
+    let len: i64 = redis::cmd("XLEN")
+        .arg("edgeplex:orders")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 1);
+}
+
+#[tokio::test]
+async fn admin_publish_api_reaches_every_node() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut a = nodes[0].connect().await;
+    let mut b = nodes[1].connect().await;
+    a.subscribe(1, "alerts").await;
+    b.subscribe(1, "alerts").await;
+    let http = reqwest::Client::new();
+    let url = nodes[1].admin_url("/v1/publish");
+    let r = http
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(r#"{"channel":"alerts","data":{"level":"high"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body, json!({"ok": true}));
+    for c in [&mut a, &mut b] {
+        let m = c.recv().await;
+        assert_eq!(m["data"], json!({"level": "high"}));
+        assert!(m["offset"].is_string());
+    }
+    let r = http
+        .post(&url)
+        .bearer_auth("wrong-key-wrong-key")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(r#"{"channel":"bad name","data":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(r#"{"channel":"a"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let big = format!(r#"{{"channel":"a","data":"{}"}}"#, "x".repeat(100_000));
+    let r = http
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+}
+
+#[tokio::test]
+async fn one_redis_subscription_per_channel_per_node_dropped_with_the_last_local_subscriber() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        for _ in 0..3 {
+            let mut c = n.connect().await;
+            c.subscribe(1, "quotes").await;
+            clients.push(c);
+        }
+    }
+    assert_eq!(numsub(&redis, "edgeplex:quotes"), 2);
+    // Two of three leave on each node: still one subscription per node.
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i % 3 != 0 {
+            let r = c
+                .request(json!({"id": 2, "op": "unsubscribe", "channel": "quotes"}))
+                .await;
+            assert_eq!(r["ok"], true);
+        }
+    }
+    assert_eq!(numsub(&redis, "edgeplex:quotes"), 2);
+    // The last local subscriber leaves by unsubscribing on node 0 and by disconnecting on node 1.
+    let r = clients[0]
+        .request(json!({"id": 3, "op": "unsubscribe", "channel": "quotes"}))
+        .await;
+    assert_eq!(r["ok"], true);
+    wait_numsub(&redis, "edgeplex:quotes", 1).await;
+    drop(clients);
+    wait_numsub(&redis, "edgeplex:quotes", 0).await;
+    assert_eq!(nodes[0].metric("edgeplex_redis_subscriptions").await, 0.0);
+}
+
+#[tokio::test]
+async fn redis_restart_is_survived_with_gap_notices() {
+    let mut redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut a = nodes[0].connect().await;
+    let mut b = nodes[1].connect().await;
+    a.subscribe(1, "feed").await;
+    b.subscribe(1, "feed").await;
+    a.request(json!({"id": 2, "op": "publish", "channel": "feed", "data": "before"}))
+        .await;
+    assert_eq!(pushes(&mut b, 1).await[0]["data"], "before");
+    assert_eq!(pushes(&mut a, 1).await[0]["data"], "before");
+
+    redis.kill();
+    for n in &nodes {
+        n.wait_ready(false).await;
+    }
+    // Sessions stay up; publishes and new subscriptions say `unavailable`, nothing is dropped
+    // in silence.
+    let r = a
+        .request(json!({"id": 3, "op": "publish", "channel": "feed", "data": "lost"}))
+        .await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    let r = b
+        .request(json!({"id": 4, "op": "subscribe", "channel": "other"}))
+        .await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    nothing_more(&mut a).await;
+
+    redis.restart();
+    for n in &nodes {
+        n.wait_ready(true).await;
+    }
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.recv().await, json!({"op": "gap", "channel": "feed"}));
+    }
+    wait_numsub(&redis, "edgeplex:feed", 2).await;
+    let r = b
+        .request(json!({"id": 5, "op": "publish", "channel": "feed", "data": "after"}))
+        .await;
+    assert_eq!(r, json!({"id": 5, "ok": true}));
+    for c in [&mut a, &mut b] {
+        assert_eq!(pushes(c, 1).await[0]["data"], "after");
+    }
+    assert!(nodes[0].metric("edgeplex_redis_reconnects_total").await >= 1.0);
+    assert_eq!(nodes[0].metric("edgeplex_redis_connected").await, 1.0);
+}
+
+#[tokio::test]
+async fn an_edge_whose_redis_is_down_at_start_comes_up_when_redis_does() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
+    assert!(!t.ready().await);
+    let mut c = t.connect().await;
+    let r = c
+        .request(json!({"id": 1, "op": "subscribe", "channel": "x"}))
+        .await;
+    assert_eq!(r["error"]["code"], "unavailable");
+    redis.restart();
+    t.wait_ready(true).await;
+    c.subscribe(2, "x").await;
+}
