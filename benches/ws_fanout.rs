@@ -1,9 +1,10 @@
-//! WebSocket fan-out through a real edge on loopback (plain TCP listener, embedded bus):
+//! WebSocket fan-out through a real edge on loopback (plain TCP listener, embedded or Redis bus):
 //! S subscribers on one channel, one publisher at P messages per second, 100-byte payloads
 //! carrying a timestamp. Prints deliveries per second, loss, and publish-to-deliver latency.
 //!
 //! Run: `cargo bench --bench ws_fanout` with optional `SUBSCRIBERS` (default 1000), `RATE`
-//! (publishes per second, default 100) and `DURATION_SECS` (default 5). The clients run in the same
+//! (publishes per second, default 100), `DURATION_SECS` (default 5) and `REDIS_URL` (use the
+//! Redis bus at that URL instead of the embedded one). The clients run in the same
 //! process and share the machine's cores with the edge, so figures are a floor, not a ceiling.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,9 +48,24 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
     f.tls.dev_cert_path = dir.path().join("dev.pem").display().to_string();
     f.session.messages_per_second = 1_000_000;
     f.session.message_burst = 1_000_000;
+    let bus = match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => {
+            f.bus.redis_url = url;
+            "Redis bus"
+        }
+        _ => "embedded bus",
+    };
     let edge = Edge::start(Config::from_file_config(f).unwrap())
         .await
         .unwrap();
+    // The Redis bus connects in the background; wait until it is ready.
+    for _ in 0..500 {
+        if edge.state().is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(edge.state().is_ready(), "the bus did not become ready");
     let url = format!("ws://{}/ws", edge.plain_addr().unwrap());
 
     let total = (rate * seconds) as usize;
@@ -125,7 +141,7 @@ async fn run(subscribers: usize, rate: u64, seconds: u64) {
     };
     let offered = total * subscribers;
     println!(
-        "ws fan-out: {subscribers} subscribers, {rate} publishes/s for {seconds} s, plain TCP, embedded bus"
+        "ws fan-out: {subscribers} subscribers, {rate} publishes/s for {seconds} s, plain TCP, {bus}"
     );
     println!("offered deliveries    {offered}");
     println!(
