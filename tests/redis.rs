@@ -343,3 +343,42 @@ async fn an_edge_whose_redis_is_down_at_start_comes_up_when_redis_does() {
     t.wait_ready(true).await;
     c.subscribe(2, "x").await;
 }
+
+#[tokio::test]
+async fn acl_user_and_password_come_from_the_url() {
+    let acl = [
+        "--user",
+        "edge",
+        "on",
+        ">s3cret-pass-1234",
+        "~*",
+        "&*",
+        "+@all",
+        "--user",
+        "default",
+        "off",
+    ];
+    let redis = RedisServer::start_with(&acl, "edge:s3cret-pass-1234@");
+    let url = redis.url();
+    let good = start(move |f| f.bus.redis_url = url).await;
+    good.wait_ready(true).await;
+    let mut a = good.connect().await;
+    a.subscribe(1, "private").await;
+    a.request(json!({"id": 2, "op": "publish", "channel": "private", "data": 1}))
+        .await;
+    assert_eq!(pushes(&mut a, 1).await[0]["data"], 1);
+
+    let wrong = format!("redis://edge:wrong-password@127.0.0.1:{}/", redis.port);
+    let bad = start(move |f| {
+        f.bus.redis_url = wrong;
+        f.bus.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!bad.ready().await, "a node that cannot log in is not ready");
+    let mut b = bad.connect().await;
+    let r = b
+        .request(json!({"id": 1, "op": "publish", "channel": "private", "data": 1}))
+        .await;
+    assert_eq!(r["error"]["code"], "unavailable");
+}

@@ -9,10 +9,19 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
+    /// Credentials the harness itself uses, e.g. `alice:pw@`.
+    auth: String,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(&[], "")
+    }
+
+    /// With extra `redis-server` arguments (e.g. ACL users) and the `user:password@` the harness
+    /// should log in with.
+    pub fn start_with(extra: &[&str], auth: &str) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -21,19 +30,22 @@ impl RedisServer {
             port,
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            auth: auth.to_string(),
         };
         s.spawn();
         s
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}127.0.0.1:{}/", self.auth, self.port)
     }
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
