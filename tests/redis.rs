@@ -382,3 +382,33 @@ async fn acl_user_and_password_come_from_the_url() {
         .await;
     assert_eq!(r["error"]["code"], "unavailable");
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let redis = RedisServer::start_tls();
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let ca = redis.ca_path().unwrap().display().to_string();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_ca = ca;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "secure").await;
+    a.request(json!({"id": 2, "op": "publish", "channel": "secure", "data": "over tls"}))
+        .await;
+    assert_eq!(pushes(&mut a, 1).await[0]["data"], "over tls");
+    assert_eq!(numsub(&redis, "edgeplex:secure"), 1);
+
+    // Without the CA the server's certificate is not trusted: the node never becomes ready.
+    let url = redis.url();
+    let untrusting = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!untrusting.ready().await);
+}

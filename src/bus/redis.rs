@@ -58,6 +58,8 @@ const ENVELOPE_DATA: &str = r#"","data":"#;
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
+    /// PEM CA for a `rediss://` server, instead of the system's roots.
+    pub ca: Option<std::path::PathBuf>,
     pub prefix: String,
     pub history_len: usize,
     pub history_ttl: Duration,
@@ -100,7 +102,7 @@ impl std::fmt::Debug for RedisBus {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("bus.redis_url: {0}")]
+#[error("Redis bus: {0}")]
 pub struct RedisConfigError(String);
 
 impl RedisBus {
@@ -110,8 +112,22 @@ impl RedisBus {
         settings: RedisSettings,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBus, RedisConfigError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| RedisConfigError(format!("not a usable Redis URL ({:?})", e.kind())))?;
+        let client = match &settings.ca {
+            None => redis::Client::open(settings.url.as_str()),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    RedisConfigError(format!("bus.redis_ca: cannot read {}: {e}", path.display()))
+                })?;
+                redis::Client::build_with_tls(
+                    settings.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+        }
+        .map_err(|e| RedisConfigError(format!("not a usable Redis URL or CA ({:?})", e.kind())))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))

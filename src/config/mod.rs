@@ -84,6 +84,9 @@ pub enum TlsConfig {
 #[derive(Clone)]
 pub struct BusConfig {
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed a `rediss://` server's certificate, instead of the
+    /// system's roots.
+    pub redis_ca: Option<PathBuf>,
     pub channel_prefix: String,
     /// Messages kept per channel in the Redis history stream (approximate trim).
     pub history_len: usize,
@@ -96,6 +99,7 @@ impl std::fmt::Debug for BusConfig {
         // The Redis URL may carry a password.
         f.debug_struct("BusConfig")
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_ca", &self.redis_ca)
             .field("channel_prefix", &self.channel_prefix)
             .field("history_len", &self.history_len)
             .field("history_ttl", &self.history_ttl)
@@ -382,8 +386,19 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             "must be at most 64 characters without whitespace".into(),
         ));
     }
+    let redis_ca = match (b.redis_ca.is_empty(), &redis_url) {
+        (true, _) => None,
+        (false, Some(url)) if url.starts_with("rediss://") => Some(PathBuf::from(&b.redis_ca)),
+        (false, _) => {
+            return Err(invalid(
+                "bus.redis_ca",
+                "is set but bus.redis_url is not a rediss:// (TLS) URL; set both or neither".into(),
+            ));
+        }
+    };
     let bus = BusConfig {
         redis_url,
+        redis_ca,
         channel_prefix: b.channel_prefix.clone(),
         history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
         history_ttl: min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?,
@@ -703,6 +718,7 @@ mod tests {
                 "bus.redis_url",
             ),
             ("[bus]\nhistory_len = 0\n", "bus.history_len"),
+            ("[bus]\nredis_ca = \"ca.pem\"\n", "bus.redis_ca"),
             ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
             (
                 "[admission]\nallowed_origins = [\"example.com\"]\n",

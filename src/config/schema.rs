@@ -107,6 +107,7 @@ impl Default for TlsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct BusSection {
     pub redis_url: String,
+    pub redis_ca: String,
     pub channel_prefix: String,
     pub history_len: usize,
     #[serde(with = "humantime_serde")]
@@ -119,6 +120,7 @@ impl Default for BusSection {
     fn default() -> Self {
         BusSection {
             redis_url: String::new(),
+            redis_ca: String::new(),
             channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
             history_len: DEFAULT_HISTORY_LEN,
             history_ttl: DEFAULT_HISTORY_TTL,

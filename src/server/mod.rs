@@ -109,6 +109,7 @@ impl Edge {
             Some(url) => Some(Arc::new(RedisBus::new(
                 RedisSettings {
                     url: url.clone(),
+                    ca: config.bus.redis_ca.clone(),
                     prefix: config.bus.channel_prefix.clone(),
                     history_len: config.bus.history_len,
                     history_ttl: config.bus.history_ttl,

@@ -12,6 +12,8 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// Credentials the harness itself uses, e.g. `alice:pw@`.
     auth: String,
+    /// TLS only: the server's certificate PEM (also what clients trust).
+    tls_cert: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -32,16 +34,81 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             auth: auth.to_string(),
+            tls_cert: None,
         };
         s.spawn();
         s
     }
 
+    /// A TLS-only server with a fresh self-signed certificate for 127.0.0.1; clients trust
+    /// [`RedisServer::ca_path`].
+    pub fn start_tls() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let cert_path = dir.path().join("redis.pem");
+        let key_path = dir.path().join("redis.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let extra = vec![
+            "--tls-port".to_string(),
+            port.to_string(),
+            "--port".to_string(),
+            "0".to_string(),
+            "--tls-cert-file".to_string(),
+            cert_path.display().to_string(),
+            "--tls-key-file".to_string(),
+            key_path.display().to_string(),
+            "--tls-ca-cert-file".to_string(),
+            cert_path.display().to_string(),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        let mut s = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra,
+            auth: String::new(),
+            tls_cert: Some(cert_path),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.tls_cert.as_deref()
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://{}127.0.0.1:{}/", self.auth, self.port)
+        let scheme = if self.tls_cert.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}127.0.0.1:{}/", self.auth, self.port)
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls_cert {
+            None => redis::Client::open(self.url()),
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+        }
     }
 
     fn spawn(&mut self) {
+        // For TLS, `extra` sets --port 0 after this and redis-server takes the last value.
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -55,7 +122,8 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let pong = redis::Client::open(self.url())
+            let pong = self
+                .client()
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
             if pong.is_ok() {
@@ -84,10 +152,7 @@ impl RedisServer {
     }
 
     pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        self.client().unwrap().get_connection().unwrap()
     }
 }
 
