@@ -25,7 +25,7 @@ fn main() {
     for &subs in &[1usize, 100, 1_000, 5_000] {
         let publishes = (2_000_000 / subs).clamp(200, 200_000);
         let hub = Hub::new(
-            Bus::Memory(MemoryBus::new()),
+            Bus::Memory(MemoryBus::default()),
             1_000,
             Arc::new(Metrics::new()),
         );
@@ -33,7 +33,7 @@ fn main() {
         let outboxes: Vec<Arc<Outbox>> = (0..subs)
             .map(|i| {
                 let o = Arc::new(Outbox::new(1024, 1 << 20));
-                rt.block_on(hub.subscribe(&channel, i as u64, &o, Vec::new()))
+                rt.block_on(hub.subscribe(&channel, i as u64, &o, Vec::new(), None))
                     .unwrap();
                 o
             })

@@ -391,16 +391,14 @@ impl Session {
                     self.error(id, ErrorCode::TooLarge, &msg, None);
                     return;
                 }
-                // The reply (and, for a resume, the gap notice) is queued by the hub at the
-                // moment the subscription turns live, so no push can overtake it. No history is
-                // kept yet, so nothing after `since` can be replayed: say so rather than leave a
-                // silent hole.
-                let mut first = vec![protocol::encode_ok(id)];
-                if since.is_some() {
-                    first.push(protocol::encode_gap(&channel));
-                }
+                // The reply (and, for a resume, the replay) is queued by the hub at the moment
+                // the subscription turns live, so no push can overtake it.
+                let first = vec![protocol::encode_ok(id)];
                 let hub = &self.env.hub;
-                match hub.subscribe(&channel, self.id, &self.outbox, first).await {
+                match hub
+                    .subscribe(&channel, self.id, &self.outbox, first, since)
+                    .await
+                {
                     Ok(()) => {
                         self.subscriptions.insert(channel.clone());
                     }
@@ -483,7 +481,7 @@ mod tests {
         let cfg = Config::from_file_config(f).unwrap();
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(
-            Bus::Memory(MemoryBus::new()),
+            Bus::Memory(MemoryBus::default()),
             100,
             metrics.clone(),
         ));

@@ -412,3 +412,124 @@ async fn rediss_with_a_private_ca() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!untrusting.ready().await);
 }
+
+#[tokio::test]
+async fn resume_on_another_node_replays_from_the_redis_history() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut witness = nodes[0].connect().await;
+    witness.subscribe(1, "journal").await;
+    let mut publisher = nodes[0].connect().await;
+    for i in 0..6 {
+        publisher
+            .request(json!({"id": i, "op": "publish", "channel": "journal", "data": i}))
+            .await;
+    }
+    let seen = pushes(&mut witness, 6).await;
+    // The client reconnects to the other node with the offset it saw last.
+    let mut back = nodes[1].connect().await;
+    let r = back
+        .request(
+            json!({"id": 1, "op": "subscribe", "channel": "journal", "since": seen[2]["offset"]}),
+        )
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    let replayed = pushes(&mut back, 3).await;
+    assert_eq!(
+        replayed,
+        seen[3..].to_vec(),
+        "the missed messages, with the same offsets"
+    );
+    nothing_more(&mut back).await;
+    // Live traffic follows.
+    publisher
+        .request(json!({"id": 9, "op": "publish", "channel": "journal", "data": 6}))
+        .await;
+    assert_eq!(pushes(&mut back, 1).await[0]["data"], 6);
+}
+
+#[tokio::test]
+async fn resume_past_the_redis_history_gets_a_gap() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_len = 5;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut witness = t.connect().await;
+    witness.subscribe(1, "trimmed").await;
+    let mut publisher = t.connect().await;
+    // MAXLEN ~ trims whole stream nodes (100 entries each), so publish well past one.
+    for i in 0..400 {
+        publisher
+            .send(json!({"op": "publish", "channel": "trimmed", "data": i}))
+            .await;
+    }
+    let seen = pushes(&mut witness, 400).await;
+    let mut back = t.connect().await;
+    back.request(
+        json!({"id": 1, "op": "subscribe", "channel": "trimmed", "since": seen[0]["offset"]}),
+    )
+    .await;
+    assert_eq!(
+        back.recv().await,
+        json!({"op": "gap", "channel": "trimmed"})
+    );
+    let next = back.recv().await;
+    assert_eq!(
+        next["op"], "message",
+        "what the history kept follows the gap"
+    );
+}
+
+#[tokio::test]
+async fn resume_through_redis_during_a_flood_loses_and_repeats_nothing() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut witness = nodes[0].connect().await;
+    witness.subscribe(1, "stream").await;
+    let mut publisher = nodes[0].connect().await;
+    for i in 0..20 {
+        publisher
+            .request(json!({"id": i, "op": "publish", "channel": "stream", "data": i}))
+            .await;
+    }
+    let head = pushes(&mut witness, 20).await;
+    let since = head[4]["offset"].clone();
+    let flood = tokio::spawn(async move {
+        for i in 20..600 {
+            publisher
+                .send(json!({"op": "publish", "channel": "stream", "data": i}))
+                .await;
+        }
+        publisher
+    });
+    // Resume on the other node while the flood runs: its SUBSCRIBE and history read take round
+    // trips during which live messages arrive.
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let mut back = nodes[1].connect().await;
+        let r = back
+            .request(json!({"id": 1, "op": "subscribe", "channel": "stream", "since": since}))
+            .await;
+        assert_eq!(r["ok"], true);
+        results.push(back);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let _publisher = flood.await.unwrap();
+    for mut back in results {
+        let mut got = Vec::new();
+        while got.len() < 595 {
+            let m = back.recv().await;
+            assert_eq!(m["op"], "message", "no gap: {m}");
+            got.push(m["data"].as_i64().unwrap());
+        }
+        assert_eq!(
+            got,
+            (5..600).collect::<Vec<_>>(),
+            "each message after `since` once, in order"
+        );
+    }
+}

@@ -694,3 +694,123 @@ async fn the_subscribe_reply_comes_before_any_push() {
     }
     flood.await.unwrap();
 }
+
+async fn publish_n(c: &mut Client, channel: &str, from: u64, n: u64) {
+    for i in from..from + n {
+        let r = c
+            .request(json!({"id": i, "op": "publish", "channel": channel, "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+}
+
+/// Pushes received until the reply to a ping: what the session had been sent so far.
+async fn drain_until_ping(c: &mut Client) -> Vec<Value> {
+    c.send(json!({"id": 4242, "op": "ping"})).await;
+    let mut out = Vec::new();
+    loop {
+        let f = c.recv().await;
+        if f == json!({"id": 4242, "ok": true}) {
+            return out;
+        }
+        out.push(f);
+    }
+}
+
+#[tokio::test]
+async fn resume_with_since_replays_exactly_the_missed_messages() {
+    let t = start(|_| {}).await;
+    let mut witness = t.connect().await;
+    witness.subscribe(1, "log").await;
+    let mut publisher = t.connect().await;
+    publish_n(&mut publisher, "log", 0, 5).await;
+    let seen = drain_until_ping(&mut witness).await;
+    let offsets: Vec<&str> = seen.iter().map(|m| m["offset"].as_str().unwrap()).collect();
+
+    // A client that saw message 1 comes back: it gets 2, 3, 4 and then live traffic, no gap.
+    let mut back = t.connect().await;
+    let r = back
+        .request(json!({"id": 9, "op": "subscribe", "channel": "log", "since": offsets[1]}))
+        .await;
+    assert_eq!(r, json!({"id": 9, "ok": true}));
+    let replayed = drain_until_ping(&mut back).await;
+    assert_eq!(
+        replayed,
+        seen[2..].to_vec(),
+        "exactly the missed messages, same offsets"
+    );
+    publish_n(&mut publisher, "log", 5, 1).await;
+    assert_eq!(back.recv().await["data"], 5);
+
+    // Up to date: nothing to replay, no gap.
+    let mut current = t.connect().await;
+    let last = seen.last().unwrap()["offset"].as_str().unwrap().to_string();
+    let latest = drain_until_ping(&mut witness).await;
+    let newest = latest.last().unwrap()["offset"].as_str().unwrap();
+    current
+        .request(json!({"id": 1, "op": "subscribe", "channel": "log", "since": newest}))
+        .await;
+    assert!(drain_until_ping(&mut current).await.is_empty());
+    assert_ne!(last, newest);
+}
+
+#[tokio::test]
+async fn resume_from_before_the_history_gets_a_gap_then_what_is_kept() {
+    let t = start(|f| f.bus.history_len = 3).await;
+    let mut witness = t.connect().await;
+    witness.subscribe(1, "short").await;
+    let mut publisher = t.connect().await;
+    publish_n(&mut publisher, "short", 0, 6).await;
+    let seen = drain_until_ping(&mut witness).await;
+    let mut back = t.connect().await;
+    back.request(
+        json!({"id": 1, "op": "subscribe", "channel": "short", "since": seen[0]["offset"]}),
+    )
+    .await;
+    let got = drain_until_ping(&mut back).await;
+    assert_eq!(got[0], json!({"op": "gap", "channel": "short"}));
+    assert_eq!(
+        got[1..].to_vec(),
+        seen[3..].to_vec(),
+        "the 3 kept messages follow the gap"
+    );
+    // An offset from another run of the edge (or made up) is not in the history either.
+    let mut stranger = t.connect().await;
+    stranger
+        .request(json!({"id": 1, "op": "subscribe", "channel": "short", "since": "1-1"}))
+        .await;
+    assert_eq!(drain_until_ping(&mut stranger).await[0]["op"], "gap");
+}
+
+#[tokio::test]
+async fn resume_during_a_flood_loses_and_repeats_nothing() {
+    let t = start(|_| {}).await;
+    let mut witness = t.connect().await;
+    witness.subscribe(1, "flow").await;
+    let mut publisher = t.connect().await;
+    publish_n(&mut publisher, "flow", 0, 50).await;
+    let head = drain_until_ping(&mut witness).await;
+    let since = head[9]["offset"].clone();
+    let flood = tokio::spawn(async move {
+        publish_n(&mut publisher, "flow", 50, 300).await;
+        publisher
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut back = t.connect().await;
+    let r = back
+        .request(json!({"id": 1, "op": "subscribe", "channel": "flow", "since": since}))
+        .await;
+    assert_eq!(r["ok"], true);
+    flood.await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 340 {
+        let m = back.recv().await;
+        assert_eq!(m["op"], "message", "no gap: {m}");
+        got.push(m["data"].as_i64().unwrap());
+    }
+    assert_eq!(
+        got,
+        (10..350).collect::<Vec<_>>(),
+        "every message after `since` once, in order"
+    );
+}

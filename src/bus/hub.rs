@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use serde_json::value::RawValue;
 
+use super::history::Replay;
 use super::{Bus, BusError};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Frame, Offset};
@@ -31,7 +32,24 @@ struct Subscriber {
     /// False until the bus confirmed the channel and the session's reply was queued: pushes
     /// skip it meanwhile, so nothing reaches a client before its subscribe `ok`.
     live: bool,
+    /// A resuming subscriber's pushes that arrive while its history is read; merged behind the
+    /// replay when it goes live.
+    pending: Option<Pending>,
+    /// After a replay: live messages up to this offset were replayed already. With Redis, a
+    /// message read from the history stream can still be on its way through pub/sub when the
+    /// subscriber goes live; it is skipped, not sent twice.
+    skip_through: Option<Offset>,
 }
+
+#[derive(Debug, Default)]
+struct Pending {
+    frames: Vec<(Option<Offset>, Frame)>,
+    overflowed: bool,
+}
+
+/// Pushes held for one resuming subscriber while its history is read. Past it, the held pushes
+/// are dropped and the client gets a gap notice.
+pub const PENDING_CAP: usize = 1024;
 
 #[derive(Debug, Default)]
 struct ChannelEntry {
@@ -89,36 +107,87 @@ impl Hub {
     ///
     /// `first` (the subscribe reply, a gap notice) is queued to the session at the moment the
     /// subscription turns live, under the channel's lock, so no push can overtake it.
+    ///
+    /// With `since`, the session resumes: the retained messages after `since` follow the reply
+    /// (behind a gap notice when the history cannot prove nothing was lost), then whatever was
+    /// published meanwhile, each message once.
     pub async fn subscribe(
         &self,
         channel: &Channel,
         session: u64,
         outbox: &Arc<Outbox>,
         first: Vec<Frame>,
+        since: Option<Offset>,
     ) -> Result<(), SubscribeError> {
-        self.add(channel, session, outbox)?;
+        self.add(channel, session, outbox, since.is_some())?;
         if let Bus::Redis(redis) = &self.bus
             && let Err(BusError::Unavailable(why)) = redis.ensure_subscribed(channel).await
         {
             self.unsubscribe(channel, session);
             return Err(SubscribeError::BusUnavailable(why));
         }
-        self.go_live(channel, session, first);
+        let replay = match since {
+            None => None,
+            Some(since) => match self.replay(channel, since).await {
+                Ok(r) => Some((since, r)),
+                Err(BusError::Unavailable(why)) => {
+                    self.unsubscribe(channel, session);
+                    return Err(SubscribeError::BusUnavailable(why));
+                }
+            },
+        };
+        self.go_live(channel, session, first, replay);
         Ok(())
     }
 
-    fn go_live(&self, channel: &Channel, session: u64, first: Vec<Frame>) {
+    /// The retained messages of `channel` after `since`.
+    pub async fn replay(&self, channel: &Channel, since: Offset) -> Result<Replay, BusError> {
+        match &self.bus {
+            Bus::Memory(mem) => Ok(mem.history.replay(channel, since)),
+            Bus::Redis(redis) => redis.replay(channel, since).await,
+        }
+    }
+
+    fn go_live(
+        &self,
+        channel: &Channel,
+        session: u64,
+        first: Vec<Frame>,
+        replay: Option<(Offset, Replay)>,
+    ) {
         let Some(entry) = self.channels.read().get(channel).cloned() else {
             return;
         };
         let mut subs = entry.subscribers.lock();
-        if let Some(sub) = subs.iter_mut().find(|s| s.session == session) {
-            for frame in first {
-                // A full outbox is the session's own problem; its transport closes it.
-                let _ = sub.outbox.push(frame);
-            }
-            sub.live = true;
+        let Some(sub) = subs.iter_mut().find(|s| s.session == session) else {
+            return;
+        };
+        // A full outbox is the session's own problem: its transport closes it.
+        for frame in first {
+            let _ = sub.outbox.push(frame);
         }
+        if let Some((since, replay)) = replay {
+            let pending = sub.pending.take().unwrap_or_default();
+            if replay.gap || pending.overflowed {
+                let _ = sub.outbox.push(protocol::encode_gap(channel));
+            }
+            let mut last = since;
+            for (offset, data) in &replay.entries {
+                let _ = sub
+                    .outbox
+                    .push(protocol::encode_message(channel, Some(*offset), data));
+                last = last.max(*offset);
+            }
+            // Published while the history was read: the ones the replay already held are
+            // skipped, so each message arrives once and in order.
+            for (offset, frame) in pending.frames {
+                if offset.is_none_or(|o| o > last) {
+                    let _ = sub.outbox.push(frame);
+                }
+            }
+            sub.skip_through = Some(last);
+        }
+        sub.live = true;
     }
 
     /// Both map and entry are locked so a concurrent last-unsubscribe cannot remove the entry
@@ -128,6 +197,7 @@ impl Hub {
         channel: &Channel,
         session: u64,
         outbox: &Arc<Outbox>,
+        resuming: bool,
     ) -> Result<(), SubscribeError> {
         let mut channels = self.channels.write();
         let len = channels.len();
@@ -149,6 +219,8 @@ impl Hub {
                 session,
                 outbox: outbox.clone(),
                 live: false,
+                pending: resuming.then(Pending::default),
+                skip_through: None,
             });
         }
         Ok(())
@@ -185,7 +257,11 @@ impl Hub {
         self.metrics.publishes.inc();
         match &self.bus {
             Bus::Memory(mem) => {
-                self.dispatch_with(channel, || Some(mem.next_offset()), data.get());
+                // Offset, history and delivery under the channel's history lock: one order.
+                mem.history.record(channel, data.get(), || {
+                    let offset = mem.next_offset();
+                    (offset, self.dispatch(channel, Some(offset), data.get()))
+                });
                 Ok(())
             }
             Bus::Redis(redis) => redis.publish(channel, data.get()).await.map(|_| ()),
@@ -209,10 +285,28 @@ impl Hub {
         let Some(entry) = self.channels.read().get(channel).cloned() else {
             return Fanout::default();
         };
-        let subs = entry.subscribers.lock();
-        let frame = protocol::encode_message(channel, assign(), data);
+        let mut subs = entry.subscribers.lock();
+        let offset = assign();
+        let frame = protocol::encode_message(channel, offset, data);
         let mut out = Fanout::default();
-        for sub in subs.iter().filter(|s| s.live) {
+        for sub in subs.iter_mut() {
+            if !sub.live {
+                if let Some(p) = &mut sub.pending {
+                    if p.frames.len() < PENDING_CAP {
+                        p.frames.push((offset, frame.clone()));
+                    } else {
+                        p.overflowed = true;
+                    }
+                }
+                continue;
+            }
+            if let (Some(skip), Some(o)) = (sub.skip_through, offset) {
+                if o <= skip {
+                    continue;
+                }
+                // Offsets arrive in order: once past the replay, nothing more to skip.
+                sub.skip_through = None;
+            }
             match sub.outbox.push(frame.clone()) {
                 Ok(()) => out.delivered += 1,
                 Err(PushError::Overflow) => out.overflowed += 1,
@@ -248,7 +342,7 @@ mod tests {
 
     fn hub(max_channels: usize) -> Hub {
         Hub::new(
-            Bus::Memory(MemoryBus::new()),
+            Bus::Memory(MemoryBus::default()),
             max_channels,
             Arc::new(Metrics::new()),
         )
@@ -267,9 +361,9 @@ mod tests {
         let h = hub(10);
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
-        h.subscribe(&ch("x"), 1, &a, vec![]).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b, vec![]).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b, vec![]).await.unwrap();
+        h.subscribe(&ch("x"), 1, &a, vec![], None).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![], None).await.unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![], None).await.unwrap();
         assert_eq!(h.subscriber_count("x"), 2);
         h.publish(&ch("x"), &raw("{\"v\":1}")).await.unwrap();
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
@@ -285,18 +379,18 @@ mod tests {
     async fn channel_table_is_capped_and_shrinks() {
         let h = hub(2);
         let o = Arc::new(Outbox::new(8, 1 << 20));
-        h.subscribe(&ch("a"), 1, &o, vec![]).await.unwrap();
-        h.subscribe(&ch("b"), 1, &o, vec![]).await.unwrap();
+        h.subscribe(&ch("a"), 1, &o, vec![], None).await.unwrap();
+        h.subscribe(&ch("b"), 1, &o, vec![], None).await.unwrap();
         assert_eq!(
-            h.subscribe(&ch("c"), 1, &o, vec![]).await,
+            h.subscribe(&ch("c"), 1, &o, vec![], None).await,
             Err(SubscribeError::ChannelTableFull(2))
         );
         // An existing channel can still be joined at the cap.
-        h.subscribe(&ch("a"), 2, &o, vec![]).await.unwrap();
+        h.subscribe(&ch("a"), 2, &o, vec![], None).await.unwrap();
         assert!(h.unsubscribe(&ch("b"), 1));
         assert!(!h.unsubscribe(&ch("b"), 1));
         assert_eq!(h.channel_count(), 1);
-        h.subscribe(&ch("c"), 1, &o, vec![]).await.unwrap();
+        h.subscribe(&ch("c"), 1, &o, vec![], None).await.unwrap();
     }
 
     #[tokio::test]
@@ -304,8 +398,8 @@ mod tests {
         let h = hub(10);
         let slow = Arc::new(Outbox::new(2, 1 << 20));
         let fast = Arc::new(Outbox::new(100, 1 << 20));
-        h.subscribe(&ch("x"), 1, &slow, vec![]).await.unwrap();
-        h.subscribe(&ch("x"), 2, &fast, vec![]).await.unwrap();
+        h.subscribe(&ch("x"), 1, &slow, vec![], None).await.unwrap();
+        h.subscribe(&ch("x"), 2, &fast, vec![], None).await.unwrap();
         let mut overflowed = 0;
         for i in 0..10 {
             overflowed += h

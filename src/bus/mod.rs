@@ -4,6 +4,7 @@
 //! Every publish takes one path whichever node or backend made it: bus → hub → subscribers, the
 //! publisher's own node included. Transports never see which bus is in use.
 
+pub mod history;
 pub mod hub;
 pub mod memory;
 pub mod redis;

@@ -33,6 +33,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use redis::streams::StreamRangeReply;
+
+use super::history::Replay;
 use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
@@ -196,6 +199,63 @@ impl RedisBus {
                 Err(BusError::Unavailable("publish to Redis timed out"))
             }
         }
+    }
+
+    /// The channel's retained messages after `since`, from its history stream.
+    pub async fn replay(&self, channel: &Channel, since: Offset) -> Result<Replay, BusError> {
+        if !self.is_ready() {
+            return Err(BusError::Unavailable("Redis is unreachable"));
+        }
+        let key = self.key(channel);
+        let mut conn = self.publisher.clone();
+        // The stream is trimmed to about history_len; the bound only guards against a stream
+        // someone else filled.
+        let bound = self
+            .settings
+            .history_len
+            .saturating_mul(2)
+            .saturating_add(100);
+        let mut xrange = redis::cmd("XRANGE");
+        xrange
+            .arg(&key)
+            .arg(since.to_string())
+            .arg("+")
+            .arg("COUNT")
+            .arg(bound);
+        let range = xrange.query_async::<StreamRangeReply>(&mut conn);
+        let reply = match tokio::time::timeout(self.settings.timeout, range).await {
+            Ok(Ok(r)) => r,
+            _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+        };
+        let truncated = reply.ids.len() >= bound;
+        let mut retained = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let (Ok(offset), Some(redis::Value::BulkString(d))) =
+                (entry.id.parse::<Offset>(), entry.map.get("d"))
+            else {
+                continue;
+            };
+            if let Ok(data) = std::str::from_utf8(d) {
+                retained.push((offset, Arc::<str>::from(data)));
+            }
+        }
+        let last = match retained.last() {
+            Some((o, _)) => Some(*o),
+            // Nothing at or after `since`: the client is up to date if `since` is at or past
+            // the stream's newest entry; an absent stream proves nothing.
+            None => {
+                let mut xrev = redis::cmd("XREVRANGE");
+                xrev.arg(&key).arg("+").arg("-").arg("COUNT").arg(1);
+                let newest = xrev.query_async::<StreamRangeReply>(&mut conn);
+                match tokio::time::timeout(self.settings.timeout, newest).await {
+                    Ok(Ok(r)) => r.ids.first().and_then(|e| e.id.parse().ok()),
+                    _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+                }
+            }
+        };
+        let mut replay = Replay::after(since, retained, last);
+        replay.gap |= truncated;
+        Ok(replay)
     }
 
     /// Makes sure this node is subscribed to `channel` in Redis. Idempotent and cheap when it is.

@@ -91,6 +91,8 @@ pub struct BusConfig {
     /// Messages kept per channel in the Redis history stream (approximate trim).
     pub history_len: usize,
     pub history_ttl: Duration,
+    /// Embedded bus: bytes all channel histories may hold together.
+    pub history_bytes: usize,
     pub redis_timeout: Duration,
 }
 
@@ -103,6 +105,7 @@ impl std::fmt::Debug for BusConfig {
             .field("channel_prefix", &self.channel_prefix)
             .field("history_len", &self.history_len)
             .field("history_ttl", &self.history_ttl)
+            .field("history_bytes", &self.history_bytes)
             .field("redis_timeout", &self.redis_timeout)
             .finish()
     }
@@ -402,6 +405,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         channel_prefix: b.channel_prefix.clone(),
         history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
         history_ttl: min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?,
+        history_bytes: range("bus.history_bytes", b.history_bytes, 0, 1 << 40)?,
         redis_timeout: min_duration(
             "bus.redis_timeout",
             b.redis_timeout,
@@ -593,7 +597,13 @@ impl Config {
             ),
         });
         out.push_str(&match &self.bus.redis_url {
-            None => "bus: embedded (single node)\n".to_string(),
+            None => format!(
+                "bus: embedded (single node); history {} messages per channel, kept {}, {} bytes \
+                 in all\n",
+                self.bus.history_len,
+                humantime::format_duration(self.bus.history_ttl),
+                self.bus.history_bytes
+            ),
             Some(_) => format!(
                 "bus: Redis (channel C is {}C; history {} messages, kept {})\n",
                 self.bus.channel_prefix,

@@ -22,6 +22,7 @@ pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
 pub const DEFAULT_HISTORY_LEN: usize = 1000;
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
@@ -112,6 +113,7 @@ pub struct BusSection {
     pub history_len: usize,
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    pub history_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
 }
@@ -124,6 +126,7 @@ impl Default for BusSection {
             channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
             history_len: DEFAULT_HISTORY_LEN,
             history_ttl: DEFAULT_HISTORY_TTL,
+            history_bytes: DEFAULT_HISTORY_BYTES,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
         }
     }

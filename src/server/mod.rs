@@ -119,7 +119,11 @@ impl Edge {
             )?)),
         };
         let bus = match &redis {
-            None => Bus::Memory(MemoryBus::new()),
+            None => Bus::Memory(MemoryBus::new(
+                config.bus.history_len,
+                config.bus.history_ttl,
+                config.bus.history_bytes,
+            )),
             Some(r) => Bus::Redis(r.clone()),
         };
         let hub = Arc::new(Hub::new(bus, config.server.max_channels, metrics.clone()));

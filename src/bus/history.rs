@@ -1,0 +1,256 @@
+//! Channel history for the embedded bus, and the resume rule both buses share.
+//!
+//! Each channel keeps its last `bus.history_len` messages, none older than `bus.history_ttl`. The
+//! table is keyed by client input, so it is capped in total bytes (`bus.history_bytes`): past it,
+//! the channel published to least recently loses its history first. The Redis bus keeps the same
+//! history in a Redis stream instead (see `redis.rs`); this module does not touch Redis.
+//!
+//! Resume rule ([`Replay`]): a client resuming after offset `since` gets every retained message
+//! after it, and a gap notice unless the history proves nothing was lost, which it does only when
+//! `since` itself is still retained or `since` is at or past the channel's last offset.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::protocol::{Channel, Offset};
+
+/// Per-entry bookkeeping counted against the byte budget besides the data itself.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// What a resume gets: the retained messages after `since`, oldest first, and whether messages
+/// may have been lost before them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replay {
+    pub entries: Vec<(Offset, Arc<str>)>,
+    pub gap: bool,
+}
+
+impl Replay {
+    /// Applies the resume rule to a channel's retained entries (oldest first) and its last offset.
+    pub fn after(
+        since: Offset,
+        retained: impl IntoIterator<Item = (Offset, Arc<str>)>,
+        last: Option<Offset>,
+    ) -> Replay {
+        let mut found = false;
+        let mut entries = Vec::new();
+        for (o, d) in retained {
+            if o == since {
+                found = true;
+            } else if o > since {
+                entries.push((o, d));
+            }
+        }
+        let up_to_date = last.is_some_and(|l| since >= l);
+        Replay {
+            gap: !(found || up_to_date),
+            entries,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    entries: VecDeque<(Offset, Arc<str>, Instant)>,
+    /// The channel's newest offset, kept when its entries age out, so a client that saw it is
+    /// known to be up to date.
+    last: Option<Offset>,
+    last_publish: Option<Instant>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct MemoryHistory {
+    channels: RwLock<HashMap<Channel, Arc<Mutex<Ring>>>>,
+    len: usize,
+    ttl: Duration,
+    budget: usize,
+    bytes: AtomicUsize,
+}
+
+impl MemoryHistory {
+    pub fn new(len: usize, ttl: Duration, budget: usize) -> MemoryHistory {
+        MemoryHistory {
+            channels: RwLock::new(HashMap::new()),
+            len,
+            ttl,
+            budget,
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs `publish` with the channel's history locked: it picks the offset and delivers, and
+    /// the message is appended under the same lock, so history order is delivery order.
+    pub fn record<R>(
+        &self,
+        channel: &Channel,
+        data: &str,
+        publish: impl FnOnce() -> (Offset, R),
+    ) -> R {
+        let ring = self.ring(channel);
+        let result = {
+            let mut r = ring.lock();
+            let (offset, result) = publish();
+            let now = Instant::now();
+            let size = data.len() + ENTRY_OVERHEAD;
+            r.entries.push_back((offset, Arc::from(data), now));
+            r.bytes += size;
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+            r.last = Some(offset);
+            r.last_publish = Some(now);
+            self.trim(&mut r, now);
+            result
+        };
+        if self.bytes.load(Ordering::Relaxed) > self.budget {
+            self.evict(channel);
+        }
+        result
+    }
+
+    /// The resume for `since` on `channel`.
+    pub fn replay(&self, channel: &Channel, since: Offset) -> Replay {
+        let Some(ring) = self.channels.read().get(channel).cloned() else {
+            // Never published here, or its history was evicted: nothing proves no loss.
+            return Replay::after(since, [], None);
+        };
+        let mut r = ring.lock();
+        self.trim(&mut r, Instant::now());
+        let retained: Vec<(Offset, Arc<str>)> =
+            r.entries.iter().map(|(o, d, _)| (*o, d.clone())).collect();
+        Replay::after(since, retained, r.last)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.read().len()
+    }
+
+    fn ring(&self, channel: &Channel) -> Arc<Mutex<Ring>> {
+        if let Some(r) = self.channels.read().get(channel) {
+            return r.clone();
+        }
+        self.channels
+            .write()
+            .entry(channel.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn trim(&self, r: &mut Ring, now: Instant) {
+        while let Some((_, d, at)) = r.entries.front() {
+            if r.entries.len() > self.len || now.duration_since(*at) > self.ttl {
+                let size = d.len() + ENTRY_OVERHEAD;
+                r.entries.pop_front();
+                r.bytes -= size;
+                self.bytes.fetch_sub(size, Ordering::Relaxed);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Drops whole channels, least recently published first, until the table is within budget.
+    /// `keep` (the channel just published to) goes last. Runs with no ring lock held.
+    fn evict(&self, keep: &Channel) {
+        let mut channels = self.channels.write();
+        while self.bytes.load(Ordering::Relaxed) > self.budget {
+            let victim = channels
+                .iter()
+                .filter(|(c, _)| *c != keep || channels.len() == 1)
+                .min_by_key(|(_, r)| r.lock().last_publish)
+                .map(|(c, _)| c.clone());
+            let Some(victim) = victim else { break };
+            if let Some(r) = channels.remove(&victim) {
+                self.bytes.fetch_sub(r.lock().bytes, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(s: &str) -> Channel {
+        Channel::new(s).unwrap()
+    }
+
+    fn o(seq: u64) -> Offset {
+        Offset { epoch: 1, seq }
+    }
+
+    fn publish(h: &MemoryHistory, c: &str, seq: u64, data: &str) {
+        h.record(&ch(c), data, || (o(seq), ()));
+    }
+
+    #[test]
+    fn resume_rule() {
+        let e = |s: u64| (o(s), Arc::<str>::from("x"));
+        // since retained: exact, no gap.
+        let r = Replay::after(o(2), [e(1), e(2), e(3)], Some(o(3)));
+        assert_eq!((r.entries.len(), r.gap), (1, false));
+        // since older than the history: what is left, with a gap.
+        let r = Replay::after(o(1), [e(5), e(6)], Some(o(6)));
+        assert_eq!((r.entries.len(), r.gap), (2, true));
+        // since at the newest offset, entries aged out: up to date.
+        let r = Replay::after(o(6), [], Some(o(6)));
+        assert_eq!((r.entries.len(), r.gap), (0, false));
+        // nothing known: gap.
+        assert!(Replay::after(o(6), [], None).gap);
+    }
+
+    #[test]
+    fn keeps_the_last_len_messages() {
+        let h = MemoryHistory::new(3, Duration::from_secs(60), 1 << 20);
+        for s in 1..=5 {
+            publish(&h, "a", s, "m");
+        }
+        let r = h.replay(&ch("a"), o(3));
+        assert_eq!(
+            r.entries.iter().map(|(o, _)| o.seq).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert!(!r.gap);
+        let r = h.replay(&ch("a"), o(1));
+        assert!(r.gap, "2 was trimmed");
+        assert_eq!(r.entries.len(), 3);
+    }
+
+    #[test]
+    fn entries_age_out_but_the_last_offset_is_remembered() {
+        let h = MemoryHistory::new(100, Duration::from_millis(20), 1 << 20);
+        publish(&h, "a", 1, "m");
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(
+            h.replay(&ch("a"), o(1)),
+            Replay {
+                entries: vec![],
+                gap: false
+            }
+        );
+        assert!(h.replay(&ch("a"), o(0)).gap);
+        assert_eq!(h.bytes(), 0);
+    }
+
+    #[test]
+    fn byte_budget_holds_under_a_channel_spray() {
+        let budget = 64 * 1024;
+        let h = MemoryHistory::new(1000, Duration::from_secs(60), budget);
+        let data = "d".repeat(100);
+        for i in 0..20_000u64 {
+            publish(&h, &format!("spray-{i}"), i + 1, &data);
+            assert!(h.bytes() <= budget, "over budget after {i}: {}", h.bytes());
+        }
+        assert!(h.channel_count() * (100 + ENTRY_OVERHEAD) <= budget);
+        // The most recent channels kept their history; evicted ones say gap.
+        assert!(!h.replay(&ch("spray-19999"), o(20_000)).gap);
+        assert!(h.replay(&ch("spray-0"), o(0)).gap);
+    }
+}
