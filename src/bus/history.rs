@@ -6,8 +6,11 @@
 //! history in a Redis stream instead (see `redis.rs`); this module does not touch Redis.
 //!
 //! Resume rule ([`Replay`]): a client resuming after offset `since` gets every retained message
-//! after it, and a gap notice unless the history proves nothing was lost, which it does only when
-//! `since` itself is still retained or `since` is at or past the channel's last offset.
+//! after it, and a gap notice unless the history proves nothing was lost. Histories only lose
+//! messages from the front (trimmed by count or age) or whole (evicted, expired, a restarted
+//! node), so it proves it when its oldest retained message is at or before `since`, or when
+//! `since` is at or past the channel's newest offset. `since` need not be an offset of this
+//! channel: one SSE `Last-Event-ID` resumes several channels.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -30,24 +33,19 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Applies the resume rule to a channel's retained entries (oldest first) and its last offset.
+    /// Applies the resume rule. `retained` may start anywhere (entries at or before `since` are
+    /// skipped); `first` and `last` are the channel's oldest retained and newest offsets.
     pub fn after(
         since: Offset,
         retained: impl IntoIterator<Item = (Offset, Arc<str>)>,
+        first: Option<Offset>,
         last: Option<Offset>,
     ) -> Replay {
-        let mut found = false;
-        let mut entries = Vec::new();
-        for (o, d) in retained {
-            if o == since {
-                found = true;
-            } else if o > since {
-                entries.push((o, d));
-            }
-        }
+        let entries = retained.into_iter().filter(|(o, _)| *o > since).collect();
         let up_to_date = last.is_some_and(|l| since >= l);
+        let covered = first.is_some_and(|f| f <= since);
         Replay {
-            gap: !(found || up_to_date),
+            gap: !(covered || up_to_date),
             entries,
         }
     }
@@ -115,13 +113,18 @@ impl MemoryHistory {
     pub fn replay(&self, channel: &Channel, since: Offset) -> Replay {
         let Some(ring) = self.channels.read().get(channel).cloned() else {
             // Never published here, or its history was evicted: nothing proves no loss.
-            return Replay::after(since, [], None);
+            return Replay::after(since, [], None, None);
         };
         let mut r = ring.lock();
         self.trim(&mut r, Instant::now());
-        let retained: Vec<(Offset, Arc<str>)> =
-            r.entries.iter().map(|(o, d, _)| (*o, d.clone())).collect();
-        Replay::after(since, retained, r.last)
+        let first = r.entries.front().map(|(o, _, _)| *o);
+        let retained: Vec<(Offset, Arc<str>)> = r
+            .entries
+            .iter()
+            .filter(|(o, _, _)| *o > since)
+            .map(|(o, d, _)| (*o, d.clone()))
+            .collect();
+        Replay::after(since, retained, first, r.last)
     }
 
     pub fn bytes(&self) -> usize {
@@ -194,16 +197,19 @@ mod tests {
     fn resume_rule() {
         let e = |s: u64| (o(s), Arc::<str>::from("x"));
         // since retained: exact, no gap.
-        let r = Replay::after(o(2), [e(1), e(2), e(3)], Some(o(3)));
+        let r = Replay::after(o(2), [e(1), e(2), e(3)], Some(o(1)), Some(o(3)));
         assert_eq!((r.entries.len(), r.gap), (1, false));
+        // since inside the retained range though not this channel's offset: no gap.
+        let r = Replay::after(o(4), [e(3), e(5), e(7)], Some(o(3)), Some(o(7)));
+        assert_eq!((r.entries.len(), r.gap), (2, false));
         // since older than the history: what is left, with a gap.
-        let r = Replay::after(o(1), [e(5), e(6)], Some(o(6)));
+        let r = Replay::after(o(1), [e(5), e(6)], Some(o(5)), Some(o(6)));
         assert_eq!((r.entries.len(), r.gap), (2, true));
         // since at the newest offset, entries aged out: up to date.
-        let r = Replay::after(o(6), [], Some(o(6)));
+        let r = Replay::after(o(6), [], None, Some(o(6)));
         assert_eq!((r.entries.len(), r.gap), (0, false));
         // nothing known: gap.
-        assert!(Replay::after(o(6), [], None).gap);
+        assert!(Replay::after(o(6), [], None, None).gap);
     }
 
     #[test]

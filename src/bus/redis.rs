@@ -215,18 +215,35 @@ impl RedisBus {
             .history_len
             .saturating_mul(2)
             .saturating_add(100);
-        let mut xrange = redis::cmd("XRANGE");
-        xrange
+        // One round trip: the stream's oldest and newest entries, and what follows `since`.
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("XRANGE")
             .arg(&key)
             .arg(since.to_string())
             .arg("+")
             .arg("COUNT")
             .arg(bound);
-        let range = xrange.query_async::<StreamRangeReply>(&mut conn);
-        let reply = match tokio::time::timeout(self.settings.timeout, range).await {
+        let query =
+            pipe.query_async::<(StreamRangeReply, StreamRangeReply, StreamRangeReply)>(&mut conn);
+        let (oldest, newest, reply) = match tokio::time::timeout(self.settings.timeout, query).await
+        {
             Ok(Ok(r)) => r,
             _ => return Err(BusError::Unavailable("cannot read history from Redis")),
         };
+        let id_of = |r: &StreamRangeReply| r.ids.first().and_then(|e| e.id.parse::<Offset>().ok());
+        let (first, last) = (id_of(&oldest), id_of(&newest));
         let truncated = reply.ids.len() >= bound;
         let mut retained = Vec::with_capacity(reply.ids.len());
         for entry in reply.ids {
@@ -239,21 +256,7 @@ impl RedisBus {
                 retained.push((offset, Arc::<str>::from(data)));
             }
         }
-        let last = match retained.last() {
-            Some((o, _)) => Some(*o),
-            // Nothing at or after `since`: the client is up to date if `since` is at or past
-            // the stream's newest entry; an absent stream proves nothing.
-            None => {
-                let mut xrev = redis::cmd("XREVRANGE");
-                xrev.arg(&key).arg("+").arg("-").arg("COUNT").arg(1);
-                let newest = xrev.query_async::<StreamRangeReply>(&mut conn);
-                match tokio::time::timeout(self.settings.timeout, newest).await {
-                    Ok(Ok(r)) => r.ids.first().and_then(|e| e.id.parse().ok()),
-                    _ => return Err(BusError::Unavailable("cannot read history from Redis")),
-                }
-            }
-        };
-        let mut replay = Replay::after(since, retained, last);
+        let mut replay = Replay::after(since, retained, first, last);
         replay.gap |= truncated;
         Ok(replay)
     }
