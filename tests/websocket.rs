@@ -131,80 +131,72 @@ fn text(v: Value) -> Message {
 async fn bad_requests_get_error_replies_and_the_session_survives() {
     let t = start(|_| {}).await;
     let mut c = t.connect().await;
-    expect_error(&mut c, Message::text("not json"), None, "bad_request").await;
-    expect_error(&mut c, Message::text("[1,\"ping\"]"), None, "bad_request").await;
-    expect_error(
-        &mut c,
-        Message::binary(vec![1u8, 2, 3]),
-        None,
-        "bad_request",
-    )
-    .await;
-    expect_error(&mut c, text(json!({"id": 1})), Some(1), "bad_request").await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 2, "op": "subscribe"})),
-        Some(2),
-        "bad_request",
-    )
-    .await;
-    let r = expect_error(
-        &mut c,
-        text(json!({"id": 3, "op": "subscribe", "channel": "bad channel!"})),
-        Some(3),
-        "bad_request",
-    )
-    .await;
-    assert!(r["error"]["message"].as_str().unwrap().contains("channel"));
-    expect_error(
-        &mut c,
-        text(json!({"id": 4, "op": "subscribe", "channel": "x".repeat(201)})),
-        Some(4),
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 5, "op": "subscribe", "channel": 5})),
-        Some(5),
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 6, "op": "subscribe", "channel": "a", "since": "yesterday"})),
-        Some(6),
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 7, "op": "publish", "channel": "a"})),
-        Some(7),
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": "eight", "op": "ping"})),
-        None,
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 9, "op": "launch"})),
-        Some(9),
-        "unknown_op",
-    )
-    .await;
-    expect_error(
-        &mut c,
-        text(json!({"id": 10, "op": "unsubscribe", "channel": "never"})),
-        Some(10),
-        "not_subscribed",
-    )
-    .await;
+    // (frame, id the reply must carry, error code)
+    let cases: Vec<(Message, Option<u64>, &str)> = vec![
+        (Message::text("not json"), None, "bad_request"),
+        (Message::text("[1,\"ping\"]"), None, "bad_request"),
+        (Message::binary(vec![1u8, 2, 3]), None, "bad_request"),
+        (text(json!({"id": 1})), Some(1), "bad_request"),
+        (
+            text(json!({"id": 2, "op": "subscribe"})),
+            Some(2),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 3, "op": "subscribe", "channel": "bad channel!"})),
+            Some(3),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 4, "op": "subscribe", "channel": "x".repeat(201)})),
+            Some(4),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 5, "op": "subscribe", "channel": 5})),
+            Some(5),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 6, "op": "subscribe", "channel": "a", "since": "yesterday"})),
+            Some(6),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 7, "op": "publish", "channel": "a"})),
+            Some(7),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": "eight", "op": "ping"})),
+            None,
+            "bad_request",
+        ),
+        (
+            Message::text(r#"{"id":12,"op":"publish","channel":"a","data":1e400}"#),
+            Some(12),
+            "bad_request",
+        ),
+        (
+            text(json!({"id": 9, "op": "launch"})),
+            Some(9),
+            "unknown_op",
+        ),
+        (
+            text(json!({"id": 10, "op": "unsubscribe", "channel": "never"})),
+            Some(10),
+            "not_subscribed",
+        ),
+    ];
+    for (frame, id, code) in cases {
+        let r = expect_error(&mut c, frame, id, code).await;
+        if id == Some(3) {
+            assert!(
+                r["error"]["message"].as_str().unwrap().contains("channel"),
+                "{r}"
+            );
+        }
+    }
     // Still a working session.
     c.subscribe(11, "ok").await;
 }
