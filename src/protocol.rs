@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
@@ -406,44 +406,95 @@ pub fn check_json_text(text: &str) -> Result<(), String> {
 }
 
 /// One encoded edge → client frame: a single line of UTF-8 JSON, built once and shared by every
-/// session it goes to. It wraps tungstenite's `Utf8Bytes` so that a WebSocket send is a reference
-/// count increment, with UTF-8 checked once at encoding instead of once per subscriber; the other
-/// wires read it as plain bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame(Utf8Bytes);
+/// session it goes to (cloning is a reference-count increment). The JSON is tungstenite's
+/// `Utf8Bytes`, so a WebSocket send needs no copy and UTF-8 is checked once at encoding, not once
+/// per subscriber. The SSE event for the frame is built the first time an SSE session needs it
+/// and then shared the same way.
+#[derive(Debug, Clone)]
+pub struct Frame(Arc<FrameInner>);
+
+#[derive(Debug)]
+struct FrameInner {
+    json: Utf8Bytes,
+    offset: Option<Offset>,
+    sse: OnceLock<Bytes>,
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.0.json == other.0.json
+    }
+}
+
+impl Eq for Frame {}
 
 impl Frame {
-    fn from_string(s: String) -> Frame {
-        Frame(Utf8Bytes::from(s))
-    }
-
-    fn from_utf8(b: Bytes) -> Frame {
-        // Every caller builds `b` from `&str` pieces, so this cannot fail; a replacement frame
-        // keeps the no-panic promise if that ever stops being true.
-        Frame(Utf8Bytes::try_from(b).unwrap_or_else(|_| {
-            Utf8Bytes::from_static(r#"{"error":{"code":"internal","message":"encoding"}}"#)
+    fn new(json: Utf8Bytes, offset: Option<Offset>) -> Frame {
+        Frame(Arc::new(FrameInner {
+            json,
+            offset,
+            sse: OnceLock::new(),
         }))
     }
 
+    fn from_string(s: String) -> Frame {
+        Frame::new(Utf8Bytes::from(s), None)
+    }
+
+    fn from_utf8(b: Bytes, offset: Option<Offset>) -> Frame {
+        // Every caller builds `b` from `&str` pieces, so this cannot fail; a replacement frame
+        // keeps the no-panic promise if that ever stops being true.
+        let json = Utf8Bytes::try_from(b).unwrap_or_else(|_| {
+            Utf8Bytes::from_static(r#"{"error":{"code":"internal","message":"encoding"}}"#)
+        });
+        Frame::new(json, offset)
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.0.json.as_bytes()
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.0.json.as_str()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.json.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.json.is_empty()
+    }
+
+    /// The offset of a pushed message, if it has one.
+    pub fn offset(&self) -> Option<Offset> {
+        self.0.offset
     }
 
     /// The WebSocket text payload, without copying.
     pub fn to_utf8_bytes(&self) -> Utf8Bytes {
-        self.0.clone()
+        self.0.json.clone()
+    }
+
+    /// The Server-Sent Events form: `id: <offset>` (for messages that have one) and the JSON on
+    /// one `data:` line. The JSON never holds a line break, so one line is always enough.
+    pub fn sse_event(&self) -> Bytes {
+        self.0
+            .sse
+            .get_or_init(|| {
+                let json = self.as_bytes();
+                let mut buf = BytesMut::with_capacity(json.len() + 48);
+                if let Some(o) = self.0.offset {
+                    buf.put_slice(b"id: ");
+                    buf.put_slice(o.to_string().as_bytes());
+                    buf.put_u8(b'\n');
+                }
+                buf.put_slice(b"data: ");
+                buf.put_slice(json);
+                buf.put_slice(b"\n\n");
+                buf.freeze()
+            })
+            .clone()
     }
 }
 
@@ -476,7 +527,7 @@ pub fn encode_message(channel: &Channel, offset: Option<Offset>, data: &str) -> 
     buf.put_slice(b"\",\"data\":");
     put_single_line(&mut buf, data.as_bytes());
     buf.put_u8(b'}');
-    Frame::from_utf8(buf.freeze())
+    Frame::from_utf8(buf.freeze(), offset)
 }
 
 pub fn encode_gap(channel: &Channel) -> Frame {
@@ -494,7 +545,7 @@ pub fn encode_welcome(session: &str) -> Frame {
 pub fn encode_ok(id: Option<u64>) -> Frame {
     match id {
         Some(id) => Frame::from_string(format!("{{\"id\":{id},\"ok\":true}}")),
-        None => Frame(Utf8Bytes::from_static("{\"ok\":true}")),
+        None => Frame::new(Utf8Bytes::from_static("{\"ok\":true}"), None),
     }
 }
 
@@ -703,6 +754,24 @@ mod tests {
         let v: Value = serde_json::from_slice(encode_welcome("s1").as_bytes()).unwrap();
         assert_eq!(v["op"], "welcome");
         assert_eq!(v["server"], SERVER_NAME);
+    }
+
+    #[test]
+    fn sse_event_carries_the_offset_as_id_and_is_built_once() {
+        let ch = Channel::new("c").unwrap();
+        let m = encode_message(&ch, Some(Offset { epoch: 5, seq: 6 }), "[1,\n2]");
+        let ev = m.sse_event();
+        assert_eq!(
+            std::str::from_utf8(&ev).unwrap(),
+            "id: 5-6\ndata: {\"op\":\"message\",\"channel\":\"c\",\"offset\":\"5-6\",\"data\":[1, 2]}\n\n"
+        );
+        assert_eq!(
+            m.clone().sse_event().as_ptr(),
+            ev.as_ptr(),
+            "shared, not rebuilt"
+        );
+        let gap = encode_gap(&ch).sse_event();
+        assert_eq!(&gap[..], b"data: {\"op\":\"gap\",\"channel\":\"c\"}\n\n");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::bus::hub::SubscribeError;
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
-use crate::protocol::{self, Channel, ClientFrame, ErrorCode, Frame};
+use crate::protocol::{self, Channel, ClientFrame, ErrorCode, Frame, Offset};
 
 /// What a session needs from the node it runs on.
 #[derive(Debug)]
@@ -168,6 +168,14 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Why a subscription was refused, in the protocol's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
 }
 
 /// How a transport must close the wire.
@@ -375,39 +383,62 @@ impl Session {
         Verdict::Continue
     }
 
+    /// Subscribes the session to `channel` (resuming after `since`). `first` is queued the moment
+    /// the subscription turns live: the protocol's reply, or nothing for a wire that has none.
+    /// Joining a channel the session holds already just queues `first`.
+    pub async fn join(
+        &mut self,
+        channel: Channel,
+        since: Option<Offset>,
+        first: Vec<Frame>,
+    ) -> Result<(), JoinError> {
+        if self.subscriptions.contains(&channel) {
+            for f in first {
+                self.reply(f);
+            }
+            return Ok(());
+        }
+        if self.subscriptions.len() >= self.env.config.max_channels {
+            return Err(JoinError {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "a session may hold at most {} channels",
+                    self.env.config.max_channels
+                ),
+                retry_after_ms: None,
+            });
+        }
+        let hub = &self.env.hub;
+        match hub
+            .subscribe(&channel, self.id, &self.outbox, first, since)
+            .await
+        {
+            Ok(()) => {
+                self.subscriptions.insert(channel);
+                Ok(())
+            }
+            Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
+                code: ErrorCode::Unavailable,
+                message: e.to_string(),
+                retry_after_ms: None,
+            }),
+            Err(SubscribeError::BusUnavailable(why)) => Err(JoinError {
+                code: ErrorCode::Unavailable,
+                message: why.to_string(),
+                retry_after_ms: Some(1000),
+            }),
+        }
+    }
+
     async fn execute(&mut self, frame: ClientFrame<'_>) {
         match frame {
             ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
             ClientFrame::Subscribe { id, channel, since } => {
-                if self.subscriptions.contains(&channel) {
-                    self.reply(protocol::encode_ok(id));
-                    return;
-                }
-                if self.subscriptions.len() >= self.env.config.max_channels {
-                    let msg = format!(
-                        "a session may hold at most {} channels",
-                        self.env.config.max_channels
-                    );
-                    self.error(id, ErrorCode::TooLarge, &msg, None);
-                    return;
-                }
                 // The reply (and, for a resume, the replay) is queued by the hub at the moment
                 // the subscription turns live, so no push can overtake it.
-                let first = vec![protocol::encode_ok(id)];
-                let hub = &self.env.hub;
-                match hub
-                    .subscribe(&channel, self.id, &self.outbox, first, since)
-                    .await
-                {
-                    Ok(()) => {
-                        self.subscriptions.insert(channel.clone());
-                    }
-                    Err(e @ SubscribeError::ChannelTableFull(_)) => {
-                        self.error(id, ErrorCode::Unavailable, &e.to_string(), None)
-                    }
-                    Err(SubscribeError::BusUnavailable(why)) => {
-                        self.error(id, ErrorCode::Unavailable, why, Some(1000))
-                    }
+                let ok = protocol::encode_ok(id);
+                if let Err(e) = self.join(channel, since, vec![ok]).await {
+                    self.error(id, e.code, &e.message, e.retry_after_ms);
                 }
             }
             ClientFrame::Unsubscribe { id, channel } => {

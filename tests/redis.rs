@@ -533,3 +533,41 @@ async fn resume_through_redis_during_a_flood_loses_and_repeats_nothing() {
         );
     }
 }
+
+#[tokio::test]
+async fn sse_reconnect_landing_on_another_node_resumes_exactly() {
+    use common::sse_client::{data, next, open, welcome};
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut ws = nodes[0].connect().await;
+    let mut events = open(&nodes[0], false, "channel=live", None).await;
+    welcome(&mut events).await;
+    for i in 0..3 {
+        ws.request(json!({"id": i, "op": "publish", "channel": "live", "data": i}))
+            .await;
+    }
+    let mut last = String::new();
+    for i in 0..3 {
+        let e = next(&mut events).await;
+        assert_eq!(data(&e)["data"], i);
+        last = e.id;
+    }
+    drop(events);
+    for i in 3..6 {
+        ws.request(json!({"id": i, "op": "publish", "channel": "live", "data": i}))
+            .await;
+    }
+    // The load balancer sends the reconnect to the other node.
+    let mut events = open(&nodes[1], true, "channel=live", Some(&last)).await;
+    welcome(&mut events).await;
+    for i in 3..6 {
+        assert_eq!(
+            data(&next(&mut events).await)["data"],
+            i,
+            "missed message {i}, once"
+        );
+    }
+    ws.request(json!({"id": 9, "op": "publish", "channel": "live", "data": 6}))
+        .await;
+    assert_eq!(data(&next(&mut events).await)["data"], 6);
+}

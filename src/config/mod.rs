@@ -140,6 +140,10 @@ pub struct SessionConfig {
     /// A write to the client that takes longer than this ends the session: the client has
     /// stopped reading and its queue would only grow.
     pub write_timeout: Duration,
+    /// SSE: a comment line this often keeps proxies from closing a quiet stream.
+    pub sse_heartbeat: Duration,
+    /// SSE: the `retry:` hint, how long EventSource waits before reconnecting.
+    pub sse_retry: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -506,6 +510,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ss.write_timeout,
             Duration::from_millis(100),
         )?,
+        sse_heartbeat: min_duration(
+            "session.sse_heartbeat",
+            ss.sse_heartbeat,
+            Duration::from_millis(100),
+        )?,
+        sse_retry: min_duration("session.sse_retry", ss.sse_retry, Duration::ZERO)?,
         read_buffer_bytes: range(
             "session.read_buffer_bytes",
             ss.read_buffer_bytes,

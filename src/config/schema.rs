@@ -35,6 +35,8 @@ pub const DEFAULT_CLOSE_AFTER_REFUSALS: u32 = 50;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SSE_HEARTBEAT: Duration = Duration::from_secs(15);
+pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(3);
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -157,6 +159,10 @@ pub struct SessionSection {
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub sse_heartbeat: Duration,
+    #[serde(with = "humantime_serde")]
+    pub sse_retry: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -176,6 +182,8 @@ impl Default for SessionSection {
             ping_interval: DEFAULT_PING_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            sse_heartbeat: DEFAULT_SSE_HEARTBEAT,
+            sse_retry: DEFAULT_SSE_RETRY,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
         }

@@ -6,7 +6,7 @@
 //! `transport`, policy in `admission`.
 
 pub mod routes;
-mod tcp;
+pub(crate) mod tcp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -31,10 +31,11 @@ use crate::session::SessionEnv;
 use crate::tls::{self, DevCert, TlsError};
 
 /// Response body of every route: boxed so that streaming routes (SSE) and fixed ones share a type.
-pub type Body = BoxBody<Bytes, Infallible>;
+/// Not `Sync`: a streaming body owns its session, and hyper needs only `Send`.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 pub fn full_body(b: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(b.into()).boxed()
+    http_body_util::Full::new(b.into()).boxed_unsync()
 }
 
 #[derive(Debug, thiserror::Error)]

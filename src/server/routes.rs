@@ -8,6 +8,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
 use crate::admission::Refusal;
 use crate::protocol;
@@ -26,6 +27,9 @@ pub struct ConnInfo {
     /// The connection's slot under `server.max_connections`. A session that outlives the HTTP
     /// connection (an upgrade) holds a clone so the slot stays taken while the socket is open.
     pub permit: Option<Arc<ConnSlot>>,
+    /// The connection's request activity, for its idle check: a streaming response holds an
+    /// [`InFlight`] guard from it for as long as it streams.
+    pub activity: Option<Arc<Activity>>,
 }
 
 /// A public connection's slot: holds its place under `server.max_connections` and counts it in
@@ -67,6 +71,7 @@ pub(super) async fn route(
     }
     match req.uri().path() {
         "/ws" => crate::transport::websocket::accept(req, state, info),
+        "/sse" => crate::transport::sse::accept(req, state, info).await,
         "/" if req.method() == Method::GET => text(
             StatusCode::OK,
             concat!(

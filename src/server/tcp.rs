@@ -58,6 +58,7 @@ pub(super) async fn accept_loop(
                         peer,
                         tls: tls.is_some(),
                         permit: Some(Arc::new(slot)),
+                        activity: None,
                     };
                     serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
                 });
@@ -72,6 +73,7 @@ pub(super) async fn accept_loop(
                         peer,
                         tls: false,
                         permit: None,
+                        activity: None,
                     };
                     serve(stream, None, st, kind, info, stop).await;
                 });
@@ -130,6 +132,8 @@ async fn serve_http<IO>(
     let st = state.clone();
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
+    let mut info = info;
+    info.activity = Some(activity.clone());
     let service = service_fn(move |req| {
         let st = st.clone();
         let info = info.clone();
@@ -175,7 +179,7 @@ async fn serve_http<IO>(
 /// A request counts until its handler returns; a streaming response (SSE) must carry an
 /// [`InFlight`] guard in its body to keep its connection from looking idle.
 #[derive(Debug)]
-struct Activity {
+pub struct Activity {
     in_flight: AtomicUsize,
     last: parking_lot::Mutex<Instant>,
 }
@@ -189,10 +193,16 @@ impl Default for Activity {
     }
 }
 
-struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
 
 impl Activity {
-    fn begin(self: &Arc<Self>) -> InFlight {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }

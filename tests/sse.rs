@@ -1,0 +1,208 @@
+//! Server-Sent Events over TLS with HTTP/1.1 and HTTP/2: a real client (reqwest) and a stream
+//! parser that follows the WHATWG rules (eventsource-stream), against a real edge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sse_client::{client, data, next, open, url, welcome};
+use common::{TestEdge, start};
+use futures_util::StreamExt;
+use serde_json::json;
+
+const KEY: &str = "sse-test-admin-key-123456";
+
+async fn sse_receives_what_websocket_and_backends_publish(h2: bool) {
+    let t = start(|f| f.admin.api_key = KEY.into()).await;
+    let mut events = open(&t, h2, "channel=news&channel=sports", None).await;
+    welcome(&mut events).await;
+    let mut ws = t.connect().await;
+    let r = ws
+        .request(json!({"id": 1, "op": "publish", "channel": "news", "data": {"h": "hello"}}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let e = next(&mut events).await;
+    let push = data(&e);
+    assert_eq!(push["op"], "message");
+    assert_eq!(push["channel"], "news");
+    assert_eq!(push["data"], json!({"h": "hello"}));
+    assert_eq!(
+        e.id,
+        push["offset"].as_str().unwrap(),
+        "the event id is the offset"
+    );
+
+    let r = reqwest::Client::new()
+        .post(t.admin_url("/v1/publish"))
+        .bearer_auth(KEY)
+        .body(r#"{"channel":"sports","data":"goal"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let e = next(&mut events).await;
+    assert_eq!(data(&e)["channel"], "sports");
+    assert_eq!(data(&e)["data"], "goal");
+    assert_eq!(t.metric("edgeplex_sessions{transport=\"sse\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn sse_over_http1_receives_websocket_and_backend_publishes() {
+    sse_receives_what_websocket_and_backends_publish(false).await;
+}
+
+#[tokio::test]
+async fn sse_over_http2_receives_websocket_and_backend_publishes() {
+    sse_receives_what_websocket_and_backends_publish(true).await;
+}
+
+async fn publish(ws: &mut common::Client, channel: &str, from: i64, n: i64) {
+    for i in from..from + n {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": channel, "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+}
+
+#[tokio::test]
+async fn reconnect_with_last_event_id_gets_exactly_the_missed_messages() {
+    for h2 in [false, true] {
+        let t = start(|_| {}).await;
+        let mut ws = t.connect().await;
+        let mut events = open(&t, h2, "channel=ticks", None).await;
+        welcome(&mut events).await;
+        publish(&mut ws, "ticks", 0, 3).await;
+        let mut last_id = String::new();
+        for i in 0..3 {
+            let e = next(&mut events).await;
+            assert_eq!(data(&e)["data"], i);
+            last_id = e.id.clone();
+        }
+        drop(events);
+        publish(&mut ws, "ticks", 3, 4).await;
+        // What EventSource does on its own after a drop.
+        let mut events = open(&t, h2, "channel=ticks", Some(&last_id)).await;
+        welcome(&mut events).await;
+        for i in 3..7 {
+            let e = next(&mut events).await;
+            assert_eq!(data(&e)["data"], i, "missed message {i}, once, in order");
+        }
+        publish(&mut ws, "ticks", 7, 1).await;
+        assert_eq!(
+            data(&next(&mut events).await)["data"],
+            7,
+            "then live traffic"
+        );
+    }
+}
+
+#[tokio::test]
+async fn since_in_the_query_resumes_too_and_past_the_history_gives_a_gap() {
+    // Keeps messages 2, 3 and 4 of the five.
+    let t = start(|f| f.bus.history_len = 3).await;
+    let mut ws = t.connect().await;
+    let mut events = open(&t, false, "channel=short", None).await;
+    welcome(&mut events).await;
+    publish(&mut ws, "short", 0, 5).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(next(&mut events).await.id);
+    }
+    drop(events);
+    // Within the history: exact.
+    let mut events = open(&t, false, &format!("channel=short&since={}", ids[2]), None).await;
+    welcome(&mut events).await;
+    assert_eq!(data(&next(&mut events).await)["data"], 3);
+    assert_eq!(data(&next(&mut events).await)["data"], 4);
+    drop(events);
+    // Older than the history: a gap notice, then what was kept.
+    let mut events = open(&t, false, "channel=short", Some(&ids[0])).await;
+    welcome(&mut events).await;
+    let gap = next(&mut events).await;
+    assert_eq!(data(&gap), json!({"op": "gap", "channel": "short"}));
+    assert_eq!(gap.id, "", "a gap notice has no id");
+    assert_eq!(data(&next(&mut events).await)["data"], 2);
+}
+
+#[tokio::test]
+async fn quiet_stream_gets_heartbeats_and_a_retry_hint() {
+    let t = start(|f| f.session.sse_heartbeat = Duration::from_millis(100)).await;
+    let resp = client(&t, false)
+        .get(url(&t, "channel=quiet"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    let until = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(until, body.next()).await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.starts_with("retry: 3000\n\n"), "{seen:?}");
+    assert!(seen.matches(": keep-alive\n\n").count() >= 3, "{seen:?}");
+}
+
+#[tokio::test]
+async fn refusals_before_the_stream_starts() {
+    let t = start(|f| {
+        f.session.max_channels = 2;
+        f.server.max_sessions = 1;
+        f.admission.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let c = client(&t, false);
+    let status = |q: &'static str| {
+        let c = c.clone();
+        let u = url(&t, q);
+        async move { c.get(u).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("").await, 400, "no channel");
+    assert_eq!(status("channel=bad%20name").await, 400);
+    assert_eq!(status("channel=a&since=nope").await, 400);
+    assert_eq!(status("channel=a&channel=b&channel=c").await, 413);
+    let r = c
+        .get(url(&t, "channel=a"))
+        .header("last-event-id", "garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .get(url(&t, "channel=a"))
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // An allowed origin is echoed for EventSource across origins.
+    let held = c
+        .get(url(&t, "channel=a"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    assert_eq!(
+        held.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // The only session slot is taken by the stream above.
+    let r = c.get(url(&t, "channel=a")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn shutdown_ends_the_stream() {
+    let t = start(|_| {}).await;
+    let mut events = open(&t, false, "channel=x", None).await;
+    welcome(&mut events).await;
+    let TestEdge { edge, .. } = t;
+    let report = edge.shutdown_within(Duration::from_secs(5)).await;
+    assert!(report.clean);
+    let end = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "the stream ended: {end:?}");
+}
