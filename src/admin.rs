@@ -3,15 +3,12 @@
 //! listeners.
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
-use crate::bus::BusError;
-use crate::protocol::{self, Channel, ErrorCode};
+use crate::protocol::ErrorCode;
 use crate::server::routes::text;
 use crate::server::{Body, EdgeState, full_body};
+use crate::transport::publish::{self, json_error};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -49,13 +46,6 @@ pub async fn handle(req: Request<Incoming>, state: &EdgeState) -> Response<Body>
     }
 }
 
-#[derive(Deserialize)]
-struct PublishBody<'a> {
-    channel: String,
-    #[serde(borrow)]
-    data: &'a RawValue,
-}
-
 /// `POST /v1/publish {"channel":"C","data":<JSON>}` with `Authorization: Bearer <admin.api_key>`:
 /// the backend's way in, same bus path as a client publish. Answers the protocol's reply object.
 async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
@@ -81,58 +71,7 @@ async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    let limit = state.config.session.max_message_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            let msg = format!("body over {limit} bytes (session.max_message_bytes)");
-            return json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg);
-        }
-    };
-    let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = format!("expected {{\"channel\":\"…\",\"data\":…}}: {e}");
-            return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
-        }
-    };
-    let channel = match Channel::new(&parsed.channel) {
-        Ok(c) => c,
-        Err(e) => {
-            let msg = format!("field `channel`: {e}");
-            return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
-        }
-    };
-    if let Err(e) = protocol::check_data(parsed.data) {
-        let msg = format!("field `data`: {e}");
-        return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg);
-    }
-    match state.hub.publish(&channel, parsed.data).await {
-        Ok(()) => json(StatusCode::OK, protocol::encode_ok(None).as_str()),
-        Err(BusError::Unavailable(why)) => {
-            let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-    }
-}
-
-fn json(status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(full_body(body.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
-    json(
-        status,
-        protocol::encode_error(None, code, message, None).as_str(),
-    )
+    publish::publish_body(req.into_body(), state).await
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess matched.

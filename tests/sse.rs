@@ -206,3 +206,104 @@ async fn shutdown_ends_the_stream() {
         .unwrap();
     assert!(end.is_none(), "the stream ended: {end:?}");
 }
+
+fn publish_url(t: &TestEdge) -> String {
+    format!("https://localhost:{}/publish", t.edge.tls_addr().port())
+}
+
+#[tokio::test]
+async fn an_sse_only_client_publishes_with_post() {
+    let t = start(|f| f.admission.allowed_origins = vec!["https://app.example.com".into()]).await;
+    let mut events = open(&t, true, "channel=chat", None).await;
+    welcome(&mut events).await;
+    let mut ws = t.connect().await;
+    ws.subscribe(1, "chat").await;
+    let c = client(&t, true);
+    let r = c
+        .post(publish_url(&t))
+        .header("origin", "https://app.example.com")
+        .header("content-type", "application/json")
+        .body(r#"{"channel":"chat","data":{"text":"hi from SSE"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.text().await.unwrap(), r#"{"ok":true}"#);
+    assert_eq!(
+        data(&next(&mut events).await)["data"],
+        json!({"text": "hi from SSE"})
+    );
+    assert_eq!(ws.recv().await["data"], json!({"text": "hi from SSE"}));
+}
+
+#[tokio::test]
+async fn publish_preflight_and_errors() {
+    let t = start(|f| {
+        f.admission.allowed_origins = vec!["https://app.example.com".into()];
+        f.session.max_message_bytes = 1024;
+    })
+    .await;
+    let c = client(&t, false);
+    let r = c
+        .request(reqwest::Method::OPTIONS, publish_url(&t))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers()["access-control-allow-methods"], "POST");
+    assert_eq!(r.headers()["access-control-allow-headers"], "content-type");
+    let r = c
+        .request(reqwest::Method::OPTIONS, publish_url(&t))
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "no preflight for an origin not allowed");
+
+    let post = |body: String| {
+        let c = c.clone();
+        let u = publish_url(&t);
+        async move {
+            let r = c.post(u).body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    assert_eq!(post("not json".into()).await, (400, "bad_request".into()));
+    assert_eq!(
+        post(r#"{"channel":"a b","data":1}"#.into()).await,
+        (400, "bad_request".into())
+    );
+    assert_eq!(
+        post(r#"{"channel":"a","data":1e400}"#.into()).await,
+        (400, "bad_request".into())
+    );
+    let big = format!(r#"{{"channel":"a","data":"{}"}}"#, "x".repeat(2000));
+    assert_eq!(post(big).await, (413, "too_large".into()));
+    let r = c.get(publish_url(&t)).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+
+    let closed = start(|f| f.session.client_publish = false).await;
+    let r = client(&closed, false)
+        .post(publish_url(&closed))
+        .body(r#"{"channel":"a","data":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -72,6 +72,7 @@ pub(super) async fn route(
     match req.uri().path() {
         "/ws" => crate::transport::websocket::accept(req, state, info),
         "/sse" => crate::transport::sse::accept(req, state, info).await,
+        "/publish" => crate::transport::publish::accept(req, state, info).await,
         "/" if req.method() == Method::GET => text(
             StatusCode::OK,
             concat!(

@@ -1,0 +1,148 @@
+//! HTTP publish: one JSON body `{"channel":"C","data":<JSON>}` becomes one publish on the bus,
+//! answered with the protocol's reply object. Used by `POST /publish` on the public listeners
+//! (clients that hold only an SSE stream: origin checks and CORS here) and by the admin API's
+//! `POST /v1/publish` (bearer key checked in `admin.rs`). Same caps and validation as a WebSocket
+//! publish; this file does no authorization of its own beyond what its callers pass in.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::admission::{self};
+use crate::bus::BusError;
+use crate::protocol::{self, Channel, ErrorCode};
+use crate::server::routes::{ConnInfo, refusal_response};
+use crate::server::{Body, EdgeState, full_body};
+
+/// How long browsers may cache a preflight answer.
+const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /publish` and its CORS preflight on the public listeners.
+pub async fn accept(
+    req: Request<Incoming>,
+    state: Arc<EdgeState>,
+    info: ConnInfo,
+) -> Response<Body> {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    if let Err(refusal) = admission::check_origin(origin.as_deref(), &state.config.admission) {
+        tracing::info!(peer = %info.peer, origin = ?origin, "publish refused: origin");
+        return refusal_response(&refusal, &state);
+    }
+    let mut resp = match *req.method() {
+        Method::OPTIONS => {
+            let mut r = Response::new(full_body(bytes::Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            let h = r.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("POST"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from(PREFLIGHT_MAX_AGE_SECS),
+            );
+            r
+        }
+        Method::POST if !state.config.session.client_publish => json_error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "clients may not publish on this edge",
+        ),
+        Method::POST => publish_body(req.into_body(), &state).await,
+        _ => {
+            let mut r = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::BadRequest,
+                "use POST with {\"channel\":…,\"data\":…}",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+            return r;
+        }
+    };
+    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
+        resp.headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        resp.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    resp
+}
+
+/// Reads, checks and publishes one body; the caller has done authorization.
+pub async fn publish_body(body: Incoming, state: &EdgeState) -> Response<Body> {
+    let limit = state.config.session.max_message_bytes;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            state.metrics.error(ErrorCode::TooLarge);
+            let msg = format!("body over {limit} bytes (session.max_message_bytes)");
+            return json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg);
+        }
+    };
+    let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("expected {{\"channel\":\"…\",\"data\":…}}: {e}");
+            return bad_request(state, &msg);
+        }
+    };
+    let channel = match Channel::new(&parsed.channel) {
+        Ok(c) => c,
+        Err(e) => return bad_request(state, &format!("field `channel`: {e}")),
+    };
+    if let Err(e) = protocol::check_data(parsed.data) {
+        return bad_request(state, &format!("field `data`: {e}"));
+    }
+    match state.hub.publish(&channel, parsed.data).await {
+        Ok(()) => json(StatusCode::OK, protocol::encode_ok(None).as_str()),
+        Err(BusError::Unavailable(why)) => {
+            state.metrics.error(ErrorCode::Unavailable);
+            let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+fn bad_request(state: &EdgeState, message: &str) -> Response<Body> {
+    state.metrics.error(ErrorCode::BadRequest);
+    json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+}
+
+fn json(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(full_body(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// An HTTP error whose body is the protocol's error object.
+pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        protocol::encode_error(None, code, message, None).as_str(),
+    )
+}
