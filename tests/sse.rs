@@ -307,3 +307,33 @@ async fn publish_preflight_and_errors() {
         .unwrap();
     assert_eq!(r.status(), 403);
 }
+
+#[tokio::test]
+async fn publishes_over_one_connection_are_rate_limited_with_429() {
+    let t = start(|f| {
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 3;
+    })
+    .await;
+    // One HTTP/2 connection carries every request of this client.
+    let c = client(&t, true);
+    let mut statuses = Vec::new();
+    let mut retry = None;
+    for _ in 0..5 {
+        let r = c
+            .post(publish_url(&t))
+            .body(r#"{"channel":"a","data":1}"#)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry = r.headers().get("retry-after").cloned();
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            assert_eq!(v["error"]["code"], "rate_limited");
+            assert!(v["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    assert_eq!(retry.unwrap(), "1");
+}

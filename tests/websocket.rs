@@ -659,7 +659,12 @@ async fn an_open_websocket_counts_as_a_connection() {
 
 #[tokio::test]
 async fn the_subscribe_reply_comes_before_any_push() {
-    let t = start(|_| {}).await;
+    // Each subscriber below resumes into a full history plus the live flood: room for it all.
+    let t = start(|f| {
+        f.session.outbound_queue = 100_000;
+        f.session.outbound_queue_bytes = 1 << 30;
+    })
+    .await;
     let mut publisher = t.connect().await;
     let flood = tokio::spawn(async move {
         for i in 0..2000u64 {

@@ -30,6 +30,9 @@ pub struct ConnInfo {
     /// The connection's request activity, for its idle check: a streaming response holds an
     /// [`InFlight`] guard from it for as long as it streams.
     pub activity: Option<Arc<Activity>>,
+    /// The message budget of stateless HTTP publishes on this connection (`POST /publish`): the
+    /// connection is such a client's session, so it gets the session's rate.
+    pub publish_budget: Option<Arc<governor::DefaultDirectRateLimiter>>,
 }
 
 /// A public connection's slot: holds its place under `server.max_connections` and counts it in

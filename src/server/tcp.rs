@@ -59,6 +59,7 @@ pub(super) async fn accept_loop(
                         tls: tls.is_some(),
                         permit: Some(Arc::new(slot)),
                         activity: None,
+                        publish_budget: None,
                     };
                     serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
                 });
@@ -74,6 +75,7 @@ pub(super) async fn accept_loop(
                         tls: false,
                         permit: None,
                         activity: None,
+                        publish_budget: None,
                     };
                     serve(stream, None, st, kind, info, stop).await;
                 });
@@ -134,6 +136,16 @@ async fn serve_http<IO>(
     let act = activity.clone();
     let mut info = info;
     info.activity = Some(activity.clone());
+    if kind == Listener::Public {
+        let ss = &state.config.session;
+        let per_second =
+            std::num::NonZeroU32::new(ss.messages_per_second).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(ss.message_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        info.publish_budget = Some(Arc::new(governor::RateLimiter::direct(
+            governor::Quota::per_second(per_second).allow_burst(burst),
+        )));
+    }
     let service = service_fn(move |req| {
         let st = st.clone();
         let info = info.clone();

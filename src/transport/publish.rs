@@ -12,6 +12,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use governor::clock::{Clock, DefaultClock};
+
 use crate::admission::{self};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
@@ -66,7 +68,16 @@ pub async fn accept(
             ErrorCode::Forbidden,
             "clients may not publish on this edge",
         ),
-        Method::POST => publish_body(req.into_body(), &state).await,
+        Method::POST => {
+            let limited = info.publish_budget.as_ref().and_then(|b| b.check().err());
+            match limited {
+                Some(not_until) => {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    rate_limited(&state, wait)
+                }
+                None => publish_body(req.into_body(), &state).await,
+            }
+        }
         _ => {
             let mut r = json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -122,6 +133,22 @@ pub async fn publish_body(body: Incoming, state: &EdgeState) -> Response<Body> {
             r
         }
     }
+}
+
+/// 429 with `Retry-After` (whole seconds, rounded up) and the protocol's `retry_after_ms`.
+fn rate_limited(state: &EdgeState, wait: std::time::Duration) -> Response<Body> {
+    state.metrics.error(ErrorCode::RateLimited);
+    let ms = (wait.as_millis() as u64).max(1);
+    let body = protocol::encode_error(
+        None,
+        ErrorCode::RateLimited,
+        "too many publishes; slow down",
+        Some(ms),
+    );
+    let mut r = json(StatusCode::TOO_MANY_REQUESTS, body.as_str());
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+    r
 }
 
 fn bad_request(state: &EdgeState, message: &str) -> Response<Body> {
