@@ -165,6 +165,14 @@ impl Outbox {
         self.state.lock().queue.len()
     }
 
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn capacity_bytes(&self) -> usize {
+        self.cap_bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

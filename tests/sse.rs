@@ -337,3 +337,35 @@ async fn publishes_over_one_connection_are_rate_limited_with_429() {
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
     assert_eq!(retry.unwrap(), "1");
 }
+
+#[tokio::test]
+async fn a_stream_of_several_channels_resumes_with_a_gap_per_channel() {
+    let t = start(|_| {}).await;
+    let mut ws = t.connect().await;
+    publish(&mut ws, "a", 0, 2).await;
+    let mut events = open(&t, false, "channel=a&channel=b", None).await;
+    welcome(&mut events).await;
+    publish(&mut ws, "a", 2, 1).await;
+    let id = next(&mut events).await.id;
+    drop(events);
+    let mut events = open(&t, false, "channel=a&channel=b", Some(&id)).await;
+    welcome(&mut events).await;
+    let mut gaps = vec![
+        data(&next(&mut events).await),
+        data(&next(&mut events).await),
+    ];
+    gaps.sort_by_key(|v| v["channel"].as_str().unwrap().to_string());
+    assert_eq!(
+        gaps,
+        [
+            json!({"op": "gap", "channel": "a"}),
+            json!({"op": "gap", "channel": "b"})
+        ]
+    );
+    publish(&mut ws, "b", 10, 1).await;
+    assert_eq!(
+        data(&next(&mut events).await)["data"],
+        10,
+        "then live traffic"
+    );
+}

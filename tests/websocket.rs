@@ -811,3 +811,48 @@ async fn resume_during_a_flood_loses_and_repeats_nothing() {
         "every message after `since` once, in order"
     );
 }
+
+#[tokio::test]
+async fn since_past_the_newest_offset_gets_a_gap_and_live_traffic_still_flows() {
+    let t = start(|_| {}).await;
+    let mut publisher = t.connect().await;
+    publish_n(&mut publisher, "clock", 0, 2).await;
+    let mut c = t.connect().await;
+    // From the future (another node's run, a clock that went back, or made up).
+    c.request(json!({"id": 1, "op": "subscribe", "channel": "clock", "since": "99999999999999-0"}))
+        .await;
+    assert_eq!(c.recv().await, json!({"op": "gap", "channel": "clock"}));
+    publish_n(&mut publisher, "clock", 2, 1).await;
+    assert_eq!(c.recv().await["data"], 2, "live messages are not skipped");
+}
+
+#[tokio::test]
+async fn a_replay_longer_than_the_queue_is_cut_with_a_gap_instead_of_closing() {
+    let t = start(|f| f.session.outbound_queue = 10).await;
+    let mut witness = t.connect().await;
+    witness.subscribe(1, "long").await;
+    let mut publisher = t.connect().await;
+    for i in 0..50u64 {
+        let _ = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "long", "data": i}))
+            .await;
+        // Keep the witness's own queue (10) from overflowing.
+        let _ = witness.recv().await;
+    }
+    let mut back = t.connect().await;
+    let r = back
+        .request(json!({"id": 1, "op": "subscribe", "channel": "long", "since": "0-0"}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    let got = drain_until_ping(&mut back).await;
+    assert_eq!(got[0], json!({"op": "gap", "channel": "long"}));
+    let data: Vec<i64> = got[1..]
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        data,
+        (45..50).collect::<Vec<_>>(),
+        "the newest that fit half the queue"
+    );
+}

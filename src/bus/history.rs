@@ -30,6 +30,8 @@ const ENTRY_OVERHEAD: usize = 64;
 pub struct Replay {
     pub entries: Vec<(Offset, Arc<str>)>,
     pub gap: bool,
+    /// The channel's newest offset, if known: where "up to date" is.
+    pub newest: Option<Offset>,
 }
 
 impl Replay {
@@ -42,11 +44,14 @@ impl Replay {
         last: Option<Offset>,
     ) -> Replay {
         let entries = retained.into_iter().filter(|(o, _)| *o > since).collect();
-        let up_to_date = last.is_some_and(|l| since >= l);
-        let covered = first.is_some_and(|f| f <= since);
+        // An offset past the newest proves nothing: it is from another node's run, a clock
+        // that went back, or made up.
+        let up_to_date = last == Some(since);
+        let covered = first.is_some_and(|f| f <= since) && last.is_some_and(|l| since < l);
         Replay {
             gap: !(covered || up_to_date),
             entries,
+            newest: last,
         }
     }
 }
@@ -59,6 +64,8 @@ struct Ring {
     last: Option<Offset>,
     last_publish: Option<Instant>,
     bytes: usize,
+    /// Evicted from the table: a holder of this ring must look it up again.
+    removed: bool,
 }
 
 #[derive(Debug)]
@@ -89,9 +96,13 @@ impl MemoryHistory {
         data: &str,
         publish: impl FnOnce() -> (Offset, R),
     ) -> R {
-        let ring = self.ring(channel);
-        let result = {
+        let result = loop {
+            let ring = self.ring(channel);
             let mut r = ring.lock();
+            if r.removed {
+                // Evicted between lookup and lock: its bytes are no longer counted anywhere.
+                continue;
+            }
             let (offset, result) = publish();
             let now = Instant::now();
             let size = data.len() + ENTRY_OVERHEAD;
@@ -101,7 +112,7 @@ impl MemoryHistory {
             r.last = Some(offset);
             r.last_publish = Some(now);
             self.trim(&mut r, now);
-            result
+            break result;
         };
         if self.bytes.load(Ordering::Relaxed) > self.budget {
             self.evict(channel);
@@ -116,6 +127,9 @@ impl MemoryHistory {
             return Replay::after(since, [], None, None);
         };
         let mut r = ring.lock();
+        if r.removed {
+            return Replay::after(since, [], None, None);
+        }
         self.trim(&mut r, Instant::now());
         let first = r.entries.front().map(|(o, _, _)| *o);
         let retained: Vec<(Offset, Arc<str>)> = r
@@ -171,7 +185,9 @@ impl MemoryHistory {
                 .map(|(c, _)| c.clone());
             let Some(victim) = victim else { break };
             if let Some(r) = channels.remove(&victim) {
-                self.bytes.fetch_sub(r.lock().bytes, Ordering::Relaxed);
+                let mut r = r.lock();
+                r.removed = true;
+                self.bytes.fetch_sub(r.bytes, Ordering::Relaxed);
             }
         }
     }
@@ -199,6 +215,8 @@ mod tests {
         // since retained: exact, no gap.
         let r = Replay::after(o(2), [e(1), e(2), e(3)], Some(o(1)), Some(o(3)));
         assert_eq!((r.entries.len(), r.gap), (1, false));
+        // since past the newest offset proves nothing.
+        assert!(Replay::after(o(9), [e(1), e(2)], Some(o(1)), Some(o(2))).gap);
         // since inside the retained range though not this channel's offset: no gap.
         let r = Replay::after(o(4), [e(3), e(5), e(7)], Some(o(3)), Some(o(7)));
         assert_eq!((r.entries.len(), r.gap), (2, false));
@@ -238,7 +256,8 @@ mod tests {
             h.replay(&ch("a"), o(1)),
             Replay {
                 entries: vec![],
-                gap: false
+                gap: false,
+                newest: Some(o(1)),
             }
         );
         assert!(h.replay(&ch("a"), o(0)).gap);

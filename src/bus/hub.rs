@@ -47,6 +47,44 @@ struct Pending {
     overflowed: bool,
 }
 
+/// Removes a half-made subscription if `Hub::subscribe` is dropped before it goes live.
+struct JoinGuard<'a> {
+    hub: &'a Hub,
+    channel: &'a Channel,
+    session: u64,
+    armed: bool,
+}
+
+impl Drop for JoinGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.hub.unsubscribe(self.channel, self.session);
+        }
+    }
+}
+
+/// Trims a replay to what the session's outbox can take at once, keeping the newest messages:
+/// a resume that overflowed the queue would be closed before sending anything and retry the same
+/// way forever. Cutting the oldest is a gap like any other.
+fn fit(mut replay: Replay, outbox: &Outbox) -> Replay {
+    let max_frames = outbox.capacity() / 2;
+    let max_bytes = outbox.capacity_bytes() / 2;
+    let mut bytes = 0;
+    let mut keep = 0;
+    for (_, data) in replay.entries.iter().rev() {
+        bytes += data.len() + 64;
+        if keep >= max_frames || bytes > max_bytes {
+            break;
+        }
+        keep += 1;
+    }
+    if keep < replay.entries.len() {
+        replay.entries.drain(..replay.entries.len() - keep);
+        replay.gap = true;
+    }
+    replay
+}
+
 /// Pushes held for one resuming subscriber while its history is read. Past it, the held pushes
 /// are dropped and the client gets a gap notice.
 pub const PENDING_CAP: usize = 1024;
@@ -120,6 +158,14 @@ impl Hub {
         since: Option<Offset>,
     ) -> Result<(), SubscribeError> {
         self.add(channel, session, outbox, since.is_some())?;
+        // Until it goes live, a dropped subscribe (the client went away mid-await) must not
+        // leave its half-made subscriber behind.
+        let mut guard = JoinGuard {
+            hub: self,
+            channel,
+            session,
+            armed: true,
+        };
         if let Bus::Redis(redis) = &self.bus
             && let Err(BusError::Unavailable(why)) = redis.ensure_subscribed(channel).await
         {
@@ -136,7 +182,9 @@ impl Hub {
                 }
             },
         };
+        let replay = replay.map(|(since, r)| (since, fit(r, outbox)));
         self.go_live(channel, session, first, replay);
+        guard.armed = false;
         Ok(())
     }
 
@@ -171,21 +219,26 @@ impl Hub {
             if replay.gap || pending.overflowed {
                 let _ = sub.outbox.push(protocol::encode_gap(channel));
             }
-            let mut last = since;
             for (offset, data) in &replay.entries {
                 let _ = sub
                     .outbox
                     .push(protocol::encode_message(channel, Some(*offset), data));
-                last = last.max(*offset);
             }
+            // Where the client now is: the last replayed message, else `since` (never past the
+            // channel's newest offset, so a bogus `since` cannot silence live traffic).
+            let boundary = replay
+                .entries
+                .last()
+                .map(|(o, _)| *o)
+                .or(replay.newest.map(|n| since.min(n)));
             // Published while the history was read: the ones the replay already held are
             // skipped, so each message arrives once and in order.
             for (offset, frame) in pending.frames {
-                if offset.is_none_or(|o| o > last) {
+                if offset.is_none_or(|o| boundary.is_none_or(|b| o > b)) {
                     let _ = sub.outbox.push(frame);
                 }
             }
-            sub.skip_through = Some(last);
+            sub.skip_through = boundary;
         }
         sub.live = true;
     }
@@ -325,8 +378,14 @@ impl Hub {
                 continue;
             };
             let frame = protocol::encode_gap(channel);
-            for sub in entry.subscribers.lock().iter().filter(|s| s.live) {
-                if sub.outbox.push(frame.clone()).is_ok() {
+            for sub in entry.subscribers.lock().iter_mut() {
+                if sub.live {
+                    if sub.outbox.push(frame.clone()).is_ok() {
+                        told += 1;
+                    }
+                } else if let Some(p) = &mut sub.pending {
+                    // Resuming across the outage: its replay cannot hold what was missed.
+                    p.overflowed = true;
                     told += 1;
                 }
             }

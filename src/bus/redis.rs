@@ -216,7 +216,9 @@ impl RedisBus {
             .saturating_mul(2)
             .saturating_add(100);
         // One round trip: the stream's oldest and newest entries, and what follows `since`.
+        // MULTI/EXEC: a trim between the reads would make `first` claim entries still there.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.cmd("XRANGE")
             .arg(&key)
             .arg("-")

@@ -4,8 +4,10 @@
 //! This file owns the SSE request checks and the event stream: a `retry:` hint and the welcome
 //! event first, then every push as one event (`id:` its offset, `data:` the push object), and a
 //! comment line on `session.sse_heartbeat` so proxies keep the stream open. A client resumes with
-//! `Last-Event-ID` (what EventSource sends by itself) or `?since=`; the same offset resumes every
-//! channel of the stream. Admission policy, protocol meaning and fan-out are not here.
+//! `Last-Event-ID` (what EventSource sends by itself) or `?since=`. That is exact for a stream of
+//! one channel. One id cannot say where each of several channels was (their offsets are not
+//! ordered against each other), so a stream of several channels resumes with a gap notice per
+//! channel instead of guessing. Admission policy, protocol meaning and fan-out are not here.
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
 //! resumes), or at shutdown.
@@ -69,8 +71,13 @@ pub async fn accept(
     };
 
     let mut session = Session::open(state.sessions.clone(), Transport::sse);
+    let several = channels.len() > 1;
     for channel in channels {
-        if let Err(e) = session.join(channel, since, Vec::new()).await {
+        let (since, first) = match since {
+            Some(_) if several => (None, vec![protocol::encode_gap(&channel)]),
+            since => (since, Vec::new()),
+        };
+        if let Err(e) = session.join(channel, since, first).await {
             let refusal = match e.code {
                 ErrorCode::TooLarge => Refusal::TooLarge,
                 _ => Refusal::BusDown,
