@@ -86,6 +86,8 @@ struct OutboxState {
     /// what the queue alone keeps alive; as a cap that errs on the safe side.
     bytes: usize,
     status: OutboxStatus,
+    /// When the oldest frame still queued was pushed: how long the writer has left it waiting.
+    waiting_since: Option<std::time::Instant>,
 }
 
 /// A drained queue holding more than this many slots gives its memory back, so a burst does not
@@ -100,6 +102,7 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 status: OutboxStatus::Open,
+                waiting_since: None,
             }),
             notify: Notify::new(),
             cap,
@@ -125,6 +128,9 @@ impl Outbox {
             return Err(PushError::Overflow);
         }
         let was_empty = st.queue.is_empty();
+        if was_empty {
+            st.waiting_since = Some(std::time::Instant::now());
+        }
         st.bytes += frame.len();
         st.queue.push_back(frame);
         drop(st);
@@ -141,6 +147,7 @@ impl Outbox {
         let mut st = self.state.lock();
         out.extend(st.queue.drain(..));
         st.bytes = 0;
+        st.waiting_since = None;
         if st.queue.capacity() > OUTBOX_KEEP_CAPACITY {
             st.queue = VecDeque::new();
         }
@@ -163,6 +170,15 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         self.state.lock().queue.len()
+    }
+
+    /// The status, and how long the oldest queued frame has waited for the writer. A transport
+    /// whose writer can stall outside its own control (SSE: hyper stops polling a body whose
+    /// client does not read) watches this.
+    pub fn stall(&self) -> (OutboxStatus, std::time::Duration) {
+        let st = self.state.lock();
+        let waited = st.waiting_since.map(|t| t.elapsed()).unwrap_or_default();
+        (st.status, waited)
     }
 
     pub fn capacity(&self) -> usize {

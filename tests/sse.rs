@@ -369,3 +369,41 @@ async fn a_stream_of_several_channels_resumes_with_a_gap_per_channel() {
         "then live traffic"
     );
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_cut_off_and_its_slot_freed() {
+    let t = start(|f| {
+        f.session.write_timeout = Duration::from_millis(500);
+        f.server.max_sessions = 2;
+    })
+    .await;
+    // Opens the stream and never reads the body.
+    let stalled = client(&t, false)
+        .get(url(&t, "channel=firehose"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    let mut ws = t.connect().await;
+    let payload = "p".repeat(60 * 1024);
+    for i in 0..300 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let mut freed = false;
+    for _ in 0..200 {
+        if t.metric("edgeplex_sessions{transport=\"sse\"}").await == 0.0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "the stalled stream was dropped");
+    assert_eq!(t.edge.state().hub.subscriber_count("firehose"), 0);
+    // Its session slot is free again: a new stream fits beside the WebSocket session.
+    let mut events = open(&t, false, "channel=firehose", None).await;
+    welcome(&mut events).await;
+    drop(stalled);
+}

@@ -33,6 +33,9 @@ pub struct ConnInfo {
     /// The message budget of stateless HTTP publishes on this connection (`POST /publish`): the
     /// connection is such a client's session, so it gets the session's rate.
     pub publish_budget: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    /// Cancelling it drops the whole connection at once, without a graceful close: for a client
+    /// that stopped reading, where nothing graceful can reach it.
+    pub kill: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// A public connection's slot: holds its place under `server.max_connections` and counts it in

@@ -60,6 +60,7 @@ pub(super) async fn accept_loop(
                         permit: Some(Arc::new(slot)),
                         activity: None,
                         publish_budget: None,
+                        kill: None,
                     };
                     serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
                 });
@@ -76,6 +77,7 @@ pub(super) async fn accept_loop(
                         permit: None,
                         activity: None,
                         publish_budget: None,
+                        kill: None,
                     };
                     serve(stream, None, st, kind, info, stop).await;
                 });
@@ -136,6 +138,8 @@ async fn serve_http<IO>(
     let act = activity.clone();
     let mut info = info;
     info.activity = Some(activity.clone());
+    let kill = CancellationToken::new();
+    info.kill = Some(kill.clone());
     if kind == Listener::Public {
         let ss = &state.config.session;
         let per_second =
@@ -168,6 +172,10 @@ async fn serve_http<IO>(
                 return;
             }
             _ = stop.cancelled() => break true,
+            _ = kill.cancelled() => {
+                tracing::info!(%peer, "dropping a connection whose client stopped reading");
+                return;
+            }
             _ = idle_check.tick() => {
                 if activity.idle_for() >= idle_limit {
                     tracing::debug!(%peer, "closing idle HTTP connection");

@@ -13,6 +13,7 @@
 //! resumes), or at shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
@@ -117,6 +118,13 @@ pub async fn accept(
         _conn: info.permit.clone(),
         _in_flight: info.activity.as_ref().map(|a| a.begin()),
     };
+    if let Some(kill) = info.kill.clone() {
+        tokio::spawn(watch_for_stall(
+            events.outbox.clone(),
+            kill,
+            cfg.write_timeout,
+        ));
+    }
     let body = stream::unfold(events, |mut ev| async move {
         let chunk = ev.next_chunk().await?;
         Some((Ok(hyper::body::Frame::data(chunk)), ev))
@@ -187,6 +195,27 @@ fn bad_request(message: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// Drops the connection of a stream whose client stopped reading. hyper polls a body only when
+/// it can write, so the stream itself never notices: its queue overflows or its oldest frame
+/// waits past `session.write_timeout`, and this task cuts the connection, which frees the
+/// session, its slots and its subscriptions. Ends with the session (its outbox closes).
+async fn watch_for_stall(outbox: Arc<Outbox>, kill: CancellationToken, write_timeout: Duration) {
+    let mut tick = tokio::time::interval(write_timeout / 4);
+    loop {
+        tokio::select! {
+            _ = kill.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match outbox.stall() {
+            (OutboxStatus::Closed, _) => return,
+            (OutboxStatus::Overflowed, _) => break,
+            (OutboxStatus::Open, waited) if waited > write_timeout => break,
+            (OutboxStatus::Open, _) => {}
+        }
+    }
+    kill.cancel();
 }
 
 /// The open stream: owns the session (dropping it unsubscribes) and every slot it holds.
