@@ -259,6 +259,15 @@ pub enum Verdict {
     Close(CloseReason),
 }
 
+/// The outcome of taking one message from a session's budget.
+enum Charge {
+    Allowed,
+    /// Over the rate: refuse this message; the client may retry after the wait.
+    Refused(std::time::Duration),
+    /// Refused too many times in a row: close the session (1008).
+    Close,
+}
+
 /// Counter handles resolved once per session so the per-frame path does no label lookups.
 #[derive(Debug)]
 struct SessionCounters {
@@ -345,22 +354,16 @@ impl Session {
         };
         // Every frame counts against the budget, malformed ones included: a flood of garbage is
         // still a flood.
-        if let Err(not_until) = self.limiter.check() {
-            self.refusals_in_row += 1;
-            if self.refusals_in_row > self.env.config.close_after_refusals {
-                return Verdict::Close(CloseReason::RATE_ABUSE);
+        match self.charge() {
+            Charge::Allowed => {}
+            Charge::Close => return Verdict::Close(CloseReason::RATE_ABUSE),
+            Charge::Refused(wait) => {
+                let ms = (wait.as_millis() as u64).max(1);
+                let msg = "too many messages; slow down";
+                self.error(id, ErrorCode::RateLimited, msg, Some(ms));
+                return Verdict::Continue;
             }
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let ms = (wait.as_millis() as u64).max(1);
-            self.error(
-                id,
-                ErrorCode::RateLimited,
-                "too many messages; slow down",
-                Some(ms),
-            );
-            return Verdict::Continue;
         }
-        self.refusals_in_row = 0;
         match decoded {
             None => {
                 let msg = format!(
@@ -380,27 +383,36 @@ impl Session {
     /// the message budget: a client flooding pings is closed like one flooding messages.
     pub fn handle_control(&mut self) -> Verdict {
         self.counters.messages_in.inc();
-        self.charge()
+        match self.charge() {
+            Charge::Close => Verdict::Close(CloseReason::RATE_ABUSE),
+            Charge::Allowed | Charge::Refused(_) => Verdict::Continue,
+        }
     }
 
-    /// Takes one message from the budget; only closes, never replies.
-    fn charge(&mut self) -> Verdict {
-        if self.limiter.check().is_err() {
-            self.refusals_in_row += 1;
-            if self.refusals_in_row > self.env.config.close_after_refusals {
-                return Verdict::Close(CloseReason::RATE_ABUSE);
+    /// Takes one message from the budget. Past the burst the message is refused; past
+    /// `close_after_refusals` refusals in a row the session is to be closed.
+    fn charge(&mut self) -> Charge {
+        match self.limiter.check() {
+            Ok(()) => {
+                self.refusals_in_row = 0;
+                Charge::Allowed
             }
-        } else {
-            self.refusals_in_row = 0;
+            Err(not_until) => {
+                self.refusals_in_row += 1;
+                if self.refusals_in_row > self.env.config.close_after_refusals {
+                    Charge::Close
+                } else {
+                    Charge::Refused(not_until.wait_time_from(DefaultClock::default().now()))
+                }
+            }
         }
-        Verdict::Continue
     }
 
     /// A frame the wire delivered but the protocol does not carry (e.g. a WebSocket binary frame).
     pub fn handle_unsupported(&mut self, what: &str) -> Verdict {
         self.counters.messages_in.inc();
-        if let Verdict::Close(r) = self.charge() {
-            return Verdict::Close(r);
+        if let Charge::Close = self.charge() {
+            return Verdict::Close(CloseReason::RATE_ABUSE);
         }
         let msg = format!("{what}; send JSON text frames");
         self.error(None, ErrorCode::BadRequest, &msg, None);

@@ -269,14 +269,16 @@ async fn message_over_the_close_cap_closes_with_1009() {
     assert_eq!(code, 1009, "{reason}");
 }
 
+/// 1 message per second after a burst of 5; closed after 10 refusals in a row.
+fn tight_budget(f: &mut edgeplex::config::FileConfig) {
+    f.session.messages_per_second = 1;
+    f.session.message_burst = 5;
+    f.session.close_after_refusals = 10;
+}
+
 #[tokio::test]
 async fn message_flood_is_rate_limited_then_closed_with_1008() {
-    let t = start(|f| {
-        f.session.messages_per_second = 1;
-        f.session.message_burst = 5;
-        f.session.close_after_refusals = 10;
-    })
-    .await;
+    let t = start(tight_budget).await;
     let mut c = t.connect().await;
     for i in 0..30u64 {
         // A send may fail once the edge has closed the session.
@@ -305,12 +307,7 @@ async fn message_flood_is_rate_limited_then_closed_with_1008() {
 
 #[tokio::test]
 async fn websocket_ping_flood_is_closed_with_1008() {
-    let t = start(|f| {
-        f.session.messages_per_second = 1;
-        f.session.message_burst = 5;
-        f.session.close_after_refusals = 10;
-    })
-    .await;
+    let t = start(tight_budget).await;
     let mut c = t.connect().await;
     for _ in 0..50 {
         let _ = c.ws.send(Message::Ping(Default::default())).await;
