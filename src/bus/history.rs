@@ -8,9 +8,9 @@
 //! Resume rule ([`Replay`]): a client resuming after offset `since` gets every retained message
 //! after it, and a gap notice unless the history proves nothing was lost. Histories only lose
 //! messages from the front (trimmed by count or age) or whole (evicted, expired, a restarted
-//! node), so it proves it when its oldest retained message is at or before `since`, or when
-//! `since` is at or past the channel's newest offset. `since` need not be an offset of this
-//! channel: one SSE `Last-Event-ID` resumes several channels.
+//! node), so it proves it when its oldest retained message is at or before `since` (and `since`
+//! is before the newest offset), or when `since` is exactly the newest offset. An offset past the
+//! newest proves nothing (another node's run, a clock that went back, or made up).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
