@@ -10,13 +10,17 @@ die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
 
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 
-# Tests that need Redis start their own redis-server on a free port; they never use a running one.
-if ! command -v redis-server >/dev/null; then
-    say "installing redis-server"
+# What the suite needs beyond Rust: redis-server (tests that need Redis start their own on a free
+# port; they never use a running one) and a C++ compiler (libFuzzer, built by the fuzz check).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v c++ >/dev/null || missing+=(g++)
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq || die "apt-get update failed; install redis-server by hand"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server \
-        || die "cannot install redis-server; install it by hand and re-run"
+    $SUDO apt-get update -qq || die "apt-get update failed; install ${missing[*]} by hand"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" \
+        || die "cannot install ${missing[*]}; install by hand and re-run"
 fi
 redis-server --version >/dev/null || die "redis-server is installed but does not run"
 
