@@ -7,12 +7,11 @@
 //! wire a client uses beyond the label for metrics.
 
 use std::collections::{HashSet, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
@@ -293,8 +292,6 @@ impl Session {
         let id = env.next_session.fetch_add(1, Ordering::Relaxed);
         let public_id = format!("{}-{id}", env.node_id);
         let cfg = &env.config;
-        let per_second = NonZeroU32::new(cfg.messages_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(cfg.message_burst).unwrap_or(NonZeroU32::MIN);
         let labels = TransportLabels { transport };
         env.metrics.sessions.get_or_create(&labels).inc();
         env.metrics.sessions_opened.get_or_create(&labels).inc();
@@ -307,7 +304,7 @@ impl Session {
             transport,
             outbox,
             subscriptions: HashSet::new(),
-            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            limiter: RateLimiter::direct(cfg.message_quota()),
             refusals_in_row: 0,
             counters,
             public_id,

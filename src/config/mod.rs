@@ -148,6 +148,19 @@ pub struct SessionConfig {
     pub write_buffer_bytes: usize,
 }
 
+impl SessionConfig {
+    /// A client's message budget: `messages_per_second` after a burst of `message_burst`. A
+    /// WebSocket session and an HTTP connection's publishes each get one.
+    pub fn message_quota(&self) -> governor::Quota {
+        // Validation keeps both at 1 or more.
+        let per_second = std::num::NonZeroU32::new(self.messages_per_second)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(self.message_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::per_second(per_second).allow_burst(burst)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
     /// `None`: any origin is allowed (the list held `"*"`).

@@ -141,13 +141,8 @@ async fn serve_http<IO>(
     let kill = CancellationToken::new();
     info.kill = Some(kill.clone());
     if kind == Listener::Public {
-        let ss = &state.config.session;
-        let per_second =
-            std::num::NonZeroU32::new(ss.messages_per_second).unwrap_or(std::num::NonZeroU32::MIN);
-        let burst =
-            std::num::NonZeroU32::new(ss.message_burst).unwrap_or(std::num::NonZeroU32::MIN);
         info.publish_budget = Some(Arc::new(governor::RateLimiter::direct(
-            governor::Quota::per_second(per_second).allow_burst(burst),
+            state.config.session.message_quota(),
         )));
     }
     let service = service_fn(move |req| {
