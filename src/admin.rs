@@ -6,9 +6,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::protocol::ErrorCode;
-use crate::server::routes::text;
+use crate::server::routes::{json_error, text};
 use crate::server::{Body, EdgeState, full_body};
-use crate::transport::publish::{self, json_error};
+use crate::transport::publish;
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";

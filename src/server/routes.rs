@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
 use crate::admission::Refusal;
-use crate::protocol;
+use crate::protocol::{self, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
@@ -101,18 +101,30 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// An HTTP response whose body is one protocol object (a reply or an error): how every HTTP
+/// route that speaks the protocol answers.
+pub fn json(status: StatusCode, body: &protocol::Frame) -> Response<Body> {
+    let mut r = Response::new(full_body(bytes::Bytes::copy_from_slice(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// An HTTP error whose body is the protocol's error object.
+pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    json(status, &protocol::encode_error(None, code, message, None))
+}
+
 /// Renders a refusal before a handshake: the status of the refusal table, `Retry-After` where a
 /// retry makes sense, and a JSON body in the protocol's error shape. Counts it.
 pub fn refusal_response(refusal: &Refusal, state: &EdgeState) -> Response<Body> {
     state.metrics.refusal(refusal.reason());
     let retry_ms = refusal.retry_after_secs().map(|s| s * 1000);
     let body = protocol::encode_error(None, refusal.error_code(), refusal.message(), retry_ms);
-    let mut r = Response::new(full_body(bytes::Bytes::copy_from_slice(body.as_bytes())));
-    *r.status_mut() = refusal.http_status();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut r = json(refusal.http_status(), &body);
     if let Some(secs) = refusal.retry_after_secs() {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -17,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use crate::admission::{self};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
-use crate::server::routes::{ConnInfo, refusal_response};
+use crate::server::routes::{ConnInfo, json, json_error, refusal_response};
 use crate::server::{Body, EdgeState, full_body};
 
 /// How long browsers may cache a preflight answer.
@@ -124,7 +124,7 @@ pub async fn publish_body(body: Incoming, state: &EdgeState) -> Response<Body> {
         return bad_request(state, &format!("field `data`: {e}"));
     }
     match state.hub.publish(&channel, parsed.data).await {
-        Ok(()) => json(StatusCode::OK, protocol::encode_ok(None).as_str()),
+        Ok(()) => json(StatusCode::OK, &protocol::encode_ok(None)),
         Err(BusError::Unavailable(why)) => {
             state.metrics.error(ErrorCode::Unavailable);
             let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why);
@@ -145,7 +145,7 @@ fn rate_limited(state: &EdgeState, wait: std::time::Duration) -> Response<Body> 
         "too many publishes; slow down",
         Some(ms),
     );
-    let mut r = json(StatusCode::TOO_MANY_REQUESTS, body.as_str());
+    let mut r = json(StatusCode::TOO_MANY_REQUESTS, &body);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
     r
@@ -154,22 +154,4 @@ fn rate_limited(state: &EdgeState, wait: std::time::Duration) -> Response<Body> 
 fn bad_request(state: &EdgeState, message: &str) -> Response<Body> {
     state.metrics.error(ErrorCode::BadRequest);
     json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
-}
-
-fn json(status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(full_body(body.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// An HTTP error whose body is the protocol's error object.
-pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
-    json(
-        status,
-        protocol::encode_error(None, code, message, None).as_str(),
-    )
 }

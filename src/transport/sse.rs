@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{self, Refusal};
 use crate::metrics::{ReasonLabels, Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset};
-use crate::server::routes::{ConnInfo, ConnSlot, InFlight, refusal_response, text};
-use crate::server::{Body, EdgeState, full_body};
+use crate::server::routes::{ConnInfo, ConnSlot, InFlight, json_error, refusal_response, text};
+use crate::server::{Body, EdgeState};
 use crate::session::{Outbox, OutboxStatus, Session};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
@@ -59,7 +59,7 @@ pub async fn accept(
     }
     let (channels, since) = match parse_request(req.uri().query(), req.headers()) {
         Ok(x) => x,
-        Err(msg) => return bad_request(&msg),
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg),
     };
     if channels.len() > state.config.session.max_channels {
         return refusal_response(&Refusal::TooLarge, &state);
@@ -184,17 +184,6 @@ fn parse_request(
         return Err("name at least one channel: /sse?channel=NAME[&channel=NAME…]".into());
     }
     Ok((channels, since))
-}
-
-fn bad_request(message: &str) -> Response<Body> {
-    let body = protocol::encode_error(None, ErrorCode::BadRequest, message, None);
-    let mut r = Response::new(full_body(Bytes::copy_from_slice(body.as_bytes())));
-    *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
 }
 
 /// Drops the connection of a stream whose client stopped reading. hyper polls a body only when
