@@ -18,10 +18,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Refusal;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
@@ -71,6 +72,17 @@ pub struct EdgeState {
 impl EdgeState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// A place for one more client session: refused while draining or at `server.max_sessions`.
+    pub fn take_session_slot(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        if self.is_draining() {
+            return Err(Refusal::Draining);
+        }
+        self.session_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Overloaded)
     }
 
     pub fn is_ready(&self) -> bool {

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
-use crate::admission::Refusal;
+use crate::admission::{self, Refusal};
 use crate::protocol::{self, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +116,35 @@ pub fn json(status: StatusCode, body: &protocol::Frame) -> Response<Body> {
 /// An HTTP error whose body is the protocol's error object.
 pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
     json(status, &protocol::encode_error(None, code, message, None))
+}
+
+/// Checks the request's `Origin` against the policy. `Ok` holds the origin (`None` when absent)
+/// for a CORS echo; `Err` is the counted and logged refusal to send back.
+#[allow(clippy::result_large_err)]
+pub fn admit_origin(
+    headers: &HeaderMap,
+    state: &EdgeState,
+    info: &ConnInfo,
+    route: &'static str,
+) -> Result<Option<String>, Response<Body>> {
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    match admission::check_origin(origin.as_deref(), &state.config.admission) {
+        Ok(()) => Ok(origin),
+        Err(refusal) => {
+            tracing::info!(peer = %info.peer, origin = ?origin, route, "refused: origin");
+            Err(refusal_response(&refusal, state))
+        }
+    }
+}
+
+/// Lets a browser page from an allowed `origin` read the response (EventSource, fetch).
+pub fn allow_origin(headers: &mut HeaderMap, origin: Option<String>) {
+    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
 }
 
 /// Renders a refusal before a handshake: the status of the refusal table, `Retry-After` where a

@@ -14,10 +14,9 @@ use serde_json::value::RawValue;
 
 use governor::clock::{Clock, DefaultClock};
 
-use crate::admission::{self};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
-use crate::server::routes::{ConnInfo, json, json_error, refusal_response};
+use crate::server::routes::{ConnInfo, admit_origin, allow_origin, json, json_error};
 use crate::server::{Body, EdgeState, full_body};
 
 /// How long browsers may cache a preflight answer.
@@ -36,14 +35,10 @@ pub async fn accept(
     state: Arc<EdgeState>,
     info: ConnInfo,
 ) -> Response<Body> {
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
-    if let Err(refusal) = admission::check_origin(origin.as_deref(), &state.config.admission) {
-        tracing::info!(peer = %info.peer, origin = ?origin, "publish refused: origin");
-        return refusal_response(&refusal, &state);
-    }
+    let origin = match admit_origin(req.headers(), &state, &info, "publish") {
+        Ok(origin) => origin,
+        Err(refused) => return refused,
+    };
     let mut resp = match *req.method() {
         Method::OPTIONS => {
             let mut r = Response::new(full_body(bytes::Bytes::new()));
@@ -89,12 +84,7 @@ pub async fn accept(
             return r;
         }
     };
-    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
-        resp.headers_mut()
-            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-        resp.headers_mut()
-            .insert(header::VARY, HeaderValue::from_static("Origin"));
-    }
+    allow_origin(resp.headers_mut(), origin);
     resp
 }
 

@@ -25,10 +25,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{self, Refusal};
+use crate::admission::Refusal;
 use crate::metrics::{ReasonLabels, Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset};
-use crate::server::routes::{ConnInfo, ConnSlot, InFlight, json_error, refusal_response, text};
+use crate::server::routes::{
+    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, json_error, refusal_response, text,
+};
 use crate::server::{Body, EdgeState};
 use crate::session::{Outbox, OutboxStatus, Session};
 
@@ -49,14 +51,10 @@ pub async fn accept(
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
-    if let Err(refusal) = admission::check_origin(origin.as_deref(), &state.config.admission) {
-        tracing::info!(peer = %info.peer, origin = ?origin, "sse refused: origin");
-        return refusal_response(&refusal, &state);
-    }
+    let origin = match admit_origin(req.headers(), &state, &info, "sse") {
+        Ok(origin) => origin,
+        Err(refused) => return refused,
+    };
     let (channels, since) = match parse_request(req.uri().query(), req.headers()) {
         Ok(x) => x,
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg),
@@ -64,11 +62,9 @@ pub async fn accept(
     if channels.len() > state.config.session.max_channels {
         return refusal_response(&Refusal::TooLarge, &state);
     }
-    if state.is_draining() {
-        return refusal_response(&Refusal::Draining, &state);
-    }
-    let Ok(slot) = state.session_slots.clone().try_acquire_owned() else {
-        return refusal_response(&Refusal::Overloaded, &state);
+    let slot = match state.take_session_slot() {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal_response(&refusal, &state),
     };
 
     let mut session = Session::open(state.sessions.clone(), Transport::sse);
@@ -139,10 +135,7 @@ pub async fn accept(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     // EventSource from another origin needs this; the origin was checked above.
-    if let Some(o) = origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-        h.insert(header::VARY, HeaderValue::from_static("Origin"));
-    }
+    allow_origin(h, origin);
     resp
 }
 

@@ -21,10 +21,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use crate::admission::{self, Refusal};
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::routes::{ConnInfo, refusal_response, text};
+use crate::server::routes::{ConnInfo, admit_origin, refusal_response, text};
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
 
@@ -65,19 +64,12 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
         Ok(key) => key,
         Err(resp) => return resp,
     };
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    if let Err(refusal) = admission::check_origin(origin, &state.config.admission) {
-        tracing::info!(peer = %info.peer, origin = ?origin, "websocket refused: origin");
-        return refusal_response(&refusal, &state);
+    if let Err(refused) = admit_origin(req.headers(), &state, &info, "websocket") {
+        return refused;
     }
-    if state.is_draining() {
-        return refusal_response(&Refusal::Draining, &state);
-    }
-    let Ok(slot) = state.session_slots.clone().try_acquire_owned() else {
-        return refusal_response(&Refusal::Overloaded, &state);
+    let slot = match state.take_session_slot() {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal_response(&refusal, &state),
     };
 
     let on_upgrade = hyper::upgrade::on(req);
