@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use edgeplex::bus::hub::Start;
 use edgeplex::bus::memory::MemoryBus;
 use edgeplex::bus::{Bus, Hub};
 use edgeplex::metrics::Metrics;
@@ -33,7 +34,7 @@ fn main() {
         let outboxes: Vec<Arc<Outbox>> = (0..subs)
             .map(|i| {
                 let o = Arc::new(Outbox::new(1024, 1 << 20));
-                rt.block_on(hub.subscribe(&channel, i as u64, &o, Vec::new(), None))
+                rt.block_on(hub.subscribe(&channel, i as u64, &o, Vec::new(), Start::Live))
                     .unwrap();
                 o
             })

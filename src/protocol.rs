@@ -130,6 +130,14 @@ pub struct Offset {
     pub seq: u64,
 }
 
+impl Offset {
+    pub const ZERO: Offset = Offset { epoch: 0, seq: 0 };
+    pub const MAX: Offset = Offset {
+        epoch: u64::MAX,
+        seq: u64::MAX,
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("offset must look like \"<number>-<number>\" as the edge sent it")]
 pub struct OffsetError;
@@ -416,7 +424,8 @@ pub struct Frame(Arc<FrameInner>);
 #[derive(Debug)]
 struct FrameInner {
     json: Utf8Bytes,
-    offset: Option<Offset>,
+    /// A pushed message's channel and offset; `None` for replies, notices and offset-less pushes.
+    position: Option<(Channel, Offset)>,
     sse: OnceLock<Bytes>,
 }
 
@@ -429,10 +438,10 @@ impl PartialEq for Frame {
 impl Eq for Frame {}
 
 impl Frame {
-    fn new(json: Utf8Bytes, offset: Option<Offset>) -> Frame {
+    fn new(json: Utf8Bytes, position: Option<(Channel, Offset)>) -> Frame {
         Frame(Arc::new(FrameInner {
             json,
-            offset,
+            position,
             sse: OnceLock::new(),
         }))
     }
@@ -441,13 +450,13 @@ impl Frame {
         Frame::new(Utf8Bytes::from(s), None)
     }
 
-    fn from_utf8(b: Bytes, offset: Option<Offset>) -> Frame {
+    fn from_utf8(b: Bytes, position: Option<(Channel, Offset)>) -> Frame {
         // Every caller builds `b` from `&str` pieces, so this cannot fail; a replacement frame
         // keeps the no-panic promise if that ever stops being true.
         let json = Utf8Bytes::try_from(b).unwrap_or_else(|_| {
             Utf8Bytes::from_static(r#"{"error":{"code":"internal","message":"encoding"}}"#)
         });
-        Frame::new(json, offset)
+        Frame::new(json, position)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -468,7 +477,12 @@ impl Frame {
 
     /// The offset of a pushed message, if it has one.
     pub fn offset(&self) -> Option<Offset> {
-        self.0.offset
+        self.0.position.as_ref().map(|(_, o)| *o)
+    }
+
+    /// The channel and offset of a pushed message that has an offset.
+    pub fn position(&self) -> Option<(&Channel, Offset)> {
+        self.0.position.as_ref().map(|(c, o)| (c, *o))
     }
 
     /// The WebSocket text payload, without copying.
@@ -484,7 +498,7 @@ impl Frame {
             .get_or_init(|| {
                 let json = self.as_bytes();
                 let mut buf = BytesMut::with_capacity(json.len() + 48);
-                if let Some(o) = self.0.offset {
+                if let Some(o) = self.offset() {
                     buf.put_slice(b"id: ");
                     buf.put_slice(o.to_string().as_bytes());
                     buf.put_u8(b'\n');
@@ -495,6 +509,17 @@ impl Frame {
                 buf.freeze()
             })
             .clone()
+    }
+
+    /// The SSE event without its `id:` line (`data: …` and the blank line), sharing the bytes of
+    /// [`Frame::sse_event`]: for a stream that writes its own id.
+    pub fn sse_data(&self) -> Bytes {
+        let event = self.sse_event();
+        let start = event
+            .windows(6)
+            .position(|w| w == b"data: ")
+            .unwrap_or_default();
+        event.slice(start..)
     }
 }
 
@@ -527,7 +552,7 @@ pub fn encode_message(channel: &Channel, offset: Option<Offset>, data: &str) -> 
     buf.put_slice(b"\",\"data\":");
     put_single_line(&mut buf, data.as_bytes());
     buf.put_u8(b'}');
-    Frame::from_utf8(buf.freeze(), offset)
+    Frame::from_utf8(buf.freeze(), offset.map(|o| (channel.clone(), o)))
 }
 
 pub fn encode_gap(channel: &Channel) -> Frame {

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::admission::close;
-use crate::bus::hub::SubscribeError;
+use crate::bus::hub::{Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
@@ -416,20 +416,21 @@ impl Session {
         Verdict::Continue
     }
 
-    /// Subscribes the session to `channel` (resuming after `since`). `first` is queued the moment
-    /// the subscription turns live: the protocol's reply, or nothing for a wire that has none.
-    /// Joining a channel the session holds already just queues `first`.
+    /// Subscribes the session to `channel` from `start` (see [`Start`]). `first` is queued the
+    /// moment the subscription turns live: the protocol's reply, or nothing for a wire that has
+    /// none. Joining a channel the session holds already just queues `first`. Returns the
+    /// position [`Hub::subscribe`] reports.
     pub async fn join(
         &mut self,
         channel: Channel,
-        since: Option<Offset>,
+        start: Start,
         first: Vec<Frame>,
-    ) -> Result<(), JoinError> {
+    ) -> Result<Option<Offset>, JoinError> {
         if self.subscriptions.contains(&channel) {
             for f in first {
                 self.reply(f);
             }
-            return Ok(());
+            return Ok(None);
         }
         if self.subscriptions.len() >= self.env.config.max_channels {
             return Err(JoinError {
@@ -443,12 +444,12 @@ impl Session {
         }
         let hub = &self.env.hub;
         match hub
-            .subscribe(&channel, self.id, &self.outbox, first, since)
+            .subscribe(&channel, self.id, &self.outbox, first, start)
             .await
         {
-            Ok(()) => {
+            Ok(position) => {
                 self.subscriptions.insert(channel);
-                Ok(())
+                Ok(position)
             }
             Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
                 code: ErrorCode::Unavailable,
@@ -470,7 +471,8 @@ impl Session {
                 // The reply (and, for a resume, the replay) is queued by the hub at the moment
                 // the subscription turns live, so no push can overtake it.
                 let ok = protocol::encode_ok(id);
-                if let Err(e) = self.join(channel, since, vec![ok]).await {
+                let start = since.map_or(Start::Live, Start::After);
+                if let Err(e) = self.join(channel, start, vec![ok]).await {
                     self.error(id, e.code, &e.message, e.retry_after_ms);
                 }
             }

@@ -571,3 +571,48 @@ async fn sse_reconnect_landing_on_another_node_resumes_exactly() {
         .await;
     assert_eq!(data(&next(&mut events).await)["data"], 6);
 }
+
+#[tokio::test]
+async fn a_quiet_multi_channel_sse_stream_resumes_exactly_on_another_node() {
+    use common::sse_client::{data, next, open, welcome};
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut ws = nodes[0].connect().await;
+    for i in 0..2 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "x", "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    // The stream receives nothing but its welcome: the position in it comes from the Redis
+    // stream's newest id (x) and from no history at all (y).
+    let mut events = open(&nodes[0], false, "channel=x&channel=y", None).await;
+    let w = welcome(&mut events).await;
+    let (x, y) = w.id.split_once(',').unwrap();
+    assert!(x.contains('-') && x != "-", "x's newest stream id: {x}");
+    assert_eq!(y, "-");
+    drop(events);
+    for (i, ch) in [(2, "x"), (3, "x")] {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": ch, "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let mut events = open(&nodes[1], true, "channel=x&channel=y", Some(&w.id)).await;
+    welcome(&mut events).await;
+    for i in 2..4 {
+        let d = data(&next(&mut events).await);
+        assert_eq!(
+            (d["channel"].as_str(), d["data"].as_i64()),
+            (Some("x"), Some(i)),
+            "{d}"
+        );
+    }
+    let r = ws
+        .request(json!({"id": 9, "op": "publish", "channel": "y", "data": 9}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let e = next(&mut events).await;
+    assert_eq!(data(&e)["data"], 9, "no gap for x, then live traffic on y");
+    assert!(e.id.ends_with(&format!(",{}", data(&e)["offset"].as_str().unwrap())));
+}

@@ -28,8 +28,8 @@ async fn sse_receives_what_websocket_and_backends_publish(h2: bool) {
     assert_eq!(push["data"], json!({"h": "hello"}));
     assert_eq!(
         e.id,
-        push["offset"].as_str().unwrap(),
-        "the event id is the offset"
+        format!("{},-", push["offset"].as_str().unwrap()),
+        "the event id is the position on each channel, in URL order; sports has no history"
     );
 
     let r = reqwest::Client::new()
@@ -118,10 +118,15 @@ async fn since_in_the_query_resumes_too_and_past_the_history_gives_a_gap() {
     drop(events);
     // Older than the history: a gap notice, then what was kept.
     let mut events = open(&t, false, "channel=short", Some(&ids[0])).await;
-    welcome(&mut events).await;
+    let w = welcome(&mut events).await;
+    assert_eq!(
+        w.id, ids[0],
+        "the welcome event says where the client resumed from"
+    );
     let gap = next(&mut events).await;
     assert_eq!(data(&gap), json!({"op": "gap", "channel": "short"}));
-    assert_eq!(gap.id, "", "a gap notice has no id");
+    // A gap notice has no id field, so the client's last event id stays where it was.
+    assert_eq!(gap.id, ids[0], "a gap notice does not move the position");
     assert_eq!(data(&next(&mut events).await)["data"], 2);
 }
 
@@ -338,18 +343,125 @@ async fn publishes_over_one_connection_are_rate_limited_with_429() {
     assert_eq!(retry.unwrap(), "1");
 }
 
+/// The next event must be message `want` on `channel`, and nothing (no gap) before it.
+async fn expect_message(
+    events: &mut common::sse_client::Events,
+    channel: &str,
+    want: i64,
+) -> String {
+    let e = next(events).await;
+    let d = data(&e);
+    assert_eq!(
+        (d["op"].as_str(), d["channel"].as_str(), d["data"].as_i64()),
+        (Some("message"), Some(channel), Some(want)),
+        "{e:?}"
+    );
+    e.id
+}
+
 #[tokio::test]
-async fn a_stream_of_several_channels_resumes_with_a_gap_per_channel() {
+async fn a_stream_of_several_channels_resumes_exactly_on_each() {
+    for h2 in [false, true] {
+        let t = start(|_| {}).await;
+        let mut ws = t.connect().await;
+        // `a` has history when the stream opens; `b` has none.
+        publish(&mut ws, "a", 0, 2).await;
+        let mut events = open(&t, h2, "channel=a&channel=b", None).await;
+        let w = welcome(&mut events).await;
+        let (a_newest, b) = w.id.split_once(',').expect("one position per channel");
+        assert_eq!(b, "-", "b had no history");
+        assert!(a_newest.contains('-'), "a's newest offset: {a_newest}");
+
+        publish(&mut ws, "a", 2, 1).await;
+        publish(&mut ws, "b", 100, 1).await;
+        expect_message(&mut events, "a", 2).await;
+        let id = expect_message(&mut events, "b", 100).await;
+        let (a_pos, b_pos) = id.split_once(',').unwrap();
+        assert_ne!(a_pos, a_newest, "a moved on");
+        assert_ne!(b_pos, "-", "b moved on");
+        drop(events);
+
+        // Interleaved while away; each channel resumes from its own position.
+        publish(&mut ws, "b", 101, 1).await;
+        publish(&mut ws, "a", 3, 2).await;
+        publish(&mut ws, "b", 102, 1).await;
+        let mut events = open(&t, h2, "channel=a&channel=b", Some(&id)).await;
+        welcome(&mut events).await;
+        let mut got: Vec<(String, i64)> = Vec::new();
+        for _ in 0..4 {
+            let d = data(&next(&mut events).await);
+            assert_eq!(d["op"], "message", "no gap: {d}");
+            got.push((
+                d["channel"].as_str().unwrap().into(),
+                d["data"].as_i64().unwrap(),
+            ));
+        }
+        got.sort();
+        let want = [("a", 3), ("a", 4), ("b", 101), ("b", 102)].map(|(c, n)| (c.to_string(), n));
+        assert_eq!(got, want, "exactly the missed messages, none twice");
+        publish(&mut ws, "b", 103, 1).await;
+        expect_message(&mut events, "b", 103).await;
+    }
+}
+
+#[tokio::test]
+async fn the_welcome_event_carries_a_position_a_quiet_client_resumes_from() {
+    let t = start(|_| {}).await;
+    let mut ws = t.connect().await;
+    publish(&mut ws, "q", 0, 3).await;
+    // Opened after the three: nothing is replayed, but the welcome says where the stream is.
+    let mut events = open(&t, false, "channel=q", None).await;
+    let w = welcome(&mut events).await;
+    assert!(!w.id.is_empty(), "the welcome event has an id");
+    drop(events);
+    publish(&mut ws, "q", 3, 2).await;
+    let mut events = open(&t, false, "channel=q", Some(&w.id)).await;
+    welcome(&mut events).await;
+    expect_message(&mut events, "q", 3).await;
+    expect_message(&mut events, "q", 4).await;
+}
+
+#[tokio::test]
+async fn a_channel_without_history_at_open_resumes_behind_a_gap() {
+    let t = start(|_| {}).await;
+    let mut ws = t.connect().await;
+    let mut events = open(&t, false, "channel=fresh", None).await;
+    let w = welcome(&mut events).await;
+    assert_eq!(w.id, "-");
+    drop(events);
+    // Still nothing published: nothing to report.
+    let mut events = open(&t, false, "channel=fresh", Some("-")).await;
+    welcome(&mut events).await;
+    publish(&mut ws, "fresh", 0, 1).await;
+    expect_message(&mut events, "fresh", 0).await;
+    drop(events);
+    // Published while away: replayed, behind a gap notice, since the edge cannot prove the
+    // history kept the channel's first messages.
+    publish(&mut ws, "fresh", 1, 1).await;
+    let mut events = open(&t, false, "channel=fresh", Some("-")).await;
+    welcome(&mut events).await;
+    assert_eq!(
+        data(&next(&mut events).await),
+        json!({"op": "gap", "channel": "fresh"})
+    );
+    expect_message(&mut events, "fresh", 0).await;
+    expect_message(&mut events, "fresh", 1).await;
+}
+
+#[tokio::test]
+async fn a_position_that_does_not_name_every_channel_resumes_behind_a_gap_per_channel() {
     let t = start(|_| {}).await;
     let mut ws = t.connect().await;
     publish(&mut ws, "a", 0, 2).await;
-    let mut events = open(&t, false, "channel=a&channel=b", None).await;
+    let mut events = open(&t, false, "channel=a", None).await;
     welcome(&mut events).await;
     publish(&mut ws, "a", 2, 1).await;
-    let id = next(&mut events).await.id;
+    // A one-channel id, brought to a stream of two.
+    let id = expect_message(&mut events, "a", 2).await;
     drop(events);
     let mut events = open(&t, false, "channel=a&channel=b", Some(&id)).await;
-    welcome(&mut events).await;
+    let w = welcome(&mut events).await;
+    assert_eq!(w.id.split(',').count(), 2, "a fresh position: {}", w.id);
     let mut gaps = vec![
         data(&next(&mut events).await),
         data(&next(&mut events).await),
@@ -363,11 +475,7 @@ async fn a_stream_of_several_channels_resumes_with_a_gap_per_channel() {
         ]
     );
     publish(&mut ws, "b", 10, 1).await;
-    assert_eq!(
-        data(&next(&mut events).await)["data"],
-        10,
-        "then live traffic"
-    );
+    expect_message(&mut events, "b", 10).await;
 }
 
 #[tokio::test]

@@ -85,6 +85,21 @@ fn fit(mut replay: Replay, outbox: &Outbox) -> Replay {
     replay
 }
 
+/// Where a new subscriber starts in its channel's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Whatever is published from now on.
+    Live,
+    /// Resume: every retained message after this offset first.
+    After(Offset),
+    /// Like `Live`, but also learn the channel's newest offset at the switch-over, so the caller
+    /// can hand the client a position to resume from (SSE ids) even before any message arrives.
+    Newest,
+    /// Resume for a client that saw the channel when it had no history: every retained message,
+    /// behind a gap notice when there is any (the edge cannot prove none was trimmed before it).
+    Oldest,
+}
+
 /// Pushes held for one resuming subscriber while its history is read. Past it, the held pushes
 /// are dropped and the client gets a gap notice.
 pub const PENDING_CAP: usize = 1024;
@@ -146,18 +161,22 @@ impl Hub {
     /// `first` (the subscribe reply, a gap notice) is queued to the session at the moment the
     /// subscription turns live, under the channel's lock, so no push can overtake it.
     ///
-    /// With `since`, the session resumes: the retained messages after `since` follow the reply
-    /// (behind a gap notice when the history cannot prove nothing was lost), then whatever was
-    /// published meanwhile, each message once.
+    /// With [`Start::After`], the session resumes: the retained messages after `since` follow the
+    /// reply (behind a gap notice when the history cannot prove nothing was lost), then whatever
+    /// was published meanwhile, each message once.
+    ///
+    /// Returns the offset the subscriber is at once the queued replay is delivered: the last
+    /// replayed message, else the channel's newest offset (never past it), else `None` when the
+    /// channel has no history (or, for `Start::Live`, when nobody asked).
     pub async fn subscribe(
         &self,
         channel: &Channel,
         session: u64,
         outbox: &Arc<Outbox>,
         first: Vec<Frame>,
-        since: Option<Offset>,
-    ) -> Result<(), SubscribeError> {
-        self.add(channel, session, outbox, since.is_some())?;
+        start: Start,
+    ) -> Result<Option<Offset>, SubscribeError> {
+        self.add(channel, session, outbox, start != Start::Live)?;
         // Until it goes live, a dropped subscribe (the client went away mid-await) must not
         // leave its half-made subscriber behind.
         let mut guard = JoinGuard {
@@ -172,20 +191,34 @@ impl Hub {
             self.unsubscribe(channel, session);
             return Err(SubscribeError::BusUnavailable(why));
         }
+        // `Newest` is a resume from past the end: nothing to replay, but the read learns the
+        // newest offset while live pushes are held, so none falls between the two.
+        let since = match start {
+            Start::Live => None,
+            Start::After(since) => Some(since),
+            Start::Newest => Some(Offset::MAX),
+            Start::Oldest => Some(Offset::ZERO),
+        };
         let replay = match since {
             None => None,
             Some(since) => match self.replay(channel, since).await {
-                Ok(r) => Some((since, r)),
+                Ok(mut r) => {
+                    match start {
+                        Start::Newest => r.gap = false,
+                        Start::Oldest => r.gap = r.newest.is_some(),
+                        Start::Live | Start::After(_) => {}
+                    }
+                    Some((since, fit(r, outbox)))
+                }
                 Err(BusError::Unavailable(why)) => {
                     self.unsubscribe(channel, session);
                     return Err(SubscribeError::BusUnavailable(why));
                 }
             },
         };
-        let replay = replay.map(|(since, r)| (since, fit(r, outbox)));
-        self.go_live(channel, session, first, replay);
+        let position = self.go_live(channel, session, first, replay);
         guard.armed = false;
-        Ok(())
+        Ok(position)
     }
 
     /// The retained messages of `channel` after `since`.
@@ -202,14 +235,11 @@ impl Hub {
         session: u64,
         first: Vec<Frame>,
         replay: Option<(Offset, Replay)>,
-    ) {
-        let Some(entry) = self.channels.read().get(channel).cloned() else {
-            return;
-        };
+    ) -> Option<Offset> {
+        let entry = self.channels.read().get(channel).cloned()?;
         let mut subs = entry.subscribers.lock();
-        let Some(sub) = subs.iter_mut().find(|s| s.session == session) else {
-            return;
-        };
+        let sub = subs.iter_mut().find(|s| s.session == session)?;
+        let mut position = None;
         // A full outbox is the session's own problem: its transport closes it.
         for frame in first {
             let _ = sub.outbox.push(frame);
@@ -239,8 +269,10 @@ impl Hub {
                 }
             }
             sub.skip_through = boundary;
+            position = boundary;
         }
         sub.live = true;
+        position
     }
 
     /// Both map and entry are locked so a concurrent last-unsubscribe cannot remove the entry
@@ -420,9 +452,15 @@ mod tests {
         let h = hub(10);
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
-        h.subscribe(&ch("x"), 1, &a, vec![], None).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b, vec![], None).await.unwrap();
-        h.subscribe(&ch("x"), 2, &b, vec![], None).await.unwrap();
+        h.subscribe(&ch("x"), 1, &a, vec![], Start::Live)
+            .await
+            .unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![], Start::Live)
+            .await
+            .unwrap();
+        h.subscribe(&ch("x"), 2, &b, vec![], Start::Live)
+            .await
+            .unwrap();
         assert_eq!(h.subscriber_count("x"), 2);
         h.publish(&ch("x"), &raw("{\"v\":1}")).await.unwrap();
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
@@ -438,18 +476,26 @@ mod tests {
     async fn channel_table_is_capped_and_shrinks() {
         let h = hub(2);
         let o = Arc::new(Outbox::new(8, 1 << 20));
-        h.subscribe(&ch("a"), 1, &o, vec![], None).await.unwrap();
-        h.subscribe(&ch("b"), 1, &o, vec![], None).await.unwrap();
+        h.subscribe(&ch("a"), 1, &o, vec![], Start::Live)
+            .await
+            .unwrap();
+        h.subscribe(&ch("b"), 1, &o, vec![], Start::Live)
+            .await
+            .unwrap();
         assert_eq!(
-            h.subscribe(&ch("c"), 1, &o, vec![], None).await,
+            h.subscribe(&ch("c"), 1, &o, vec![], Start::Live).await,
             Err(SubscribeError::ChannelTableFull(2))
         );
         // An existing channel can still be joined at the cap.
-        h.subscribe(&ch("a"), 2, &o, vec![], None).await.unwrap();
+        h.subscribe(&ch("a"), 2, &o, vec![], Start::Live)
+            .await
+            .unwrap();
         assert!(h.unsubscribe(&ch("b"), 1));
         assert!(!h.unsubscribe(&ch("b"), 1));
         assert_eq!(h.channel_count(), 1);
-        h.subscribe(&ch("c"), 1, &o, vec![], None).await.unwrap();
+        h.subscribe(&ch("c"), 1, &o, vec![], Start::Live)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -457,8 +503,12 @@ mod tests {
         let h = hub(10);
         let slow = Arc::new(Outbox::new(2, 1 << 20));
         let fast = Arc::new(Outbox::new(100, 1 << 20));
-        h.subscribe(&ch("x"), 1, &slow, vec![], None).await.unwrap();
-        h.subscribe(&ch("x"), 2, &fast, vec![], None).await.unwrap();
+        h.subscribe(&ch("x"), 1, &slow, vec![], Start::Live)
+            .await
+            .unwrap();
+        h.subscribe(&ch("x"), 2, &fast, vec![], Start::Live)
+            .await
+            .unwrap();
         let mut overflowed = 0;
         for i in 0..10 {
             overflowed += h

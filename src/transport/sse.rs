@@ -3,11 +3,17 @@
 //!
 //! This file owns the SSE request checks and the event stream: a `retry:` hint and the welcome
 //! event first, then every push as one event (`id:` its offset, `data:` the push object), and a
-//! comment line on `session.sse_heartbeat` so proxies keep the stream open. A client resumes with
-//! `Last-Event-ID` (what EventSource sends by itself) or `?since=`. That is exact for a stream of
-//! one channel. One id cannot say where each of several channels was (their offsets are not
-//! ordered against each other), so a stream of several channels resumes with a gap notice per
-//! channel instead of guessing. Admission policy, protocol meaning and fan-out are not here.
+//! comment line on `session.sse_heartbeat` so proxies keep the stream open. Admission policy,
+//! protocol meaning and fan-out are not here.
+//!
+//! Resume: the event id is the stream's position, one entry per channel in the order of the URL,
+//! joined by commas: the offset of the last message delivered on that channel, or `-` when the
+//! channel had no history. A stream of one channel thus uses plain offsets, as WebSocket does.
+//! Offsets of different channels are not ordered against each other, so one offset could not say
+//! where each channel was. The welcome event carries the starting position, read from each
+//! channel's history at the switch-over to live, so a client that got nothing but the welcome
+//! still resumes exactly. EventSource sends the last id back as `Last-Event-ID` by itself; a
+//! client may also pass it as `?since=`.
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
 //! resumes), or at shutdown.
@@ -26,8 +32,9 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Refusal;
+use crate::bus::hub::Start;
 use crate::metrics::{ReasonLabels, Transport, TransportLabels};
-use crate::protocol::{self, Channel, ErrorCode, Frame, Offset};
+use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
     ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, json_error, refusal_response, text,
 };
@@ -55,7 +62,7 @@ pub async fn accept(
         Ok(origin) => origin,
         Err(refused) => return refused,
     };
-    let (channels, since) = match parse_request(req.uri().query(), req.headers()) {
+    let (channels, resume) = match parse_request(req.uri().query(), req.headers()) {
         Ok(x) => x,
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg),
     };
@@ -68,26 +75,39 @@ pub async fn accept(
     };
 
     let mut session = Session::open(state.sessions.clone(), Transport::sse);
-    let several = channels.len() > 1;
-    for channel in channels {
-        let (since, first) = match since {
-            Some(_) if several => (None, vec![protocol::encode_gap(&channel)]),
-            since => (since, Vec::new()),
+    // A position that does not name every channel (an id from another URL, a hand-made
+    // `since`) cannot be trusted for any of them: each channel starts afresh behind a gap.
+    let mismatch = resume.as_ref().is_some_and(|r| r.is_empty());
+    let mut positions = Vec::with_capacity(channels.len());
+    for (i, channel) in channels.iter().enumerate() {
+        let (start, first) = match resume.as_ref().and_then(|r| r.get(i)) {
+            Some(Some(since)) => (Start::After(*since), Vec::new()),
+            Some(None) => (Start::Oldest, Vec::new()),
+            None if mismatch => (Start::Newest, vec![protocol::encode_gap(channel)]),
+            None => (Start::Newest, Vec::new()),
         };
-        if let Err(e) = session.join(channel, since, first).await {
-            let refusal = match e.code {
-                ErrorCode::TooLarge => Refusal::TooLarge,
-                _ => Refusal::BusDown,
-            };
-            tracing::info!(peer = %info.peer, error = %e.message, "sse refused");
-            return refusal_response(&refusal, &state);
+        match session.join(channel.clone(), start, first).await {
+            // Where the client is before the replay queued behind the welcome event.
+            Ok(newest) => positions.push(match start {
+                Start::After(since) => Some(since),
+                Start::Oldest => None,
+                Start::Newest | Start::Live => newest,
+            }),
+            Err(e) => {
+                let refusal = match e.code {
+                    ErrorCode::TooLarge => Refusal::TooLarge,
+                    _ => Refusal::BusDown,
+                };
+                tracing::info!(peer = %info.peer, error = %e.message, "sse refused");
+                return refusal_response(&refusal, &state);
+            }
         }
     }
     tracing::info!(
         session = %session.public_id(),
         peer = %info.peer,
         transport = "sse",
-        since = ?since,
+        resumed = resume.is_some() && !mismatch,
         "session open"
     );
 
@@ -107,6 +127,9 @@ pub async fn accept(
         heartbeat,
         shutdown: state.shutdown.clone(),
         batch: Vec::new(),
+        channels,
+        positions,
+        welcome_sent: false,
         done: false,
         messages_out: state.metrics.messages_out.get_or_create(&labels).clone(),
         state: state.clone(),
@@ -139,12 +162,43 @@ pub async fn accept(
     resp
 }
 
-/// `channel` (repeated, at least one) and `since` from the query; `Last-Event-ID` wins over
-/// `since`, since it is where the stream actually got to.
+/// A stream's position: per channel, in URL order, the offset it got to (`None`: no history).
+/// Empty when the client's position did not name every channel.
+type Positions = Vec<Option<Offset>>;
+
+/// The position entry of a channel that had no history.
+const NO_HISTORY: &str = "-";
+
+fn parse_positions(s: &str) -> Result<Positions, OffsetError> {
+    s.split(',')
+        .map(|p| match p {
+            NO_HISTORY => Ok(None),
+            p => p.parse().map(Some),
+        })
+        .collect()
+}
+
+fn put_id(buf: &mut BytesMut, positions: &[Option<Offset>]) {
+    buf.put_slice(b"id: ");
+    for (i, p) in positions.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b',');
+        }
+        match p {
+            Some(o) => buf.put_slice(o.to_string().as_bytes()),
+            None => buf.put_slice(NO_HISTORY.as_bytes()),
+        }
+    }
+    buf.put_u8(b'\n');
+}
+
+/// `channel` (repeated, at least one) and the position to resume from: `Last-Event-ID` wins over
+/// `since`, since it is where the stream actually got to. A position whose number of entries is
+/// not the number of channels comes back empty.
 fn parse_request(
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(Vec<Channel>, Option<Offset>), String> {
+) -> Result<(Vec<Channel>, Option<Positions>), String> {
     let mut channels: Vec<Channel> = Vec::new();
     let mut since = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -156,7 +210,7 @@ fn parse_request(
                 }
             }
             "since" => {
-                since = Some(v.parse::<Offset>().map_err(|e| format!("since: {e}"))?);
+                since = Some(parse_positions(&v).map_err(|e| format!("since: {e}"))?);
             }
             _ => {}
         }
@@ -167,14 +221,16 @@ fn parse_request(
             .map_err(|_| "Last-Event-ID is not text".to_string())?;
         // An empty Last-Event-ID means the stream never saw an id: fall back to `since`.
         if !id.is_empty() {
-            since = Some(
-                id.parse::<Offset>()
-                    .map_err(|e| format!("Last-Event-ID: {e}"))?,
-            );
+            since = Some(parse_positions(id).map_err(|e| format!("Last-Event-ID: {e}"))?);
         }
     }
     if channels.is_empty() {
         return Err("name at least one channel: /sse?channel=NAME[&channel=NAME…]".into());
+    }
+    if let Some(p) = &mut since
+        && p.len() != channels.len()
+    {
+        p.clear();
     }
     Ok((channels, since))
 }
@@ -208,6 +264,10 @@ struct EventStream {
     heartbeat: Interval,
     shutdown: CancellationToken,
     batch: Vec<Frame>,
+    /// The stream's channels in URL order, and where the client is on each (see the module doc).
+    channels: Vec<Channel>,
+    positions: Positions,
+    welcome_sent: bool,
     done: bool,
     messages_out: Counter,
     state: Arc<EdgeState>,
@@ -246,22 +306,56 @@ impl EventStream {
                         continue;
                     }
                     self.messages_out.inc_by(self.batch.len() as u64);
-                    // One chunk per wake-up; a single event goes out without a copy.
-                    let chunk = if self.batch.len() == 1 {
-                        self.batch[0].sse_event()
+                    // One chunk per wake-up; a single shared event goes out without a copy.
+                    let batch = std::mem::take(&mut self.batch);
+                    let chunk = if let [f] = &batch[..] {
+                        self.event(f)
                     } else {
                         let mut buf = BytesMut::new();
-                        for f in &self.batch {
-                            buf.put_slice(&f.sse_event());
+                        for f in &batch {
+                            buf.put_slice(&self.event(f));
                         }
                         buf.freeze()
                     };
+                    self.batch = batch;
                     self.batch.clear();
                     return Some(chunk);
                 }
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
             }
         }
+    }
+
+    /// The event for one frame, with the stream's position as its id where that moved. A stream
+    /// of one channel shares the frame's own event (its id is the offset); a stream of several
+    /// writes its own id line in front of the shared `data:` line. Frames without an offset (a
+    /// reply, a gap notice, a backend's raw publish) carry no id, so the last one stays.
+    fn event(&mut self, f: &Frame) -> Bytes {
+        if !self.welcome_sent {
+            // The session queues its welcome first.
+            self.welcome_sent = true;
+            return self.with_id(f);
+        }
+        let Some((channel, offset)) = f.position() else {
+            return f.sse_event();
+        };
+        let Some(i) = self.channels.iter().position(|c| c == channel) else {
+            return f.sse_event();
+        };
+        self.positions[i] = Some(offset);
+        if self.channels.len() == 1 {
+            f.sse_event()
+        } else {
+            self.with_id(f)
+        }
+    }
+
+    fn with_id(&self, f: &Frame) -> Bytes {
+        let data = f.sse_data();
+        let mut buf = BytesMut::with_capacity(data.len() + 24 * self.positions.len() + 8);
+        put_id(&mut buf, &self.positions);
+        buf.put_slice(&data);
+        buf.freeze()
     }
 
     fn end(&mut self, reason: &'static str) -> Option<Bytes> {

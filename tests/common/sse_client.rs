@@ -64,7 +64,9 @@ pub fn data(e: &Event) -> Value {
     serde_json::from_str(&e.data).expect("event data is JSON")
 }
 
-pub async fn welcome(events: &mut Events) {
+/// The welcome event (its id is the stream's starting position).
+pub async fn welcome(events: &mut Events) -> Event {
     let e = next(events).await;
     assert_eq!(data(&e)["op"], "welcome", "{e:?}");
+    e
 }
