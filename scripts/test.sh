@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests, the fuzz
 # regression inputs, and a build of the benchmarks and fuzz targets. Installs what the tests need
-# (redis-server, for the Redis bus tests) and fails loudly when it cannot.
+# (redis-server, chromium, g++) and fails loudly when it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,9 +11,11 @@ die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 
 # What the suite needs beyond Rust: redis-server (tests that need Redis start their own on a free
-# port; they never use a running one) and a C++ compiler (libFuzzer, built by the fuzz check).
+# port; they never use a running one), Debian's chromium (tests/browser.rs drives a real
+# EventSource headless) and a C++ compiler (libFuzzer, built by the fuzz check).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+[ -n "${EDGEPLEX_CHROMIUM:-}" ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v c++ >/dev/null || missing+=(g++)
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
@@ -23,6 +25,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         || die "cannot install ${missing[*]}; install by hand and re-run"
 fi
 redis-server --version >/dev/null || die "redis-server is installed but does not run"
+"${EDGEPLEX_CHROMIUM:-/usr/bin/chromium}" --headless=new --no-sandbox --version >/dev/null 2>&1 \
+    || die "chromium is installed but does not run"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

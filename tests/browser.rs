@@ -1,0 +1,289 @@
+//! A real browser's EventSource against a real edge: Debian's Chromium, headless.
+//!
+//! The page is served from its own origin (plain HTTP on another loopback port), so the stream is
+//! a cross-origin EventSource and passes the edge's origin check and CORS echo, as in production.
+//! Between the browser and the edge sits a TCP relay the test can cut: the browser then notices
+//! the dropped stream, reconnects by itself with `Last-Event-ID`, and must get exactly what it
+//! missed. The browser is told to accept the dev certificate (`--ignore-certificate-errors`):
+//! this test is about EventSource's behaviour, not certificate trust.
+//!
+//! Needs `/usr/bin/chromium` (Debian's `chromium` package; `scripts/test.sh` installs it) or the
+//! path in `EDGEPLEX_CHROMIUM`. Run alone with `cargo test --test browser`.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::start;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const PAGE: &str = r#"<!doctype html>
+<title>edgeplex EventSource test</title>
+<script>
+const seen = [];
+const report = () => fetch("/report", { method: "POST", body: JSON.stringify(seen) });
+const es = new EventSource("EDGE/sse?channel=b1&channel=b2");
+es.onmessage = (e) => {
+  const d = JSON.parse(e.data);
+  seen.push({ id: e.lastEventId, op: d.op, channel: d.channel, data: d.data });
+  report();
+};
+es.onerror = () => { seen.push({ op: "error", state: es.readyState }); report(); };
+</script>
+"#;
+
+/// Serves the page and collects what it reports (the whole list of events seen, each time).
+async fn page_server(listener: TcpListener, page: String, seen: watch::Sender<Vec<Value>>) {
+    let page = Bytes::from(page);
+    let seen = Arc::new(seen);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let (page, seen) = (page.clone(), seen.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (page, seen) = (page.clone(), seen.clone());
+                async move {
+                    if req.uri().path() == "/report" {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        if let Ok(list) = body.map(|b| serde_json::from_slice::<Vec<Value>>(&b)) {
+                            // Reports can arrive out of order; keep the longest.
+                            if let Ok(list) = list {
+                                seen.send_if_modified(|cur| {
+                                    let longer = list.len() > cur.len();
+                                    if longer {
+                                        *cur = list;
+                                    }
+                                    longer
+                                });
+                            }
+                        }
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())));
+                    }
+                    let mut r = Response::new(Full::new(page));
+                    r.headers_mut()
+                        .insert("content-type", "text/html".parse().unwrap());
+                    Ok(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// A TCP relay in front of the edge that the test can cut: a cut drops every relayed connection
+/// and refuses new ones until `restore`.
+struct Relay {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (up, conns) = (up.clone(), conns.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the browser sees a network error and retries
+                    }
+                    conns.lock().push(tokio::spawn(async move {
+                        if let Ok(mut edge) = TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut edge).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Relay {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Headless Chromium on one page; killed when dropped.
+struct Browser {
+    child: std::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let bin = std::env::var("EDGEPLEX_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} is missing: install Debian's chromium package (scripts/test.sh does) or set \
+             EDGEPLEX_CHROMIUM to a Chromium binary"
+        );
+        let profile = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(bin)
+            .args([
+                "--headless=new",
+                // Tests run as root in containers, where Chromium's sandbox cannot start.
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--ignore-certificate-errors",
+                "--host-resolver-rules=MAP localhost 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromium");
+        Browser {
+            child,
+            _profile: profile,
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the page has reported something that satisfies `done`.
+async fn wait_for(
+    seen: &mut watch::Receiver<Vec<Value>>,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let r = tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|s| done(s)))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    match r {
+        Ok(Ok(s)) => s,
+        _ => panic!(
+            "the page never reported {what}; it saw {:?}",
+            *seen.borrow()
+        ),
+    }
+}
+
+fn messages(seen: &[Value]) -> Vec<(String, i64)> {
+    seen.iter()
+        .filter(|e| e["op"] == "message")
+        .map(|e| {
+            let channel = e["channel"].as_str().unwrap_or_default().to_string();
+            (channel, e["data"].as_i64().unwrap_or(-1))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_browser_eventsource_reconnects_by_itself_and_misses_nothing() {
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = page_listener.local_addr().unwrap().port();
+    let t = start(|f| {
+        f.admission.allowed_origins = vec![format!("http://localhost:{page_port}")];
+        f.session.sse_retry = Duration::from_millis(200);
+    })
+    .await;
+    let relay = Relay::start(t.edge.tls_addr()).await;
+    let page = PAGE.replace("EDGE", &format!("https://localhost:{}", relay.addr.port()));
+    let (tx, mut seen) = watch::channel(Vec::new());
+    tokio::spawn(page_server(page_listener, page, tx));
+    let _browser = Browser::open(&format!("http://localhost:{page_port}/"));
+
+    wait_for(&mut seen, "the welcome event", |s| {
+        s.iter().any(|e| e["op"] == "welcome")
+    })
+    .await;
+    let mut ws = t.connect().await;
+    let publish = async |ws: &mut common::Client, channel: &str, n: i64| {
+        let r = ws
+            .request(json!({"id": n, "op": "publish", "channel": channel, "data": n}))
+            .await;
+        assert_eq!(r["ok"], true);
+    };
+    publish(&mut ws, "b1", 0).await;
+    publish(&mut ws, "b2", 1).await;
+    wait_for(&mut seen, "the first two messages", |s| {
+        messages(s).len() == 2
+    })
+    .await;
+
+    // The connection drops; the browser keeps retrying while these are published.
+    relay.cut();
+    wait_for(&mut seen, "the dropped stream", |s| {
+        s.iter().any(|e| e["op"] == "error")
+    })
+    .await;
+    publish(&mut ws, "b1", 2).await;
+    publish(&mut ws, "b2", 3).await;
+    publish(&mut ws, "b1", 4).await;
+    relay.restore();
+
+    let s = wait_for(&mut seen, "the missed messages", |s| messages(s).len() >= 5).await;
+    let welcomes = s.iter().filter(|e| e["op"] == "welcome").count();
+    assert_eq!(welcomes, 2, "one reconnect: {s:?}");
+    assert!(
+        !s.iter().any(|e| e["op"] == "gap"),
+        "the browser's Last-Event-ID covered both channels: {s:?}"
+    );
+    publish(&mut ws, "b2", 5).await;
+    let s = wait_for(&mut seen, "live traffic after the resume", |s| {
+        messages(s).len() >= 6
+    })
+    .await;
+    // Order holds per channel; a resume replays one channel after the other.
+    let got = messages(&s);
+    for (channel, want) in [("b1", vec![0, 2, 4]), ("b2", vec![1, 3, 5])] {
+        let on: Vec<i64> = got.iter().filter(|m| m.0 == channel).map(|m| m.1).collect();
+        assert_eq!(on, want, "every message of {channel} once, in order: {s:?}");
+    }
+    let last = s.iter().rev().find(|e| e["op"] == "message").unwrap();
+    assert_eq!(
+        last["id"].as_str().unwrap().split(',').count(),
+        2,
+        "lastEventId is the two-channel position: {last}"
+    );
+}
