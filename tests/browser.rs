@@ -60,17 +60,16 @@ async fn page_server(listener: TcpListener, page: String, seen: watch::Sender<Ve
                 async move {
                     if req.uri().path() == "/report" {
                         let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                        if let Ok(list) = body.map(|b| serde_json::from_slice::<Vec<Value>>(&b)) {
+                        if let Ok(Ok(list)) = body.map(|b| serde_json::from_slice::<Vec<Value>>(&b))
+                        {
                             // Reports can arrive out of order; keep the longest.
-                            if let Ok(list) = list {
-                                seen.send_if_modified(|cur| {
-                                    let longer = list.len() > cur.len();
-                                    if longer {
-                                        *cur = list;
-                                    }
-                                    longer
-                                });
-                            }
+                            seen.send_if_modified(|cur| {
+                                let longer = list.len() > cur.len();
+                                if longer {
+                                    *cur = list;
+                                }
+                                longer
+                            });
                         }
                         return Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())));
                     }
