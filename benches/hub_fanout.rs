@@ -4,13 +4,14 @@
 //! Run: `cargo bench --bench hub_fanout`. Prints figures; asserts nothing about speed.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use edgeplex::bus::history::MemoryHistory;
 use edgeplex::bus::hub::Start;
 use edgeplex::bus::memory::MemoryBus;
 use edgeplex::bus::{Bus, Hub};
 use edgeplex::metrics::Metrics;
-use edgeplex::protocol::Channel;
+use edgeplex::protocol::{Channel, Offset};
 use edgeplex::session::Outbox;
 use serde_json::value::RawValue;
 
@@ -62,6 +63,44 @@ fn main() {
             publishes,
             deliveries / elapsed.as_secs_f64(),
             elapsed.as_nanos() as f64 / deliveries
+        );
+    }
+    history_spray();
+}
+
+/// Publishes to ever-new channels with the history budget full, so every publish evicts: the cost
+/// of keeping the embedded bus's history bounded while a client sprays channel names.
+fn history_spray() {
+    println!();
+    println!("history under a channel spray: 100-byte payloads, every publish to a new channel");
+    println!(
+        "{:>14} {:>12} {:>14} {:>14}",
+        "budget", "channels", "publishes/s", "ns/publish"
+    );
+    let data = "x".repeat(100);
+    for &budget in &[1usize << 20, 16 << 20] {
+        let h = MemoryHistory::new(1000, Duration::from_secs(3600), budget);
+        // Fill the budget first, then measure publishes that each force an eviction.
+        let mut i = 0u64;
+        while h.bytes() + 512 < budget {
+            let c = Channel::new(&format!("fill-{i}")).unwrap();
+            i += 1;
+            h.record(&c, &data, || (Offset { epoch: 1, seq: i }, ()));
+        }
+        let n = 20_000u64;
+        let start = Instant::now();
+        for k in 0..n {
+            let c = Channel::new(&format!("spray-{k}")).unwrap();
+            i += 1;
+            h.record(&c, &data, || (Offset { epoch: 1, seq: i }, ()));
+        }
+        let elapsed = start.elapsed();
+        println!(
+            "{:>14} {:>12} {:>14.0} {:>14.0}",
+            budget,
+            h.channel_count(),
+            n as f64 / elapsed.as_secs_f64(),
+            elapsed.as_nanos() as f64 / n as f64
         );
     }
 }

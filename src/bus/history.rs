@@ -1,9 +1,12 @@
 //! Channel history for the embedded bus, and the resume rule both buses share.
 //!
 //! Each channel keeps its last `bus.history_len` messages, none older than `bus.history_ttl`. The
-//! table is keyed by client input, so it is capped in total bytes (`bus.history_bytes`): past it,
-//! the channel published to least recently loses its history first. The Redis bus keeps the same
-//! history in a Redis stream instead (see `redis.rs`); this module does not touch Redis.
+//! table is keyed by client input, so it is capped in total bytes (`bus.history_bytes`), counting
+//! each channel's own bookkeeping as well as its messages: past it, whole channels are evicted,
+//! the least recently published first (approximately: a CLOCK hand gives a channel published to
+//! since its last visit a second chance), at a constant cost per eviction so a spray of channel
+//! names cannot turn each publish into a scan of the table. The Redis bus keeps the same history
+//! in a Redis stream instead (see `redis.rs`); this module does not touch Redis.
 //!
 //! Resume rule ([`Replay`]): a client resuming after offset `since` gets every retained message
 //! after it, and a gap notice unless the history proves nothing was lost. Histories only lose
@@ -23,6 +26,15 @@ use crate::protocol::{Channel, Offset};
 
 /// Per-entry bookkeeping counted against the byte budget besides the data itself.
 const ENTRY_OVERHEAD: usize = 64;
+
+/// Per-channel bookkeeping counted against the byte budget besides the name: the table slot, the
+/// ring and its lock, the hand's slot. A channel whose messages all aged out still costs this, so
+/// the number of channels is bounded by the budget too.
+const CHANNEL_OVERHEAD: usize = 160;
+
+fn channel_cost(channel: &Channel) -> usize {
+    CHANNEL_OVERHEAD + channel.as_str().len()
+}
 
 /// What a resume gets: the retained messages after `since`, oldest first, and whether messages
 /// may have been lost before them.
@@ -64,13 +76,22 @@ struct Ring {
     last: Option<Offset>,
     last_publish: Option<Instant>,
     bytes: usize,
+    /// Published to since the eviction hand last passed: spared once.
+    referenced: bool,
     /// Evicted from the table: a holder of this ring must look it up again.
     removed: bool,
 }
 
+#[derive(Debug, Default)]
+struct Table {
+    rings: HashMap<Channel, Arc<Mutex<Ring>>>,
+    /// Every channel of `rings` once, in the order the eviction hand visits them.
+    hand: VecDeque<Channel>,
+}
+
 #[derive(Debug)]
 pub struct MemoryHistory {
-    channels: RwLock<HashMap<Channel, Arc<Mutex<Ring>>>>,
+    channels: RwLock<Table>,
     len: usize,
     ttl: Duration,
     budget: usize,
@@ -80,7 +101,7 @@ pub struct MemoryHistory {
 impl MemoryHistory {
     pub fn new(len: usize, ttl: Duration, budget: usize) -> MemoryHistory {
         MemoryHistory {
-            channels: RwLock::new(HashMap::new()),
+            channels: RwLock::new(Table::default()),
             len,
             ttl,
             budget,
@@ -111,6 +132,7 @@ impl MemoryHistory {
             self.bytes.fetch_add(size, Ordering::Relaxed);
             r.last = Some(offset);
             r.last_publish = Some(now);
+            r.referenced = true;
             self.trim(&mut r, now);
             break result;
         };
@@ -122,7 +144,7 @@ impl MemoryHistory {
 
     /// The resume for `since` on `channel`.
     pub fn replay(&self, channel: &Channel, since: Offset) -> Replay {
-        let Some(ring) = self.channels.read().get(channel).cloned() else {
+        let Some(ring) = self.channels.read().rings.get(channel).cloned() else {
             // Never published here, or its history was evicted: nothing proves no loss.
             return Replay::after(since, [], None, None);
         };
@@ -146,18 +168,26 @@ impl MemoryHistory {
     }
 
     pub fn channel_count(&self) -> usize {
-        self.channels.read().len()
+        self.channels.read().rings.len()
     }
 
     fn ring(&self, channel: &Channel) -> Arc<Mutex<Ring>> {
-        if let Some(r) = self.channels.read().get(channel) {
+        if let Some(r) = self.channels.read().rings.get(channel) {
             return r.clone();
         }
-        self.channels
-            .write()
-            .entry(channel.clone())
-            .or_default()
-            .clone()
+        let mut t = self.channels.write();
+        if let Some(r) = t.rings.get(channel) {
+            return r.clone();
+        }
+        let cost = channel_cost(channel);
+        let ring = Arc::new(Mutex::new(Ring {
+            bytes: cost,
+            ..Ring::default()
+        }));
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
+        t.rings.insert(channel.clone(), ring.clone());
+        t.hand.push_back(channel.clone());
+        ring
     }
 
     fn trim(&self, r: &mut Ring, now: Instant) {
@@ -173,22 +203,34 @@ impl MemoryHistory {
         }
     }
 
-    /// Drops whole channels, least recently published first, until the table is within budget.
-    /// `keep` (the channel just published to) goes last. Runs with no ring lock held.
+    /// Drops whole channels until the table is within budget. The hand visits channels in turn:
+    /// one published to since its last visit is spared once (its mark cleared), any other is
+    /// dropped. `keep` (the channel just published to) goes only when it is the last one. Each
+    /// step clears a mark or drops a channel, so the loop ends, and its cost is paid back by the
+    /// publishes that set the marks. Runs with no ring lock held.
     fn evict(&self, keep: &Channel) {
-        let mut channels = self.channels.write();
+        let mut t = self.channels.write();
         while self.bytes.load(Ordering::Relaxed) > self.budget {
-            let victim = channels
-                .iter()
-                .filter(|(c, _)| *c != keep || channels.len() == 1)
-                .min_by_key(|(_, r)| r.lock().last_publish)
-                .map(|(c, _)| c.clone());
-            let Some(victim) = victim else { break };
-            if let Some(r) = channels.remove(&victim) {
-                let mut r = r.lock();
-                r.removed = true;
-                self.bytes.fetch_sub(r.bytes, Ordering::Relaxed);
+            let Some(channel) = t.hand.pop_front() else {
+                break;
+            };
+            let Some(ring) = t.rings.get(&channel).cloned() else {
+                continue;
+            };
+            let spare = {
+                let mut r = ring.lock();
+                let spare = (channel == *keep && t.rings.len() > 1) || r.referenced;
+                r.referenced = false;
+                spare
+            };
+            if spare {
+                t.hand.push_back(channel);
+                continue;
             }
+            t.rings.remove(&channel);
+            let mut r = ring.lock();
+            r.removed = true;
+            self.bytes.fetch_sub(r.bytes, Ordering::Relaxed);
         }
     }
 }
@@ -261,7 +303,50 @@ mod tests {
             }
         );
         assert!(h.replay(&ch("a"), o(0)).gap);
-        assert_eq!(h.bytes(), 0);
+        assert_eq!(
+            h.bytes(),
+            channel_cost(&ch("a")),
+            "the channel itself still counts"
+        );
+    }
+
+    #[test]
+    fn channels_whose_messages_aged_out_still_count_against_the_budget() {
+        let budget = 64 * 1024;
+        let h = MemoryHistory::new(1000, Duration::ZERO, budget);
+        for i in 0..20_000u64 {
+            let c = format!("aged-{i}");
+            publish(&h, &c, i + 1, "m");
+            // Reading trims the aged message: what is left is the channel's last offset.
+            assert!(h.replay(&ch(&c), o(0)).entries.is_empty());
+            assert!(h.bytes() <= budget, "over budget after {i}: {}", h.bytes());
+        }
+        assert!(
+            h.channel_count() * CHANNEL_OVERHEAD <= budget,
+            "{} channels kept",
+            h.channel_count()
+        );
+    }
+
+    #[test]
+    fn a_channel_published_to_all_along_survives_a_spray() {
+        let budget = 64 * 1024;
+        let h = MemoryHistory::new(100, Duration::from_secs(60), budget);
+        let mut seq = 0;
+        let mut hot = Vec::new();
+        for i in 0..20_000u64 {
+            seq += 1;
+            publish(&h, &format!("spray-{i}"), seq, "m");
+            if i % 10 == 0 {
+                seq += 1;
+                hot.push(seq);
+                publish(&h, "hot", seq, "m");
+            }
+        }
+        // Resume from the oldest message a ring of 100 keeps.
+        let r = h.replay(&ch("hot"), o(hot[hot.len() - 100]));
+        assert!(!r.gap, "the hot channel was never evicted");
+        assert_eq!(r.entries.len(), 99);
     }
 
     #[test]
