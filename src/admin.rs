@@ -1,6 +1,7 @@
-//! The admin listener's routes: liveness, readiness and metrics for operators, and the backend
-//! publish API. Plain HTTP on a private address; nothing here is reachable from the public
-//! listeners.
+//! The admin listener's routes: liveness, readiness, metrics and the admission state of one
+//! address for operators, and the backend publish API. Plain HTTP on a private address; nothing
+//! here is reachable from the public listeners. Reads are open to whoever reaches the listener
+//! (like `/metrics`); the one write, publishing, needs the bearer key.
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -9,6 +10,9 @@ use crate::protocol::ErrorCode;
 use crate::server::routes::{json_error, text};
 use crate::server::{Body, EdgeState, full_body};
 use crate::transport::publish;
+
+/// `GET /v1/admission/<address>`: what the limits know of one client address.
+const ADMISSION_PREFIX: &str = "/v1/admission/";
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,12 +40,31 @@ pub async fn handle(req: Request<Incoming>, state: &EdgeState) -> Response<Body>
             r
         }
         (&Method::POST, "/v1/publish") => publish(req, state).await,
+        (&Method::GET, path) if path.starts_with(ADMISSION_PREFIX) => {
+            let addr = &path[ADMISSION_PREFIX.len()..];
+            match addr.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    let body = state.admission.address_state(ip).to_string();
+                    let mut r = Response::new(full_body(body));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                Err(_) => json_error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "GET /v1/admission/<IPv4 or IPv6 address>",
+                ),
+            }
+        }
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz, /metrics, POST /v1/publish\n",
+            "not found; try /healthz, /readyz, /metrics, /v1/admission/<address>, POST /v1/publish\n",
         ),
     }
 }
@@ -71,7 +94,7 @@ async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    publish::publish_body(req.into_body(), state).await
+    publish::publish_body(req.into_body(), state, None).await
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess matched.

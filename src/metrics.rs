@@ -20,6 +20,56 @@ pub enum Transport {
     webtransport,
 }
 
+/// An admission check, as named in the config (`[limits.<name>]`) and in metrics.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Limit {
+    origin,
+    ip_new_sessions,
+    ip_sessions,
+    ip_messages,
+    ip_bytes,
+    new_sessions,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 6] = [
+        Limit::origin,
+        Limit::ip_new_sessions,
+        Limit::ip_sessions,
+        Limit::ip_messages,
+        Limit::ip_bytes,
+        Limit::new_sessions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::origin => "origin",
+            Limit::ip_new_sessions => "ip_new_sessions",
+            Limit::ip_sessions => "ip_sessions",
+            Limit::ip_messages => "ip_messages",
+            Limit::ip_bytes => "ip_bytes",
+            Limit::new_sessions => "new_sessions",
+        }
+    }
+}
+
+/// What an admission check decided. `dry_run`: over the limit, let through because the limit is
+/// in dry-run mode.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Decision {
+    allowed,
+    refused,
+    dry_run,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub limit: Limit,
+    pub decision: Decision,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
     pub transport: Transport,
@@ -55,6 +105,9 @@ pub struct Metrics {
     pub redis_publish_errors: Counter,
     pub redis_reconnects: Counter,
     pub redis_bad_payloads: Counter,
+    pub admission_decisions: Family<DecisionLabels, Counter>,
+    pub tracked_addresses: Gauge,
+    pub config_reloads: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,6 +137,9 @@ impl Metrics {
             redis_publish_errors: Counter::default(),
             redis_reconnects: Counter::default(),
             redis_bad_payloads: Counter::default(),
+            admission_decisions: Family::default(),
+            tracked_addresses: Gauge::default(),
+            config_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions open now", m.sessions.clone());
@@ -167,6 +223,32 @@ impl Metrics {
             "Redis messages dropped because they were not UTF-8",
             m.redis_bad_payloads.clone(),
         );
+        registry.register(
+            "admission_decisions",
+            "Admission checks by limit and decision (allowed, refused, or dry_run: over the \
+             limit but let through)",
+            m.admission_decisions.clone(),
+        );
+        registry.register(
+            "admission_tracked_addresses",
+            "Per-IP limiter entries held now (bounded by admission.max_tracked_addresses per limit)",
+            m.tracked_addresses.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result (applied, rejected)",
+            m.config_reloads.clone(),
+        );
+        for limit in Limit::ALL {
+            for decision in [Decision::allowed, Decision::refused, Decision::dry_run] {
+                let _ = m
+                    .admission_decisions
+                    .get_or_create(&DecisionLabels { limit, decision });
+            }
+        }
+        for reason in ["applied", "rejected"] {
+            let _ = m.config_reloads.get_or_create(&ReasonLabels { reason });
+        }
         // Pre-create every error code and transport so dashboards see zeros, not gaps.
         for code in ErrorCode::ALL {
             let _ = m.errors.get_or_create(&CodeLabels {
@@ -197,6 +279,12 @@ impl Metrics {
 
     pub fn refusal(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn decision(&self, limit: Limit, decision: Decision) {
+        self.admission_decisions
+            .get_or_create(&DecisionLabels { limit, decision })
+            .inc();
     }
 
     pub fn render(&self) -> String {

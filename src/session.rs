@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
-use crate::admission::close;
+use crate::admission::{Refusal, SessionTicket, close};
 use crate::bus::hub::{Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
@@ -282,13 +282,16 @@ pub struct Session {
     outbox: Arc<Outbox>,
     subscriptions: HashSet<Channel>,
     limiter: DefaultDirectRateLimiter,
+    /// The session's place under its address's limits; every client message is also charged
+    /// to the address.
+    ticket: SessionTicket,
     refusals_in_row: u32,
     counters: SessionCounters,
 }
 
 impl Session {
-    /// Opens a session and queues its welcome frame.
-    pub fn open(env: Arc<SessionEnv>, transport: Transport) -> Session {
+    /// Opens a session admitted with `ticket` and queues its welcome frame.
+    pub fn open(env: Arc<SessionEnv>, transport: Transport, ticket: SessionTicket) -> Session {
         let id = env.next_session.fetch_add(1, Ordering::Relaxed);
         let public_id = format!("{}-{id}", env.node_id);
         let cfg = &env.config;
@@ -305,6 +308,7 @@ impl Session {
             outbox,
             subscriptions: HashSet::new(),
             limiter: RateLimiter::direct(cfg.message_quota()),
+            ticket,
             refusals_in_row: 0,
             counters,
             public_id,
@@ -351,7 +355,7 @@ impl Session {
         };
         // Every frame counts against the budget, malformed ones included: a flood of garbage is
         // still a flood.
-        match self.charge() {
+        match self.charge(frame.len()) {
             Charge::Allowed => {}
             Charge::Close => return Verdict::Close(CloseReason::RATE_ABUSE),
             Charge::Refused(wait) => {
@@ -380,26 +384,37 @@ impl Session {
     /// the message budget: a client flooding pings is closed like one flooding messages.
     pub fn handle_control(&mut self) -> Verdict {
         self.counters.messages_in.inc();
-        match self.charge() {
+        match self.charge(0) {
             Charge::Close => Verdict::Close(CloseReason::RATE_ABUSE),
             Charge::Allowed | Charge::Refused(_) => Verdict::Continue,
         }
     }
 
-    /// Takes one message from the budget. Past the burst the message is refused; past
+    /// Takes one message of `bytes` bytes from the session's budget and then from its address's
+    /// (`limits.ip_messages`, `limits.ip_bytes`). Past either, the message is refused; past
     /// `close_after_refusals` refusals in a row the session is to be closed.
-    fn charge(&mut self) -> Charge {
-        match self.limiter.check() {
+    fn charge(&mut self, bytes: usize) -> Charge {
+        let own = self
+            .limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
+        let result = own.and_then(|()| {
+            self.ticket.charge_message(bytes).map_err(|r| match r {
+                Refusal::RateLimited { retry_after } => retry_after,
+                _ => std::time::Duration::from_secs(1),
+            })
+        });
+        match result {
             Ok(()) => {
                 self.refusals_in_row = 0;
                 Charge::Allowed
             }
-            Err(not_until) => {
+            Err(wait) => {
                 self.refusals_in_row += 1;
                 if self.refusals_in_row > self.env.config.close_after_refusals {
                     Charge::Close
                 } else {
-                    Charge::Refused(not_until.wait_time_from(DefaultClock::default().now()))
+                    Charge::Refused(wait)
                 }
             }
         }
@@ -408,7 +423,7 @@ impl Session {
     /// A frame the wire delivered but the protocol does not carry (e.g. a WebSocket binary frame).
     pub fn handle_unsupported(&mut self, what: &str) -> Verdict {
         self.counters.messages_in.inc();
-        if let Charge::Close = self.charge() {
+        if let Charge::Close = self.charge(0) {
             return Verdict::Close(CloseReason::RATE_ABUSE);
         }
         let msg = format!("{what}; send JSON text frames");
@@ -541,7 +556,9 @@ mod tests {
     use crate::config::{Config, FileConfig};
     use serde_json::Value;
 
-    fn env(edit: impl FnOnce(&mut FileConfig)) -> Arc<SessionEnv> {
+    fn env(
+        edit: impl FnOnce(&mut FileConfig),
+    ) -> (Arc<SessionEnv>, Arc<crate::admission::Admission>) {
         let mut f = FileConfig::default();
         edit(&mut f);
         let cfg = Config::from_file_config(f).unwrap();
@@ -551,7 +568,20 @@ mod tests {
             100,
             metrics.clone(),
         ));
-        Arc::new(SessionEnv::new(hub, cfg.session, metrics))
+        let admission = Arc::new(crate::admission::Admission::new(
+            cfg.admission,
+            cfg.limits,
+            metrics.clone(),
+        ));
+        let env = Arc::new(SessionEnv::new(hub, cfg.session, metrics));
+        (env, admission)
+    }
+
+    fn open(e: &(Arc<SessionEnv>, Arc<crate::admission::Admission>)) -> Session {
+        let client =
+            e.1.client("192.0.2.1".parse().unwrap(), &http::HeaderMap::new());
+        let ticket = e.1.admit_session(client).unwrap();
+        Session::open(e.0.clone(), Transport::websocket, ticket)
     }
 
     fn frames(s: &Session) -> Vec<Value> {
@@ -565,7 +595,7 @@ mod tests {
     #[tokio::test]
     async fn welcome_then_replies() {
         let e = env(|_| {});
-        let mut s = Session::open(e.clone(), Transport::websocket);
+        let mut s = open(&e);
         let w = frames(&s);
         assert_eq!(w[0]["op"], "welcome");
         assert_eq!(w[0]["session"], s.public_id());
@@ -578,13 +608,13 @@ mod tests {
         assert_eq!(f[1]["op"], "message");
         assert_eq!(f[2], serde_json::json!({"id":2,"ok":true}));
         drop(s);
-        assert_eq!(e.hub.channel_count(), 0, "drop unsubscribes");
+        assert_eq!(e.0.hub.channel_count(), 0, "drop unsubscribes");
     }
 
     #[tokio::test]
     async fn subscription_cap_and_resume_gap() {
         let e = env(|f| f.session.max_channels = 1);
-        let mut s = Session::open(e, Transport::websocket);
+        let mut s = open(&e);
         frames(&s);
         s.handle_frame(br#"{"id":1,"op":"subscribe","channel":"a","since":"1-1"}"#)
             .await;
@@ -604,7 +634,7 @@ mod tests {
             f.session.message_burst = 2;
             f.session.close_after_refusals = 3;
         });
-        let mut s = Session::open(e, Transport::websocket);
+        let mut s = open(&e);
         frames(&s);
         let mut verdicts = Vec::new();
         for i in 0..6 {

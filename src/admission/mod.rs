@@ -3,7 +3,12 @@
 //! code). Decisions here are pure functions of request facts and policy; no I/O happens here, so
 //! transports stay thin and the policy is unit-tested without sockets.
 
+pub mod client_ip;
+pub mod limits;
 pub mod origin;
+pub mod store;
+
+pub use limits::{Admission, Client, SessionTicket};
 
 use std::time::Duration;
 
@@ -160,6 +165,7 @@ mod tests {
         let strict = AdmissionConfig {
             allowed_origins: Some(vec!["https://a.example".into()]),
             allow_missing_origin: false,
+            ..AdmissionConfig::default()
         };
         assert_eq!(check_origin(None, &strict), Err(Refusal::Origin));
         assert_eq!(check_origin(Some("https://a.example"), &strict), Ok(()));
@@ -175,6 +181,7 @@ mod tests {
         let any = AdmissionConfig {
             allowed_origins: None,
             allow_missing_origin: false,
+            ..AdmissionConfig::default()
         };
         assert_eq!(check_origin(Some("https://z"), &any), Ok(()));
     }

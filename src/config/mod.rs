@@ -14,7 +14,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
-pub use schema::{FileConfig, LogFormat};
+pub use schema::{FileConfig, LimitMode, LogFormat};
 
 /// Prefix of environment overrides; `__` separates section and key.
 pub const ENV_PREFIX: &str = "EDGEPLEX__";
@@ -47,6 +47,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub session: SessionConfig,
     pub admission: AdmissionConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
@@ -161,11 +162,62 @@ impl SessionConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdmissionConfig {
     /// `None`: any origin is allowed (the list held `"*"`).
     pub allowed_origins: Option<Vec<String>>,
     pub allow_missing_origin: bool,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// IPv6 clients share per-IP state per prefix of this many bits.
+    pub ipv6_prefix: u8,
+    /// Clients no per-IP limit applies to.
+    pub exempt: Vec<ipnet::IpNet>,
+    pub max_tracked_addresses: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            allowed_origins: None,
+            allow_missing_origin: true,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: schema::DEFAULT_IPV6_PREFIX,
+            exempt: Vec::new(),
+            max_tracked_addresses: schema::DEFAULT_MAX_TRACKED_ADDRESSES,
+        }
+    }
+}
+
+/// A validated rate limit: `per_second` after a burst of `burst`, both at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateRule {
+    pub mode: LimitMode,
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl RateRule {
+    pub fn quota(&self) -> governor::Quota {
+        let n = |v: u32| std::num::NonZeroU32::new(v).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::per_second(n(self.per_second)).allow_burst(n(self.burst))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountRule {
+    pub mode: LimitMode,
+    pub max: u32,
+}
+
+/// The per-IP and node-wide limits (`[limits]`); reloadable with `[admission]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub ip_new_sessions: RateRule,
+    pub ip_sessions: CountRule,
+    pub ip_messages: RateRule,
+    pub ip_bytes: RateRule,
+    pub new_sessions: RateRule,
 }
 
 #[derive(Debug, Clone)]
@@ -562,10 +614,104 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
                 .collect(),
         )
     };
+    let cidrs = |key: &'static str, list: &[String]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        list.iter()
+            .map(|v| {
+                v.parse::<ipnet::IpNet>()
+                    .or_else(|_| v.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        invalid(
+                            key,
+                            format!(
+                                "{v:?} is not an address or CIDR; write e.g. \"10.0.0.0/8\", \
+                                 \"2001:db8::/32\" or \"192.0.2.7\""
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    };
     let admission = AdmissionConfig {
         allowed_origins,
         allow_missing_origin: a.allow_missing_origin,
+        trusted_proxies: cidrs("admission.trusted_proxies", &a.trusted_proxies)?,
+        ipv6_prefix: range("admission.ipv6_prefix", a.ipv6_prefix as usize, 16, 128)? as u8,
+        exempt: cidrs("admission.exempt", &a.exempt)?,
+        max_tracked_addresses: range(
+            "admission.max_tracked_addresses",
+            a.max_tracked_addresses,
+            1_000,
+            100_000_000,
+        )?,
     };
+
+    let li = &file.limits;
+    let rate = |key_rate: &'static str,
+                key_burst: &'static str,
+                mode: LimitMode,
+                per_second: u32,
+                burst: u32|
+     -> Result<RateRule, ConfigError> {
+        range(key_rate, per_second as usize, 1, u32::MAX as usize)?;
+        range(key_burst, burst as usize, 1, u32::MAX as usize)?;
+        Ok(RateRule {
+            mode,
+            per_second,
+            burst,
+        })
+    };
+    let limits = LimitsConfig {
+        ip_new_sessions: rate(
+            "limits.ip_new_sessions.per_second",
+            "limits.ip_new_sessions.burst",
+            li.ip_new_sessions.mode,
+            li.ip_new_sessions.per_second,
+            li.ip_new_sessions.burst,
+        )?,
+        ip_sessions: CountRule {
+            mode: li.ip_sessions.mode,
+            max: range(
+                "limits.ip_sessions.max",
+                li.ip_sessions.max as usize,
+                1,
+                u32::MAX as usize,
+            )? as u32,
+        },
+        ip_messages: rate(
+            "limits.ip_messages.per_second",
+            "limits.ip_messages.burst",
+            li.ip_messages.mode,
+            li.ip_messages.per_second,
+            li.ip_messages.burst,
+        )?,
+        ip_bytes: rate(
+            "limits.ip_bytes.per_second",
+            "limits.ip_bytes.burst",
+            li.ip_bytes.mode,
+            li.ip_bytes.per_second,
+            li.ip_bytes.burst,
+        )?,
+        new_sessions: rate(
+            "limits.new_sessions.per_second",
+            "limits.new_sessions.burst",
+            li.new_sessions.mode,
+            li.new_sessions.per_second,
+            li.new_sessions.burst,
+        )?,
+    };
+    // A message is charged whole against the byte budget: a burst smaller than the largest
+    // message allowed would refuse such a message forever.
+    if (limits.ip_bytes.burst as usize) < session.max_message_bytes {
+        return Err(invalid(
+            "limits.ip_bytes.burst",
+            format!(
+                "{} is less than session.max_message_bytes ({}); a message that size could never \
+                 pass. Raise it to at least {}",
+                limits.ip_bytes.burst, session.max_message_bytes, session.max_message_bytes
+            ),
+        ));
+    }
 
     let l = &file.log;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.level) {
@@ -589,6 +735,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         admin,
         session,
         admission,
+        limits,
         log,
         effective: file,
     })

@@ -40,6 +40,13 @@ pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(3);
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+pub const DEFAULT_MAX_TRACKED_ADDRESSES: usize = 100_000;
+pub const DEFAULT_IP_NEW_SESSIONS: (u32, u32) = (10, 30);
+pub const DEFAULT_IP_SESSIONS: u32 = 200;
+pub const DEFAULT_IP_MESSAGES: (u32, u32) = (500, 1000);
+pub const DEFAULT_IP_BYTES: (u32, u32) = (1024 * 1024, 4 * 1024 * 1024);
+pub const DEFAULT_NEW_SESSIONS: (u32, u32) = (2000, 5000);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +57,7 @@ pub struct FileConfig {
     pub admin: AdminSection,
     pub session: SessionSection,
     pub admission: AdmissionSection,
+    pub limits: LimitsSection,
     pub log: LogSection,
 }
 
@@ -195,6 +203,10 @@ impl Default for SessionSection {
 pub struct AdmissionSection {
     pub allowed_origins: Vec<String>,
     pub allow_missing_origin: bool,
+    pub trusted_proxies: Vec<String>,
+    pub ipv6_prefix: u8,
+    pub exempt: Vec<String>,
+    pub max_tracked_addresses: usize,
 }
 
 impl Default for AdmissionSection {
@@ -202,8 +214,80 @@ impl Default for AdmissionSection {
         AdmissionSection {
             allowed_origins: default_origins(),
             allow_missing_origin: true,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            exempt: Vec::new(),
+            max_tracked_addresses: DEFAULT_MAX_TRACKED_ADDRESSES,
         }
     }
+}
+
+/// What a limit does when it is exceeded.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitMode {
+    /// Refuse.
+    #[default]
+    Enforce,
+    /// Count and log what would be refused; refuse nothing.
+    DryRun,
+    /// Not checked at all.
+    Off,
+}
+
+/// A rate limit section: `per_second` after a burst of `burst`. One type per limit so that each
+/// has its own defaults even when a file sets only some of its keys.
+macro_rules! rate_limit_section {
+    ($name:ident, $default:expr) => {
+        #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            pub mode: LimitMode,
+            pub per_second: u32,
+            pub burst: u32,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    mode: LimitMode::Enforce,
+                    per_second: $default.0,
+                    burst: $default.1,
+                }
+            }
+        }
+    };
+}
+
+rate_limit_section!(IpNewSessionsSection, DEFAULT_IP_NEW_SESSIONS);
+rate_limit_section!(IpMessagesSection, DEFAULT_IP_MESSAGES);
+rate_limit_section!(IpBytesSection, DEFAULT_IP_BYTES);
+rate_limit_section!(NewSessionsSection, DEFAULT_NEW_SESSIONS);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpSessionsSection {
+    pub mode: LimitMode,
+    pub max: u32,
+}
+
+impl Default for IpSessionsSection {
+    fn default() -> Self {
+        IpSessionsSection {
+            mode: LimitMode::Enforce,
+            max: DEFAULT_IP_SESSIONS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub ip_new_sessions: IpNewSessionsSection,
+    pub ip_sessions: IpSessionsSection,
+    pub ip_messages: IpMessagesSection,
+    pub ip_bytes: IpBytesSection,
+    pub new_sessions: NewSessionsSection,
 }
 
 /// The origins a developer serves pages from locally. A production config lists its own.

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Refusal;
+use crate::admission::{Admission, Client, Refusal, SessionTicket};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
@@ -60,6 +60,8 @@ pub struct EdgeState {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub sessions: Arc<SessionEnv>,
+    /// Origin rules and limits in force (replaced by a reload).
+    pub admission: Arc<Admission>,
     /// Cancelled when shutdown starts: listeners stop accepting, sessions close with 1001.
     pub shutdown: CancellationToken,
     draining: AtomicBool,
@@ -74,15 +76,23 @@ impl EdgeState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// A place for one more client session: refused while draining or at `server.max_sessions`.
-    pub fn take_session_slot(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+    /// Admission of one more session from `client` (its origin already checked): refused while
+    /// draining, past the node-wide and per-IP limits, or at `server.max_sessions`. The session
+    /// holds both parts for its life.
+    pub fn admit_session(
+        &self,
+        client: Client,
+    ) -> Result<(SessionTicket, OwnedSemaphorePermit), Refusal> {
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
-        self.session_slots
+        let ticket = self.admission.admit_session(client)?;
+        let slot = self
+            .session_slots
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Refusal::Overloaded)
+            .map_err(|_| Refusal::Overloaded)?;
+        Ok((ticket, slot))
     }
 
     pub fn is_ready(&self) -> bool {
@@ -150,6 +160,11 @@ impl Edge {
             config.session.clone(),
             metrics.clone(),
         ));
+        let admission = Arc::new(Admission::new(
+            config.admission.clone(),
+            config.limits.clone(),
+            metrics.clone(),
+        ));
         let s = &config.server;
         let bind = |what: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -177,10 +192,12 @@ impl Edge {
             metrics,
             hub,
             sessions,
+            admission,
             shutdown,
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         });
+        tokio::spawn(housekeeping(state.clone()));
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
         let public_stop = state.shutdown.clone();
         tokio::spawn(tcp::accept_loop(
@@ -267,5 +284,19 @@ impl Edge {
         }
         self.admin_stop.cancel();
         ShutdownReport { clean }
+    }
+}
+
+/// How often per-IP state that is back to fresh is dropped.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+
+async fn housekeeping(state: Arc<EdgeState>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => state.admission.housekeeping(),
+        }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
-use crate::admission::{self, Refusal};
+use crate::admission::Refusal;
 use crate::protocol::{self, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ pub fn admit_origin(
     let origin = headers
         .get(header::ORIGIN)
         .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
-    match admission::check_origin(origin.as_deref(), &state.config.admission) {
+    match state.admission.check_origin(origin.as_deref()) {
         Ok(()) => Ok(origin),
         Err(refusal) => {
             tracing::info!(peer = %info.peer, origin = ?origin, route, "refused: origin");

@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use governor::clock::{Clock, DefaultClock};
 
+use crate::admission::{Client, Refusal};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
 use crate::server::routes::{ConnInfo, admit_origin, allow_origin, json, json_error};
@@ -70,7 +71,10 @@ pub async fn accept(
                     let wait = not_until.wait_time_from(DefaultClock::default().now());
                     rate_limited(&state, wait)
                 }
-                None => publish_body(req.into_body(), &state).await,
+                None => {
+                    let client = state.admission.client(info.peer.ip(), req.headers());
+                    publish_body(req.into_body(), &state, Some(&client)).await
+                }
             }
         }
         _ => {
@@ -88,8 +92,14 @@ pub async fn accept(
     resp
 }
 
-/// Reads, checks and publishes one body; the caller has done authorization.
-pub async fn publish_body(body: Incoming, state: &EdgeState) -> Response<Body> {
+/// Reads, checks and publishes one body; the caller has done authorization. A `client`'s
+/// address is charged the message and its bytes (`limits.ip_messages`, `limits.ip_bytes`), as a
+/// WebSocket message would be; the admin API passes none.
+pub async fn publish_body(
+    body: Incoming,
+    state: &EdgeState,
+    client: Option<&Client>,
+) -> Response<Body> {
     let limit = state.config.session.max_message_bytes;
     let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
@@ -99,6 +109,12 @@ pub async fn publish_body(body: Incoming, state: &EdgeState) -> Response<Body> {
             return json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg);
         }
     };
+    if let Some(client) = client
+        && let Err(Refusal::RateLimited { retry_after }) =
+            state.admission.charge_message(client, body.len())
+    {
+        return rate_limited(state, retry_after);
+    }
     let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {

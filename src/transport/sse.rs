@@ -69,12 +69,13 @@ pub async fn accept(
     if channels.len() > state.config.session.max_channels {
         return refusal_response(&Refusal::TooLarge, &state);
     }
-    let slot = match state.take_session_slot() {
-        Ok(slot) => slot,
+    let client = state.admission.client(info.peer.ip(), req.headers());
+    let (ticket, slot) = match state.admit_session(client) {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
 
-    let mut session = Session::open(state.sessions.clone(), Transport::sse);
+    let mut session = Session::open(state.sessions.clone(), Transport::sse, ticket);
     // A position that does not name every channel (an id from another URL, a hand-made
     // `since`) cannot be trusted for any of them: each channel starts afresh behind a gap.
     let mismatch = resume.as_ref().is_some_and(|r| r.is_empty());
@@ -106,6 +107,7 @@ pub async fn accept(
     tracing::info!(
         session = %session.public_id(),
         peer = %info.peer,
+        client = %client.ip,
         transport = "sse",
         resumed = resume.is_some() && !mismatch,
         "session open"

@@ -67,8 +67,9 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
     if let Err(refused) = admit_origin(req.headers(), &state, &info, "websocket") {
         return refused;
     }
-    let slot = match state.take_session_slot() {
-        Ok(slot) => slot,
+    let client = state.admission.client(info.peer.ip(), req.headers());
+    let (ticket, slot) = match state.admit_session(client) {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
 
@@ -90,11 +91,12 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
             Some(ws_config(&st.config.session)),
         )
         .await;
-        let session = Session::open(st.sessions.clone(), Transport::websocket);
+        let session = Session::open(st.sessions.clone(), Transport::websocket, ticket);
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),
             peer = %info.peer,
+            client = %client.ip,
             transport = "websocket",
             tls = info.tls
         );

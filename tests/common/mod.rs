@@ -39,6 +39,16 @@ pub fn test_config(dir: &std::path::Path) -> FileConfig {
     f.tls.dev_cert_path = dir.join("dev.pem").display().to_string();
     f.session.messages_per_second = 10_000;
     f.session.message_burst = 10_000;
+    // Every test client comes from 127.0.0.1: one address for the per-IP limits.
+    f.limits.ip_new_sessions.per_second = 100_000;
+    f.limits.ip_new_sessions.burst = 100_000;
+    f.limits.ip_sessions.max = 100_000;
+    f.limits.ip_messages.per_second = 1_000_000;
+    f.limits.ip_messages.burst = 1_000_000;
+    f.limits.ip_bytes.per_second = 1 << 30;
+    f.limits.ip_bytes.burst = 1 << 30;
+    f.limits.new_sessions.per_second = 100_000;
+    f.limits.new_sessions.burst = 100_000;
     f
 }
 
@@ -90,11 +100,25 @@ impl TestEdge {
 
     /// Opens `wss://localhost/ws`; returns the handshake error as is.
     pub async fn try_connect(&self, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
+        match origin {
+            Some(o) => self.try_connect_with(&[("origin", o)]).await,
+            None => self.try_connect_with(&[]).await,
+        }
+    }
+
+    /// Opens `wss://localhost/ws` with extra handshake headers.
+    pub async fn try_connect_with(
+        &self,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tungstenite::Error> {
         let mut req = format!("wss://localhost:{}/ws", self.edge.tls_addr().port())
             .into_client_request()
             .unwrap();
-        if let Some(o) = origin {
-            req.headers_mut().insert("origin", o.parse().unwrap());
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let stream = self.tls_stream().await;
         tokio_tungstenite::client_async(req, stream)

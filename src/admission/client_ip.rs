@@ -1,0 +1,236 @@
+//! Who the client is: the address every per-IP limit is keyed by. Pure functions of the socket
+//! peer, the request headers and the trusted-proxy list; no I/O, so they are unit-tested and
+//! fuzzed (`fuzz/fuzz_targets/forwarded.rs`).
+//!
+//! The socket peer is the client unless it is a trusted proxy. Then the forwarding headers are
+//! read from the right (the hop nearest to us) leftwards, skipping trusted proxies: the first
+//! address that is not one is the client. Everything left of it was written by the client itself
+//! and is ignored, so a client cannot pick its own key by sending `X-Forwarded-For`. `Forwarded`
+//! (RFC 7239) wins over `X-Forwarded-For` when both are present. An element that is not an
+//! address (`unknown`, an obfuscated `_id`, garbage) ends the walk at the last address known.
+//!
+//! IPv6 clients are grouped by a prefix (default /64, what one host or home usually gets), so a
+//! host cannot dodge its limits by rotating through its own addresses.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use http::HeaderMap;
+use ipnet::IpNet;
+
+/// The most forwarding elements read from a request: a longer chain is a client padding it.
+const MAX_HOPS: usize = 32;
+
+/// The client address of a request that arrived from `peer`.
+pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut hops: Vec<Option<IpAddr>> = Vec::new();
+    if headers.contains_key("forwarded") {
+        for v in headers.get_all("forwarded") {
+            let Ok(v) = v.to_str() else {
+                hops.push(None);
+                continue;
+            };
+            hops.extend(forwarded_for(v));
+        }
+    } else {
+        for v in headers.get_all("x-forwarded-for") {
+            let Ok(v) = v.to_str() else {
+                hops.push(None);
+                continue;
+            };
+            hops.extend(v.split(',').map(|e| parse_element(e.trim())));
+        }
+    }
+    let mut client = peer;
+    for hop in hops.iter().rev().take(MAX_HOPS) {
+        match hop {
+            Some(ip) => {
+                client = canonical(*ip);
+                if !is_trusted(client, trusted) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    client
+}
+
+/// The `for=` parameters of one `Forwarded` header value, in order; `None` where an element has
+/// no usable address.
+pub fn forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
+    value
+        .split(',')
+        .take(MAX_HOPS * 2)
+        .map(|element| {
+            element
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+                .and_then(|(_, v)| parse_element(v.trim().trim_matches('"')))
+        })
+        .collect()
+}
+
+/// One forwarding element: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`, `[2001:db8::1]:8080`.
+fn parse_element(e: &str) -> Option<IpAddr> {
+    if let Ok(ip) = e.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = e.strip_prefix('[') {
+        let (ip, _) = rest.split_once(']')?;
+        return ip.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    // `a.b.c.d:port`; a bare IPv6 address has more than one colon and parsed above.
+    let (ip, port) = e.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// IPv4-mapped IPv6 (`::ffff:192.0.2.1`, what a dual-stack socket reports) is the IPv4 client.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// The key a client's per-IP state is kept under: IPv4 as is, IPv6 cut to `v6_prefix` bits.
+pub fn group(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = match v6_prefix {
+                0 => 0,
+                p if p >= 128 => u128::MAX,
+                p => u128::MAX << (128 - u32::from(p)),
+            };
+            IpAddr::V6(Ipv6Addr::from(bits & mask))
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_claims() {
+        let h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=5.6.7.8")]);
+        assert_eq!(
+            resolve(ip("9.9.9.9"), &h, &nets(&["10.0.0.0/8"])),
+            ip("9.9.9.9")
+        );
+        assert_eq!(resolve(ip("9.9.9.9"), &h, &[]), ip("9.9.9.9"));
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_first_untrusted_hop_from_the_right() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // The client wrote 6.6.6.6 itself; our proxies appended 1.2.3.4 and 10.0.0.2.
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2")]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
+        // Several header lines are one list, in order.
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
+        // No header: the proxy itself.
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
+        // Every hop trusted: the leftmost.
+        let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.1.1.1"));
+    }
+
+    #[test]
+    fn forwarded_wins_and_its_forms_parse() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&[
+            ("x-forwarded-for", "7.7.7.7"),
+            (
+                "forwarded",
+                r#"for=6.6.6.6;proto=https, For="[2001:db8:cafe::17]:4711";by=10.0.0.9"#,
+            ),
+        ]);
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &h, &trusted),
+            ip("2001:db8:cafe::17")
+        );
+        let h = headers(&[("forwarded", "for=192.0.2.60:8080")]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("192.0.2.60"));
+    }
+
+    #[test]
+    fn an_unusable_element_stops_the_walk_at_the_last_known_address() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        for v in [
+            "unknown",
+            "_hidden",
+            "not an address",
+            "1.2.3.4:notaport",
+            "",
+        ] {
+            let h = headers(&[("x-forwarded-for", &format!("6.6.6.6, {v}, 10.0.0.5"))]);
+            assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.5"), "{v}");
+        }
+        let h = headers(&[("forwarded", "for=unknown")]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_padded_chain_is_read_only_so_far() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let long = vec!["10.9.9.9"; 100].join(", ");
+        let h = headers(&[("x-forwarded-for", &format!("6.6.6.6, {long}"))]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.9.9.9"));
+    }
+
+    #[test]
+    fn ipv6_groups_by_prefix_and_mapped_ipv4_is_ipv4() {
+        assert_eq!(group(ip("2001:db8:1:2:aaaa::1"), 64), ip("2001:db8:1:2::"));
+        assert_eq!(group(ip("2001:db8:1:2:aaaa::1"), 48), ip("2001:db8:1::"));
+        assert_eq!(group(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(group(ip("2001:db8::1"), 0), ip("::"));
+        assert_eq!(group(ip("::ffff:192.0.2.1"), 64), ip("192.0.2.1"));
+        assert_eq!(group(ip("192.0.2.1"), 64), ip("192.0.2.1"));
+        let trusted = nets(&["192.0.2.0/24"]);
+        assert_eq!(
+            resolve(ip("::ffff:192.0.2.1"), &HeaderMap::new(), &trusted),
+            ip("192.0.2.1")
+        );
+    }
+}

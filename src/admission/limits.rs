@@ -1,0 +1,673 @@
+//! The live admission policy and the state behind it: origin rules, who the client is, per-IP
+//! and node-wide limits, each in `enforce`, `dry-run` or `off` mode. Transports ask it before a
+//! session starts and before each client message; it answers with a [`Refusal`] or lets the
+//! client through, and counts and logs every decision.
+//!
+//! It owns the per-IP state (bounded, see [`store`](super::store)) and the reload: a new policy
+//! replaces the old at once for every later decision; a limiter whose quota did not change keeps
+//! its state, one whose quota changed starts afresh. Sessions are never touched by a reload. It
+//! does no I/O and knows nothing of sockets or transports.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::HeaderMap;
+use parking_lot::{Mutex, RwLock};
+use serde_json::json;
+
+use super::store::BoundedStore;
+use super::{Refusal, client_ip};
+use crate::config::{AdmissionConfig, CountRule, LimitMode, LimitsConfig, RateRule};
+use crate::metrics::{Decision, Limit, Metrics};
+
+/// The policy in force: what a reload replaces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub admission: AdmissionConfig,
+    pub limits: LimitsConfig,
+}
+
+/// A keyed limiter and the quota it was built with.
+#[derive(Debug)]
+struct Keyed {
+    quota: Quota,
+    started: Instant,
+    store: BoundedStore,
+    limiter: RateLimiter<IpAddr, BoundedStore, MonotonicClock, NoOpMiddleware<Instant>>,
+}
+
+impl Keyed {
+    fn new(rule: &RateRule, capacity: usize) -> Keyed {
+        let store = BoundedStore::new(capacity);
+        let started = Instant::now();
+        Keyed {
+            quota: rule.quota(),
+            started,
+            limiter: RateLimiter::new(rule.quota(), store.clone(), MonotonicClock),
+            store,
+        }
+    }
+
+    /// `Err(wait)` when `key` may not spend `n` cells now.
+    fn check(&self, key: &IpAddr, n: u32) -> Result<(), Duration> {
+        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(MonotonicClock.now())),
+            // More than the whole burst at once; validation keeps messages under it, so this is
+            // only reached between a reload and the next config check. Try again in a second.
+            Err(_) => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// Cells `key` may spend right now, for the admin view (governor keeps only the
+    /// theoretical arrival time; this turns it back into a budget).
+    fn available(&self, key: &IpAddr) -> u64 {
+        let burst = u64::from(self.quota.burst_size().get());
+        let Some(tat) = self.store.get(key) else {
+            return burst;
+        };
+        let t = self.quota.replenish_interval().as_nanos().max(1) as u64;
+        let now = self.started.elapsed().as_nanos() as u64;
+        let ahead = tat.as_u64().saturating_sub(now);
+        (burst * t).saturating_sub(ahead) / t
+    }
+}
+
+/// A node-wide limiter and the quota it was built with.
+#[derive(Debug)]
+struct Direct {
+    quota: Quota,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl Direct {
+    fn new(rule: &RateRule) -> Direct {
+        Direct {
+            quota: rule.quota(),
+            limiter: RateLimiter::direct(rule.quota()),
+        }
+    }
+}
+
+/// Per-IP concurrent sessions. An address is here only while it holds a session, so the table is
+/// bounded by the session cap and needs no eviction.
+#[derive(Debug, Default)]
+struct SessionCounts(Mutex<HashMap<IpAddr, u32>>);
+
+impl SessionCounts {
+    fn get(&self, key: &IpAddr) -> u32 {
+        self.0.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// Adds one unless `max` is given and reached; returns the count before.
+    fn add(&self, key: IpAddr, max: Option<u32>) -> Result<u32, u32> {
+        let mut m = self.0.lock();
+        let n = m.entry(key).or_insert(0);
+        if max.is_some_and(|max| *n >= max) {
+            let before = *n;
+            if before == 0 {
+                m.remove(&key);
+            }
+            return Err(before);
+        }
+        *n += 1;
+        Ok(*n - 1)
+    }
+
+    fn remove(&self, key: &IpAddr) {
+        let mut m = self.0.lock();
+        if let Some(n) = m.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(key);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+/// Refusal log lines are themselves limited, so a flood of refusals cannot flood the log; the
+/// next line that gets out says how many were held back.
+#[derive(Debug)]
+struct LogBudget {
+    limiter: DefaultDirectRateLimiter,
+    suppressed: AtomicU64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 20;
+    const BURST: u32 = 50;
+
+    fn new() -> LogBudget {
+        let quota = Quota::per_second(NonZeroU32::new(Self::PER_SECOND).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(Self::BURST).unwrap_or(NonZeroU32::MIN));
+        LogBudget {
+            limiter: RateLimiter::direct(quota),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn refused(&self, limit: Limit, client: IpAddr, dry_run: bool, retry_after: Duration) {
+        if self.limiter.check().is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        let retry_after_ms = retry_after.as_millis() as u64;
+        if dry_run {
+            tracing::info!(limit = limit.as_str(), %client, retry_after_ms, suppressed, "dry-run: would refuse");
+        } else {
+            tracing::info!(limit = limit.as_str(), %client, retry_after_ms, suppressed, "refused");
+        }
+    }
+}
+
+/// A client as the limits see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    /// The address the client came from (after trusted proxies).
+    pub ip: IpAddr,
+    /// The address its per-IP state is kept under (IPv6 grouped by prefix).
+    pub key: IpAddr,
+    /// No per-IP limit applies.
+    pub exempt: bool,
+}
+
+/// The admission policy and state of one edge.
+#[derive(Debug)]
+pub struct Admission {
+    policy: RwLock<Arc<Policy>>,
+    ip_new_sessions: RwLock<Arc<Keyed>>,
+    ip_messages: RwLock<Arc<Keyed>>,
+    ip_bytes: RwLock<Arc<Keyed>>,
+    new_sessions: RwLock<Arc<Direct>>,
+    sessions: SessionCounts,
+    metrics: Arc<Metrics>,
+    log: LogBudget,
+}
+
+/// A session's place under the per-IP session limit; dropping it gives the place back.
+#[derive(Debug)]
+pub struct SessionTicket {
+    admission: Arc<Admission>,
+    client: Client,
+    counted: bool,
+}
+
+impl SessionTicket {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Charges one client message of `bytes` bytes to the client's address.
+    pub fn charge_message(&self, bytes: usize) -> Result<(), Refusal> {
+        self.admission.charge_message(&self.client, bytes)
+    }
+}
+
+impl Drop for SessionTicket {
+    fn drop(&mut self) {
+        if self.counted {
+            self.admission.sessions.remove(&self.client.key);
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Limits whose quota changed: their state started afresh.
+    pub reset: Vec<&'static str>,
+}
+
+impl Admission {
+    pub fn new(admission: AdmissionConfig, limits: LimitsConfig, metrics: Arc<Metrics>) -> Self {
+        let cap = admission.max_tracked_addresses;
+        let a = Admission {
+            ip_new_sessions: RwLock::new(Arc::new(Keyed::new(&limits.ip_new_sessions, cap))),
+            ip_messages: RwLock::new(Arc::new(Keyed::new(&limits.ip_messages, cap))),
+            ip_bytes: RwLock::new(Arc::new(Keyed::new(&limits.ip_bytes, cap))),
+            new_sessions: RwLock::new(Arc::new(Direct::new(&limits.new_sessions))),
+            policy: RwLock::new(Arc::new(Policy { admission, limits })),
+            sessions: SessionCounts::default(),
+            metrics,
+            log: LogBudget::new(),
+        };
+        a.publish_gauges();
+        a
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().clone()
+    }
+
+    /// Puts a new (validated) policy in force. Limiters whose quota is unchanged keep their
+    /// state; so do all of them when only modes or origins changed.
+    pub fn reload(&self, admission: AdmissionConfig, limits: LimitsConfig) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let cap = admission.max_tracked_addresses;
+        let old = self.policy();
+        let cap_changed = old.admission.max_tracked_addresses != cap;
+        for (name, slot, rule) in [
+            (
+                Limit::ip_new_sessions,
+                &self.ip_new_sessions,
+                &limits.ip_new_sessions,
+            ),
+            (Limit::ip_messages, &self.ip_messages, &limits.ip_messages),
+            (Limit::ip_bytes, &self.ip_bytes, &limits.ip_bytes),
+        ] {
+            if slot.read().quota != rule.quota() || cap_changed {
+                *slot.write() = Arc::new(Keyed::new(rule, cap));
+                report.reset.push(name.as_str());
+            }
+        }
+        if self.new_sessions.read().quota != limits.new_sessions.quota() {
+            *self.new_sessions.write() = Arc::new(Direct::new(&limits.new_sessions));
+            report.reset.push(Limit::new_sessions.as_str());
+        }
+        *self.policy.write() = Arc::new(Policy { admission, limits });
+        report
+    }
+
+    /// Who the client of a request from `peer` is, by the trusted-proxy rules.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Client {
+        let policy = self.policy();
+        let a = &policy.admission;
+        let ip = client_ip::resolve(peer, headers, &a.trusted_proxies);
+        Client {
+            ip,
+            key: client_ip::group(ip, a.ipv6_prefix),
+            exempt: a.exempt.iter().any(|n| n.contains(&ip)),
+        }
+    }
+
+    /// Checks the `Origin` header against the policy in force.
+    pub fn check_origin(&self, origin: Option<&str>) -> Result<(), Refusal> {
+        let policy = self.policy();
+        let result = super::check_origin(origin, &policy.admission);
+        let decision = if result.is_ok() {
+            Decision::allowed
+        } else {
+            Decision::refused
+        };
+        self.metrics.decision(Limit::origin, decision);
+        result
+    }
+
+    /// The rate and concurrency checks before a session starts (the origin was checked, the
+    /// node's session cap comes after). The ticket holds the client's place under its
+    /// concurrent-session limit for as long as the session lives.
+    pub fn admit_session(self: &Arc<Self>, client: Client) -> Result<SessionTicket, Refusal> {
+        let policy = self.policy();
+        let limits = &policy.limits;
+        let node = self.new_sessions.read().clone();
+        self.rate(Limit::new_sessions, &limits.new_sessions, &client, || {
+            node.limiter
+                .check()
+                .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+        })?;
+        let mut ticket = SessionTicket {
+            admission: self.clone(),
+            client,
+            counted: false,
+        };
+        if client.exempt {
+            return Ok(ticket);
+        }
+        let keyed = self.ip_new_sessions.read().clone();
+        self.rate(
+            Limit::ip_new_sessions,
+            &limits.ip_new_sessions,
+            &client,
+            || keyed.check(&client.key, 1),
+        )?;
+        self.concurrent(&limits.ip_sessions, &client)?;
+        ticket.counted = limits.ip_sessions.mode != LimitMode::Off;
+        Ok(ticket)
+    }
+
+    /// Charges one client message of `bytes` bytes to `client`'s address: the message limit,
+    /// then the byte limit. A stateless publish (no session) is charged the same way.
+    pub fn charge_message(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
+        if client.exempt {
+            return Ok(());
+        }
+        let policy = self.policy();
+        let limits = &policy.limits;
+        let messages = self.ip_messages.read().clone();
+        self.rate(Limit::ip_messages, &limits.ip_messages, client, || {
+            messages.check(&client.key, 1)
+        })?;
+        if bytes > 0 {
+            let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+            let byte_budget = self.ip_bytes.read().clone();
+            self.rate(Limit::ip_bytes, &limits.ip_bytes, client, || {
+                byte_budget.check(&client.key, n)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Applies one rate limit in its mode: counts, logs, and refuses only in `enforce`.
+    fn rate(
+        &self,
+        limit: Limit,
+        rule: &RateRule,
+        client: &Client,
+        check: impl FnOnce() -> Result<(), Duration>,
+    ) -> Result<(), Refusal> {
+        if rule.mode == LimitMode::Off {
+            return Ok(());
+        }
+        match check() {
+            Ok(()) => {
+                self.metrics.decision(limit, Decision::allowed);
+                Ok(())
+            }
+            Err(wait) => self.over(limit, rule.mode, client, wait),
+        }
+    }
+
+    fn concurrent(&self, rule: &CountRule, client: &Client) -> Result<(), Refusal> {
+        match rule.mode {
+            LimitMode::Off => Ok(()),
+            LimitMode::Enforce => match self.sessions.add(client.key, Some(rule.max)) {
+                Ok(_) => {
+                    self.metrics.decision(Limit::ip_sessions, Decision::allowed);
+                    Ok(())
+                }
+                Err(_) => self.over(
+                    Limit::ip_sessions,
+                    rule.mode,
+                    client,
+                    Duration::from_secs(1),
+                ),
+            },
+            LimitMode::DryRun => {
+                let before = self.sessions.add(client.key, None).unwrap_or_default();
+                if before >= rule.max {
+                    self.over(
+                        Limit::ip_sessions,
+                        rule.mode,
+                        client,
+                        Duration::from_secs(1),
+                    )
+                } else {
+                    self.metrics.decision(Limit::ip_sessions, Decision::allowed);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn over(
+        &self,
+        limit: Limit,
+        mode: LimitMode,
+        client: &Client,
+        wait: Duration,
+    ) -> Result<(), Refusal> {
+        let dry_run = mode == LimitMode::DryRun;
+        self.metrics.decision(
+            limit,
+            if dry_run {
+                Decision::dry_run
+            } else {
+                Decision::refused
+            },
+        );
+        self.log.refused(limit, client.ip, dry_run, wait);
+        if dry_run {
+            Ok(())
+        } else {
+            Err(Refusal::RateLimited {
+                retry_after: wait.max(Duration::from_millis(1)),
+            })
+        }
+    }
+
+    /// Drops per-IP state that is back to fresh, so a quiet table shrinks; the edge calls this
+    /// now and then.
+    pub fn housekeeping(&self) {
+        for slot in [&self.ip_new_sessions, &self.ip_messages, &self.ip_bytes] {
+            let keyed = slot.read().clone();
+            keyed.limiter.retain_recent();
+        }
+        self.publish_gauges();
+    }
+
+    /// Addresses with per-IP state now (each limiter's table, and the session counts).
+    pub fn tracked(&self) -> usize {
+        [&self.ip_new_sessions, &self.ip_messages, &self.ip_bytes]
+            .iter()
+            .map(|s| s.read().limiter.len())
+            .sum::<usize>()
+            + self.sessions.len()
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.tracked_addresses.set(self.tracked() as i64);
+    }
+
+    /// What the edge knows of one address, for the admin API.
+    pub fn address_state(&self, ip: IpAddr) -> serde_json::Value {
+        let client = self.client(ip, &HeaderMap::new());
+        let policy = self.policy();
+        let l = &policy.limits;
+        let rate = |keyed: &RwLock<Arc<Keyed>>, rule: &RateRule| {
+            let k = keyed.read().clone();
+            json!({
+                "mode": rule.mode,
+                "per_second": rule.per_second,
+                "burst": rule.burst,
+                "tracked": k.store.get(&client.key).is_some(),
+                "available": k.available(&client.key),
+            })
+        };
+        json!({
+            "address": client.ip.to_string(),
+            "key": client.key.to_string(),
+            "exempt": client.exempt,
+            "sessions": {
+                "mode": l.ip_sessions.mode,
+                "max": l.ip_sessions.max,
+                "open": self.sessions.get(&client.key),
+            },
+            "new_sessions": rate(&self.ip_new_sessions, &l.ip_new_sessions),
+            "messages": rate(&self.ip_messages, &l.ip_messages),
+            "bytes": rate(&self.ip_bytes, &l.ip_bytes),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn admission(edit: impl FnOnce(&mut crate::config::FileConfig)) -> Arc<Admission> {
+        let mut f = crate::config::FileConfig::default();
+        edit(&mut f);
+        let c = Config::from_file_config(f).unwrap();
+        Arc::new(Admission::new(
+            c.admission,
+            c.limits,
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    fn client(a: &Admission, ip: &str) -> Client {
+        a.client(ip.parse().unwrap(), &HeaderMap::new())
+    }
+
+    #[test]
+    fn new_sessions_per_ip_refused_past_the_burst_with_a_wait() {
+        let a = admission(|f| {
+            f.limits.ip_new_sessions.per_second = 1;
+            f.limits.ip_new_sessions.burst = 3;
+        });
+        let c = client(&a, "192.0.2.1");
+        let tickets: Vec<_> = (0..3).map(|_| a.admit_session(c).unwrap()).collect();
+        match a.admit_session(c) {
+            Err(Refusal::RateLimited { retry_after }) => {
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(a.admit_session(client(&a, "192.0.2.2")).is_ok());
+        drop(tickets);
+    }
+
+    #[test]
+    fn concurrent_sessions_per_ip_come_back_when_sessions_end() {
+        let a = admission(|f| f.limits.ip_sessions.max = 2);
+        let c = client(&a, "192.0.2.1");
+        let t1 = a.admit_session(c).unwrap();
+        let _t2 = a.admit_session(c).unwrap();
+        assert!(matches!(
+            a.admit_session(c),
+            Err(Refusal::RateLimited { .. })
+        ));
+        drop(t1);
+        assert!(a.admit_session(c).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_of_one_prefix_share_limits() {
+        let a = admission(|f| f.limits.ip_sessions.max = 1);
+        let _t = a.admit_session(client(&a, "2001:db8:0:1::1")).unwrap();
+        assert!(a.admit_session(client(&a, "2001:db8:0:1::ffff")).is_err());
+        assert!(a.admit_session(client(&a, "2001:db8:0:2::1")).is_ok());
+    }
+
+    #[test]
+    fn dry_run_refuses_nothing_but_counts() {
+        let a = admission(|f| {
+            f.limits.ip_sessions.max = 1;
+            f.limits.ip_sessions.mode = LimitMode::DryRun;
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 1;
+            f.limits.ip_messages.mode = LimitMode::DryRun;
+        });
+        let c = client(&a, "192.0.2.1");
+        let tickets: Vec<_> = (0..5).map(|_| a.admit_session(c).unwrap()).collect();
+        for _ in 0..5 {
+            assert!(tickets[0].charge_message(10).is_ok());
+        }
+        let m = a.metrics.render();
+        assert!(
+            m.contains(
+                r#"edgeplex_admission_decisions_total{limit="ip_sessions",decision="dry_run"} 4"#
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                r#"edgeplex_admission_decisions_total{limit="ip_messages",decision="dry_run"} 4"#
+            ),
+            "{m}"
+        );
+        drop(tickets);
+        assert_eq!(a.sessions.len(), 0, "dry-run sessions are given back too");
+    }
+
+    #[test]
+    fn messages_and_bytes_are_charged_across_sessions_of_one_address() {
+        let a = admission(|f| {
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 4;
+            f.limits.ip_bytes.per_second = 1;
+            f.limits.ip_bytes.burst = 100_000;
+        });
+        let c = client(&a, "192.0.2.1");
+        let s1 = a.admit_session(c).unwrap();
+        let s2 = a.admit_session(c).unwrap();
+        assert!(s1.charge_message(1).is_ok());
+        assert!(s2.charge_message(1).is_ok());
+        assert!(s1.charge_message(1).is_ok());
+        assert!(s2.charge_message(1).is_ok());
+        assert!(
+            s1.charge_message(1).is_err(),
+            "the address's budget, not a session's"
+        );
+        let other = a.admit_session(client(&a, "192.0.2.9")).unwrap();
+        assert!(other.charge_message(99_000).is_ok());
+        assert!(
+            other.charge_message(2_000).is_err(),
+            "bytes ran out before messages"
+        );
+    }
+
+    #[test]
+    fn exempt_addresses_skip_per_ip_limits() {
+        let a = admission(|f| {
+            f.limits.ip_sessions.max = 1;
+            f.admission.exempt = vec!["10.0.0.0/8".into()];
+        });
+        let c = client(&a, "10.1.2.3");
+        assert!(c.exempt);
+        let _t: Vec<_> = (0..5).map(|_| a.admit_session(c).unwrap()).collect();
+    }
+
+    #[test]
+    fn reload_keeps_state_of_unchanged_quotas_and_resets_changed_ones() {
+        let a = admission(|f| {
+            f.limits.ip_new_sessions.per_second = 1;
+            f.limits.ip_new_sessions.burst = 1;
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 1;
+        });
+        let c = client(&a, "192.0.2.1");
+        let t = a.admit_session(c).unwrap();
+        assert!(t.charge_message(1).is_ok());
+        assert!(t.charge_message(1).is_err());
+        assert!(a.admit_session(c).is_err());
+        // Same message quota, larger session burst.
+        let mut policy = (*a.policy()).clone();
+        policy.limits.ip_new_sessions.burst = 5;
+        let report = a.reload(policy.admission.clone(), policy.limits.clone());
+        assert_eq!(report.reset, vec!["ip_new_sessions"]);
+        assert!(t.charge_message(1).is_err(), "the message state survived");
+        assert!(
+            a.admit_session(c).is_ok(),
+            "the new session quota is in force"
+        );
+        // Switching a limit to dry-run keeps its state but stops refusing.
+        policy.limits.ip_messages.mode = LimitMode::DryRun;
+        let report = a.reload(policy.admission.clone(), policy.limits.clone());
+        assert!(report.reset.is_empty());
+        assert!(t.charge_message(1).is_ok());
+    }
+
+    #[test]
+    fn the_address_view_shows_what_is_spent() {
+        let a = admission(|f| {
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 10;
+        });
+        let c = client(&a, "192.0.2.1");
+        let t = a.admit_session(c).unwrap();
+        for _ in 0..4 {
+            t.charge_message(1).unwrap();
+        }
+        let v = a.address_state("192.0.2.1".parse().unwrap());
+        assert_eq!(v["sessions"]["open"], 1);
+        assert_eq!(v["messages"]["tracked"], true);
+        assert_eq!(v["messages"]["available"], 6);
+        assert_eq!(v["messages"]["mode"], "enforce");
+        let fresh = a.address_state("198.51.100.1".parse().unwrap());
+        assert_eq!(fresh["messages"]["available"], 10);
+    }
+}

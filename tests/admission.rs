@@ -1,0 +1,289 @@
+//! Per-IP and node-wide limits with real clients over every transport: WebSocket (handshake and
+//! messages), SSE, and `POST /publish`; trusted proxies; dry-run; the admin view of an address.
+
+mod common;
+
+use common::sse_client;
+use common::{TestEdge, start};
+use edgeplex::config::{FileConfig, LimitMode};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite;
+
+/// The status and headers of a refused WebSocket handshake.
+fn refused(r: Result<common::Ws, tungstenite::Error>) -> (u16, Option<String>) {
+    match r {
+        Err(tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string()),
+        ),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, the handshake succeeded"),
+    }
+}
+
+async fn sse_status(t: &TestEdge, headers: &[(&str, &str)]) -> (u16, Option<String>) {
+    let mut req = sse_client::client(t, false).get(sse_client::url(t, "channel=a"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), retry)
+}
+
+async fn post(t: &TestEdge, body: &str) -> (u16, Option<String>, Value) {
+    let r = sse_client::client(t, false)
+        .post(format!(
+            "https://localhost:{}/publish",
+            t.edge.tls_addr().port()
+        ))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = r.text().await.unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    )
+}
+
+async fn decisions(t: &TestEdge, limit: &str, decision: &str) -> f64 {
+    t.metric(&format!(
+        "edgeplex_admission_decisions_total{{limit=\"{limit}\",decision=\"{decision}\"}}"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn new_sessions_per_ip_are_refused_with_429_on_websocket_and_sse() {
+    let t = start(|f| {
+        f.limits.ip_new_sessions.per_second = 1;
+        f.limits.ip_new_sessions.burst = 2;
+    })
+    .await;
+    let _a = t.connect().await;
+    let _b = t.connect().await;
+    let (status, retry) = refused(t.try_connect(None).await);
+    assert_eq!((status, retry.as_deref()), (429, Some("1")));
+    let (status, retry) = sse_status(&t, &[]).await;
+    assert_eq!((status, retry.as_deref()), (429, Some("1")));
+    assert_eq!(decisions(&t, "ip_new_sessions", "refused").await, 2.0);
+    // A second later the address has a new session to spend.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let _c = t.connect().await;
+}
+
+#[tokio::test]
+async fn concurrent_sessions_per_ip_count_every_transport_and_come_back() {
+    let t = start(|f| f.limits.ip_sessions.max = 2).await;
+    let ws = t.connect().await;
+    let mut events = sse_client::open(&t, false, "channel=a", None).await;
+    sse_client::welcome(&mut events).await;
+    assert_eq!(refused(t.try_connect(None).await).0, 429);
+    assert_eq!(sse_status(&t, &[]).await.0, 429);
+    drop(ws);
+    // The closed session gives its place back once the edge has seen the close.
+    let mut ok = false;
+    for _ in 0..100 {
+        if t.try_connect(None).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok, "a place came back after a session ended");
+}
+
+#[tokio::test]
+async fn messages_per_ip_are_charged_across_sessions_and_http_publishes() {
+    let t = start(|f| {
+        f.limits.ip_messages.per_second = 1;
+        f.limits.ip_messages.burst = 4;
+        f.session.close_after_refusals = 3;
+    })
+    .await;
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    for i in 0..4 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let r = c.request(json!({"id": i, "op": "ping"})).await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // The fifth message from the address, on either session, is refused with a wait.
+    let r = a.request(json!({"id": 9, "op": "ping"})).await;
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    assert!(r["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    // So is a stateless publish from the same address.
+    let (status, retry, body) = post(&t, r#"{"channel":"c","data":1}"#).await;
+    assert_eq!((status, retry.as_deref()), (429, Some("1")), "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // A session that keeps going well past the limit is closed with 1008.
+    for i in 0..10 {
+        b.send(json!({"id": 100 + i, "op": "ping"})).await;
+    }
+    let (code, reason, _) = b.until_close().await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(decisions(&t, "ip_messages", "refused").await >= 5.0);
+}
+
+#[tokio::test]
+async fn bytes_per_ip_are_charged_by_message_size() {
+    let t = start(|f| {
+        f.session.max_message_bytes = 1024;
+        f.limits.ip_bytes.per_second = 1;
+        f.limits.ip_bytes.burst = 3000;
+    })
+    .await;
+    let mut c = t.connect().await;
+    let big = "x".repeat(900);
+    for i in 0..3 {
+        let r = c
+            .request(json!({"id": i, "op": "publish", "channel": "b", "data": big}))
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = c
+        .request(json!({"id": 3, "op": "publish", "channel": "b", "data": big}))
+        .await;
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    // Small messages still fit in what is left.
+    let r = c.request(json!({"id": 4, "op": "ping"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[tokio::test]
+async fn the_node_wide_new_session_limit_applies_to_every_address() {
+    let t = start(|f| {
+        f.limits.new_sessions.per_second = 1;
+        f.limits.new_sessions.burst = 1;
+        f.admission.exempt = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let _a = t.connect().await;
+    assert_eq!(refused(t.try_connect(None).await).0, 429, "exempt or not");
+    assert_eq!(decisions(&t, "new_sessions", "refused").await, 1.0);
+}
+
+#[tokio::test]
+async fn exempt_addresses_skip_per_ip_limits() {
+    let t = start(|f| {
+        f.limits.ip_sessions.max = 1;
+        f.admission.exempt = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let _a = t.connect().await;
+    let _b = t.connect().await;
+    let _c = t.connect().await;
+}
+
+fn behind_proxy(f: &mut FileConfig) {
+    f.admission.trusted_proxies = vec!["127.0.0.1/32".into()];
+    f.limits.ip_sessions.max = 1;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_limited() {
+    let t = start(behind_proxy).await;
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    let _a = t
+        .try_connect_with(&xff("203.0.113.5"))
+        .await
+        .expect("first session of 203.0.113.5");
+    assert_eq!(
+        refused(t.try_connect_with(&xff("203.0.113.5")).await).0,
+        429
+    );
+    // A client cannot pick its own key: what it writes left of the proxy's entry is ignored.
+    assert_eq!(
+        refused(
+            t.try_connect_with(&[("x-forwarded-for", "198.51.100.1, 203.0.113.5")])
+                .await
+        )
+        .0,
+        429
+    );
+    let _b = t
+        .try_connect_with(&[("forwarded", "for=203.0.113.6")])
+        .await
+        .expect("another client behind the same proxy");
+    assert_eq!(sse_status(&t, &xff("203.0.113.6")).await.0, 429);
+    let v: Value = serde_json::from_str(&t.admin_get("/v1/admission/203.0.113.5").await.1).unwrap();
+    assert_eq!(v["sessions"]["open"], 1, "{v}");
+    assert_eq!(v["key"], "203.0.113.5");
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_peer_are_ignored() {
+    let t = start(|f| f.limits.ip_sessions.max = 1).await;
+    let _a = t
+        .try_connect_with(&[("x-forwarded-for", "203.0.113.5")])
+        .await
+        .unwrap();
+    // A different claimed address does not help: the peer is 127.0.0.1 either way.
+    assert_eq!(
+        refused(
+            t.try_connect_with(&[("x-forwarded-for", "203.0.113.9")])
+                .await
+        )
+        .0,
+        429
+    );
+}
+
+#[tokio::test]
+async fn dry_run_refuses_nothing_but_counts_and_the_admin_view_shows_the_address() {
+    let t = start(|f| {
+        f.limits.ip_sessions.max = 1;
+        f.limits.ip_sessions.mode = LimitMode::DryRun;
+        f.limits.ip_messages.per_second = 1;
+        f.limits.ip_messages.burst = 2;
+        f.limits.ip_messages.mode = LimitMode::DryRun;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(t.connect().await);
+    }
+    for i in 0..5 {
+        let r = clients[0].request(json!({"id": i, "op": "ping"})).await;
+        assert_eq!(r["ok"], true, "dry-run lets message {i} through");
+    }
+    assert_eq!(decisions(&t, "ip_sessions", "dry_run").await, 2.0);
+    assert_eq!(decisions(&t, "ip_sessions", "refused").await, 0.0);
+    assert_eq!(decisions(&t, "ip_messages", "dry_run").await, 3.0);
+    let (status, body) = t.admin_get("/v1/admission/127.0.0.1").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["sessions"]["open"], 3, "{v}");
+    assert_eq!(v["sessions"]["mode"], "dry-run");
+    assert_eq!(v["messages"]["tracked"], true);
+    assert_eq!(t.admin_get("/v1/admission/not-an-ip").await.0, 400);
+}
+
+#[tokio::test]
+async fn ipv6_grouping_config_is_checked() {
+    let mut f = common::test_config(std::path::Path::new("/tmp"));
+    f.admission.ipv6_prefix = 8;
+    let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
+    assert!(e.to_string().contains("admission.ipv6_prefix"), "{e}");
+    let mut f = common::test_config(std::path::Path::new("/tmp"));
+    f.admission.trusted_proxies = vec!["10.0.0.0/33".into()];
+    let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
+    assert!(e.to_string().contains("admission.trusted_proxies"), "{e}");
+    let mut f = common::test_config(std::path::Path::new("/tmp"));
+    f.limits.ip_bytes.burst = 10;
+    let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
+    assert!(e.to_string().contains("limits.ip_bytes.burst"), "{e}");
+}
