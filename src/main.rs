@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use edgeplex::config::Config;
+use edgeplex::server::reload::ConfigWatch;
 use edgeplex::{Edge, telemetry, tls};
 
 #[derive(Parser)]
@@ -92,7 +94,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             println!("dev certificate PEM: {}", dev.written_to.display());
         }
         println!("edgeplex listening on wss://{}/ws", edge.tls_addr());
-        wait_for_signal().await?;
+        let watch = ConfigWatch::new(path.to_owned(), edge.state().clone());
+        run_until_signal(watch, edge.state().config.server.config_watch).await?;
         let report = edge.shutdown().await;
         if !report.clean {
             tracing::warn!("some sessions outlived the grace period");
@@ -101,13 +104,36 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Serves until SIGTERM or SIGINT; meanwhile reloads the config on SIGHUP and, every `watch`
+/// (unless zero), when the file changed. A failed reload is logged by the watch and changes
+/// nothing.
+async fn run_until_signal(mut watch: ConfigWatch, every: Duration) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut tick = tokio::time::interval(if every.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        every
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                return Ok(());
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: draining");
+                return Ok(());
+            }
+            _ = hup.recv() => {
+                let _ = watch.reload("SIGHUP");
+            }
+            _ = tick.tick(), if !every.is_zero() => {
+                let _ = watch.poll();
+            }
+        }
     }
-    Ok(())
 }

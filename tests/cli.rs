@@ -135,93 +135,184 @@ fn environment_overrides_keys_and_is_named_in_errors() {
 /// The README's first command, as a user runs it: the binary serves, a `wss://` client trusting
 /// the written dev certificate subscribes, publishes and receives, and SIGTERM drains it with
 /// 1001 and a clean exit.
-#[tokio::test]
-async fn serve_runs_until_sigterm_and_drains_with_1001() {
-    let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("dev.pem");
-    let config = format!(
+/// A running `edgeplex serve` child with a config file in a temp dir; killed when dropped.
+struct Served {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    pem: std::path::PathBuf,
+    path: String,
+    sha: Option<String>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// The base config of a served edge (ephemeral ports, JSON logs) followed by `extra`.
+fn served_config(pem: &std::path::Path, server_extra: &str, extra: &str) -> String {
+    format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         shutdown_grace = \"5s\"\n[tls]\ndev_cert_path = \"{}\"\n[log]\nformat = \"json\"\n",
+         shutdown_grace = \"5s\"\n{server_extra}\n[tls]\ndev_cert_path = \"{}\"\n\
+         [log]\nformat = \"json\"\n{extra}",
         pem.display()
-    );
-    let path = write_config(dir.path(), &config);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", &path])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+    )
+}
+
+impl Served {
+    fn start(server_extra: &str, extra: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("dev.pem");
+        let path = write_config(dir.path(), &served_config(&pem, server_extra, extra));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", &path])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut addr, mut sha) = (None, None);
+        while addr.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the edge starts");
+            if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
+                addr = Some(a.trim_end_matches("/ws").parse().unwrap());
+            }
+            if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
+                sha = Some(h.to_string());
+            }
         }
-    });
-    let mut addr = None;
-    let mut sha = None;
-    while addr.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the edge starts");
-        if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
-            addr = Some(
-                a.trim_end_matches("/ws")
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap(),
-            );
-        }
-        if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
-            sha = Some(h.to_string());
+        Served {
+            child,
+            addr: addr.unwrap(),
+            pem,
+            path,
+            sha,
+            logs,
+            _dir: dir,
         }
     }
-    let addr = addr.unwrap();
-    let cert = CertificateDer::from_pem_file(&pem).expect("the dev certificate PEM was written");
-    let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(
-        sha.as_deref(),
-        Some(hex.as_str()),
-        "the printed SHA-256 is the served certificate's"
-    );
 
-    let tls = std::sync::Arc::new(common::client_tls(&cert, &[b"http/1.1"]));
-    let connect = || async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+    fn cert(&self) -> CertificateDer<'static> {
+        CertificateDer::from_pem_file(&self.pem).expect("the dev certificate PEM was written")
+    }
+
+    async fn try_connect(&self) -> Result<common::Client, tokio_tungstenite::tungstenite::Error> {
+        let tls = std::sync::Arc::new(common::client_tls(&self.cert(), &[b"http/1.1"]));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        let url = format!("wss://localhost:{}/ws", addr.port());
-        let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let url = format!("wss://localhost:{}/ws", self.addr.port());
+        let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
         let mut c = common::Client {
             ws,
             welcome: serde_json::Value::Null,
         };
         c.welcome = c.recv().await;
-        c
-    };
-    let mut a = connect().await;
-    let mut b = connect().await;
+        Ok(c)
+    }
+
+    async fn connect(&self) -> common::Client {
+        self.try_connect().await.expect("websocket handshake")
+    }
+
+    /// The HTTP status of a refused handshake.
+    async fn refused_status(&self) -> u16 {
+        match self.try_connect().await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("expected an HTTP refusal, got {e}"),
+            Ok(_) => panic!("expected a refusal, the handshake succeeded"),
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn rewrite(&self, server_extra: &str, extra: &str) {
+        // Through a temp file and a rename, as editors and config managers do, so the watcher
+        // never reads half a file.
+        let tmp = format!("{}.tmp", self.path);
+        std::fs::write(&tmp, served_config(&self.pem, server_extra, extra)).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// Every log line so far, parsed (the edge logs JSON).
+    fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits for the `n`th log line (1-based) whose message is `message`.
+    async fn wait_log(&self, message: &str, n: usize) -> serde_json::Value {
+        for _ in 0..500 {
+            let found: Vec<_> = self
+                .log_lines()
+                .into_iter()
+                .filter(|v| v["message"] == message)
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "no log line {message:?} (#{n}) in {:?}",
+            self.logs.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn serve_runs_until_sigterm_and_drains_with_1001() {
+    let mut served = Served::start("", "");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &served.cert());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        served.sha.as_deref(),
+        Some(hex.as_str()),
+        "the printed SHA-256 is the served certificate's"
+    );
+
+    let mut a = served.connect().await;
+    let mut b = served.connect().await;
     a.subscribe(1, "demo").await;
     b.request(json!({"id": 1, "op": "publish", "channel": "demo", "data": {"hello": "world"}}))
         .await;
     let m = a.recv().await;
     assert_eq!(m["data"], json!({"hello": "world"}));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    served.signal("-TERM");
     for c in [&mut a, &mut b] {
         let (code, _, _) = c.until_close().await;
         assert_eq!(code, 1001);
@@ -232,7 +323,7 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = served.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -245,19 +336,9 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
 
     // log.format = "json": every line is one JSON object, and session events carry the
     // session's span with its peer address and transport.
-    let logs = logs.join().unwrap();
-    let parsed: Vec<serde_json::Value> = logs
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    assert!(
-        parsed.iter().any(|v| v["message"] == "SIGTERM: draining"),
-        "{logs:?}"
-    );
-    let closing = parsed
-        .iter()
-        .find(|v| v["message"] == "closing session")
-        .unwrap_or_else(|| panic!("a session close is logged: {logs:?}"));
+    let logs = served.wait_log("SIGTERM: draining", 1).await;
+    assert_eq!(logs["level"], "INFO");
+    let closing = served.wait_log("closing session", 1).await;
     assert_eq!(closing["span"]["transport"], "websocket");
     assert_eq!(closing["code"], 1001);
     assert!(
@@ -265,5 +346,80 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
             .as_str()
             .unwrap()
             .starts_with("127.0.0.1:")
+    );
+}
+
+const RELOADED: &str = "config reloaded: [admission] and [limits] in force";
+const REJECTED: &str = "config reload rejected; the running policy stays";
+
+fn limits(ip_sessions: u32) -> String {
+    format!("[limits.ip_sessions]\nmax = {ip_sessions}\n")
+}
+
+#[tokio::test]
+async fn a_changed_file_reloads_limits_without_dropping_a_session() {
+    let watch = "config_watch = \"100ms\"";
+    let served = Served::start(watch, &limits(3));
+    let mut a = served.connect().await;
+    let mut b = served.connect().await;
+
+    served.rewrite(watch, &limits(2));
+    served.wait_log(RELOADED, 1).await;
+    assert_eq!(
+        served.refused_status().await,
+        429,
+        "the new limit is in force"
+    );
+    for c in [&mut a, &mut b] {
+        let r = c.request(json!({"id": 1, "op": "ping"})).await;
+        assert_eq!(r["ok"], true, "sessions outlive the reload");
+    }
+
+    // An invalid file changes nothing, and the log names the key and the file.
+    served.rewrite(watch, "[limits.ip_sessions]\nmaxx = 1\n");
+    let rejected = served.wait_log(REJECTED, 1).await;
+    let error = rejected["error"].as_str().unwrap();
+    assert!(
+        error.contains("maxx") && error.contains(&served.path),
+        "{error}"
+    );
+    assert_eq!(served.refused_status().await, 429, "the old policy stays");
+    let r = a.request(json!({"id": 2, "op": "ping"})).await;
+    assert_eq!(r["ok"], true);
+
+    // A valid file again: a looser limit lets a third session in.
+    served.rewrite(watch, &limits(3));
+    served.wait_log(RELOADED, 2).await;
+    let _c = served.connect().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_when_the_file_watch_is_off() {
+    let served = Served::start("config_watch = \"0s\"", &limits(1));
+    let _a = served.connect().await;
+    assert_eq!(served.refused_status().await, 429);
+    served.rewrite("config_watch = \"0s\"", &limits(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        served.refused_status().await,
+        429,
+        "no reload without the signal"
+    );
+    served.signal("-HUP");
+    let line = served.wait_log(RELOADED, 1).await;
+    assert_eq!(line["why"], "SIGHUP");
+    let _b = served.connect().await;
+    // A change to a section read only at start is reported, not applied.
+    served.rewrite("config_watch = \"0s\"\nmax_sessions = 5", &limits(2));
+    served.signal("-HUP");
+    let warn = served
+        .wait_log(
+            "config sections changed that are read only at start; restart to apply them",
+            1,
+        )
+        .await;
+    assert!(
+        warn["sections"].as_str().unwrap().contains("server"),
+        "{warn}"
     );
 }

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     /// idle limit of its own; HTTP/1.1 keep-alive is also bounded by the handshake timeout).
     pub http_idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// How often the config file is checked for changes; zero: only on SIGHUP.
+    pub config_watch: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,6 +396,15 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             Duration::from_millis(100),
         )?,
         shutdown_grace: min_duration("server.shutdown_grace", s.shutdown_grace, Duration::ZERO)?,
+        config_watch: if s.config_watch.is_zero() {
+            Duration::ZERO
+        } else {
+            min_duration(
+                "server.config_watch",
+                s.config_watch,
+                Duration::from_millis(100),
+            )?
+        },
     };
 
     let t = &file.tls;
@@ -818,6 +829,77 @@ impl Config {
                     "refused"
                 }
             ),
+        });
+        let ad = &self.admission;
+        let nets = |l: &[ipnet::IpNet]| {
+            if l.is_empty() {
+                "none".to_string()
+            } else {
+                l.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        out.push_str(&format!(
+            "client address: the socket peer{}; IPv6 grouped by /{}; exempt from per-IP limits: \
+             {}; per-IP state for at most {} addresses per limit\n",
+            if ad.trusted_proxies.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", or behind trusted proxies ({}) the Forwarded / X-Forwarded-For client",
+                    nets(&ad.trusted_proxies)
+                )
+            },
+            ad.ipv6_prefix,
+            nets(&ad.exempt),
+            ad.max_tracked_addresses
+        ));
+        let mode = |m: LimitMode| match m {
+            LimitMode::Enforce => "enforce",
+            LimitMode::DryRun => "dry-run (counts and logs, refuses nothing)",
+            LimitMode::Off => "off",
+        };
+        let li = &self.limits;
+        let rate = |name: &str, what: &str, r: &RateRule| {
+            format!(
+                "  {name}: {} {what}/s, burst {} — {}\n",
+                r.per_second,
+                r.burst,
+                mode(r.mode)
+            )
+        };
+        out.push_str("limits (429 with Retry-After at a handshake; rate_limited for a message):\n");
+        out.push_str(&rate(
+            "ip_new_sessions",
+            "new sessions per address",
+            &li.ip_new_sessions,
+        ));
+        out.push_str(&format!(
+            "  ip_sessions: {} open sessions per address — {}\n",
+            li.ip_sessions.max,
+            mode(li.ip_sessions.mode)
+        ));
+        out.push_str(&rate(
+            "ip_messages",
+            "messages per address",
+            &li.ip_messages,
+        ));
+        out.push_str(&rate("ip_bytes", "bytes per address", &li.ip_bytes));
+        out.push_str(&rate(
+            "new_sessions",
+            "new sessions on this node",
+            &li.new_sessions,
+        ));
+        out.push_str(&if self.server.config_watch.is_zero() {
+            "reload: on SIGHUP ([admission] and [limits])\n".to_string()
+        } else {
+            format!(
+                "reload: on SIGHUP and when the file changes (checked every {}; [admission] and \
+                 [limits])\n",
+                humantime::format_duration(self.server.config_watch)
+            )
         });
         out
     }

@@ -18,6 +18,7 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONFIG_WATCH: Duration = Duration::from_secs(2);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
 pub const DEFAULT_HISTORY_LEN: usize = 1000;
@@ -77,6 +78,8 @@ pub struct ServerSection {
     pub http_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub config_watch: Duration,
 }
 
 impl Default for ServerSection {
@@ -92,6 +95,7 @@ impl Default for ServerSection {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            config_watch: DEFAULT_CONFIG_WATCH,
         }
     }
 }

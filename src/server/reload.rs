@@ -1,0 +1,156 @@
+//! Config reload while serving: on SIGHUP (the binary forwards it) and when the file's contents
+//! change (polled every `server.config_watch`).
+//!
+//! The new file is loaded and validated whole first (environment overrides applied, as at start).
+//! When it is invalid, nothing changes and the error names the key and the file. When it is
+//! valid, `[admission]` and `[limits]` take effect at once for every later decision; live
+//! sessions are never dropped, and a limit whose quota did not change keeps its per-IP state.
+//! Other sections are read at start only: a reload that changes them says which need a restart.
+//! This module owns the watching and the reporting; what a policy means is `admission`'s.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::EdgeState;
+use crate::config::{Config, ConfigError, FileConfig};
+use crate::metrics::ReasonLabels;
+
+/// What one reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new policy is in force. `reset`: limits whose state started afresh because their
+    /// quota changed. `needs_restart`: changed sections that are read only at start.
+    Applied {
+        reset: Vec<&'static str>,
+        needs_restart: Vec<&'static str>,
+    },
+    /// The file did not change since the last look.
+    Unchanged,
+}
+
+/// Watches one config file for an edge.
+#[derive(Debug)]
+pub struct ConfigWatch {
+    path: PathBuf,
+    state: Arc<EdgeState>,
+    /// The file's bytes when last read, valid or not, so a bad file is reported once.
+    seen: Option<Vec<u8>>,
+    /// The last config put in force (the one the edge started with, at first).
+    applied: FileConfig,
+}
+
+impl ConfigWatch {
+    pub fn new(path: PathBuf, state: Arc<EdgeState>) -> ConfigWatch {
+        let seen = std::fs::read(&path).ok();
+        let applied = state.config.effective.clone();
+        ConfigWatch {
+            path,
+            state,
+            seen,
+            applied,
+        }
+    }
+
+    /// Reloads now, whether or not the file changed (SIGHUP). Logs and counts the outcome.
+    pub fn reload(&mut self, why: &'static str) -> Result<ReloadOutcome, ConfigError> {
+        self.seen = std::fs::read(&self.path).ok();
+        let result = self.apply();
+        self.report(why, &result);
+        result
+    }
+
+    /// Reloads if the file's contents changed since the last look.
+    pub fn poll(&mut self) -> Result<ReloadOutcome, ConfigError> {
+        let now = std::fs::read(&self.path).ok();
+        if now == self.seen {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        self.seen = now;
+        let result = self.apply();
+        self.report("file changed", &result);
+        result
+    }
+
+    fn apply(&mut self) -> Result<ReloadOutcome, ConfigError> {
+        let config = Config::load(&self.path)?;
+        // Checked against the running session config: the new file's [session] is not applied.
+        let running = &self.state.config.session;
+        if (config.limits.ip_bytes.burst as usize) < running.max_message_bytes {
+            return Err(ConfigError::Invalid {
+                origin: self.path.display().to_string(),
+                key: "limits.ip_bytes.burst",
+                reason: format!(
+                    "{} is less than the running session.max_message_bytes ({}); a message that \
+                     size could never pass",
+                    config.limits.ip_bytes.burst, running.max_message_bytes
+                ),
+            });
+        }
+        let new = &config.effective;
+        let old = &self.applied;
+        let mut needs_restart = Vec::new();
+        for (name, changed) in [
+            ("server", new.server != old.server),
+            ("tls", new.tls != old.tls),
+            ("bus", new.bus != old.bus),
+            ("admin", new.admin != old.admin),
+            ("session", new.session != old.session),
+            ("log", new.log != old.log),
+        ] {
+            if changed {
+                needs_restart.push(name);
+            }
+        }
+        let report = self
+            .state
+            .admission
+            .reload(config.admission.clone(), config.limits.clone());
+        // Sections that need a restart keep comparing against what runs.
+        self.applied.admission = new.admission.clone();
+        self.applied.limits = new.limits.clone();
+        Ok(ReloadOutcome::Applied {
+            reset: report.reset,
+            needs_restart,
+        })
+    }
+
+    fn report(&self, why: &'static str, result: &Result<ReloadOutcome, ConfigError>) {
+        let count = |reason| {
+            self.state
+                .metrics
+                .config_reloads
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        };
+        match result {
+            Ok(ReloadOutcome::Applied {
+                reset,
+                needs_restart,
+            }) => {
+                count("applied");
+                tracing::info!(
+                    file = %self.path.display(),
+                    why,
+                    reset = ?reset,
+                    "config reloaded: [admission] and [limits] in force"
+                );
+                if !needs_restart.is_empty() {
+                    tracing::warn!(
+                        sections = ?needs_restart,
+                        "config sections changed that are read only at start; restart to apply them"
+                    );
+                }
+            }
+            Ok(ReloadOutcome::Unchanged) => {}
+            Err(e) => {
+                count("rejected");
+                tracing::error!(
+                    file = %self.path.display(),
+                    why,
+                    error = %e,
+                    "config reload rejected; the running policy stays"
+                );
+            }
+        }
+    }
+}
