@@ -1,5 +1,6 @@
-//! Replays the fuzz seeds and the kept crashing inputs of `fuzz/` through the protocol decoder on
-//! every `cargo test` (stable toolchain, no libFuzzer), with the same invariants as the fuzz target.
+//! Replays the fuzz seeds and the kept crashing inputs of `fuzz/` through every fuzz target's
+//! checks on every `cargo test` (stable toolchain, no libFuzzer), with the same invariants as the
+//! fuzz targets.
 
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
@@ -8,16 +9,28 @@ use std::path::{Path, PathBuf};
 #[path = "../fuzz/checks/protocol.rs"]
 mod protocol_check;
 
-const DIRS: [&str; 2] = [
-    "fuzz/seeds/protocol_decode",
-    "fuzz/regressions/protocol_decode",
+#[path = "../fuzz/checks/origin.rs"]
+mod origin_check;
+
+#[path = "../fuzz/checks/forwarded.rs"]
+mod forwarded_check;
+
+#[path = "../fuzz/checks/config.rs"]
+mod config_check;
+
+/// Every fuzz target and the check it runs on one input.
+const TARGETS: [(&str, fn(&[u8])); 4] = [
+    ("protocol_decode", protocol_check::check_decode),
+    ("origin_match", origin_check::check_origin),
+    ("forwarded", forwarded_check::check_forwarded),
+    ("config_load", config_check::check_config),
 ];
 
-fn inputs() -> Vec<PathBuf> {
+fn inputs(target: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    for dir in DIRS {
-        let dir = root.join(dir);
+    for kind in ["seeds", "regressions"] {
+        let dir = root.join("fuzz").join(kind).join(target);
         let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for entry in entries {
             let path = entry.expect("read_dir entry").path();
@@ -31,23 +44,22 @@ fn inputs() -> Vec<PathBuf> {
 }
 
 #[test]
-fn seeds_and_regressions_decode_without_panic() {
-    let files = inputs();
-    assert!(!files.is_empty(), "no input found under {DIRS:?}");
+fn seeds_and_regressions_of_every_target_pass_their_checks() {
     let mut failures = Vec::new();
-    for path in &files {
-        let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let outcome =
-            panic::catch_unwind(AssertUnwindSafe(|| protocol_check::check_decode(&bytes)));
-        if outcome.is_err() {
-            failures.push(path.display().to_string());
+    for (target, check) in TARGETS {
+        let files = inputs(target);
+        assert!(!files.is_empty(), "no input found for {target}");
+        for path in &files {
+            let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if panic::catch_unwind(AssertUnwindSafe(|| check(&bytes))).is_err() {
+                failures.push(path.display().to_string());
+            }
         }
+        eprintln!("{target}: checked {} inputs", files.len());
     }
     assert!(
         failures.is_empty(),
-        "{} of {} inputs failed (panic messages above): {failures:#?}",
-        failures.len(),
-        files.len()
+        "{} inputs failed (panic messages above): {failures:#?}",
+        failures.len()
     );
-    eprintln!("checked {} inputs", files.len());
 }

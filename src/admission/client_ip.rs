@@ -41,7 +41,7 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
                 hops.push(None);
                 continue;
             };
-            hops.extend(v.split(',').map(|e| parse_element(e.trim())));
+            hops.extend(x_forwarded_for(v));
         }
     }
     let mut client = peer;
@@ -72,6 +72,16 @@ pub fn forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
                 .and_then(|(_, v)| parse_element(v.trim().trim_matches('"')))
         })
+        .collect()
+}
+
+/// The addresses of one `X-Forwarded-For` header value, in order; `None` where an element is
+/// not an address.
+pub fn x_forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
+    value
+        .split(',')
+        .take(MAX_HOPS * 2)
+        .map(|e| parse_element(e.trim()))
         .collect()
 }
 

@@ -242,6 +242,15 @@ impl Config {
         Self::from_figment(figment, Some(path))
     }
 
+    /// Parses and validates TOML text, without environment overrides; errors name `name` as
+    /// the file. For embedders that keep their config elsewhere, and for the config fuzzer.
+    pub fn from_toml_str(text: &str, name: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::new().merge(Toml::string(text)),
+            Some(Path::new(name)),
+        )
+    }
+
     /// Built-in defaults with environment overrides, no file.
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_figment(
@@ -258,10 +267,10 @@ impl Config {
     fn from_figment(figment: Figment, file: Option<&Path>) -> Result<Config, ConfigError> {
         let parsed: FileConfig = figment
             .extract()
-            .map_err(|e| ConfigError::Schema(describe_figment_error(e)))?;
+            .map_err(|e| ConfigError::Schema(describe_figment_error(e, file)))?;
         // A key that no source set still belongs to the file the operator is editing.
         let origin = |key: &str| match (figment.find_metadata(key), file) {
-            (Some(md), _) => describe_source(md, key),
+            (Some(md), _) => describe_source(md, key, file),
             (None, Some(path)) => format!("{} (key not set, default used)", path.display()),
             (None, None) => "built-in default".to_string(),
         };
@@ -270,14 +279,16 @@ impl Config {
     }
 }
 
-fn describe_source(md: &figment::Metadata, key: &str) -> String {
+/// Where a key's value came from: its file, its environment variable, or (for TOML given as a
+/// string) the name the caller gave it.
+fn describe_source(md: &figment::Metadata, key: &str, file: Option<&Path>) -> String {
     if let Some(figment::Source::File(path)) = &md.source {
         return path.display().to_string();
     }
     if md.name.contains("environment") {
         format!("environment variable {}", env_var_name(key))
     } else {
-        md.name.to_string()
+        file.map_or_else(|| md.name.to_string(), |p| p.display().to_string())
     }
 }
 
@@ -289,14 +300,22 @@ pub fn env_var_name(key: &str) -> String {
     )
 }
 
-fn describe_figment_error(err: figment::Error) -> String {
+fn describe_figment_error(err: figment::Error, file: Option<&Path>) -> String {
     err.into_iter()
         .map(|e| {
             let key = e.path.join(".");
-            let origin = match &e.metadata {
-                Some(md) if !key.is_empty() => describe_source(md, &key),
-                Some(md) => md.name.to_string(),
-                None => "config".to_string(),
+            let origin = match (&e.metadata, file) {
+                (Some(md), _) if !key.is_empty() => describe_source(md, &key, file),
+                (
+                    Some(figment::Metadata {
+                        source: Some(figment::Source::File(p)),
+                        ..
+                    }),
+                    _,
+                ) => p.display().to_string(),
+                (_, Some(p)) => p.display().to_string(),
+                (Some(md), None) => md.name.to_string(),
+                (None, None) => "config".to_string(),
             };
             let kind = match &e.kind {
                 figment::error::Kind::UnknownField(field, allowed) => {
