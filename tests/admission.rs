@@ -273,6 +273,24 @@ async fn dry_run_refuses_nothing_but_counts_and_the_admin_view_shows_the_address
 }
 
 #[tokio::test]
+async fn request_heads_over_the_cap_are_refused_with_431() {
+    let t = start(|f| f.server.max_header_bytes = 8192).await;
+    let big = "x".repeat(9000);
+    for h2 in [false, true] {
+        let r = sse_client::client(&t, h2)
+            .get(sse_client::url(&t, "channel=a"))
+            .header("x-padding", &big)
+            .send()
+            .await;
+        match r {
+            Ok(r) => assert_eq!(r.status(), 431, "h2={h2}"),
+            // HTTP/2 may refuse the stream itself rather than answer it.
+            Err(e) => assert!(h2, "HTTP/1.1 must answer 431: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn ipv6_grouping_config_is_checked() {
     let mut f = common::test_config(std::path::Path::new("/tmp"));
     f.admission.ipv6_prefix = 8;

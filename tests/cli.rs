@@ -64,6 +64,24 @@ fn check_config_accepts_the_shipped_file_and_prints_the_effective_config() {
 }
 
 #[test]
+fn the_worked_examples_are_valid_configs() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            // The certificate paths are the deployment's; the rest must load as written.
+            let no_cert = [("EDGEPLEX__TLS__CERT", ""), ("EDGEPLEX__TLS__KEY", "")];
+            let (code, out, err) = run(&["check-config", path.to_str().unwrap()], &no_cert);
+            assert_eq!(code, 0, "{}: {err}", path.display());
+            assert!(out.contains("limits ("), "{out}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 3, "public-chat, trading-feed, lockdown");
+}
+
+#[test]
 fn check_config_names_an_unknown_key_and_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[session]\nmax_chanels = 5\n");

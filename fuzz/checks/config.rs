@@ -32,7 +32,10 @@ pub fn check_config(input: &[u8]) {
         Err(e) => {
             // Every error says which file it is about.
             let msg = e.to_string();
-            assert!(msg.contains("fuzz.toml"), "the error does not name the file: {msg}");
+            assert!(
+                msg.contains("fuzz.toml"),
+                "the error does not name the file: {msg}"
+            );
         }
     }
 }
