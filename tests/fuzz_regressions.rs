@@ -18,8 +18,11 @@ mod forwarded_check;
 #[path = "../fuzz/checks/config.rs"]
 mod config_check;
 
-/// Every fuzz target and the check it runs on one input.
-const TARGETS: [(&str, fn(&[u8])); 4] = [
+/// What a fuzz target checks on one input; a panic is a finding.
+type Check = fn(&[u8]);
+
+/// Every fuzz target and its check.
+const TARGETS: [(&str, Check); 4] = [
     ("protocol_decode", protocol_check::check_decode),
     ("origin_match", origin_check::check_origin),
     ("forwarded", forwarded_check::check_forwarded),
