@@ -305,3 +305,89 @@ async fn ipv6_grouping_config_is_checked() {
     let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
     assert!(e.to_string().contains("limits.ip_bytes.burst"), "{e}");
 }
+
+/// Opens a WebSocket over a TCP connection that first sends `header` (a PROXY protocol header).
+async fn connect_via_proxy(t: &TestEdge, header: &[u8]) -> Result<common::Client, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr())
+        .await
+        .unwrap();
+    tcp.write_all(header).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(t.tls.clone())
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let url = format!("wss://localhost:{}/ws", t.edge.tls_addr().port());
+    let (ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = common::Client {
+        ws,
+        welcome: Value::Null,
+    };
+    c.welcome = c.recv().await;
+    Ok(c)
+}
+
+fn proxy_v2(source: &str) -> Vec<u8> {
+    use ppp::v2;
+    let src: std::net::SocketAddr = source.parse().unwrap();
+    let dst: std::net::SocketAddr = "10.0.0.1:443".parse().unwrap();
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_gives_the_client_address_from_a_trusted_proxy() {
+    let t = start(|f| {
+        f.server.proxy_protocol = true;
+        f.admission.trusted_proxies = vec!["127.0.0.1".into()];
+        f.limits.ip_sessions.max = 1;
+    })
+    .await;
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n";
+    let mut a = connect_via_proxy(&t, v1).await.expect("v1 header accepted");
+    assert_eq!(a.request(json!({"id": 1, "op": "ping"})).await["ok"], true);
+    // Same client address: over its session limit.
+    match connect_via_proxy(&t, v1).await {
+        Err(e) => assert!(e.contains("429"), "{e}"),
+        Ok(_) => panic!("a second session of 203.0.113.7 was admitted"),
+    }
+    // v2, another client.
+    let _b = connect_via_proxy(&t, &proxy_v2("[2001:db8::7]:5555"))
+        .await
+        .expect("v2 header accepted");
+    let v: Value = serde_json::from_str(&t.admin_get("/v1/admission/203.0.113.7").await.1).unwrap();
+    assert_eq!(v["sessions"]["open"], 1, "{v}");
+    // No header, or garbage: the connection is closed before TLS.
+    assert!(connect_via_proxy(&t, b"").await.is_err());
+    assert!(connect_via_proxy(&t, b"PROXY NONSENSE\r\n").await.is_err());
+    assert!(
+        t.metric("edgeplex_refusals_total{reason=\"proxy_protocol\"}")
+            .await
+            >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_is_refused_from_an_untrusted_peer() {
+    let t = start(|f| {
+        f.server.proxy_protocol = true;
+        f.admission.trusted_proxies = vec!["10.0.0.0/8".into()];
+    })
+    .await;
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n";
+    assert!(connect_via_proxy(&t, v1).await.is_err());
+    let mut f = common::test_config(std::path::Path::new("/tmp"));
+    f.server.proxy_protocol = true;
+    let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
+    assert!(e.to_string().contains("server.proxy_protocol"), "{e}");
+}

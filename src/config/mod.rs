@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes; zero: only on SIGHUP.
     pub config_watch: Duration,
+    /// Public connections start with a PROXY protocol header from a trusted proxy.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,6 +417,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             Duration::from_millis(100),
         )?,
         shutdown_grace: min_duration("server.shutdown_grace", s.shutdown_grace, Duration::ZERO)?,
+        proxy_protocol: s.proxy_protocol,
         config_watch: if s.config_watch.is_zero() {
             Duration::ZERO
         } else {
@@ -676,6 +679,15 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         )?,
     };
 
+    if server.proxy_protocol && admission.trusted_proxies.is_empty() {
+        return Err(invalid(
+            "server.proxy_protocol",
+            "a PROXY header is believed only from admission.trusted_proxies, which is empty; \
+             list the load balancers that send it"
+                .into(),
+        ));
+    }
+
     let li = &file.limits;
     let rate = |key_rate: &'static str,
                 key_burst: &'static str,
@@ -861,8 +873,13 @@ impl Config {
             }
         };
         out.push_str(&format!(
-            "client address: the socket peer{}; IPv6 grouped by /{}; exempt from per-IP limits: \
+            "client address: {}{}; IPv6 grouped by /{}; exempt from per-IP limits: \
              {}; per-IP state for at most {} addresses per limit\n",
+            if self.server.proxy_protocol {
+                "the PROXY protocol header (required on public connections)"
+            } else {
+                "the socket peer"
+            },
             if ad.trusted_proxies.is_empty() {
                 String::new()
             } else {

@@ -80,6 +80,7 @@ pub struct ServerSection {
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub config_watch: Duration,
+    pub proxy_protocol: bool,
 }
 
 impl Default for ServerSection {
@@ -96,6 +97,7 @@ impl Default for ServerSection {
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             config_watch: DEFAULT_CONFIG_WATCH,
+            proxy_protocol: false,
         }
     }
 }

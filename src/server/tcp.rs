@@ -87,15 +87,21 @@ pub(super) async fn accept_loop(
 }
 
 async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     tls: Option<TlsAcceptor>,
     state: Arc<EdgeState>,
     kind: Listener,
-    info: ConnInfo,
+    mut info: ConnInfo,
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let deadline = state.config.server.handshake_timeout;
+    if kind == Listener::Public && state.config.server.proxy_protocol {
+        match proxy_header(&mut stream, &state, &info).await {
+            Some(source) => info.peer = source,
+            None => return,
+        }
+    }
     match tls {
         None => serve_http(stream, state, kind, info, stop).await,
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
@@ -103,6 +109,37 @@ async fn serve(
             Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
         },
+    }
+}
+
+/// The client address a trusted proxy's PROXY header gives (the socket peer for a `LOCAL` one),
+/// or `None` when the connection must be closed.
+async fn proxy_header(
+    stream: &mut TcpStream,
+    state: &EdgeState,
+    info: &ConnInfo,
+) -> Option<std::net::SocketAddr> {
+    let peer = info.peer;
+    let trusted = state.admission.policy().admission.trusted_proxies.clone();
+    let peer_ip = crate::admission::client_ip::canonical(peer.ip());
+    if !trusted.iter().any(|n| n.contains(&peer_ip)) {
+        state.metrics.refusal("proxy_protocol");
+        tracing::debug!(%peer, "closed: not a trusted proxy, and server.proxy_protocol is on");
+        return None;
+    }
+    let deadline = state.config.server.handshake_timeout;
+    match tokio::time::timeout(deadline, super::proxy_protocol::read_header(stream)).await {
+        Ok(Ok(source)) => Some(source.unwrap_or(peer)),
+        Ok(Err(e)) => {
+            state.metrics.refusal("proxy_protocol");
+            tracing::debug!(%peer, error = %e, "closed: bad PROXY header");
+            None
+        }
+        Err(_) => {
+            state.metrics.refusal("proxy_protocol");
+            tracing::debug!(%peer, "closed: no PROXY header in time");
+            None
+        }
     }
 }
 
