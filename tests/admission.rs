@@ -391,3 +391,50 @@ async fn the_proxy_protocol_is_refused_from_an_untrusted_peer() {
     let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
     assert!(e.to_string().contains("server.proxy_protocol"), "{e}");
 }
+
+#[tokio::test]
+async fn origin_rules_can_differ_per_route() {
+    let t = start(|f| {
+        f.admission.allowed_origins = vec![
+            "https://app.example.com".into(),
+            "https://other.example.com".into(),
+        ];
+        f.admission.routes.insert(
+            "publish".into(),
+            edgeplex::config::schema::RouteOriginSection {
+                allowed_origins: Some(vec!["https://app.example.com".into()]),
+                allow_missing_origin: Some(false),
+            },
+        );
+    })
+    .await;
+    // WebSocket and SSE follow [admission].
+    let _ws = t
+        .try_connect(Some("https://other.example.com"))
+        .await
+        .expect("allowed by [admission]");
+    let (status, _) = sse_status(&t, &[("origin", "https://other.example.com")]).await;
+    assert_eq!(status, 200);
+    // POST /publish follows its own rules.
+    let publish = |origin: Option<&'static str>| {
+        let mut req = sse_client::client(&t, false)
+            .post(format!(
+                "https://localhost:{}/publish",
+                t.edge.tls_addr().port()
+            ))
+            .body(r#"{"channel":"c","data":1}"#);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(publish(Some("https://other.example.com")).await, 403);
+    assert_eq!(publish(None).await, 403, "no Origin refused on this route");
+    assert_eq!(publish(Some("https://app.example.com")).await, 200);
+    assert_eq!(decisions(&t, "origin", "refused").await, 2.0);
+
+    let mut f = common::test_config(std::path::Path::new("/tmp"));
+    f.admission.routes.insert("chat".into(), Default::default());
+    let e = edgeplex::config::Config::from_file_config(f).unwrap_err();
+    assert!(e.to_string().contains("admission.routes"), "{e}");
+}

@@ -293,10 +293,10 @@ impl Admission {
         }
     }
 
-    /// Checks the `Origin` header against the policy in force.
-    pub fn check_origin(&self, origin: Option<&str>) -> Result<(), Refusal> {
+    /// Checks the `Origin` header of a request to `route` against the policy in force.
+    pub fn check_origin(&self, origin: Option<&str>, route: &str) -> Result<(), Refusal> {
         let policy = self.policy();
-        let result = super::check_origin(origin, &policy.admission);
+        let result = super::check_origin(origin, &policy.admission, route);
         let decision = if result.is_ok() {
             Decision::allowed
         } else {

@@ -126,8 +126,13 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
-/// Checks the `Origin` header against the policy.
-pub fn check_origin(origin: Option<&str>, policy: &AdmissionConfig) -> Result<(), Refusal> {
+/// Checks the `Origin` header of a request to `route` against the policy.
+pub fn check_origin(
+    origin: Option<&str>,
+    policy: &AdmissionConfig,
+    route: &str,
+) -> Result<(), Refusal> {
+    let policy = policy.origin_rules(route);
     match (origin, &policy.allowed_origins) {
         (_, None) => Ok(()),
         (None, Some(_)) if policy.allow_missing_origin => Ok(()),
@@ -167,22 +172,28 @@ mod tests {
             allow_missing_origin: false,
             ..AdmissionConfig::default()
         };
-        assert_eq!(check_origin(None, &strict), Err(Refusal::Origin));
-        assert_eq!(check_origin(Some("https://a.example"), &strict), Ok(()));
         assert_eq!(
-            check_origin(Some("https://b.example"), &strict),
+            check_origin(None, &strict, "websocket"),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(
+            check_origin(Some("https://a.example"), &strict, "websocket"),
+            Ok(())
+        );
+        assert_eq!(
+            check_origin(Some("https://b.example"), &strict, "websocket"),
             Err(Refusal::Origin)
         );
         let lenient = AdmissionConfig {
             allow_missing_origin: true,
             ..strict
         };
-        assert_eq!(check_origin(None, &lenient), Ok(()));
+        assert_eq!(check_origin(None, &lenient, "sse"), Ok(()));
         let any = AdmissionConfig {
             allowed_origins: None,
             allow_missing_origin: false,
             ..AdmissionConfig::default()
         };
-        assert_eq!(check_origin(Some("https://z"), &any), Ok(()));
+        assert_eq!(check_origin(Some("https://z"), &any, "publish"), Ok(()));
     }
 }

@@ -178,6 +178,29 @@ pub struct AdmissionConfig {
     /// Clients no per-IP limit applies to.
     pub exempt: Vec<ipnet::IpNet>,
     pub max_tracked_addresses: usize,
+    /// Routes with origin rules of their own (`websocket`, `sse`, `publish`, `webtransport`).
+    pub routes: std::collections::BTreeMap<String, OriginRules>,
+}
+
+/// The origin rules of one route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginRules {
+    /// `None`: any origin is allowed.
+    pub allowed_origins: Option<Vec<String>>,
+    pub allow_missing_origin: bool,
+}
+
+impl AdmissionConfig {
+    /// The origin rules in force for `route`.
+    pub fn origin_rules(&self, route: &str) -> OriginRules {
+        self.routes
+            .get(route)
+            .cloned()
+            .unwrap_or_else(|| OriginRules {
+                allowed_origins: self.allowed_origins.clone(),
+                allow_missing_origin: self.allow_missing_origin,
+            })
+    }
 }
 
 impl Default for AdmissionConfig {
@@ -189,6 +212,7 @@ impl Default for AdmissionConfig {
             ipv6_prefix: schema::DEFAULT_IPV6_PREFIX,
             exempt: Vec::new(),
             max_tracked_addresses: schema::DEFAULT_MAX_TRACKED_ADDRESSES,
+            routes: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -336,6 +360,18 @@ fn describe_figment_error(err: figment::Error, file: Option<&Path>) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The `allowed_origins` key of a route's own origin rules, or `None` for a route that cannot
+/// have any.
+fn route_origins_key(route: &str) -> Option<&'static str> {
+    Some(match route {
+        "websocket" => "admission.routes.websocket.allowed_origins",
+        "sse" => "admission.routes.sse.allowed_origins",
+        "publish" => "admission.routes.publish.allowed_origins",
+        "webtransport" => "admission.routes.webtransport.allowed_origins",
+        _ => return None,
+    })
 }
 
 /// Turns the file structs into the validated [`Config`]. `origin` names where a key's value came
@@ -629,24 +665,39 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     };
 
     let a = &file.admission;
-    let allowed_origins = if a.allowed_origins.iter().any(|o| o == "*") {
-        None
-    } else {
-        for o in &a.allowed_origins {
-            if let Err(reason) = crate::admission::origin::validate_rule(o) {
-                return Err(invalid(
-                    "admission.allowed_origins",
-                    format!("{o:?}: {reason}"),
-                ));
+    let origins =
+        |key: &'static str, list: &[String]| -> Result<Option<Vec<String>>, ConfigError> {
+            if list.iter().any(|o| o == "*") {
+                return Ok(None);
             }
-        }
-        Some(
-            a.allowed_origins
-                .iter()
-                .map(|o| o.to_ascii_lowercase())
-                .collect(),
-        )
-    };
+            for o in list {
+                if let Err(reason) = crate::admission::origin::validate_rule(o) {
+                    return Err(invalid(key, format!("{o:?}: {reason}")));
+                }
+            }
+            Ok(Some(list.iter().map(|o| o.to_ascii_lowercase()).collect()))
+        };
+    let allowed_origins = origins("admission.allowed_origins", &a.allowed_origins)?;
+    let mut routes = std::collections::BTreeMap::new();
+    for (route, r) in &a.routes {
+        let Some(key_origins) = route_origins_key(route) else {
+            return Err(invalid(
+                "admission.routes",
+                format!(
+                    "no route {route:?}; routes with origin rules of their own are: {}",
+                    schema::ORIGIN_ROUTES.join(", ")
+                ),
+            ));
+        };
+        let rules = OriginRules {
+            allowed_origins: match &r.allowed_origins {
+                Some(list) => origins(key_origins, list)?,
+                None => allowed_origins.clone(),
+            },
+            allow_missing_origin: r.allow_missing_origin.unwrap_or(a.allow_missing_origin),
+        };
+        routes.insert(route.clone(), rules);
+    }
     let cidrs = |key: &'static str, list: &[String]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
         list.iter()
             .map(|v| {
@@ -668,6 +719,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     let admission = AdmissionConfig {
         allowed_origins,
         allow_missing_origin: a.allow_missing_origin,
+        routes,
         trusted_proxies: cidrs("admission.trusted_proxies", &a.trusted_proxies)?,
         ipv6_prefix: range("admission.ipv6_prefix", a.ipv6_prefix as usize, 16, 128)? as u8,
         exempt: cidrs("admission.exempt", &a.exempt)?,
@@ -861,6 +913,21 @@ impl Config {
                 }
             ),
         });
+        for (route, rules) in &self.admission.routes {
+            out.push_str(&format!(
+                "  origins for {route}: {}; requests without Origin {}\n",
+                match &rules.allowed_origins {
+                    None => "any".to_string(),
+                    Some(l) if l.is_empty() => "none".to_string(),
+                    Some(l) => l.join(", "),
+                },
+                if rules.allow_missing_origin {
+                    "allowed"
+                } else {
+                    "refused"
+                }
+            ));
+        }
         let ad = &self.admission;
         let nets = |l: &[ipnet::IpNet]| {
             if l.is_empty() {

@@ -213,6 +213,18 @@ pub struct AdmissionSection {
     pub ipv6_prefix: u8,
     pub exempt: Vec<String>,
     pub max_tracked_addresses: usize,
+    /// Origin rules for one route that differ from the ones above; keyed by route name.
+    pub routes: std::collections::BTreeMap<String, RouteOriginSection>,
+}
+
+/// A route's own origin rules; a key left out keeps the `[admission]` value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteOriginSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_missing_origin: Option<bool>,
 }
 
 impl Default for AdmissionSection {
@@ -224,9 +236,13 @@ impl Default for AdmissionSection {
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             exempt: Vec::new(),
             max_tracked_addresses: DEFAULT_MAX_TRACKED_ADDRESSES,
+            routes: std::collections::BTreeMap::new(),
         }
     }
 }
+
+/// The routes whose origin rules `[admission.routes.<name>]` can set.
+pub const ORIGIN_ROUTES: [&str; 4] = ["websocket", "sse", "publish", "webtransport"];
 
 /// What a limit does when it is exceeded.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]

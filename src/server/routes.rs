@@ -130,7 +130,7 @@ pub fn admit_origin(
     let origin = headers
         .get(header::ORIGIN)
         .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
-    match state.admission.check_origin(origin.as_deref()) {
+    match state.admission.check_origin(origin.as_deref(), route) {
         Ok(()) => Ok(origin),
         Err(refusal) => {
             tracing::info!(peer = %info.peer, origin = ?origin, route, "refused: origin");
