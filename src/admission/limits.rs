@@ -158,10 +158,11 @@ impl LogBudget {
         }
     }
 
-    fn refused(&self, limit: Limit, client: IpAddr, dry_run: bool, retry_after: Duration) {
+    /// Logs one refusal unless over the log budget; says whether it did.
+    fn refused(&self, limit: Limit, client: IpAddr, dry_run: bool, retry_after: Duration) -> bool {
         if self.limiter.check().is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
         let retry_after_ms = retry_after.as_millis() as u64;
@@ -170,6 +171,7 @@ impl LogBudget {
         } else {
             tracing::info!(limit = limit.as_str(), %client, retry_after_ms, suppressed, "refused");
         }
+        true
     }
 }
 
@@ -428,7 +430,7 @@ impl Admission {
                 Decision::refused
             },
         );
-        self.log.refused(limit, client.ip, dry_run, wait);
+        let _ = self.log.refused(limit, client.ip, dry_run, wait);
         if dry_run {
             Ok(())
         } else {
@@ -649,6 +651,25 @@ mod tests {
         let report = a.reload(policy.admission.clone(), policy.limits.clone());
         assert!(report.reset.is_empty());
         assert!(t.charge_message(1).is_ok());
+    }
+
+    #[test]
+    fn refusal_log_lines_are_limited_and_count_what_they_hold_back() {
+        let log = LogBudget::new();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let logged = (0..1000)
+            .filter(|_| log.refused(Limit::ip_messages, ip, false, Duration::ZERO))
+            .count();
+        // The burst, plus at most a few refilled while the loop ran.
+        assert!(
+            (LogBudget::BURST as usize..LogBudget::BURST as usize + 5).contains(&logged),
+            "{logged} lines"
+        );
+        assert_eq!(
+            log.suppressed.load(Ordering::Relaxed) as usize,
+            1000 - logged,
+            "every line held back is counted for the next one"
+        );
     }
 
     #[test]
