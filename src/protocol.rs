@@ -165,6 +165,15 @@ impl fmt::Display for Offset {
     }
 }
 
+/// How a subscription's pushes travel. `Datagram` (WebTransport only): as unreliable datagrams,
+/// for latest-value feeds; a push too large for a datagram goes down the stream instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Delivery {
+    #[default]
+    Stream,
+    Datagram,
+}
+
 /// A decoded client frame. `data` borrows from the input frame: publishing does not copy the
 /// payload until it is encoded into the push that every subscriber shares.
 #[derive(Debug)]
@@ -173,6 +182,7 @@ pub enum ClientFrame<'a> {
         id: Option<u64>,
         channel: Channel,
         since: Option<Offset>,
+        delivery: Delivery,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -241,6 +251,8 @@ struct Envelope<'a> {
     since: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    delivery: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -315,7 +327,25 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
                     )
                 }
             };
-            Ok(ClientFrame::Subscribe { id, channel, since })
+            let delivery = match env.delivery {
+                None => Delivery::Stream,
+                Some(raw) => match serde_json::from_str::<&str>(raw.get()) {
+                    Ok("stream") => Delivery::Stream,
+                    Ok("datagram") => Delivery::Datagram,
+                    _ => {
+                        return Err(DecodeError::bad(
+                            id,
+                            "field `delivery` must be \"stream\" or \"datagram\"",
+                        ));
+                    }
+                },
+            };
+            Ok(ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                delivery,
+            })
         }
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
             id,
@@ -607,13 +637,30 @@ mod tests {
     fn decodes_every_op() {
         let f = decode(br#"{"id":1,"op":"subscribe","channel":"prices","since":"5-7"}"#).unwrap();
         match f {
-            ClientFrame::Subscribe { id, channel, since } => {
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                delivery,
+            } => {
                 assert_eq!(id, Some(1));
                 assert_eq!(channel.as_str(), "prices");
                 assert_eq!(since, Some(Offset { epoch: 5, seq: 7 }));
+                assert_eq!(delivery, Delivery::Stream);
             }
             other => panic!("{other:?}"),
         }
+        let f = decode(br#"{"op":"subscribe","channel":"p","delivery":"datagram"}"#).unwrap();
+        assert!(matches!(
+            f,
+            ClientFrame::Subscribe {
+                delivery: Delivery::Datagram,
+                ..
+            }
+        ));
+        let e =
+            decode(br#"{"id":4,"op":"subscribe","channel":"p","delivery":"pigeon"}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(4), ErrorCode::BadRequest));
         let f = decode(br#"{"id":2,"op":"unsubscribe","channel":"prices"}"#).unwrap();
         assert!(matches!(f, ClientFrame::Unsubscribe { id: Some(2), .. }));
         let f =

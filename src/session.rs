@@ -21,7 +21,7 @@ use crate::bus::hub::{Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
-use crate::protocol::{self, Channel, ClientFrame, ErrorCode, Frame, Offset};
+use crate::protocol::{self, Channel, ClientFrame, Delivery, ErrorCode, Frame, Offset};
 
 /// What a session needs from the node it runs on.
 #[derive(Debug)]
@@ -281,6 +281,8 @@ pub struct Session {
     env: Arc<SessionEnv>,
     outbox: Arc<Outbox>,
     subscriptions: HashSet<Channel>,
+    /// Subscribed channels whose pushes go as datagrams; bounded by the subscriptions.
+    datagram_channels: Arc<parking_lot::RwLock<HashSet<Channel>>>,
     limiter: DefaultDirectRateLimiter,
     /// The session's place under its address's limits; every client message is also charged
     /// to the address.
@@ -307,6 +309,7 @@ impl Session {
             transport,
             outbox,
             subscriptions: HashSet::new(),
+            datagram_channels: Arc::default(),
             limiter: RateLimiter::direct(cfg.message_quota()),
             ticket,
             refusals_in_row: 0,
@@ -331,6 +334,23 @@ impl Session {
 
     pub fn config(&self) -> &SessionConfig {
         &self.env.config
+    }
+
+    /// The channels whose pushes go as datagrams (WebTransport), shared with the writer.
+    pub fn datagram_channels(&self) -> Arc<parking_lot::RwLock<HashSet<Channel>>> {
+        self.datagram_channels.clone()
+    }
+
+    fn set_delivery(&self, channel: &Channel, delivery: Delivery) {
+        let mut set = self.datagram_channels.write();
+        match delivery {
+            Delivery::Datagram => {
+                set.insert(channel.clone());
+            }
+            Delivery::Stream => {
+                set.remove(channel);
+            }
+        }
     }
 
     pub fn subscription_count(&self) -> usize {
@@ -482,16 +502,34 @@ impl Session {
     async fn execute(&mut self, frame: ClientFrame<'_>) {
         match frame {
             ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
-            ClientFrame::Subscribe { id, channel, since } => {
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                delivery,
+            } => {
+                if delivery == Delivery::Datagram && self.transport != Transport::webtransport {
+                    let msg = "delivery \"datagram\" needs WebTransport; this session has a \
+                               reliable stream only";
+                    self.error(id, ErrorCode::BadRequest, msg, None);
+                    return;
+                }
+                // Set first, so that pushes arriving once the subscription is live already
+                // travel as asked.
+                self.set_delivery(&channel, delivery);
                 // The reply (and, for a resume, the replay) is queued by the hub at the moment
                 // the subscription turns live, so no push can overtake it.
                 let ok = protocol::encode_ok(id);
                 let start = since.map_or(Start::Live, Start::After);
-                if let Err(e) = self.join(channel, start, vec![ok]).await {
+                if let Err(e) = self.join(channel.clone(), start, vec![ok]).await {
+                    if !self.subscriptions.contains(&channel) {
+                        self.set_delivery(&channel, Delivery::Stream);
+                    }
                     self.error(id, e.code, &e.message, e.retry_after_ms);
                 }
             }
             ClientFrame::Unsubscribe { id, channel } => {
+                self.set_delivery(&channel, Delivery::Stream);
                 if self.subscriptions.remove(&channel) {
                     self.env.hub.unsubscribe(&channel, self.id);
                     self.reply(protocol::encode_ok(id));

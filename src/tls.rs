@@ -20,6 +20,8 @@ pub const DEV_CERT_VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
 
 /// ALPN protocols on the TCP listener, preferred first.
 pub const TCP_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// HTTP/3, which WebTransport runs on.
+pub const QUIC_ALPN: &[u8] = b"h3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -59,9 +61,18 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds the server config for the TCP listener. With [`TlsConfig::Dev`], generates the dev
-/// certificate and writes its PEM.
-pub fn server_config(cfg: &TlsConfig) -> Result<(Arc<ServerConfig>, Option<DevCert>), TlsError> {
+/// The TLS configs of one edge: the same certificate for TCP (HTTP/1.1 and HTTP/2) and for QUIC
+/// (HTTP/3, TLS 1.3 only).
+#[derive(Debug)]
+pub struct TlsSetup {
+    pub tcp: Arc<ServerConfig>,
+    pub quic: ServerConfig,
+    pub dev: Option<DevCert>,
+}
+
+/// Builds the server configs for the TCP and QUIC listeners. With [`TlsConfig::Dev`], generates
+/// the dev certificate and writes its PEM.
+pub fn server_config(cfg: &TlsConfig) -> Result<TlsSetup, TlsError> {
     install_crypto_provider();
     let (certs, key, dev) = match cfg {
         TlsConfig::Files { cert, key } => {
@@ -78,11 +89,19 @@ pub fn server_config(cfg: &TlsConfig) -> Result<(Arc<ServerConfig>, Option<DevCe
             (vec![dev.der.clone()], key, Some(dev))
         }
     };
-    let mut config = ServerConfig::builder()
+    let mut quic = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(certs.clone(), key.clone_key())?;
+    quic.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    let mut tcp = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = TCP_ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok((Arc::new(config), dev))
+    tcp.alpn_protocols = TCP_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(TlsSetup {
+        tcp: Arc::new(tcp),
+        quic,
+        dev,
+    })
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -147,11 +166,12 @@ mod tests {
     fn dev_cert_is_short_lived_and_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dev.pem");
-        let (config, dev) = server_config(&TlsConfig::Dev {
+        let setup = server_config(&TlsConfig::Dev {
             cert_path: path.clone(),
         })
         .unwrap();
-        let dev = dev.unwrap();
+        let (config, dev) = (setup.tcp, setup.dev.unwrap());
+        assert_eq!(setup.quic.alpn_protocols, vec![b"h3".to_vec()]);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), dev.pem);
         assert_eq!(dev.sha256_hex.len(), 64);
         assert_eq!(

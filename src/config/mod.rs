@@ -48,6 +48,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub admission: AdmissionConfig,
     pub limits: LimitsConfig,
+    pub webtransport: WebTransportConfig,
     pub log: LogConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
@@ -246,6 +247,14 @@ pub struct LimitsConfig {
     pub ip_messages: RateRule,
     pub ip_bytes: RateRule,
     pub new_sessions: RateRule,
+}
+
+/// WebTransport over HTTP/3 on the UDP port of `server.listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebTransportConfig {
+    pub enabled: bool,
+    /// A QUIC Retry round trip proves a client's address before anything is charged to it.
+    pub validate_address: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -830,6 +839,10 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         session,
         admission,
         limits,
+        webtransport: WebTransportConfig {
+            enabled: file.webtransport.enabled,
+            validate_address: file.webtransport.validate_address,
+        },
         log,
         effective: file,
     })
@@ -842,9 +855,22 @@ impl Config {
         let mut out = String::new();
         let opt = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
         out.push_str(&format!(
-            "TLS listener {} (TCP: HTTP/1.1 and HTTP/2; WebSocket at /ws)\n",
+            "TLS listener {} (TCP: HTTP/1.1 and HTTP/2; WebSocket at /ws, SSE at /sse)\n",
             s.listen
         ));
+        out.push_str(&if self.webtransport.enabled {
+            format!(
+                "WebTransport: UDP {} (HTTP/3; sessions at /wt){}\n",
+                s.listen,
+                if self.webtransport.validate_address {
+                    ", client addresses validated with a QUIC Retry"
+                } else {
+                    ", client addresses NOT validated (spoofable)"
+                }
+            )
+        } else {
+            "WebTransport: off\n".to_string()
+        });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
         out.push_str(&format!("admin listener {}\n", opt(s.admin_listen)));
         out.push_str(&match &self.tls {

@@ -59,7 +59,24 @@ pub struct FileConfig {
     pub session: SessionSection,
     pub admission: AdmissionSection,
     pub limits: LimitsSection,
+    pub webtransport: WebTransportSection,
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebTransportSection {
+    pub enabled: bool,
+    pub validate_address: bool,
+}
+
+impl Default for WebTransportSection {
+    fn default() -> Self {
+        WebTransportSection {
+            enabled: true,
+            validate_address: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

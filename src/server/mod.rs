@@ -64,6 +64,8 @@ pub struct EdgeState {
     pub sessions: Arc<SessionEnv>,
     /// Origin rules and limits in force (replaced by a reload).
     pub admission: Arc<Admission>,
+    /// `Alt-Svc` for TLS responses when WebTransport (HTTP/3) is on.
+    pub alt_svc: Option<http::HeaderValue>,
     /// Cancelled when shutdown starts: listeners stop accepting, sessions close with 1001.
     pub shutdown: CancellationToken,
     draining: AtomicBool,
@@ -107,6 +109,8 @@ impl EdgeState {
 pub struct Edge {
     state: Arc<EdgeState>,
     tls_addr: SocketAddr,
+    /// The WebTransport (UDP) address: the TLS listener's port.
+    quic_addr: Option<SocketAddr>,
     plain_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     dev_cert: Option<DevCert>,
@@ -126,7 +130,11 @@ impl Edge {
     /// Binds every listener in `config` and starts serving. Port 0 picks a free port; the bound
     /// addresses are available from the accessors.
     pub async fn start(config: Config) -> Result<Edge, StartError> {
-        let (tls_config, dev_cert) = tls::server_config(&config.tls)?;
+        let tls::TlsSetup {
+            tcp: tls_config,
+            quic: quic_tls,
+            dev: dev_cert,
+        } = tls::server_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let redis = match &config.bus.redis_url {
@@ -187,6 +195,12 @@ impl Edge {
         let plain_addr = plain_listener.as_ref().map(local);
         let admin_addr = admin_listener.as_ref().map(local);
 
+        // Browsers learn of HTTP/3 on the same port from this; a day is what they cache.
+        let config_alt_svc = config
+            .webtransport
+            .enabled
+            .then(|| http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", tls_addr.port())))
+            .and_then(Result::ok);
         let state = Arc::new(EdgeState {
             connection_slots: Arc::new(Semaphore::new(s.max_connections)),
             session_slots: Arc::new(Semaphore::new(s.max_sessions)),
@@ -195,11 +209,29 @@ impl Edge {
             hub,
             sessions,
             admission,
+            alt_svc: config_alt_svc,
             shutdown,
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         });
         tokio::spawn(housekeeping(state.clone()));
+        let quic_addr = if state.config.webtransport.enabled {
+            let endpoint =
+                crate::transport::webtransport::bind(tls_addr, quic_tls, &state.config.session)
+                    .map_err(|source| StartError::Bind {
+                        what: "server.listen (UDP, WebTransport)",
+                        addr: tls_addr,
+                        source,
+                    })?;
+            let addr = endpoint.local_addr().unwrap_or(tls_addr);
+            tokio::spawn(crate::transport::webtransport::accept_loop(
+                endpoint,
+                state.clone(),
+            ));
+            Some(addr)
+        } else {
+            None
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
         let public_stop = state.shutdown.clone();
         tokio::spawn(tcp::accept_loop(
@@ -228,10 +260,11 @@ impl Edge {
                 admin_stop.clone(),
             ));
         }
-        tracing::info!(%tls_addr, plain = ?plain_addr, admin = ?admin_addr, bus = state.hub.bus().name(), "edgeplex listening");
+        tracing::info!(%tls_addr, quic = ?quic_addr, plain = ?plain_addr, admin = ?admin_addr, bus = state.hub.bus().name(), "edgeplex listening");
         Ok(Edge {
             state,
             tls_addr,
+            quic_addr,
             plain_addr,
             admin_addr,
             dev_cert,
@@ -241,6 +274,10 @@ impl Edge {
 
     pub fn tls_addr(&self) -> SocketAddr {
         self.tls_addr
+    }
+
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
     }
 
     pub fn plain_addr(&self) -> Option<SocketAddr> {

@@ -75,6 +75,15 @@ pub(super) async fn route(
     if kind == Listener::Admin {
         return crate::admin::handle(req, &state).await;
     }
+    let alt_svc = state.alt_svc.clone().filter(|_| info.tls);
+    let mut resp = public(req, state, info).await;
+    if let Some(v) = alt_svc {
+        resp.headers_mut().insert(header::ALT_SVC, v);
+    }
+    resp
+}
+
+async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
     match req.uri().path() {
         "/ws" => crate::transport::websocket::accept(req, state, info),
         "/sse" => crate::transport::sse::accept(req, state, info).await,

@@ -5,3 +5,4 @@
 pub mod publish;
 pub mod sse;
 pub mod websocket;
+pub mod webtransport;

@@ -1,0 +1,336 @@
+//! WebTransport over HTTP/3 (wtransport on quinn): sessions at `/wt` on the UDP port of the TLS
+//! listener, with the same certificate.
+//!
+//! This file owns the QUIC endpoint, the CONNECT admission (address validation, origin, limits),
+//! and the wire: the client opens one bidirectional stream and both sides exchange
+//! newline-delimited JSON frames of the shared protocol on it; pushes of a channel subscribed
+//! with `"delivery":"datagram"` go as datagrams when they fit. Protocol meaning is `session`'s,
+//! policy `admission`'s.
+//!
+//! wtransport answers a refused CONNECT only with 403, 404 or 429: origin is 403, every other
+//! refusal (limits, draining, session cap, dead bus) is 429 and its real reason is logged and
+//! counted. After the CONNECT the session closes with the application error codes of the
+//! protocol (the WebSocket close codes) and a reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use http::HeaderMap;
+use prometheus_client::metrics::counter::Counter;
+use tracing::Instrument;
+use wtransport::endpoint::endpoint_side::Server;
+use wtransport::endpoint::{IncomingSession, SessionRequest};
+use wtransport::quinn::{TransportConfig, VarInt as QuicVarInt};
+use wtransport::{Connection, Endpoint, RecvStream, SendStream, ServerConfig, VarInt};
+
+use crate::admission::Refusal;
+use crate::config::SessionConfig;
+use crate::metrics::{ReasonLabels, Transport, TransportLabels};
+use crate::server::EdgeState;
+use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict};
+
+/// Where WebTransport sessions are opened.
+pub const PATH: &str = "/wt";
+
+/// quinn's defaults are sized for bulk transfer (megabyte windows, 100 streams). A session here
+/// is one stream of small JSON lines plus the HTTP/3 control streams, so windows are sized from
+/// the message caps: a stream can always take one whole frame of the largest size the edge reads
+/// before closing (`close_message_bytes`), and the unacknowledged data quinn keeps per session
+/// stays near the outbox's own cap.
+fn transport_config(cfg: &SessionConfig) -> TransportConfig {
+    let window = |bytes: usize| QuicVarInt::from_u64(bytes as u64).unwrap_or(QuicVarInt::MAX);
+    let stream_window = cfg.close_message_bytes + 16 * 1024;
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(window(stream_window))
+        .receive_window(window(2 * stream_window))
+        .send_window((cfg.outbound_queue_bytes as u64).max(64 * 1024))
+        // The CONNECT request stream and the session's own stream.
+        .max_concurrent_bidi_streams(QuicVarInt::from_u32(4))
+        // HTTP/3 control and QPACK encoder/decoder streams.
+        .max_concurrent_uni_streams(QuicVarInt::from_u32(4))
+        .datagram_receive_buffer_size(Some(64 * 1024))
+        .datagram_send_buffer_size(64 * 1024);
+    t
+}
+
+/// Binds the QUIC endpoint on `addr` (UDP) with the edge's certificate.
+pub fn bind(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    cfg: &SessionConfig,
+) -> std::io::Result<Endpoint<Server>> {
+    let config = ServerConfig::builder()
+        .with_bind_address(addr)
+        .with_custom_tls_and_transport(tls, transport_config(cfg))
+        .max_idle_timeout(Some(cfg.idle_timeout))
+        .map_err(|_| std::io::Error::other("session.idle_timeout is too long for QUIC"))?
+        .keep_alive_interval(Some(cfg.ping_interval))
+        .build();
+    Endpoint::server(config)
+}
+
+/// Accepts sessions until shutdown, then closes the endpoint.
+pub async fn accept_loop(endpoint: Endpoint<Server>, state: Arc<EdgeState>) {
+    let validate = state.config.webtransport.validate_address;
+    loop {
+        let incoming = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            i = endpoint.accept() => i,
+        };
+        // A QUIC source address can be spoofed until the peer proves it receives packets sent
+        // there: nothing is charged to (or trusted of) an address before a Retry round trip.
+        if validate && !incoming.remote_address_validated() {
+            incoming.retry();
+            continue;
+        }
+        let st = state.clone();
+        state.tasks.spawn(handle(incoming, st));
+    }
+    endpoint.close(VarInt::from_u32(0), b"edge shutting down");
+}
+
+async fn handle(incoming: IncomingSession, state: Arc<EdgeState>) {
+    let peer = incoming.remote_address();
+    let deadline = state.config.server.handshake_timeout;
+    let request = match tokio::time::timeout(deadline, incoming).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "webtransport handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "webtransport handshake timed out");
+            return;
+        }
+    };
+    if request.path().split('?').next() != Some(PATH) {
+        request.not_found().await;
+        return;
+    }
+    let client = state.admission.client(peer.ip(), &HeaderMap::new());
+    let admitted = state
+        .admission
+        .check_origin(request.origin(), "webtransport")
+        .and_then(|()| state.admit_session(client));
+    let (ticket, slot) = match admitted {
+        Ok(a) => a,
+        Err(refusal) => return refuse(request, &refusal, &state, peer).await,
+    };
+    let connection = match request.accept().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "webtransport accept failed");
+            return;
+        }
+    };
+    let session = Session::open(state.sessions.clone(), Transport::webtransport, ticket);
+    let span = tracing::info_span!(
+        "session",
+        id = %session.public_id(),
+        peer = %peer,
+        client = %client.ip,
+        transport = "webtransport",
+    );
+    let _slot = slot;
+    run(connection, session, state).instrument(span).await;
+}
+
+async fn refuse(request: SessionRequest, refusal: &Refusal, state: &EdgeState, peer: SocketAddr) {
+    state.metrics.refusal(refusal.reason());
+    let status = refusal.webtransport_connect_status();
+    tracing::info!(%peer, reason = refusal.reason(), status = status.as_u16(), "webtransport refused");
+    if status == http::StatusCode::FORBIDDEN {
+        request.forbidden().await;
+    } else {
+        request.too_many_requests().await;
+    }
+}
+
+/// Why a half of the session loop ended.
+enum End {
+    Close(CloseReason),
+    /// The peer closed or the connection failed.
+    Gone,
+}
+
+async fn run(connection: Connection, mut session: Session, state: Arc<EdgeState>) {
+    let cfg = state.config.session.clone();
+    // The client opens its stream right after the session; one that never does holds a session
+    // slot for nothing.
+    let (mut send, mut recv) = tokio::select! {
+        _ = state.shutdown.cancelled() => return close(&connection, CloseReason::SHUTDOWN),
+        r = tokio::time::timeout(state.config.server.handshake_timeout, connection.accept_bi()) => {
+            match r {
+                Ok(Ok(streams)) => streams,
+                _ => {
+                    tracing::debug!("no stream opened in time");
+                    return close(&connection, CloseReason::PROTOCOL);
+                }
+            }
+        }
+    };
+    tracing::debug!("session open");
+    let labels = TransportLabels {
+        transport: Transport::webtransport,
+    };
+    let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
+    let outbox = session.outbox().clone();
+    let datagrams = session.datagram_channels();
+    let writer = Writer {
+        connection: &connection,
+        outbox: &outbox,
+        datagrams: &datagrams,
+        cfg: &cfg,
+        messages_out: &messages_out,
+    };
+    let end = tokio::select! {
+        _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
+        end = writer.run(&mut send) => end,
+        end = read_half(&mut recv, &mut session, &cfg) => end,
+    };
+    let label = match &end {
+        End::Close(r) => r.label(),
+        End::Gone => "client",
+    };
+    if matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
+        state
+            .metrics
+            .slow_consumer_closes
+            .get_or_create(&labels)
+            .inc();
+    }
+    state
+        .metrics
+        .session_closes
+        .get_or_create(&ReasonLabels { reason: label })
+        .inc();
+    match end {
+        End::Close(reason) => {
+            // Replies already queued (the refusals before a 1008) go out before the close.
+            if reason != CloseReason::SHUTDOWN {
+                let mut owed = Vec::new();
+                outbox.drain(&mut owed);
+                let mut buf = BytesMut::new();
+                for f in &owed {
+                    buf.put_slice(f.as_bytes());
+                    buf.put_u8(b'\n');
+                }
+                let _ = tokio::time::timeout(cfg.write_timeout, send.write_all(&buf)).await;
+                let _ = tokio::time::timeout(cfg.write_timeout, send.finish()).await;
+            }
+            drop(session);
+            tracing::info!(
+                code = reason.code,
+                reason = reason.reason,
+                "closing session"
+            );
+            close(&connection, reason);
+        }
+        End::Gone => {
+            drop(session);
+            tracing::debug!("session ended by the client");
+        }
+    }
+}
+
+fn close(connection: &Connection, reason: CloseReason) {
+    connection.close(
+        VarInt::from_u32(u32::from(reason.code)),
+        reason.reason.as_bytes(),
+    );
+}
+
+/// The sending half: drains the outbox on each wake-up into one stream write (datagram pushes
+/// aside), bounded by `session.write_timeout`.
+struct Writer<'a> {
+    connection: &'a Connection,
+    outbox: &'a Outbox,
+    datagrams: &'a parking_lot::RwLock<std::collections::HashSet<crate::protocol::Channel>>,
+    cfg: &'a SessionConfig,
+    messages_out: &'a Counter,
+}
+
+impl Writer<'_> {
+    async fn run(&self, send: &mut SendStream) -> End {
+        let mut batch = Vec::new();
+        let mut buf = BytesMut::new();
+        loop {
+            self.outbox.ready().await;
+            match self.outbox.drain(&mut batch) {
+                OutboxStatus::Open => {}
+                OutboxStatus::Overflowed => return End::Close(CloseReason::SLOW_CONSUMER),
+                OutboxStatus::Closed => return End::Gone,
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            self.messages_out.inc_by(batch.len() as u64);
+            let max_datagram = self.connection.max_datagram_size();
+            {
+                let datagrams = self.datagrams.read();
+                for frame in batch.drain(..) {
+                    let as_datagram = !datagrams.is_empty()
+                        && frame.position().is_some_and(|(c, _)| datagrams.contains(c))
+                        && max_datagram.is_some_and(|max| frame.len() <= max);
+                    // A datagram that cannot be queued is lost, as datagrams may be.
+                    if as_datagram && self.connection.send_datagram(frame.as_bytes()).is_ok() {
+                        continue;
+                    }
+                    buf.put_slice(frame.as_bytes());
+                    buf.put_u8(b'\n');
+                }
+            }
+            if buf.is_empty() {
+                continue;
+            }
+            let chunk = buf.split().freeze();
+            match tokio::time::timeout(self.cfg.write_timeout, send.write_all(&chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return End::Gone,
+                Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
+            }
+            if buf.capacity() > 64 * 1024 {
+                buf = BytesMut::new();
+            }
+        }
+    }
+}
+
+/// The receiving half: splits the stream into lines and hands each to the session. A line past
+/// `session.close_message_bytes` closes the session with 1009 without being read whole.
+async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionConfig) -> End {
+    let mut line = BytesMut::with_capacity(cfg.read_buffer_bytes.min(4096));
+    let mut chunk = vec![0u8; cfg.read_buffer_bytes];
+    loop {
+        let n = match recv.read(&mut chunk).await {
+            Ok(Some(n)) => n,
+            Ok(None) | Err(_) => return End::Gone,
+        };
+        let mut rest = &chunk[..n];
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&rest[..i]);
+            rest = &rest[i + 1..];
+            if line.len() > cfg.close_message_bytes {
+                return End::Close(CloseReason::TOO_BIG);
+            }
+            // A CR before the LF is tolerated; blank lines are keep-alives and ignored.
+            if line.last() == Some(&b'\r') {
+                line.truncate(line.len() - 1);
+            }
+            if !line.is_empty()
+                && let Verdict::Close(reason) = session.handle_frame(&line).await
+            {
+                return End::Close(reason);
+            }
+            line.clear();
+        }
+        line.extend_from_slice(rest);
+        if line.len() > cfg.close_message_bytes {
+            return End::Close(CloseReason::TOO_BIG);
+        }
+        if line.capacity() > 64 * 1024 && line.is_empty() {
+            line = BytesMut::new();
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! WebTransport over HTTP/3 with a real client (wtransport's) on loopback: the same channels and
+//! protocol as WebSocket and SSE, datagram delivery, the message cap, and the CONNECT refusals.
+//! The client trusts the edge only through the dev certificate's SHA-256, exactly as a browser's
+//! `serverCertificateHashes` does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TIMEOUT, TestEdge, sse_client, start};
+use serde_json::{Value, json};
+use wtransport::endpoint::ConnectOptions;
+use wtransport::endpoint::endpoint_side::Client;
+use wtransport::error::ConnectionError;
+use wtransport::tls::Sha256Digest;
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+/// One WebTransport session and its stream of JSON lines.
+struct Wt {
+    _endpoint: Endpoint<Client>,
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    pending: Vec<u8>,
+}
+
+fn client_endpoint(t: &TestEdge) -> Endpoint<Client> {
+    let hex = &t.edge.dev_cert().unwrap().sha256_hex;
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let hash = Sha256Digest::new(bytes.try_into().unwrap());
+    let config = ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([hash])
+        .keep_alive_interval(Some(Duration::from_secs(3)))
+        .build();
+    Endpoint::client(config).unwrap()
+}
+
+fn url(t: &TestEdge, path: &str) -> String {
+    format!(
+        "https://127.0.0.1:{}{path}",
+        t.edge.quic_addr().expect("WebTransport is on").port()
+    )
+}
+
+async fn try_open(t: &TestEdge, origin: Option<&str>) -> Result<Wt, String> {
+    let endpoint = client_endpoint(t);
+    let mut options = ConnectOptions::builder(url(t, "/wt"));
+    if let Some(o) = origin {
+        options = options.add_header("origin", o);
+    }
+    let conn = tokio::time::timeout(TIMEOUT, endpoint.connect(options.build()))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut wt = Wt {
+        _endpoint: endpoint,
+        conn,
+        send,
+        recv,
+        pending: Vec::new(),
+    };
+    // The stream reaches the edge with the first bytes on it; the welcome answers nothing, so
+    // say something first.
+    wt.send_line(&json!({"op": "ping"}).to_string()).await;
+    let welcome = wt.recv().await;
+    assert_eq!(welcome["op"], "welcome", "{welcome}");
+    assert_eq!(wt.recv().await, json!({"ok": true}));
+    Ok(wt)
+}
+
+async fn open(t: &TestEdge) -> Wt {
+    try_open(t, None).await.expect("a WebTransport session")
+}
+
+impl Wt {
+    async fn send_line(&mut self, line: &str) {
+        self.send.write_all(line.as_bytes()).await.unwrap();
+        self.send.write_all(b"\n").await.unwrap();
+    }
+
+    async fn request(&mut self, v: Value) -> Value {
+        self.send_line(&v.to_string()).await;
+        self.recv().await
+    }
+
+    /// The next line from the edge as JSON.
+    async fn recv(&mut self) -> Value {
+        loop {
+            if let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=i).collect();
+                return serde_json::from_slice(&line[..i]).expect("lines are JSON");
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(TIMEOUT, self.recv.read(&mut buf))
+                .await
+                .expect("a line before the timeout")
+                .expect("the stream is readable")
+                .expect("the stream is still open");
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Waits for the edge to close the session; returns its code and reason.
+    async fn closed(&self) -> (u32, String) {
+        let e = tokio::time::timeout(TIMEOUT, self.conn.closed())
+            .await
+            .expect("the session closes");
+        match e {
+            ConnectionError::ApplicationClosed(close) => (
+                close.code().into_inner() as u32,
+                String::from_utf8_lossy(close.reason()).into_owned(),
+            ),
+            other => panic!("expected an application close, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn webtransport_websocket_and_sse_share_channels() {
+    let t = start(|_| {}).await;
+    let mut wt = open(&t).await;
+    let r = wt
+        .request(json!({"id": 1, "op": "subscribe", "channel": "room"}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    let mut ws = t.connect().await;
+    ws.subscribe(1, "room").await;
+    let mut events = sse_client::open(&t, false, "channel=room", None).await;
+    sse_client::welcome(&mut events).await;
+
+    // From WebSocket: every transport receives it (the publisher too, before its reply).
+    let r = ws
+        .request(json!({"id": 2, "op": "publish", "channel": "room", "data": {"from": "ws"}}))
+        .await;
+    assert_eq!(r["data"], json!({"from": "ws"}));
+    assert_eq!(ws.recv().await, json!({"id": 2, "ok": true}));
+    let pushed = wt.recv().await;
+    assert_eq!(pushed["data"], json!({"from": "ws"}));
+    assert_eq!(
+        sse_client::data(&sse_client::next(&mut events).await)["data"],
+        json!({"from": "ws"})
+    );
+
+    // From WebTransport: the reply after the push (a publisher hears its own message).
+    let pushed = wt
+        .request(json!({"id": 3, "op": "publish", "channel": "room", "data": {"from": "wt"}}))
+        .await;
+    assert_eq!(pushed["data"], json!({"from": "wt"}));
+    assert_eq!(wt.recv().await, json!({"id": 3, "ok": true}));
+    assert_eq!(ws.recv().await["data"], json!({"from": "wt"}));
+
+    // From SSE's POST /publish.
+    let status = sse_client::client(&t, false)
+        .post(format!(
+            "https://localhost:{}/publish",
+            t.edge.tls_addr().port()
+        ))
+        .body(r#"{"channel":"room","data":{"from":"post"}}"#)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(wt.recv().await["data"], json!({"from": "post"}));
+    assert_eq!(
+        t.metric("edgeplex_sessions{transport=\"webtransport\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn resume_with_since_works_over_webtransport() {
+    let t = start(|_| {}).await;
+    let mut sub = t.connect().await;
+    sub.subscribe(1, "ticks").await;
+    let mut ws = t.connect().await;
+    for i in 0..4 {
+        let r = ws
+            .request(json!({"id": 10 + i, "op": "publish", "channel": "ticks", "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let mut offsets = Vec::new();
+    for _ in 0..4 {
+        offsets.push(sub.recv().await["offset"].as_str().unwrap().to_string());
+    }
+    let mut wt = open(&t).await;
+    let r = wt
+        .request(json!({"id": 1, "op": "subscribe", "channel": "ticks", "since": offsets[1]}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    assert_eq!(wt.recv().await["data"], 2);
+    assert_eq!(wt.recv().await["data"], 3);
+}
+
+#[tokio::test]
+async fn datagram_delivery_sends_pushes_as_datagrams() {
+    let t = start(|_| {}).await;
+    let mut wt = open(&t).await;
+    let r = wt
+        .request(json!({"id": 1, "op": "subscribe", "channel": "prices", "delivery": "datagram"}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    let mut ws = t.connect().await;
+    ws.request(json!({"id": 1, "op": "publish", "channel": "prices", "data": {"px": 101.5}}))
+        .await;
+    let d = tokio::time::timeout(TIMEOUT, wt.conn.receive_datagram())
+        .await
+        .expect("a datagram")
+        .unwrap();
+    let v: Value = serde_json::from_slice(d.payload().as_ref()).unwrap();
+    assert_eq!(v["data"], json!({"px": 101.5}));
+    assert_eq!(v["channel"], "prices");
+
+    // Too large for a datagram: it comes down the stream instead.
+    let big = "x".repeat(4000);
+    ws.request(json!({"id": 2, "op": "publish", "channel": "prices", "data": big}))
+        .await;
+    assert_eq!(wt.recv().await["data"], big);
+
+    // WebSocket has no datagrams: asking for them is a clear error.
+    let r = ws
+        .request(json!({"id": 3, "op": "subscribe", "channel": "prices", "delivery": "datagram"}))
+        .await;
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+}
+
+#[tokio::test]
+async fn a_line_over_the_cap_closes_the_session_with_1009() {
+    let t = start(|f| {
+        f.session.max_message_bytes = 1024;
+        f.session.close_message_bytes = 4096;
+    })
+    .await;
+    let mut wt = open(&t).await;
+    let line = format!(
+        r#"{{"op":"publish","channel":"c","data":"{}"}}"#,
+        "x".repeat(5000)
+    );
+    // Sent without its newline: the edge must not wait for the end of the line.
+    wt.send.write_all(line.as_bytes()).await.unwrap();
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1009, "{reason}");
+}
+
+#[tokio::test]
+async fn connect_refusals_for_origin_and_per_ip_limits() {
+    let t = start(|f| {
+        f.admission.allowed_origins = vec!["https://app.example.com".into()];
+        f.limits.ip_sessions.max = 2;
+    })
+    .await;
+    let e = try_open(&t, Some("https://evil.example.com"))
+        .await
+        .err()
+        .expect("a refused origin");
+    assert!(e.contains("rejected"), "{e}");
+    assert_eq!(
+        t.metric("edgeplex_refusals_total{reason=\"origin\"}").await,
+        1.0
+    );
+
+    let _a = try_open(&t, Some("https://app.example.com")).await.unwrap();
+    let _b = open(&t).await;
+    let e = try_open(&t, None)
+        .await
+        .err()
+        .expect("past the per-IP session limit");
+    assert!(e.contains("rejected"), "{e}");
+    assert_eq!(
+        t.metric("edgeplex_admission_decisions_total{limit=\"ip_sessions\",decision=\"refused\"}")
+            .await,
+        1.0
+    );
+    // Another path is not a session.
+    let endpoint = client_endpoint(&t);
+    let e = endpoint.connect(url(&t, "/other")).await.err();
+    assert!(e.is_some(), "404 for another path");
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001_and_tcp_advertises_http3() {
+    let t = start(|_| {}).await;
+    let r = sse_client::client(&t, false)
+        .get(format!("https://localhost:{}/", t.edge.tls_addr().port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["alt-svc"],
+        format!("h3=\":{}\"; ma=86400", t.edge.tls_addr().port()).as_str()
+    );
+    let wt = open(&t).await;
+    let edge = t.edge;
+    let stop = tokio::spawn(async move { edge.shutdown_within(Duration::from_secs(5)).await });
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1001, "{reason}");
+    assert!(stop.await.unwrap().clean);
+}
