@@ -307,3 +307,66 @@ async fn shutdown_closes_sessions_with_1001_and_tcp_advertises_http3() {
     assert_eq!(code, 1001, "{reason}");
     assert!(stop.await.unwrap().clean);
 }
+
+/// New sessions charged to 127.0.0.1 with `decision`.
+async fn charged(t: &TestEdge, decision: &str) -> f64 {
+    t.metric(&format!(
+        "edgeplex_admission_decisions_total{{limit=\"ip_new_sessions\",decision=\"{decision}\"}}"
+    ))
+    .await
+}
+
+/// Captures the first datagram a real client sends (its QUIC Initial) by pointing it at a UDP
+/// socket that never answers.
+async fn captured_initial(t: &TestEdge) -> Vec<u8> {
+    let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = trap.local_addr().unwrap().port();
+    let endpoint = client_endpoint(t);
+    let url = format!("https://127.0.0.1:{port}/wt");
+    let connecting = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.connect(url)).await;
+    });
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(TIMEOUT, trap.recv_from(&mut buf))
+        .await
+        .expect("the client sends an Initial")
+        .unwrap();
+    connecting.abort();
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test]
+async fn an_unvalidated_flood_is_answered_with_retries_and_charges_nothing() {
+    let t = start(|f| {
+        f.limits.ip_new_sessions.per_second = 1;
+        f.limits.ip_new_sessions.burst = 1;
+    })
+    .await;
+    let initial = captured_initial(&t).await;
+    let edge = t.edge.quic_addr().unwrap();
+    // 200 source addresses (ports) replay the Initial, as a spoofer would from addresses it
+    // does not own: each gets a stateless Retry and nothing more.
+    let mut retries = 0;
+    for _ in 0..200 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&initial, edge).await.unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf)).await
+        {
+            // QUIC v1 long header, type Retry (0b11).
+            if n > 0 && buf[0] & 0xF0 == 0xF0 {
+                retries += 1;
+            }
+        }
+    }
+    assert_eq!(retries, 200, "every unvalidated Initial gets a Retry");
+    assert_eq!(
+        charged(&t, "allowed").await + charged(&t, "refused").await,
+        0.0
+    );
+    // The address's one new session is still there for the real client.
+    let _wt = open(&t).await;
+    assert_eq!(charged(&t, "allowed").await, 1.0);
+}
