@@ -1,4 +1,5 @@
-//! A real browser's EventSource against a real edge: Debian's Chromium, headless.
+//! A real browser against a real edge: Debian's Chromium, headless, with EventSource and with
+//! WebTransport (`serverCertificateHashes`, the printed SHA-256 of the dev certificate).
 //!
 //! The page is served from its own origin (plain HTTP on another loopback port), so the stream is
 //! a cross-origin EventSource and passes the edge's origin check and CORS echo, as in production.
@@ -150,7 +151,12 @@ struct Browser {
 }
 
 impl Browser {
+    /// Opens `url` trusting the dev certificate blindly (EventSource has no other way here).
     fn open(url: &str) -> Browser {
+        Browser::open_with(url, &["--ignore-certificate-errors"])
+    }
+
+    fn open_with(url: &str, extra: &[&str]) -> Browser {
         let bin = std::env::var("EDGEPLEX_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
         assert!(
             std::path::Path::new(&bin).exists(),
@@ -166,9 +172,9 @@ impl Browser {
                 "--disable-gpu",
                 "--disable-dev-shm-usage",
                 "--no-first-run",
-                "--ignore-certificate-errors",
                 "--host-resolver-rules=MAP localhost 127.0.0.1",
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)
             .stdout(std::process::Stdio::null())
@@ -285,4 +291,100 @@ async fn a_browser_eventsource_reconnects_by_itself_and_misses_nothing() {
         2,
         "lastEventId is the two-channel position: {last}"
     );
+}
+
+const WT_PAGE: &str = r#"<!doctype html>
+<title>edgeplex WebTransport test</title>
+<script>
+const seen = [];
+const report = () => fetch("/report", { method: "POST", body: JSON.stringify(seen) });
+const hash = Uint8Array.from("HASH".match(/../g).map((h) => parseInt(h, 16)));
+(async () => {
+  try {
+    const wt = new WebTransport("EDGE/wt", {
+      serverCertificateHashes: [{ algorithm: "sha-256", value: hash }],
+    });
+    await wt.ready;
+    const { readable, writable } = await wt.createBidirectionalStream();
+    const writer = writable.getWriter();
+    const enc = new TextEncoder();
+    await writer.write(enc.encode('{"id":1,"op":"subscribe","channel":"b"}\n'));
+    await writer.write(enc.encode('{"id":2,"op":"subscribe","channel":"px","delivery":"datagram"}\n'));
+    (async () => {
+      const reader = wt.datagrams.readable.getReader();
+      const dec = new TextDecoder();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const d = JSON.parse(dec.decode(value));
+        seen.push({ via: "datagram", op: d.op, channel: d.channel, data: d.data });
+        report();
+      }
+    })();
+    const reader = readable.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        const d = JSON.parse(buf.slice(0, i));
+        buf = buf.slice(i + 1);
+        seen.push({ via: "stream", op: d.op, id: d.id, ok: d.ok, channel: d.channel, data: d.data });
+        report();
+      }
+    }
+  } catch (e) {
+    seen.push({ op: "error", message: String(e) });
+    report();
+  }
+})();
+</script>
+"#;
+
+#[tokio::test]
+async fn a_browser_webtransport_session_trusts_the_printed_hash_and_gets_datagrams() {
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = page_listener.local_addr().unwrap().port();
+    let t = start(|f| {
+        f.admission.allowed_origins = vec![format!("http://localhost:{page_port}")];
+    })
+    .await;
+    let quic = t.edge.quic_addr().expect("WebTransport is on");
+    let page = WT_PAGE
+        .replace("EDGE", &format!("https://127.0.0.1:{}", quic.port()))
+        .replace("HASH", &t.edge.dev_cert().unwrap().sha256_hex);
+    let (tx, mut seen) = watch::channel(Vec::new());
+    tokio::spawn(page_server(page_listener, page, tx));
+    // No --ignore-certificate-errors here: the hash is the only trust (a wrong one fails the
+    // opening handshake).
+    let _browser = Browser::open_with(&format!("http://localhost:{page_port}/"), &[]);
+
+    let s = wait_for(&mut seen, "both subscriptions confirmed", |s| {
+        s.iter().any(|e| e["op"] == "error") || s.iter().filter(|e| e["ok"] == true).count() >= 2
+    })
+    .await;
+    assert!(
+        !s.iter().any(|e| e["op"] == "error"),
+        "the browser failed: {s:?}"
+    );
+    assert_eq!(s[0]["op"], "welcome", "{s:?}");
+    let mut ws = t.connect().await;
+    let r = ws
+        .request(json!({"id": 1, "op": "publish", "channel": "b", "data": "over the stream"}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let r = ws
+        .request(json!({"id": 2, "op": "publish", "channel": "px", "data": {"px": 7}}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let s = wait_for(&mut seen, "a stream push and a datagram push", |s| {
+        s.iter()
+            .any(|e| e["via"] == "stream" && e["data"] == "over the stream")
+            && s.iter()
+                .any(|e| e["via"] == "datagram" && e["data"] == json!({"px": 7}))
+    })
+    .await;
+    assert!(s.iter().all(|e| e["op"] != "error"), "{s:?}");
 }
