@@ -66,6 +66,10 @@ pub struct EdgeState {
     pub admission: Arc<Admission>,
     /// `Alt-Svc` for TLS responses when WebTransport (HTTP/3) is on.
     pub alt_svc: Option<http::HeaderValue>,
+    /// The TLS config new TCP connections get; replaced when certificates are reloaded.
+    tcp_tls: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
+    /// The QUIC endpoint, for reloading its certificate with the TCP one.
+    quic: std::sync::OnceLock<crate::transport::webtransport::QuicEndpoint>,
     /// Cancelled when shutdown starts: listeners stop accepting, sessions close with 1001.
     pub shutdown: CancellationToken,
     draining: AtomicBool,
@@ -97,6 +101,28 @@ impl EdgeState {
             .try_acquire_owned()
             .map_err(|_| Refusal::Overloaded)?;
         Ok((ticket, slot))
+    }
+
+    /// The TLS config for a new TCP connection.
+    pub fn tcp_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tcp_tls.read().clone()
+    }
+
+    /// Puts reloaded certificates in force for new connections, TCP and QUIC together; open
+    /// connections keep the certificate they were made with.
+    pub fn reload_tls(&self, setup: tls::TlsSetup) -> std::io::Result<()> {
+        if let Some(crate::transport::webtransport::QuicEndpoint(endpoint)) = self.quic.get() {
+            let addr = endpoint.local_addr()?;
+            let config = crate::transport::webtransport::server_config(
+                addr,
+                setup.quic,
+                &self.config.session,
+            )?;
+            // The socket stays; only the config of new connections changes.
+            endpoint.reload_config(config, false)?;
+        }
+        *self.tcp_tls.write() = setup.tcp;
+        Ok(())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -210,6 +236,8 @@ impl Edge {
             sessions,
             admission,
             alt_svc: config_alt_svc,
+            tcp_tls: parking_lot::RwLock::new(tls_config),
+            quic: std::sync::OnceLock::new(),
             shutdown,
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
@@ -224,6 +252,10 @@ impl Edge {
                         source,
                     })?;
             let addr = endpoint.local_addr().unwrap_or(tls_addr);
+            let endpoint = Arc::new(endpoint);
+            let _ = state.quic.set(crate::transport::webtransport::QuicEndpoint(
+                endpoint.clone(),
+            ));
             tokio::spawn(crate::transport::webtransport::accept_loop(
                 endpoint,
                 state.clone(),
@@ -232,11 +264,10 @@ impl Edge {
         } else {
             None
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
         let public_stop = state.shutdown.clone();
         tokio::spawn(tcp::accept_loop(
             tls_listener,
-            Some(acceptor),
+            true,
             state.clone(),
             routes::Listener::Public,
             public_stop.clone(),
@@ -244,7 +275,7 @@ impl Edge {
         if let Some(l) = plain_listener {
             tokio::spawn(tcp::accept_loop(
                 l,
-                None,
+                false,
                 state.clone(),
                 routes::Listener::Public,
                 public_stop,
@@ -254,7 +285,7 @@ impl Edge {
         if let Some(l) = admin_listener {
             tokio::spawn(tcp::accept_loop(
                 l,
-                None,
+                false,
                 state.clone(),
                 routes::Listener::Admin,
                 admin_stop.clone(),

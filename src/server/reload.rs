@@ -5,7 +5,10 @@
 //! When it is invalid, nothing changes and the error names the key and the file. When it is
 //! valid, `[admission]` and `[limits]` take effect at once for every later decision; live
 //! sessions are never dropped, and a limit whose quota did not change keeps its per-IP state.
-//! Other sections are read at start only: a reload that changes them says which need a restart.
+//! With certificate files (`tls.cert`, `tls.key`), every reload also reads them again, so a
+//! renewed certificate is served to new TCP and QUIC connections alike after a SIGHUP; open
+//! connections keep theirs. Other sections are read at start only: a reload that changes them
+//! says which need a restart.
 //! This module owns the watching and the reporting; what a policy means is `admission`'s.
 
 use std::path::PathBuf;
@@ -23,6 +26,8 @@ pub enum ReloadOutcome {
     Applied {
         reset: Vec<&'static str>,
         needs_restart: Vec<&'static str>,
+        /// The certificate files were read again and are in force for new connections.
+        certificates: bool,
     },
     /// The file did not change since the last look.
     Unchanged,
@@ -86,12 +91,24 @@ impl ConfigWatch {
                 ),
             });
         }
+        // Certificate files are read again on every reload (a renewal keeps the same paths);
+        // a file that does not load rejects the whole reload, before anything changed.
+        let certificates = match &config.tls {
+            crate::config::TlsConfig::Files { .. } => Some(
+                crate::tls::server_config(&config.tls).map_err(|e| ConfigError::Invalid {
+                    origin: self.path.display().to_string(),
+                    key: "tls.cert",
+                    reason: e.to_string(),
+                })?,
+            ),
+            crate::config::TlsConfig::Dev { .. } => None,
+        };
         let new = &config.effective;
         let old = &self.applied;
         let mut needs_restart = Vec::new();
         for (name, changed) in [
             ("server", new.server != old.server),
-            ("tls", new.tls != old.tls),
+            ("tls", new.tls != old.tls && certificates.is_none()),
             ("bus", new.bus != old.bus),
             ("admin", new.admin != old.admin),
             ("session", new.session != old.session),
@@ -105,12 +122,26 @@ impl ConfigWatch {
             .state
             .admission
             .reload(config.admission.clone(), config.limits.clone());
+        let certificates = match certificates {
+            Some(setup) => match self.state.reload_tls(setup) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificates loaded but not put in force");
+                    false
+                }
+            },
+            None => false,
+        };
         // Sections that need a restart keep comparing against what runs.
         self.applied.admission = new.admission.clone();
         self.applied.limits = new.limits.clone();
+        if certificates {
+            self.applied.tls = new.tls.clone();
+        }
         Ok(ReloadOutcome::Applied {
             reset: report.reset,
             needs_restart,
+            certificates,
         })
     }
 
@@ -126,12 +157,14 @@ impl ConfigWatch {
             Ok(ReloadOutcome::Applied {
                 reset,
                 needs_restart,
+                certificates,
             }) => {
                 count("applied");
                 tracing::info!(
                     file = %self.path.display(),
                     why,
                     reset = ?reset,
+                    certificates,
                     "config reloaded: [admission] and [limits] in force"
                 );
                 if !needs_restart.is_empty() {

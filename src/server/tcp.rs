@@ -24,7 +24,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: bool,
     state: Arc<EdgeState>,
     kind: Listener,
     stop: CancellationToken,
@@ -51,7 +51,8 @@ pub(super) async fn accept_loop(
                     continue;
                 };
                 let st = state.clone();
-                let tls = tls.clone();
+                // Read per connection: a certificate reload applies to the next one.
+                let tls = tls.then(|| TlsAcceptor::from(state.tcp_tls()));
                 let slot = ConnSlot::new(permit, state.metrics.connections.clone());
                 state.tasks.spawn(async move {
                     let info = ConnInfo {

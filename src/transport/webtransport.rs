@@ -54,24 +54,43 @@ fn transport_config(cfg: &SessionConfig) -> TransportConfig {
     t
 }
 
+/// The running endpoint, shared with the reload path.
+pub struct QuicEndpoint(pub Arc<Endpoint<Server>>);
+
+impl std::fmt::Debug for QuicEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("QuicEndpoint")
+            .field(&self.0.local_addr().ok())
+            .finish()
+    }
+}
+
+/// The endpoint's config: `tls` (the edge's certificate, TLS 1.3, ALPN h3) and the transport.
+pub fn server_config(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    cfg: &SessionConfig,
+) -> std::io::Result<ServerConfig> {
+    Ok(ServerConfig::builder()
+        .with_bind_address(addr)
+        .with_custom_tls_and_transport(tls, transport_config(cfg))
+        .max_idle_timeout(Some(cfg.idle_timeout))
+        .map_err(|_| std::io::Error::other("session.idle_timeout is too long for QUIC"))?
+        .keep_alive_interval(Some(cfg.ping_interval))
+        .build())
+}
+
 /// Binds the QUIC endpoint on `addr` (UDP) with the edge's certificate.
 pub fn bind(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     cfg: &SessionConfig,
 ) -> std::io::Result<Endpoint<Server>> {
-    let config = ServerConfig::builder()
-        .with_bind_address(addr)
-        .with_custom_tls_and_transport(tls, transport_config(cfg))
-        .max_idle_timeout(Some(cfg.idle_timeout))
-        .map_err(|_| std::io::Error::other("session.idle_timeout is too long for QUIC"))?
-        .keep_alive_interval(Some(cfg.ping_interval))
-        .build();
-    Endpoint::server(config)
+    Endpoint::server(server_config(addr, tls, cfg)?)
 }
 
 /// Accepts sessions until shutdown, then closes the endpoint.
-pub async fn accept_loop(endpoint: Endpoint<Server>, state: Arc<EdgeState>) {
+pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>) {
     let validate = state.config.webtransport.validate_address;
     loop {
         let incoming = tokio::select! {
