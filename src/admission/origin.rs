@@ -7,6 +7,17 @@
 /// Checks a rule when the config is loaded, so a typo is refused at start, not at the first
 /// browser that fails to connect.
 pub fn validate_rule(rule: &str) -> Result<(), String> {
+    // Browsers serialize an origin as ASCII (internationalized hosts in punycode) with no
+    // whitespace, so a rule with anything else could never match.
+    if let Some(c) = rule
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        return Err(format!(
+            "{c:?} cannot appear in an origin: write it in ASCII without spaces, with \
+             internationalized hosts in punycode (xn--…)"
+        ));
+    }
     let (scheme, rest) = rule
         .split_once("://")
         .ok_or("an origin is scheme://host[:port], e.g. \"https://app.example.com\"")?;
@@ -110,5 +121,8 @@ mod tests {
         assert!(validate_rule("https://a.*.example.com").is_err());
         assert!(validate_rule("https://example.com:443").is_err());
         assert!(validate_rule("https://").is_err());
+        assert!(validate_rule("https://app.example.com ").is_err());
+        assert!(validate_rule("https://bücher.example").is_err());
+        assert!(validate_rule("https://xn--bcher-kva.example").is_ok());
     }
 }
