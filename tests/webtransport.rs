@@ -370,3 +370,27 @@ async fn an_unvalidated_flood_is_answered_with_retries_and_charges_nothing() {
     let _wt = open(&t).await;
     assert_eq!(charged(&t, "allowed").await, 1.0);
 }
+
+#[tokio::test]
+async fn messages_past_the_per_ip_limit_are_refused_then_closed_with_1008() {
+    let t = start(|f| {
+        f.limits.ip_messages.per_second = 1;
+        f.limits.ip_messages.burst = 3;
+        f.session.close_after_refusals = 2;
+    })
+    .await;
+    // The opening ping spends one message of the three.
+    let mut wt = open(&t).await;
+    for i in 0..2 {
+        assert_eq!(wt.request(json!({"id": i, "op": "ping"})).await["ok"], true);
+    }
+    let r = wt.request(json!({"id": 9, "op": "ping"})).await;
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    assert!(r["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    for i in 10..20 {
+        wt.send_line(&json!({"id": i, "op": "ping"}).to_string())
+            .await;
+    }
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1008, "{reason}");
+}

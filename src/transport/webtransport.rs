@@ -1,6 +1,12 @@
 //! WebTransport over HTTP/3 (wtransport on quinn): sessions at `/wt` on the UDP port of the TLS
 //! listener, with the same certificate.
 //!
+//! wtransport rather than h3 with h3-webtransport: it is a WebTransport server first (session
+//! requests with path, origin and headers, refusals, datagrams, the client too), it exposes
+//! quinn's `Incoming` for address validation and its transport config for sizing, and it runs on
+//! the rustls and ring the TCP side uses. h3-webtransport is still marked experimental and would
+//! leave the CONNECT handling and the session bookkeeping to us.
+//!
 //! This file owns the QUIC endpoint, the CONNECT admission (address validation, origin, limits),
 //! and the wire: the client opens one bidirectional stream and both sides exchange
 //! newline-delimited JSON frames of the shared protocol on it; pushes of a channel subscribed
