@@ -238,6 +238,22 @@ impl CloseReason {
         reason: "protocol error",
     };
 
+    /// Counts the end of a session of `transport`: `session_closes` by reason, and
+    /// `slow_consumer_closes` by transport. `None`: the client went away on its own.
+    pub fn count(reason: Option<&CloseReason>, transport: Transport, metrics: &Metrics) {
+        let label = reason.map_or("client", CloseReason::label);
+        if reason == Some(&CloseReason::SLOW_CONSUMER) {
+            metrics
+                .slow_consumer_closes
+                .get_or_create(&TransportLabels { transport })
+                .inc();
+        }
+        metrics
+            .session_closes
+            .get_or_create(&crate::metrics::ReasonLabels { reason: label })
+            .inc();
+    }
+
     /// Label for the `session_closes` metric.
     pub fn label(&self) -> &'static str {
         match self.code {

@@ -187,22 +187,11 @@ where
         end = read_half(&mut stream, &mut session, &cfg) => end,
     };
 
-    let label = match &end {
-        End::Close(r) => r.label(),
-        End::Gone => "client",
+    let reason = match &end {
+        End::Close(r) => Some(r),
+        End::Gone => None,
     };
-    if matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
-        state
-            .metrics
-            .slow_consumer_closes
-            .get_or_create(&labels)
-            .inc();
-    }
-    state
-        .metrics
-        .session_closes
-        .get_or_create(&crate::metrics::ReasonLabels { reason: label })
-        .inc();
+    CloseReason::count(reason, Transport::websocket, &state.metrics);
     // Replies already queued (say, the refusals before a 1008) go out before the close frame, so
     // the client sees why. An overflowed outbox holds nothing; on shutdown nothing is owed.
     let mut owed = Vec::new();

@@ -32,7 +32,7 @@ use wtransport::{Connection, Endpoint, RecvStream, SendStream, ServerConfig, Var
 
 use crate::admission::Refusal;
 use crate::config::SessionConfig;
-use crate::metrics::{ReasonLabels, Transport, TransportLabels};
+use crate::metrics::{Transport, TransportLabels};
 use crate::server::EdgeState;
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict};
 
@@ -214,22 +214,11 @@ async fn run(connection: Connection, mut session: Session, state: Arc<EdgeState>
         end = writer.run(&mut send) => end,
         end = read_half(&mut recv, &mut session, &cfg) => end,
     };
-    let label = match &end {
-        End::Close(r) => r.label(),
-        End::Gone => "client",
+    let reason = match &end {
+        End::Close(r) => Some(r),
+        End::Gone => None,
     };
-    if matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
-        state
-            .metrics
-            .slow_consumer_closes
-            .get_or_create(&labels)
-            .inc();
-    }
-    state
-        .metrics
-        .session_closes
-        .get_or_create(&ReasonLabels { reason: label })
-        .inc();
+    CloseReason::count(reason, Transport::webtransport, &state.metrics);
     match end {
         End::Close(reason) => {
             // Replies already queued (the refusals before a 1008) go out before the close.
