@@ -311,32 +311,35 @@ impl Admission {
     /// The rate and concurrency checks before a session starts (the origin was checked, the
     /// node's session cap comes after). The ticket holds the client's place under its
     /// concurrent-session limit for as long as the session lives.
+    ///
+    /// The address's own limits come first, so that one address flooding past them is refused
+    /// without spending the node-wide budget every other client shares.
     pub fn admit_session(self: &Arc<Self>, client: Client) -> Result<SessionTicket, Refusal> {
         let policy = self.policy();
         let limits = &policy.limits;
+        let mut ticket = SessionTicket {
+            admission: self.clone(),
+            client,
+            counted: false,
+        };
+        if !client.exempt {
+            let keyed = self.ip_new_sessions.read().clone();
+            self.rate(
+                Limit::ip_new_sessions,
+                &limits.ip_new_sessions,
+                &client,
+                || keyed.check(&client.key, 1),
+            )?;
+            self.concurrent(&limits.ip_sessions, &client)?;
+            // From here the ticket gives the place back if the node-wide check refuses.
+            ticket.counted = limits.ip_sessions.mode != LimitMode::Off;
+        }
         let node = self.new_sessions.read().clone();
         self.rate(Limit::new_sessions, &limits.new_sessions, &client, || {
             node.limiter
                 .check()
                 .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
         })?;
-        let mut ticket = SessionTicket {
-            admission: self.clone(),
-            client,
-            counted: false,
-        };
-        if client.exempt {
-            return Ok(ticket);
-        }
-        let keyed = self.ip_new_sessions.read().clone();
-        self.rate(
-            Limit::ip_new_sessions,
-            &limits.ip_new_sessions,
-            &client,
-            || keyed.check(&client.key, 1),
-        )?;
-        self.concurrent(&limits.ip_sessions, &client)?;
-        ticket.counted = limits.ip_sessions.mode != LimitMode::Off;
         Ok(ticket)
     }
 
@@ -530,6 +533,39 @@ mod tests {
         }
         assert!(a.admit_session(client(&a, "192.0.2.2")).is_ok());
         drop(tickets);
+    }
+
+    #[test]
+    fn one_address_over_its_limit_does_not_spend_the_node_budget() {
+        let a = admission(|f| {
+            f.limits.ip_new_sessions.per_second = 1;
+            f.limits.ip_new_sessions.burst = 1;
+            f.limits.new_sessions.per_second = 1;
+            f.limits.new_sessions.burst = 2;
+        });
+        let flood = client(&a, "192.0.2.66");
+        let _first = a.admit_session(flood).unwrap();
+        for _ in 0..100 {
+            assert!(a.admit_session(flood).is_err());
+        }
+        let _other = a
+            .admit_session(client(&a, "198.51.100.1"))
+            .expect("the node budget is still there for another client");
+    }
+
+    #[test]
+    fn a_node_wide_refusal_gives_the_address_its_place_back() {
+        let a = admission(|f| {
+            f.limits.ip_sessions.max = 1;
+            f.limits.new_sessions.per_second = 1;
+            f.limits.new_sessions.burst = 1;
+        });
+        let _t = a.admit_session(client(&a, "192.0.2.1")).unwrap();
+        assert!(
+            a.admit_session(client(&a, "192.0.2.2")).is_err(),
+            "node budget spent"
+        );
+        assert_eq!(a.sessions.len(), 1, "192.0.2.2 holds no place");
     }
 
     #[test]
