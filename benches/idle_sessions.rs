@@ -1,20 +1,41 @@
-//! Edge memory per idle session: starts the release `edgeplex` binary as its own process (so its
-//! resident memory is the edge's alone), opens N idle sessions of each kind from this process,
-//! and reads the edge's `VmRSS` from `/proc/<pid>/status` before and after.
+//! Idle sessions: how fast sessions open, and how much edge memory each idle one holds, for
+//! WebSocket, SSE and WebTransport, over TLS and (WebSocket, SSE) plain TCP.
 //!
-//! Run: `cargo bench --bench idle_sessions` with optional `SESSIONS` (default 1000, per
-//! transport; keep it under this machine's 20,000 open files for WebSocket, whose every session is
-//! a socket on both sides) and `TRANSPORTS` (comma-separated, default `webtransport,websocket`).
-//! WebTransport sessions share one client UDP socket, so their count is not bounded by files.
+//! The edges are the release `edgeplex` binary in their own processes, so each one's `VmRSS`
+//! (from `/proc/<pid>/status`) is the edge's alone. The clients run in load-generator processes
+//! (this bench re-executed in a client role) that bind to several 127.0.0.x source addresses, so
+//! no single address runs out of ephemeral ports and no process passes its open-file limit.
+//!
+//! Run: `cargo bench --bench idle_sessions`, with optional
+//! - `SESSIONS` total sessions per transport (default 1000),
+//! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `webtransport` (default all three),
+//! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
+//! - `EDGES` edge processes sharing the sessions (default 1),
+//! - `LOADGENS` load-generator processes (default 1),
+//! - `SOURCES` 127.0.0.x source addresses per load generator (default 8).
+//!
+//! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
+//! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
+//! `EDGES` and `LOADGENS`. Known problem: WebTransport right after a WebSocket round of about
+//! 4,000 sessions in the same invocation times out (each alone works, and so does 1,000 of each);
+//! until that is understood, run `TRANSPORTS=webtransport` on its own for large counts.
+//! For a million on your own machine: `ulimit -n 1100000` (and
+//! `fs.nr_open`, `fs.file-max` above it), `net.ipv4.ip_local_port_range = 1024 65535`, and about
+//! 20 source addresses (each gives ~64,000 ports per destination).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Endpoint};
+
+const ROLE: &str = "IDLE_SESSIONS_ROLE";
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -33,9 +54,11 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
 }
 
+/// One edge process.
 struct Served {
     child: Child,
-    addr: std::net::SocketAddr,
+    tls: SocketAddr,
+    plain: SocketAddr,
     sha: String,
     pem: std::path::PathBuf,
     _dir: tempfile::TempDir,
@@ -48,16 +71,28 @@ impl Drop for Served {
     }
 }
 
+/// A port free right now for the plain listener (the edge prints only the TLS address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn serve(sessions: u64) -> Served {
     let dir = tempfile::tempdir().unwrap();
+    let plain_port = free_port();
     let pem = dir.path().join("dev.pem");
+    // The load is trusted: its addresses are exempt from per-IP limits, as a deployment would
+    // declare a load-test source.
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nmax_connections = {n}\n\
-         max_sessions = {n}\n[tls]\ndev_cert_path = \"{}\"\n[admission]\n\
-         exempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nlisten_plain = \"127.0.0.1:{plain_port}\"\nadmin_listen = \"\"\n\
+         max_connections = {n}\nmax_sessions = {n}\n[tls]\ndev_cert_path = \"{}\"\n\
+         [admission]\nexempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
          burst = 1000000\n[log]\nlevel = \"warn\"\n",
         pem.display(),
-        n = 2 * sessions + 100,
+        n = sessions + 100,
     );
     let path = dir.path().join("edge.toml");
     std::fs::write(&path, config).unwrap();
@@ -68,112 +103,321 @@ fn serve(sessions: u64) -> Served {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (mut addr, mut sha) = (None, None);
+    let (mut tls, mut sha) = (None, None);
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
             sha = Some(h.to_string());
         }
         if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
-            addr = Some(a.trim_end_matches("/ws").parse().unwrap());
+            tls = Some(a.trim_end_matches("/ws").parse().unwrap());
             break;
         }
     }
+    let tls: SocketAddr = tls.expect("the edge starts");
     Served {
         child,
-        addr: addr.expect("the edge starts"),
+        tls,
+        plain: SocketAddr::new(tls.ip(), plain_port),
         sha: sha.unwrap(),
         pem,
         _dir: dir,
     }
 }
 
-/// Lets the edge settle (allocator caches, lazy statics) before a reading.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(500)).await;
+/// What a load generator is told, through its environment.
+struct Job {
+    transport: String,
+    plain: bool,
+    count: u64,
+    index: u64,
+    sources: u64,
+    /// Per edge: address, certificate PEM path, certificate SHA-256.
+    edges: Vec<(SocketAddr, String, String)>,
 }
 
-async fn webtransport(s: &Served, n: u64) -> Vec<Box<dyn std::any::Any>> {
-    let bytes: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&s.sha[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    let config = ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([Sha256Digest::new(bytes.try_into().unwrap())])
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .build();
-    let endpoint = Endpoint::client(config).unwrap();
-    let url = format!("https://127.0.0.1:{}/wt", s.addr.port());
-    let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
-    for _ in 0..n {
-        let conn = endpoint.connect(&url).await.expect("a session");
-        let (mut send, recv) = conn.open_bi().await.unwrap().await.unwrap();
-        send.write_all(b"{\"op\":\"ping\"}\n").await.unwrap();
-        held.push(Box::new((conn, send, recv)));
+impl Job {
+    fn to_env(&self, cmd: &mut Command) {
+        let edges: Vec<String> = self
+            .edges
+            .iter()
+            .map(|(a, pem, sha)| format!("{a}|{pem}|{sha}"))
+            .collect();
+        cmd.env(ROLE, "client")
+            .env("JOB_TRANSPORT", &self.transport)
+            .env("JOB_PLAIN", if self.plain { "1" } else { "0" })
+            .env("JOB_COUNT", self.count.to_string())
+            .env("JOB_INDEX", self.index.to_string())
+            .env("JOB_SOURCES", self.sources.to_string())
+            .env("JOB_EDGES", edges.join(","));
     }
-    held.push(Box::new(endpoint));
-    held
+
+    fn from_env() -> Job {
+        let var = |k: &str| std::env::var(k).unwrap();
+        Job {
+            transport: var("JOB_TRANSPORT"),
+            plain: var("JOB_PLAIN") == "1",
+            count: var("JOB_COUNT").parse().unwrap(),
+            index: var("JOB_INDEX").parse().unwrap(),
+            sources: var("JOB_SOURCES").parse().unwrap(),
+            edges: var("JOB_EDGES")
+                .split(',')
+                .map(|e| {
+                    let mut p = e.split('|');
+                    (
+                        p.next().unwrap().parse().unwrap(),
+                        p.next().unwrap().to_string(),
+                        p.next().unwrap().to_string(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The i-th session's source address: 127.0.<gen>.<2..> so generators never share one.
+    fn source(&self, i: u64) -> IpAddr {
+        let x = 2 + (i % self.sources) as u8;
+        IpAddr::V4(Ipv4Addr::new(127, 0, 1 + self.index as u8, x))
+    }
 }
 
-async fn websocket(s: &Served, n: u64) -> Vec<Box<dyn std::any::Any>> {
-    let cert = CertificateDer::from_pem_file(&s.pem).unwrap();
+async fn tcp_from(source: IpAddr, to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(source, 0)).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+fn tls_connector(pem: &str) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).unwrap();
+    roots
+        .add(CertificateDer::from_pem_file(pem).unwrap())
+        .unwrap();
     let mut tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let url = format!("wss://localhost:{}/ws", s.addr.port());
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+}
+
+/// Opens the job's sessions and keeps them until stdin closes.
+async fn client(job: Job) {
     let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
-    for _ in 0..n {
-        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        let stream = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let (ws, _) = tokio_tungstenite::client_async(&url, stream).await.unwrap();
-        held.push(Box::new(ws));
+    let start = Instant::now();
+    let connectors: Vec<_> = job
+        .edges
+        .iter()
+        .map(|(_, pem, _)| tls_connector(pem))
+        .collect();
+    let mut wt_endpoints: Vec<(
+        u64,
+        usize,
+        Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    )> = Vec::new();
+    for i in 0..job.count {
+        let e = (i as usize) % job.edges.len();
+        let (addr, _, sha) = &job.edges[e];
+        let source = job.source(i);
+        match job.transport.as_str() {
+            "websocket" | "sse" => {
+                let tcp = tcp_from(source, *addr).await;
+                let sse = job.transport == "sse";
+                if job.plain {
+                    held.push(if sse {
+                        Box::new(sse_open(tcp).await)
+                    } else {
+                        let url = format!("ws://localhost:{}/ws", addr.port());
+                        Box::new(tokio_tungstenite::client_async(url, tcp).await.unwrap().0)
+                    });
+                } else {
+                    let tls = connectors[e]
+                        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                        .await
+                        .unwrap();
+                    held.push(if sse {
+                        Box::new(sse_open(tls).await)
+                    } else {
+                        let url = format!("wss://localhost:{}/ws", addr.port());
+                        Box::new(tokio_tungstenite::client_async(url, tls).await.unwrap().0)
+                    });
+                }
+            }
+            "webtransport" => {
+                let slot = i % job.sources;
+                let idx = match wt_endpoints
+                    .iter()
+                    .position(|(s, ed, _)| *s == slot && *ed == e)
+                {
+                    Some(idx) => idx,
+                    None => {
+                        let bytes: Vec<u8> = (0..32)
+                            .map(|k| u8::from_str_radix(&sha[2 * k..2 * k + 2], 16).unwrap())
+                            .collect();
+                        let config = ClientConfig::builder()
+                            .with_bind_address(SocketAddr::new(source, 0))
+                            .with_server_certificate_hashes([Sha256Digest::new(
+                                bytes.try_into().unwrap(),
+                            )])
+                            .keep_alive_interval(Some(Duration::from_secs(5)))
+                            .build();
+                        wt_endpoints.push((slot, e, Endpoint::client(config).unwrap()));
+                        wt_endpoints.len() - 1
+                    }
+                };
+                let url = format!("https://127.0.0.1:{}/wt", addr.port());
+                let conn = wt_endpoints[idx].2.connect(&url).await.expect("a session");
+                let (mut send, recv) = conn.open_bi().await.unwrap().await.unwrap();
+                send.write_all(b"{\"op\":\"ping\"}\n").await.unwrap();
+                held.push(Box::new((conn, send, recv)));
+            }
+            other => panic!("unknown transport {other}"),
+        }
     }
-    held
+    println!("opened {} {:.3}", job.count, start.elapsed().as_secs_f64());
+    std::io::stdout().flush().unwrap();
+    // Hold everything until the parent closes stdin.
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(held);
+    drop(wt_endpoints);
+}
+
+/// Opens `GET /sse` on `io` and reads until the welcome event arrived.
+async fn sse_open<IO>(mut io: IO) -> IO
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    io.write_all(b"GET /sse?channel=idle HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(7).any(|w| w == b"welcome") {
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    io
 }
 
 fn main() {
-    let n = env("SESSIONS", 1000);
-    let transports =
-        std::env::var("TRANSPORTS").unwrap_or_else(|_| "webtransport,websocket".to_string());
     edgeplex::tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    println!("edge memory per idle session over TLS, {n} sessions, edge in its own process");
-    println!(
-        "{:>14} {:>12} {:>12} {:>14} {:>12}",
-        "transport", "rss before", "rss after", "KiB/session", "opened/s"
-    );
-    for t in transports.split(',') {
-        let served = serve(n);
-        rt.block_on(async {
-            settle().await;
-            let before = rss_kib(served.child.id());
-            let start = Instant::now();
-            let held = match t {
-                "webtransport" => webtransport(&served, n).await,
-                "websocket" => websocket(&served, n).await,
-                other => panic!("unknown transport {other}"),
-            };
-            let rate = n as f64 / start.elapsed().as_secs_f64();
-            settle().await;
-            let after = rss_kib(served.child.id());
-            println!(
-                "{:>14} {:>9} KiB {:>9} KiB {:>14.1} {:>12.0}",
-                t,
-                before,
-                after,
-                after.saturating_sub(before) as f64 / n as f64,
-                rate
-            );
-            drop(held);
-        });
+    if std::env::var(ROLE).as_deref() == Ok("client") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(client(Job::from_env()));
+        return;
     }
+    let n = env("SESSIONS", 1000);
+    let edges = env("EDGES", 1).max(1);
+    let loadgens = env("LOADGENS", 1).max(1);
+    let sources = env("SOURCES", 8).clamp(1, 250);
+    let transports =
+        std::env::var("TRANSPORTS").unwrap_or_else(|_| "websocket,sse,webtransport".to_string());
+    let mut variants: Vec<(String, bool)> = transports
+        .split(',')
+        .map(|t| (t.trim().to_string(), false))
+        .collect();
+    if env("PLAIN", 0) == 1 {
+        for t in ["websocket", "sse"] {
+            if transports.contains(t) {
+                variants.push((t.to_string(), true));
+            }
+        }
+    }
+    println!(
+        "idle sessions: {n} per transport, {edges} edge process(es), {loadgens} load \
+         generator(s), {sources} source address(es) each"
+    );
+    println!(
+        "{:>20} {:>10} {:>14} {:>14} {:>12} {:>10} {:>10}",
+        "transport",
+        "sessions",
+        "edge RSS before",
+        "edge RSS after",
+        "KiB/session",
+        "opened/s",
+        "loadgen CPU"
+    );
+    for (transport, plain) in variants {
+        let served: Vec<Served> = (0..edges).map(|_| serve(n / edges + 1)).collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let before: Vec<u64> = served.iter().map(|s| rss_kib(s.child.id())).collect();
+        let start = Instant::now();
+        let mut gens: Vec<Child> = (0..loadgens)
+            .map(|g| {
+                let job = Job {
+                    transport: transport.clone(),
+                    plain,
+                    count: n / loadgens + u64::from(g < n % loadgens),
+                    index: g,
+                    sources,
+                    edges: served
+                        .iter()
+                        .map(|s| {
+                            (
+                                if plain { s.plain } else { s.tls },
+                                s.pem.display().to_string(),
+                                s.sha.clone(),
+                            )
+                        })
+                        .collect(),
+                };
+                let mut cmd = Command::new(std::env::current_exe().unwrap());
+                job.to_env(&mut cmd);
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for g in &mut gens {
+            let mut line = String::new();
+            BufReader::new(g.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert!(line.starts_with("opened"), "load generator: {line:?}");
+        }
+        let opened_per_sec = n as f64 / start.elapsed().as_secs_f64();
+        let cpu: f64 = gens.iter().map(|g| cpu_secs(g.id())).sum();
+        std::thread::sleep(Duration::from_millis(500));
+        let after: Vec<u64> = served.iter().map(|s| rss_kib(s.child.id())).collect();
+        let total_delta: u64 = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .sum();
+        let label = format!("{transport}{}", if plain { " (plain)" } else { " (TLS)" });
+        println!(
+            "{:>20} {:>10} {:>10} KiB {:>10} KiB {:>12.1} {:>10.0} {:>8.1} s",
+            label,
+            n,
+            before.iter().sum::<u64>(),
+            after.iter().sum::<u64>(),
+            total_delta as f64 / n as f64,
+            opened_per_sec,
+            cpu
+        );
+        if edges > 1 {
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                println!("{:>20} edge {i}: {b} KiB -> {a} KiB", "");
+            }
+        }
+        for mut g in gens {
+            drop(g.stdin.take());
+            let _ = g.wait();
+        }
+    }
+}
+
+/// User plus system CPU seconds of `pid` so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name, in
+    // clock ticks (USER_HZ, 100 on Linux).
+    (ticks(11) + ticks(12)) / 100.0
 }
