@@ -180,12 +180,12 @@ impl Metrics {
         );
         registry.register(
             "connections",
-            "TCP connections open now",
+            "Connections open now: TCP, and QUIC for WebTransport",
             m.connections.clone(),
         );
         registry.register(
             "connections_refused",
-            "TCP connections dropped at accept because server.max_connections was reached",
+            "Connections (TCP or QUIC) refused at accept because server.max_connections was reached",
             m.connections_refused.clone(),
         );
         registry.register(

@@ -8,6 +8,7 @@ use common::{TestEdge, start};
 use edgeplex::config::{FileConfig, LimitMode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The status and headers of a refused WebSocket handshake.
 fn refused(r: Result<common::Ws, tungstenite::Error>) -> (u16, Option<String>) {
@@ -142,6 +143,7 @@ async fn messages_per_ip_are_charged_across_sessions_and_http_publishes() {
 async fn bytes_per_ip_are_charged_by_message_size() {
     let t = start(|f| {
         f.session.max_message_bytes = 1024;
+        f.session.close_message_bytes = 2048;
         f.limits.ip_bytes.per_second = 1;
         f.limits.ip_bytes.burst = 3000;
     })
@@ -215,10 +217,23 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_limited() {
         429
     );
     let _b = t
-        .try_connect_with(&[("forwarded", "for=203.0.113.6")])
+        .try_connect_with(&xff("203.0.113.6"))
         .await
         .expect("another client behind the same proxy");
     assert_eq!(sse_status(&t, &xff("203.0.113.6")).await.0, 429);
+    // The proxies write X-Forwarded-For (the default): a client's own Forwarded header, which
+    // they pass through, is not read, so it cannot pick a fresh address.
+    assert_eq!(
+        refused(
+            t.try_connect_with(&[
+                ("forwarded", "for=198.51.100.77"),
+                ("x-forwarded-for", "203.0.113.6")
+            ])
+            .await
+        )
+        .0,
+        429
+    );
     let v: Value = serde_json::from_str(&t.admin_get("/v1/admission/203.0.113.5").await.1).unwrap();
     assert_eq!(v["sessions"]["open"], 1, "{v}");
     assert_eq!(v["key"], "203.0.113.5");
@@ -306,7 +321,8 @@ async fn ipv6_grouping_config_is_checked() {
     assert!(e.to_string().contains("limits.ip_bytes.burst"), "{e}");
 }
 
-/// Opens a WebSocket over a TCP connection that first sends `header` (a PROXY protocol header).
+/// Opens a WebSocket over a TCP connection that first sends `header` (a PROXY protocol header);
+/// the client also claims to be 198.51.100.1 in X-Forwarded-For.
 async fn connect_via_proxy(t: &TestEdge, header: &[u8]) -> Result<common::Client, String> {
     use tokio::io::AsyncWriteExt;
     let mut tcp = tokio::net::TcpStream::connect(t.edge.tls_addr())
@@ -320,8 +336,12 @@ async fn connect_via_proxy(t: &TestEdge, header: &[u8]) -> Result<common::Client
         )
         .await
         .map_err(|e| format!("TLS: {e}"))?;
-    let url = format!("wss://localhost:{}/ws", t.edge.tls_addr().port());
-    let (ws, _) = tokio_tungstenite::client_async(url, tls)
+    let mut req = format!("wss://localhost:{}/ws", t.edge.tls_addr().port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, tls)
         .await
         .map_err(|e| e.to_string())?;
     let mut c = common::Client {
@@ -335,7 +355,12 @@ async fn connect_via_proxy(t: &TestEdge, header: &[u8]) -> Result<common::Client
 fn proxy_v2(source: &str) -> Vec<u8> {
     use ppp::v2;
     let src: std::net::SocketAddr = source.parse().unwrap();
-    let dst: std::net::SocketAddr = "10.0.0.1:443".parse().unwrap();
+    // Both addresses of one family, or the header carries none.
+    let dst: std::net::SocketAddr = if src.is_ipv6() {
+        "[2001:db8::1]:443".parse().unwrap()
+    } else {
+        "10.0.0.1:443".parse().unwrap()
+    };
     v2::Builder::with_addresses(
         v2::Version::Two | v2::Command::Proxy,
         v2::Protocol::Stream,
@@ -365,8 +390,23 @@ async fn the_proxy_protocol_gives_the_client_address_from_a_trusted_proxy() {
     let _b = connect_via_proxy(&t, &proxy_v2("[2001:db8::7]:5555"))
         .await
         .expect("v2 header accepted");
-    let v: Value = serde_json::from_str(&t.admin_get("/v1/admission/203.0.113.7").await.1).unwrap();
-    assert_eq!(v["sessions"]["open"], 1, "{v}");
+    // Behind the PROXY protocol no proxy wrote X-Forwarded-For: a client's own is not read, not
+    // even when the header names no address (UNKNOWN) and the peer is the trusted proxy itself.
+    let _u = connect_via_proxy(&t, b"PROXY UNKNOWN\r\n")
+        .await
+        .expect("an UNKNOWN header keeps the socket peer");
+    let open = |ip: &'static str| {
+        let t = &t;
+        async move {
+            let v: Value =
+                serde_json::from_str(&t.admin_get(&format!("/v1/admission/{ip}")).await.1).unwrap();
+            v["sessions"]["open"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(open("203.0.113.7").await, 1);
+    assert_eq!(open("2001:db8::7").await, 1, "the v2 header's IPv6 client");
+    assert_eq!(open("198.51.100.1").await, 0);
+    assert_eq!(open("127.0.0.1").await, 1, "the UNKNOWN one");
     // No header, or garbage: the connection is closed before TLS.
     assert!(connect_via_proxy(&t, b"").await.is_err());
     assert!(connect_via_proxy(&t, b"PROXY NONSENSE\r\n").await.is_err());

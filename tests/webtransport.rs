@@ -394,3 +394,14 @@ async fn messages_past_the_per_ip_limit_are_refused_then_closed_with_1008() {
     let (code, reason) = wt.closed().await;
     assert_eq!(code, 1008, "{reason}");
 }
+
+#[tokio::test]
+async fn a_quic_connection_takes_a_place_under_the_connection_cap() {
+    let t = start(|f| f.server.max_connections = 1).await;
+    let _a = open(&t).await;
+    assert!(
+        try_open(&t, None).await.is_err(),
+        "the one place is the first session's"
+    );
+    assert!(t.metric("edgeplex_connections_refused_total").await >= 1.0);
+}

@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
-use edgeplex::admission::client_ip::{canonical, forwarded_for, group, resolve, x_forwarded_for};
+use edgeplex::admission::client_ip::{
+    ForwardedHeader, canonical, forwarded_for, group, resolve, x_forwarded_for,
+};
 use http::{HeaderMap, HeaderValue};
 
 pub fn check_forwarded(input: &[u8]) {
@@ -25,7 +27,12 @@ pub fn check_forwarded(input: &[u8]) {
         };
         let mut headers = HeaderMap::new();
         headers.insert(name, value.clone());
-        let client = resolve(peer, &headers, &trusted);
+        let which = if name == "forwarded" {
+            ForwardedHeader::Forwarded
+        } else {
+            ForwardedHeader::XForwardedFor
+        };
+        let client = resolve(peer, &headers, &trusted, which);
         // The client is the peer or an address the header named; never IPv4-mapped IPv6.
         assert_eq!(canonical(client), client, "{client} is not canonical");
         let named = client == peer || hops.iter().flatten().any(|h| canonical(*h) == client);

@@ -2,12 +2,14 @@
 //! peer, the request headers and the trusted-proxy list; no I/O, so they are unit-tested and
 //! fuzzed (`fuzz/fuzz_targets/forwarded.rs`).
 //!
-//! The socket peer is the client unless it is a trusted proxy. Then the forwarding headers are
-//! read from the right (the hop nearest to us) leftwards, skipping trusted proxies: the first
+//! The socket peer is the client unless it is a trusted proxy. Then the one forwarding header
+//! the proxies write (`admission.forwarded_header`: `X-Forwarded-For`, or RFC 7239 `Forwarded`)
+//! is read from the right (the hop nearest to us) leftwards, skipping trusted proxies: the first
 //! address that is not one is the client. Everything left of it was written by the client itself
-//! and is ignored, so a client cannot pick its own key by sending `X-Forwarded-For`. `Forwarded`
-//! (RFC 7239) wins over `X-Forwarded-For` when both are present. An element that is not an
-//! address (`unknown`, an obfuscated `_id`, garbage) ends the walk at the last address known.
+//! and is ignored, so a client cannot pick its own key. The other header is never read: proxies
+//! pass a client's own copy of the header they do not write through untouched. An element that is
+//! not an address (`unknown`, an obfuscated `_id`, garbage) ends the walk at the last address
+//! known.
 //!
 //! IPv6 clients are grouped by a prefix (default /64, what one host or home usually gets), so a
 //! host cannot dodge its limits by rotating through its own addresses.
@@ -20,28 +22,39 @@ use ipnet::IpNet;
 /// The most forwarding elements read from a request: a longer chain is a client padding it.
 const MAX_HOPS: usize = 32;
 
+/// Which forwarding header trusted proxies write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+pub enum ForwardedHeader {
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// Reads the hops of one header value.
+type HopParser = fn(&str) -> Vec<Option<IpAddr>>;
+
 /// The client address of a request that arrived from `peer`.
-pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn resolve(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+) -> IpAddr {
     let peer = canonical(peer);
     if !is_trusted(peer, trusted) {
         return peer;
     }
     let mut hops: Vec<Option<IpAddr>> = Vec::new();
-    if headers.contains_key("forwarded") {
-        for v in headers.get_all("forwarded") {
-            let Ok(v) = v.to_str() else {
-                hops.push(None);
-                continue;
-            };
-            hops.extend(forwarded_for(v));
-        }
-    } else {
-        for v in headers.get_all("x-forwarded-for") {
-            let Ok(v) = v.to_str() else {
-                hops.push(None);
-                continue;
-            };
-            hops.extend(x_forwarded_for(v));
+    let (name, parse): (&str, HopParser) = match header {
+        ForwardedHeader::Forwarded => ("forwarded", forwarded_for),
+        ForwardedHeader::XForwardedFor => ("x-forwarded-for", x_forwarded_for),
+    };
+    for v in headers.get_all(name) {
+        match v.to_str() {
+            Ok(v) => hops.extend(parse(v)),
+            Err(_) => hops.push(None),
         }
     }
     let mut client = peer;
@@ -135,6 +148,9 @@ pub fn group(ip: IpAddr, v6_prefix: u8) -> IpAddr {
 mod tests {
     use super::*;
 
+    const XFF: ForwardedHeader = ForwardedHeader::XForwardedFor;
+    const FWD: ForwardedHeader = ForwardedHeader::Forwarded;
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -158,10 +174,10 @@ mod tests {
     fn an_untrusted_peer_is_the_client_whatever_it_claims() {
         let h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=5.6.7.8")]);
         assert_eq!(
-            resolve(ip("9.9.9.9"), &h, &nets(&["10.0.0.0/8"])),
+            resolve(ip("9.9.9.9"), &h, &nets(&["10.0.0.0/8"]), XFF),
             ip("9.9.9.9")
         );
-        assert_eq!(resolve(ip("9.9.9.9"), &h, &[]), ip("9.9.9.9"));
+        assert_eq!(resolve(ip("9.9.9.9"), &h, &[], XFF), ip("9.9.9.9"));
     }
 
     #[test]
@@ -169,25 +185,25 @@ mod tests {
         let trusted = nets(&["10.0.0.0/8"]);
         // The client wrote 6.6.6.6 itself; our proxies appended 1.2.3.4 and 10.0.0.2.
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2")]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("1.2.3.4"));
         // Several header lines are one list, in order.
         let h = headers(&[
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-for", "1.2.3.4"),
         ]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("1.2.3.4"));
         // No header: the proxy itself.
         assert_eq!(
-            resolve(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            resolve(ip("10.0.0.1"), &HeaderMap::new(), &trusted, XFF),
             ip("10.0.0.1")
         );
         // Every hop trusted: the leftmost.
         let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.1.1.1"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("10.1.1.1"));
     }
 
     #[test]
-    fn forwarded_wins_and_its_forms_parse() {
+    fn only_the_configured_header_is_read_and_its_forms_parse() {
         let trusted = nets(&["10.0.0.0/8"]);
         let h = headers(&[
             ("x-forwarded-for", "7.7.7.7"),
@@ -197,11 +213,19 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            resolve(ip("10.0.0.1"), &h, &trusted),
+            resolve(ip("10.0.0.1"), &h, &trusted, FWD),
             ip("2001:db8:cafe::17")
         );
+        // A proxy that writes X-Forwarded-For passes the client's own Forwarded through:
+        // that one must not be read.
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("7.7.7.7"));
         let h = headers(&[("forwarded", "for=192.0.2.60:8080")]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("192.0.2.60"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, FWD), ip("192.0.2.60"));
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &h, &trusted, XFF),
+            ip("10.0.0.1"),
+            "no X-Forwarded-For: the proxy itself"
+        );
     }
 
     #[test]
@@ -215,10 +239,14 @@ mod tests {
             "",
         ] {
             let h = headers(&[("x-forwarded-for", &format!("6.6.6.6, {v}, 10.0.0.5"))]);
-            assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.5"), "{v}");
+            assert_eq!(
+                resolve(ip("10.0.0.1"), &h, &trusted, XFF),
+                ip("10.0.0.5"),
+                "{v}"
+            );
         }
         let h = headers(&[("forwarded", "for=unknown")]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, FWD), ip("10.0.0.1"));
     }
 
     #[test]
@@ -226,7 +254,7 @@ mod tests {
         let trusted = nets(&["10.0.0.0/8"]);
         let long = vec!["10.9.9.9"; 100].join(", ");
         let h = headers(&[("x-forwarded-for", &format!("6.6.6.6, {long}"))]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.9.9.9"));
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("10.9.9.9"));
     }
 
     #[test]
@@ -239,7 +267,7 @@ mod tests {
         assert_eq!(group(ip("192.0.2.1"), 64), ip("192.0.2.1"));
         let trusted = nets(&["192.0.2.0/24"]);
         assert_eq!(
-            resolve(ip("::ffff:192.0.2.1"), &HeaderMap::new(), &trusted),
+            resolve(ip("::ffff:192.0.2.1"), &HeaderMap::new(), &trusted, XFF),
             ip("192.0.2.1")
         );
     }

@@ -61,8 +61,8 @@ impl Keyed {
         match self.limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(not_until.wait_time_from(MonotonicClock.now())),
-            // More than the whole burst at once; validation keeps messages under it, so this is
-            // only reached between a reload and the next config check. Try again in a second.
+            // More than the whole burst at once: validation keeps every frame the edge reads
+            // within it, so this is not reached; were it, a second later is as good an answer.
             Err(_) => Err(Duration::from_secs(1)),
         }
     }
@@ -283,11 +283,12 @@ impl Admission {
         report
     }
 
-    /// Who the client of a request from `peer` is, by the trusted-proxy rules.
+    /// Who the client of a request from `peer` is, by the trusted-proxy rules. Pass no headers
+    /// where no proxy wrote them (WebTransport, connections whose peer came from a PROXY header).
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Client {
         let policy = self.policy();
         let a = &policy.admission;
-        let ip = client_ip::resolve(peer, headers, &a.trusted_proxies);
+        let ip = client_ip::resolve(peer, headers, &a.trusted_proxies, a.forwarded_header);
         Client {
             ip,
             key: client_ip::group(ip, a.ipv6_prefix),
@@ -330,10 +331,10 @@ impl Admission {
                 &client,
                 || keyed.check(&client.key, 1),
             )?;
-            self.concurrent(&limits.ip_sessions, &client)?;
-            // From here the ticket gives the place back if the node-wide check refuses.
-            ticket.counted = limits.ip_sessions.mode != LimitMode::Off;
         }
+        self.concurrent(&limits.ip_sessions, &client)?;
+        // From here the ticket gives the place back, also if the node-wide check refuses.
+        ticket.counted = true;
         let node = self.new_sessions.read().clone();
         self.rate(Limit::new_sessions, &limits.new_sessions, &client, || {
             node.limiter
@@ -346,10 +347,16 @@ impl Admission {
     /// Charges one client message of `bytes` bytes to `client`'s address: the message limit,
     /// then the byte limit. A stateless publish (no session) is charged the same way.
     pub fn charge_message(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
-        if client.exempt {
+        let policy = self.policy();
+        // The policy in force decides, not the one the session was admitted under.
+        if policy
+            .admission
+            .exempt
+            .iter()
+            .any(|n| n.contains(&client.ip))
+        {
             return Ok(());
         }
-        let policy = self.policy();
         let limits = &policy.limits;
         let messages = self.ip_messages.read().clone();
         self.rate(Limit::ip_messages, &limits.ip_messages, client, || {
@@ -385,35 +392,37 @@ impl Admission {
         }
     }
 
+    /// Counts one more session for the client's address, whatever the mode and even when
+    /// exempt, so that a reload that turns the limit on (or ends an exemption) sees the sessions
+    /// already open. Refuses only in `enforce` for a client that is not exempt.
     fn concurrent(&self, rule: &CountRule, client: &Client) -> Result<(), Refusal> {
-        match rule.mode {
-            LimitMode::Off => Ok(()),
-            LimitMode::Enforce => match self.sessions.add(client.key, Some(rule.max)) {
-                Ok(_) => {
-                    self.metrics.decision(Limit::ip_sessions, Decision::allowed);
-                    Ok(())
-                }
-                Err(_) => self.over(
+        let checked = !client.exempt && rule.mode != LimitMode::Off;
+        let enforce = checked && rule.mode == LimitMode::Enforce;
+        let before = match self.sessions.add(client.key, enforce.then_some(rule.max)) {
+            Ok(before) => before,
+            Err(_) => {
+                return self.over(
                     Limit::ip_sessions,
                     rule.mode,
                     client,
                     Duration::from_secs(1),
-                ),
-            },
-            LimitMode::DryRun => {
-                let before = self.sessions.add(client.key, None).unwrap_or_default();
-                if before >= rule.max {
-                    self.over(
-                        Limit::ip_sessions,
-                        rule.mode,
-                        client,
-                        Duration::from_secs(1),
-                    )
-                } else {
-                    self.metrics.decision(Limit::ip_sessions, Decision::allowed);
-                    Ok(())
-                }
+                );
             }
+        };
+        if !checked {
+            return Ok(());
+        }
+        if before >= rule.max {
+            // Only dry-run gets here past the limit.
+            self.over(
+                Limit::ip_sessions,
+                rule.mode,
+                client,
+                Duration::from_secs(1),
+            )
+        } else {
+            self.metrics.decision(Limit::ip_sessions, Decision::allowed);
+            Ok(())
         }
     }
 
@@ -569,6 +578,38 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_that_turns_limits_on_sees_the_sessions_already_open() {
+        let a = admission(|f| {
+            f.limits.ip_sessions.mode = LimitMode::Off;
+            f.limits.ip_sessions.max = 2;
+            f.admission.exempt = vec!["192.0.2.0/24".into()];
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 1;
+        });
+        let c = client(&a, "192.0.2.1");
+        let open: Vec<_> = (0..3).map(|_| a.admit_session(c).unwrap()).collect();
+        assert!(open[0].charge_message(1).is_ok());
+        assert!(
+            open[0].charge_message(1).is_ok(),
+            "exempt: no message limit"
+        );
+        let mut policy = (*a.policy()).clone();
+        policy.limits.ip_sessions.mode = LimitMode::Enforce;
+        policy.admission.exempt.clear();
+        a.reload(policy.admission, policy.limits);
+        let c = client(&a, "192.0.2.1");
+        assert!(
+            a.admit_session(c).is_err(),
+            "three open already, the limit is two"
+        );
+        assert!(open[0].charge_message(1).is_ok());
+        assert!(
+            open[0].charge_message(1).is_err(),
+            "the exemption ended for open sessions too"
+        );
+    }
+
+    #[test]
     fn concurrent_sessions_per_ip_come_back_when_sessions_end() {
         let a = admission(|f| f.limits.ip_sessions.max = 2);
         let c = client(&a, "192.0.2.1");
@@ -628,6 +669,7 @@ mod tests {
             f.limits.ip_messages.burst = 4;
             f.limits.ip_bytes.per_second = 1;
             f.limits.ip_bytes.burst = 100_000;
+            f.session.close_message_bytes = 100_000;
         });
         let c = client(&a, "192.0.2.1");
         let s1 = a.admit_session(c).unwrap();

@@ -172,8 +172,10 @@ pub struct AdmissionConfig {
     /// `None`: any origin is allowed (the list held `"*"`).
     pub allowed_origins: Option<Vec<String>>,
     pub allow_missing_origin: bool,
-    /// Peers whose forwarding headers are believed.
+    /// Peers whose forwarding header is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The one forwarding header they write.
+    pub forwarded_header: crate::admission::client_ip::ForwardedHeader,
     /// IPv6 clients share per-IP state per prefix of this many bits.
     pub ipv6_prefix: u8,
     /// Clients no per-IP limit applies to.
@@ -210,6 +212,7 @@ impl Default for AdmissionConfig {
             allowed_origins: None,
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),
+            forwarded_header: Default::default(),
             ipv6_prefix: schema::DEFAULT_IPV6_PREFIX,
             exempt: Vec::new(),
             max_tracked_addresses: schema::DEFAULT_MAX_TRACKED_ADDRESSES,
@@ -730,6 +733,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         allow_missing_origin: a.allow_missing_origin,
         routes,
         trusted_proxies: cidrs("admission.trusted_proxies", &a.trusted_proxies)?,
+        forwarded_header: a.forwarded_header,
         ipv6_prefix: range("admission.ipv6_prefix", a.ipv6_prefix as usize, 16, 128)? as u8,
         exempt: cidrs("admission.exempt", &a.exempt)?,
         max_tracked_addresses: range(
@@ -803,15 +807,16 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             li.new_sessions.burst,
         )?,
     };
-    // A message is charged whole against the byte budget: a burst smaller than the largest
-    // message allowed would refuse such a message forever.
-    if (limits.ip_bytes.burst as usize) < session.max_message_bytes {
+    // Every frame the edge reads is charged whole against the byte budget, oversize ones
+    // included (their bytes were received): a burst smaller than the largest frame read would
+    // refuse such a frame forever, as a rate limit instead of as too large.
+    if (limits.ip_bytes.burst as usize) < session.close_message_bytes {
         return Err(invalid(
             "limits.ip_bytes.burst",
             format!(
-                "{} is less than session.max_message_bytes ({}); a message that size could never \
-                 pass. Raise it to at least {}",
-                limits.ip_bytes.burst, session.max_message_bytes, session.max_message_bytes
+                "{} is less than session.close_message_bytes ({}), the largest frame the edge \
+                 reads; raise it to at least that",
+                limits.ip_bytes.burst, session.close_message_bytes
             ),
         ));
     }
@@ -977,8 +982,14 @@ impl Config {
                 String::new()
             } else {
                 format!(
-                    ", or behind trusted proxies ({}) the Forwarded / X-Forwarded-For client",
-                    nets(&ad.trusted_proxies)
+                    ", or behind trusted proxies ({}) the client their {} header names",
+                    nets(&ad.trusted_proxies),
+                    match ad.forwarded_header {
+                        crate::admission::client_ip::ForwardedHeader::XForwardedFor => {
+                            "X-Forwarded-For"
+                        }
+                        crate::admission::client_ip::ForwardedHeader::Forwarded => "Forwarded",
+                    }
                 )
             },
             ad.ipv6_prefix,

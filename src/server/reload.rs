@@ -80,14 +80,14 @@ impl ConfigWatch {
         let config = Config::load(&self.path)?;
         // Checked against the running session config: the new file's [session] is not applied.
         let running = &self.state.config.session;
-        if (config.limits.ip_bytes.burst as usize) < running.max_message_bytes {
+        if (config.limits.ip_bytes.burst as usize) < running.close_message_bytes {
             return Err(ConfigError::Invalid {
                 origin: self.path.display().to_string(),
                 key: "limits.ip_bytes.burst",
                 reason: format!(
-                    "{} is less than the running session.max_message_bytes ({}); a message that \
+                    "{} is less than the running session.close_message_bytes ({}); a frame that \
                      size could never pass",
-                    config.limits.ip_bytes.burst, running.max_message_bytes
+                    config.limits.ip_bytes.burst, running.close_message_bytes
                 ),
             });
         }

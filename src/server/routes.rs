@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
-use crate::admission::Refusal;
+use crate::admission::{Client, Refusal};
 use crate::protocol::{self, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +146,19 @@ pub fn admit_origin(
             Err(refusal_response(&refusal, state))
         }
     }
+}
+
+/// The client of a request, as the limits see it. Behind the PROXY protocol the peer already is
+/// the client (or the proxy itself, for a `LOCAL` header) and no proxy wrote the forwarding
+/// headers, so they are not read.
+pub fn client_of(state: &EdgeState, info: &ConnInfo, headers: &HeaderMap) -> Client {
+    let empty = HeaderMap::new();
+    let headers = if state.config.server.proxy_protocol {
+        &empty
+    } else {
+        headers
+    };
+    state.admission.client(info.peer.ip(), headers)
 }
 
 /// Lets a browser page from an allowed `origin` read the response (EventSource, fetch).

@@ -17,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use crate::admission::{Client, Refusal};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
-use crate::server::routes::{ConnInfo, admit_origin, allow_origin, json, json_error};
+use crate::server::routes::{ConnInfo, admit_origin, allow_origin, client_of, json, json_error};
 use crate::server::{Body, EdgeState, full_body};
 
 /// How long browsers may cache a preflight answer.
@@ -72,7 +72,7 @@ pub async fn accept(
                     rate_limited(&state, wait)
                 }
                 None => {
-                    let client = state.admission.client(info.peer.ip(), req.headers());
+                    let client = client_of(&state, &info, req.headers());
                     publish_body(req.into_body(), &state, Some(&client)).await
                 }
             }

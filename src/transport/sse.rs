@@ -36,7 +36,8 @@ use crate::bus::hub::Start;
 use crate::metrics::{ReasonLabels, Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
-    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, json_error, refusal_response, text,
+    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, json_error,
+    refusal_response, text,
 };
 use crate::server::{Body, EdgeState};
 use crate::session::{Outbox, OutboxStatus, Session};
@@ -69,7 +70,7 @@ pub async fn accept(
     if channels.len() > state.config.session.max_channels {
         return refusal_response(&Refusal::TooLarge, &state);
     }
-    let client = state.admission.client(info.peer.ip(), req.headers());
+    let client = client_of(&state, &info, req.headers());
     let (ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
@@ -361,6 +362,11 @@ impl EventStream {
     }
 
     fn end(&mut self, reason: &'static str) -> Option<Bytes> {
+        self.count_end(reason);
+        None
+    }
+
+    fn count_end(&mut self, reason: &'static str) {
         self.done = true;
         tracing::debug!(session = %self.session.public_id(), reason, "sse stream ends");
         self.state
@@ -368,6 +374,14 @@ impl EventStream {
             .session_closes
             .get_or_create(&ReasonLabels { reason })
             .inc();
-        None
+    }
+}
+
+impl Drop for EventStream {
+    /// hyper drops the body without polling it again when the client goes away.
+    fn drop(&mut self) {
+        if !self.done {
+            self.count_end("client");
+        }
     }
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::routes::{ConnInfo, admit_origin, refusal_response, text};
+use crate::server::routes::{ConnInfo, admit_origin, client_of, refusal_response, text};
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
 
@@ -67,7 +67,7 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
     if let Err(refused) = admit_origin(req.headers(), &state, &info, "websocket") {
         return refused;
     }
-    let client = state.admission.client(info.peer.ip(), req.headers());
+    let client = client_of(&state, &info, req.headers());
     let (ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),

@@ -34,6 +34,7 @@ use crate::admission::Refusal;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::server::EdgeState;
+use crate::server::routes::ConnSlot;
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict};
 
 /// Where WebTransport sessions are opened.
@@ -109,13 +110,21 @@ pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>)
             incoming.retry();
             continue;
         }
+        // A QUIC connection is a connection like a TCP one: it holds state from the handshake
+        // on, CONNECT or not, so it takes a place under `server.max_connections`.
+        let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
+            state.metrics.connections_refused.inc();
+            incoming.refuse();
+            continue;
+        };
+        let slot = ConnSlot::new(permit, state.metrics.connections.clone());
         let st = state.clone();
-        state.tasks.spawn(handle(incoming, st));
+        state.tasks.spawn(handle(incoming, st, slot));
     }
     endpoint.close(VarInt::from_u32(0), b"edge shutting down");
 }
 
-async fn handle(incoming: IncomingSession, state: Arc<EdgeState>) {
+async fn handle(incoming: IncomingSession, state: Arc<EdgeState>, _conn: ConnSlot) {
     let peer = incoming.remote_address();
     let deadline = state.config.server.handshake_timeout;
     let request = match tokio::time::timeout(deadline, incoming).await {
@@ -183,14 +192,18 @@ async fn run(connection: Connection, mut session: Session, state: Arc<EdgeState>
     let cfg = state.config.session.clone();
     // The client opens its stream right after the session; one that never does holds a session
     // slot for nothing.
+    let early = |reason: CloseReason| {
+        CloseReason::count(Some(&reason), Transport::webtransport, &state.metrics);
+        close(&connection, reason);
+    };
     let (mut send, mut recv) = tokio::select! {
-        _ = state.shutdown.cancelled() => return close(&connection, CloseReason::SHUTDOWN),
+        _ = state.shutdown.cancelled() => return early(CloseReason::SHUTDOWN),
         r = tokio::time::timeout(state.config.server.handshake_timeout, connection.accept_bi()) => {
             match r {
                 Ok(Ok(streams)) => streams,
                 _ => {
                     tracing::debug!("no stream opened in time");
-                    return close(&connection, CloseReason::PROTOCOL);
+                    return early(CloseReason::PROTOCOL);
                 }
             }
         }
