@@ -299,7 +299,7 @@ impl Admission {
     /// Checks the `Origin` header of a request to `route` against the policy in force.
     pub fn check_origin(&self, origin: Option<&str>, route: &str) -> Result<(), Refusal> {
         let policy = self.policy();
-        let result = super::check_origin(origin, &policy.admission, route);
+        let result = super::check_origin(origin, policy.admission.origin_rules(route));
         let decision = if result.is_ok() {
             Decision::allowed
         } else {

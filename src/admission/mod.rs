@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::config::AdmissionConfig;
+use crate::config::OriginRules;
 use crate::protocol::ErrorCode;
 
 /// Why a client was refused. Each transport renders it through the methods below and nowhere
@@ -126,13 +126,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
-/// Checks the `Origin` header of a request to `route` against the policy.
-pub fn check_origin(
-    origin: Option<&str>,
-    policy: &AdmissionConfig,
-    route: &str,
-) -> Result<(), Refusal> {
-    let policy = policy.origin_rules(route);
+/// Checks the `Origin` header of a request against a route's origin rules.
+pub fn check_origin(origin: Option<&str>, policy: &OriginRules) -> Result<(), Refusal> {
     match (origin, &policy.allowed_origins) {
         (_, None) => Ok(()),
         (None, Some(_)) if policy.allow_missing_origin => Ok(()),
@@ -145,6 +140,7 @@ pub fn check_origin(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AdmissionConfig;
 
     #[test]
     fn refusal_table_matches_design() {
@@ -167,33 +163,39 @@ mod tests {
 
     #[test]
     fn origin_policy() {
-        let strict = AdmissionConfig {
+        let strict = OriginRules {
             allowed_origins: Some(vec!["https://a.example".into()]),
             allow_missing_origin: false,
-            ..AdmissionConfig::default()
         };
+        assert_eq!(check_origin(None, &strict), Err(Refusal::Origin));
+        assert_eq!(check_origin(Some("https://a.example"), &strict), Ok(()));
         assert_eq!(
-            check_origin(None, &strict, "websocket"),
+            check_origin(Some("https://b.example"), &strict),
             Err(Refusal::Origin)
         );
-        assert_eq!(
-            check_origin(Some("https://a.example"), &strict, "websocket"),
-            Ok(())
-        );
-        assert_eq!(
-            check_origin(Some("https://b.example"), &strict, "websocket"),
-            Err(Refusal::Origin)
-        );
-        let lenient = AdmissionConfig {
+        let lenient = OriginRules {
             allow_missing_origin: true,
-            ..strict
+            ..strict.clone()
         };
-        assert_eq!(check_origin(None, &lenient, "sse"), Ok(()));
-        let any = AdmissionConfig {
+        assert_eq!(check_origin(None, &lenient), Ok(()));
+        let any = OriginRules {
             allowed_origins: None,
             allow_missing_origin: false,
+        };
+        assert_eq!(check_origin(Some("https://z"), &any), Ok(()));
+        // A route without rules of its own follows [admission]; one with them, its own.
+        let mut policy = AdmissionConfig {
+            origins: strict,
             ..AdmissionConfig::default()
         };
-        assert_eq!(check_origin(Some("https://z"), &any, "publish"), Ok(()));
+        policy.routes.insert("publish".into(), any.clone());
+        assert_eq!(
+            check_origin(Some("https://z"), policy.origin_rules("websocket")),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(
+            check_origin(Some("https://z"), policy.origin_rules("publish")),
+            Ok(())
+        );
     }
 }

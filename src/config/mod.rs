@@ -169,9 +169,8 @@ impl SessionConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdmissionConfig {
-    /// `None`: any origin is allowed (the list held `"*"`).
-    pub allowed_origins: Option<Vec<String>>,
-    pub allow_missing_origin: bool,
+    /// The origin rules of every route without rules of its own.
+    pub origins: OriginRules,
     /// Peers whose forwarding header is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The one forwarding header they write.
@@ -188,29 +187,47 @@ pub struct AdmissionConfig {
 /// The origin rules of one route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginRules {
-    /// `None`: any origin is allowed.
+    /// `None`: any origin is allowed (the list held `"*"`).
     pub allowed_origins: Option<Vec<String>>,
     pub allow_missing_origin: bool,
 }
 
+impl OriginRules {
+    /// What they allow, for `check-config`.
+    fn describe(&self) -> String {
+        match &self.allowed_origins {
+            None => "any".to_string(),
+            Some(list) => format!(
+                "{}; requests without Origin {}",
+                if list.is_empty() {
+                    "none".to_string()
+                } else {
+                    list.join(", ")
+                },
+                if self.allow_missing_origin {
+                    "allowed"
+                } else {
+                    "refused"
+                }
+            ),
+        }
+    }
+}
+
 impl AdmissionConfig {
     /// The origin rules in force for `route`.
-    pub fn origin_rules(&self, route: &str) -> OriginRules {
-        self.routes
-            .get(route)
-            .cloned()
-            .unwrap_or_else(|| OriginRules {
-                allowed_origins: self.allowed_origins.clone(),
-                allow_missing_origin: self.allow_missing_origin,
-            })
+    pub fn origin_rules(&self, route: &str) -> &OriginRules {
+        self.routes.get(route).unwrap_or(&self.origins)
     }
 }
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
-            allowed_origins: None,
-            allow_missing_origin: true,
+            origins: OriginRules {
+                allowed_origins: None,
+                allow_missing_origin: true,
+            },
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
             ipv6_prefix: schema::DEFAULT_IPV6_PREFIX,
@@ -729,8 +746,10 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             .collect()
     };
     let admission = AdmissionConfig {
-        allowed_origins,
-        allow_missing_origin: a.allow_missing_origin,
+        origins: OriginRules {
+            allowed_origins,
+            allow_missing_origin: a.allow_missing_origin,
+        },
         routes,
         trusted_proxies: cidrs("admission.trusted_proxies", &a.trusted_proxies)?,
         forwarded_header: a.forwarded_header,
@@ -928,36 +947,9 @@ impl Config {
             "node: {} connections, {} sessions, {} channels\n",
             s.max_connections, s.max_sessions, s.max_channels
         ));
-        out.push_str(&match &self.admission.allowed_origins {
-            None => "origins: any\n".to_string(),
-            Some(list) => format!(
-                "origins: {}; requests without Origin {}\n",
-                if list.is_empty() {
-                    "none".to_string()
-                } else {
-                    list.join(", ")
-                },
-                if self.admission.allow_missing_origin {
-                    "allowed"
-                } else {
-                    "refused"
-                }
-            ),
-        });
+        out.push_str(&format!("origins: {}\n", self.admission.origins.describe()));
         for (route, rules) in &self.admission.routes {
-            out.push_str(&format!(
-                "  origins for {route}: {}; requests without Origin {}\n",
-                match &rules.allowed_origins {
-                    None => "any".to_string(),
-                    Some(l) if l.is_empty() => "none".to_string(),
-                    Some(l) => l.join(", "),
-                },
-                if rules.allow_missing_origin {
-                    "allowed"
-                } else {
-                    "refused"
-                }
-            ));
+            out.push_str(&format!("  origins for {route}: {}\n", rules.describe()));
         }
         let ad = &self.admission;
         let nets = |l: &[ipnet::IpNet]| {
@@ -1139,6 +1131,6 @@ mod tests {
     #[test]
     fn star_allows_any_origin() {
         let c = parse("[admission]\nallowed_origins = [\"*\"]\n").unwrap();
-        assert!(c.admission.allowed_origins.is_none());
+        assert!(c.admission.origins.allowed_origins.is_none());
     }
 }
