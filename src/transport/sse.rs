@@ -33,14 +33,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Refusal;
 use crate::bus::hub::Start;
-use crate::metrics::{ReasonLabels, Transport, TransportLabels};
+use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
     ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, json_error,
     refusal_response, text,
 };
 use crate::server::{Body, EdgeState};
-use crate::session::{Outbox, OutboxStatus, Session};
+use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
@@ -291,19 +291,14 @@ impl EventStream {
         loop {
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return self.end("shutdown"),
+                _ = self.shutdown.cancelled() => return self.end(Some(CloseReason::SHUTDOWN)),
                 _ = self.outbox.ready() => {
                     match self.outbox.drain(&mut self.batch) {
                         OutboxStatus::Open => {}
                         OutboxStatus::Overflowed => {
-                            self.state
-                                .metrics
-                                .slow_consumer_closes
-                                .get_or_create(&TransportLabels { transport: Transport::sse })
-                                .inc();
-                            return self.end("slow_consumer");
+                            return self.end(Some(CloseReason::SLOW_CONSUMER));
                         }
-                        OutboxStatus::Closed => return self.end("client"),
+                        OutboxStatus::Closed => return self.end(None),
                     }
                     if self.batch.is_empty() {
                         continue;
@@ -361,19 +356,17 @@ impl EventStream {
         buf.freeze()
     }
 
-    fn end(&mut self, reason: &'static str) -> Option<Bytes> {
+    /// Ends the stream; `None`: the client went away.
+    fn end(&mut self, reason: Option<CloseReason>) -> Option<Bytes> {
         self.count_end(reason);
         None
     }
 
-    fn count_end(&mut self, reason: &'static str) {
+    fn count_end(&mut self, reason: Option<CloseReason>) {
         self.done = true;
-        tracing::debug!(session = %self.session.public_id(), reason, "sse stream ends");
-        self.state
-            .metrics
-            .session_closes
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+        let label = reason.as_ref().map_or("client", CloseReason::label);
+        tracing::debug!(session = %self.session.public_id(), reason = label, "sse stream ends");
+        CloseReason::count(reason.as_ref(), Transport::sse, &self.state.metrics);
     }
 }
 
@@ -381,7 +374,7 @@ impl Drop for EventStream {
     /// hyper drops the body without polling it again when the client goes away.
     fn drop(&mut self) {
         if !self.done {
-            self.count_end("client");
+            self.count_end(None);
         }
     }
 }
