@@ -12,7 +12,9 @@
 //! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
 //! - `EDGES` edge processes sharing the sessions (default 1),
 //! - `LOADGENS` load-generator processes (default 1),
-//! - `SOURCES` 127.0.0.x source addresses per load generator (default 8).
+//! - `SOURCES` 127.0.0.x source addresses per load generator (default 8),
+//! - `BUS=redis` to run the edges on a scratch `redis-server` they share (a multi-node set-up;
+//!   the SSE sessions' channel is then a Redis subscription on every edge).
 //!
 //! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
 //! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
@@ -24,105 +26,19 @@
 //! 20 source addresses (each gives ~64,000 ports per destination).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Endpoint};
 
-const ROLE: &str = "IDLE_SESSIONS_ROLE";
+mod support;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
-/// One edge process.
-struct Served {
-    child: Child,
-    tls: SocketAddr,
-    plain: SocketAddr,
-    sha: String,
-    pem: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free right now for the plain listener (the edge prints only the TLS address).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn serve(sessions: u64) -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let plain_port = free_port();
-    let pem = dir.path().join("dev.pem");
-    // The load is trusted: its addresses are exempt from per-IP limits, as a deployment would
-    // declare a load-test source.
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nlisten_plain = \"127.0.0.1:{plain_port}\"\nadmin_listen = \"\"\n\
-         max_connections = {n}\nmax_sessions = {n}\n[tls]\ndev_cert_path = \"{}\"\n\
-         [admission]\nexempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
-         burst = 1000000\n[log]\nlevel = \"warn\"\n",
-        pem.display(),
-        n = sessions + 100,
-    );
-    let path = dir.path().join("edge.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeplex"))
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (mut tls, mut sha) = (None, None);
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
-            sha = Some(h.to_string());
-        }
-        if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
-            tls = Some(a.trim_end_matches("/ws").parse().unwrap());
-            break;
-        }
-    }
-    let tls: SocketAddr = tls.expect("the edge starts");
-    Served {
-        child,
-        tls,
-        plain: SocketAddr::new(tls.ip(), plain_port),
-        sha: sha.unwrap(),
-        pem,
-        _dir: dir,
-    }
-}
+use support::{EdgeProc, ROLE, RedisProc, cpu_of, cpu_secs, env, env_str, rss_kib, tcp_from};
 
 /// What a load generator is told, through its environment.
 struct Job {
@@ -142,7 +58,7 @@ impl Job {
             .iter()
             .map(|(a, pem, sha)| format!("{a}|{pem}|{sha}"))
             .collect();
-        cmd.env(ROLE, "client")
+        cmd.env(ROLE, "idle-client")
             .env("JOB_TRANSPORT", &self.transport)
             .env("JOB_PLAIN", if self.plain { "1" } else { "0" })
             .env("JOB_COUNT", self.count.to_string())
@@ -175,27 +91,8 @@ impl Job {
 
     /// The i-th session's source address: 127.0.<gen>.<2..> so generators never share one.
     fn source(&self, i: u64) -> IpAddr {
-        let x = 2 + (i % self.sources) as u8;
-        IpAddr::V4(Ipv4Addr::new(127, 0, 1 + self.index as u8, x))
+        support::source(self.index, self.sources, i)
     }
-}
-
-async fn tcp_from(source: IpAddr, to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(SocketAddr::new(source, 0)).unwrap();
-    s.connect(to).await.unwrap()
-}
-
-fn tls_connector(pem: &str) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(pem).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(tls))
 }
 
 /// Opens the job's sessions and keeps them until stdin closes.
@@ -205,7 +102,7 @@ async fn client(job: Job) {
     let connectors: Vec<_> = job
         .edges
         .iter()
-        .map(|(_, pem, _)| tls_connector(pem))
+        .map(|(_, pem, _)| support::tls_connector(pem, true))
         .collect();
     let mut wt_endpoints: Vec<(
         u64,
@@ -218,7 +115,7 @@ async fn client(job: Job) {
         let source = job.source(i);
         match job.transport.as_str() {
             "websocket" | "sse" => {
-                let tcp = tcp_from(source, *addr).await;
+                let tcp = tcp_from(source, *addr).await.expect("connect");
                 let sse = job.transport == "sse";
                 if job.plain {
                     held.push(if sse {
@@ -300,7 +197,7 @@ where
 
 fn main() {
     edgeplex::tls::install_crypto_provider();
-    if std::env::var(ROLE).as_deref() == Ok("client") {
+    if std::env::var(ROLE).as_deref() == Ok("idle-client") {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -312,6 +209,11 @@ fn main() {
     let edges = env("EDGES", 1).max(1);
     let loadgens = env("LOADGENS", 1).max(1);
     let sources = env("SOURCES", 8).clamp(1, 250);
+    let bus = env_str("BUS", "embedded");
+    assert!(
+        bus == "embedded" || bus == "redis",
+        "BUS must be embedded or redis, not {bus:?}"
+    );
     let transports =
         std::env::var("TRANSPORTS").unwrap_or_else(|_| "websocket,sse,webtransport".to_string());
     let mut variants: Vec<(String, bool)> = transports
@@ -326,23 +228,31 @@ fn main() {
         }
     }
     println!(
-        "idle sessions: {n} per transport, {edges} edge process(es), {loadgens} load \
-         generator(s), {sources} source address(es) each"
+        "idle sessions: {n} per transport, {edges} edge process(es) on the {bus} bus, \
+         {loadgens} load generator(s), {sources} source address(es) each"
     );
     println!(
-        "{:>20} {:>10} {:>14} {:>14} {:>12} {:>10} {:>10}",
+        "{:>20} {:>10} {:>14} {:>14} {:>12} {:>10} {:>11} {:>11}",
         "transport",
         "sessions",
         "edge RSS before",
         "edge RSS after",
         "KiB/session",
         "opened/s",
+        "edge CPU",
         "loadgen CPU"
     );
     for (transport, plain) in variants {
-        let served: Vec<Served> = (0..edges).map(|_| serve(n / edges + 1)).collect();
+        // With Redis every edge also subscribes its sessions' channels there, as a
+        // deployment of several nodes would.
+        let redis = (bus == "redis").then(RedisProc::start);
+        let served: Vec<EdgeProc> = (0..edges)
+            .map(|_| EdgeProc::start(n / edges + 1, redis.as_ref().map(|r| r.url.as_str())))
+            .collect();
+        let edge_pids: Vec<u32> = served.iter().map(|s| s.pid()).collect();
         std::thread::sleep(Duration::from_millis(500));
-        let before: Vec<u64> = served.iter().map(|s| rss_kib(s.child.id())).collect();
+        let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p)).collect();
+        let edge_cpu = cpu_of(&edge_pids);
         let start = Instant::now();
         let mut gens: Vec<Child> = (0..loadgens)
             .map(|g| {
@@ -380,8 +290,9 @@ fn main() {
         }
         let opened_per_sec = n as f64 / start.elapsed().as_secs_f64();
         let cpu: f64 = gens.iter().map(|g| cpu_secs(g.id())).sum();
+        let edge_cpu = cpu_of(&edge_pids) - edge_cpu;
         std::thread::sleep(Duration::from_millis(500));
-        let after: Vec<u64> = served.iter().map(|s| rss_kib(s.child.id())).collect();
+        let after: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p)).collect();
         let total_delta: u64 = after
             .iter()
             .zip(&before)
@@ -389,13 +300,14 @@ fn main() {
             .sum();
         let label = format!("{transport}{}", if plain { " (plain)" } else { " (TLS)" });
         println!(
-            "{:>20} {:>10} {:>10} KiB {:>10} KiB {:>12.1} {:>10.0} {:>8.1} s",
+            "{:>20} {:>10} {:>10} KiB {:>10} KiB {:>12.1} {:>10.0} {:>9.1} s {:>9.1} s",
             label,
             n,
             before.iter().sum::<u64>(),
             after.iter().sum::<u64>(),
             total_delta as f64 / n as f64,
             opened_per_sec,
+            edge_cpu,
             cpu
         );
         if edges > 1 {
@@ -408,16 +320,4 @@ fn main() {
             let _ = g.wait();
         }
     }
-}
-
-/// User plus system CPU seconds of `pid` so far, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name, in
-    // clock ticks (USER_HZ, 100 on Linux).
-    (ticks(11) + ticks(12)) / 100.0
 }

@@ -1,0 +1,338 @@
+//! What the load-generator benches share: edge, Redis and load-generator processes, source
+//! addresses, TLS client set-up, and reading a process's memory and CPU from `/proc`.
+//!
+//! Each bench binary compiles this module and uses part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The environment variable that turns a re-executed bench into one of its worker roles.
+pub const ROLE: &str = "EDGEPLEX_BENCH_ROLE";
+
+pub fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn env_str(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Resident memory of `pid` in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds of `pid` so far, from `/proc/<pid>/stat`.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name, in
+    // clock ticks (USER_HZ, 100 on Linux).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of several processes, summed.
+pub fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
+
+/// A port free right now (for listeners whose address the child does not print).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch `redis-server` on a free port, killed on drop.
+pub struct RedisProc {
+    child: Child,
+    pub url: String,
+}
+
+impl RedisProc {
+    pub fn start() -> RedisProc {
+        let port = free_port();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                // The default pub/sub output limit (32 MiB hard) would cut a node that falls
+                // behind at these rates; the bench wants to see the lag, not the cut.
+                "--client-output-buffer-limit",
+                "pubsub 0 0 0",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test.sh installs it)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return RedisProc {
+                    child,
+                    url: format!("redis://127.0.0.1:{port}/"),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One edge process: the release `edgeplex` binary.
+pub struct EdgeProc {
+    child: Child,
+    pub tls: SocketAddr,
+    pub plain: SocketAddr,
+    pub sha: String,
+    pub pem: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EdgeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EdgeProc {
+    /// Starts an edge sized for `sessions`, on the embedded bus or the Redis bus at `redis_url`,
+    /// and waits until it serves (and, with Redis, until its bus is connected).
+    pub fn start(sessions: u64, redis_url: Option<&str>) -> EdgeProc {
+        let dir = tempfile::tempdir().unwrap();
+        let plain_port = free_port();
+        let admin_port = free_port();
+        let pem = dir.path().join("dev.pem");
+        // The load is trusted: its addresses are exempt from per-IP limits, and the per-session
+        // message rate is lifted, as a deployment would set up a load-test source.
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nlisten_plain = \"127.0.0.1:{plain_port}\"\n\
+             admin_listen = \"127.0.0.1:{admin_port}\"\n\
+             max_connections = {n}\nmax_sessions = {n}\n[tls]\ndev_cert_path = \"{}\"\n\
+             [session]\nmessages_per_second = 1000000\nmessage_burst = 1000000\n\
+             [bus]\nredis_url = \"{}\"\n\
+             [admission]\nexempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
+             burst = 1000000\n[log]\nlevel = \"warn\"\n",
+            pem.display(),
+            redis_url.unwrap_or(""),
+            n = sessions + 100,
+        );
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgeplex"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (mut tls, mut sha) = (None, None);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(h) = line.strip_prefix("dev certificate SHA-256: ") {
+                sha = Some(h.to_string());
+            }
+            if let Some(a) = line.strip_prefix("edgeplex listening on wss://") {
+                tls = Some(a.trim_end_matches("/ws").parse().unwrap());
+                break;
+            }
+        }
+        let tls: SocketAddr = tls.expect("the edge starts");
+        // Ready means the bus is connected: poll the admin listener's readiness check.
+        let ready = (0..500).any(|_| {
+            let ok = http_status(("127.0.0.1", admin_port), "/readyz") == Some(200);
+            if !ok {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ok
+        });
+        assert!(ready, "the edge did not become ready");
+        EdgeProc {
+            child,
+            tls,
+            plain: SocketAddr::new(tls.ip(), plain_port),
+            sha: sha.unwrap(),
+            pem,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The status code of a plain `GET path`, or `None` when nothing answers.
+fn http_status(addr: (&str, u16), path: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A load-generator process: this bench re-executed with [`ROLE`] set, driven by lines on its
+/// stdin and answering with lines on its stdout.
+pub struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Worker {
+    pub fn spawn(role: &str, vars: &[(&str, String)]) -> Worker {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env(ROLE, role);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Worker {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The worker's next line; panics when the worker died, so a crash is loud.
+    pub fn recv(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).unwrap();
+        assert!(n > 0, "a load generator exited early");
+        line.trim_end().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The stdin and stdout of a worker process, for the worker side of [`Worker`].
+pub struct Control;
+
+impl Control {
+    pub fn new() -> Control {
+        Control
+    }
+
+    /// The next command, or `None` when the coordinator is gone.
+    pub fn next(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end().to_string()),
+        }
+    }
+
+    pub fn reply(&self, line: &str) {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// Source address number `i` of load generator `generator`: 127.0.<1+generator>.<2..>, so
+/// generators never share one and each spreads over `sources` addresses.
+pub fn source(generator: u64, sources: u64, i: u64) -> IpAddr {
+    let x = 2 + (i % sources.clamp(1, 250)) as u8;
+    IpAddr::V4(Ipv4Addr::new(127, 0, 1 + generator as u8, x))
+}
+
+pub async fn tcp_from(source: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(source, 0))?;
+    let stream = s.connect(to).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A TLS client trusting only the certificate in `pem`; `resume` allows session resumption
+/// (off measures full handshakes).
+pub fn tls_connector(pem: &str, resume: bool) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pem).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+}
+
+/// Splits `n` items over `parts` as evenly as possible: part `i`'s count.
+pub fn share(n: u64, parts: u64, i: u64) -> u64 {
+    n / parts + u64::from(i < n % parts)
+}
