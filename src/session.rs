@@ -292,7 +292,7 @@ struct SessionCounters {
 #[derive(Debug)]
 pub struct Session {
     id: u64,
-    public_id: String,
+    public_id: Arc<str>,
     transport: Transport,
     env: Arc<SessionEnv>,
     outbox: Arc<Outbox>,
@@ -311,7 +311,7 @@ impl Session {
     /// Opens a session admitted with `ticket` and queues its welcome frame.
     pub fn open(env: Arc<SessionEnv>, transport: Transport, ticket: SessionTicket) -> Session {
         let id = env.next_session.fetch_add(1, Ordering::Relaxed);
-        let public_id = format!("{}-{id}", env.node_id);
+        let public_id: Arc<str> = format!("{}-{id}", env.node_id).into();
         let cfg = &env.config;
         let labels = TransportLabels { transport };
         env.metrics.sessions.get_or_create(&labels).inc();
@@ -564,12 +564,29 @@ impl Session {
                     );
                     return;
                 }
-                match self.env.hub.publish(&channel, data).await {
-                    Ok(()) => self.reply(protocol::encode_ok(id)),
-                    Err(BusError::Unavailable(why)) => {
-                        self.error(id, ErrorCode::Unavailable, why, Some(1000))
-                    }
-                }
+                // The reply is queued when the bus answers; meanwhile the session goes on
+                // reading, so a client's publishes are pipelined (their replies keep its order).
+                let outbox = self.outbox.clone();
+                let metrics = self.env.metrics.clone();
+                let public_id = self.public_id.clone();
+                self.env
+                    .hub
+                    .publish_then(&channel, data, move |outcome| {
+                        let frame = match outcome {
+                            Ok(()) => protocol::encode_ok(id),
+                            Err(BusError::Unavailable(why)) => error_frame(
+                                &metrics,
+                                &public_id,
+                                id,
+                                ErrorCode::Unavailable,
+                                why,
+                                Some(1000),
+                            ),
+                        };
+                        // A full outbox already marked the session slow; a closed one is gone.
+                        let _ = outbox.push(frame);
+                    })
+                    .await;
             }
         }
     }
@@ -580,10 +597,30 @@ impl Session {
     }
 
     fn error(&self, id: Option<u64>, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
-        self.env.metrics.error(code);
-        tracing::debug!(session = %self.public_id, %code, message, "error reply");
-        self.reply(protocol::encode_error(id, code, message, retry_after_ms));
+        let frame = error_frame(
+            &self.env.metrics,
+            &self.public_id,
+            id,
+            code,
+            message,
+            retry_after_ms,
+        );
+        self.reply(frame);
     }
+}
+
+/// An error reply, counted and logged.
+fn error_frame(
+    metrics: &Metrics,
+    session: &impl std::fmt::Display,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Frame {
+    metrics.error(code);
+    tracing::debug!(%session, %code, message, "error reply");
+    protocol::encode_error(id, code, message, retry_after_ms)
 }
 
 impl Drop for Session {

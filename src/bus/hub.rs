@@ -353,6 +353,27 @@ impl Hub {
         }
     }
 
+    /// Publishes without waiting for the bus's answer: returns once the message is taken (for
+    /// the Redis bus, queued for its pipeline) and hands the outcome to `done`, which must not
+    /// block. One caller's publishes are answered in the order it made them. A session uses
+    /// this so that its next frame is read while Redis works on the last.
+    pub async fn publish_then(
+        &self,
+        channel: &Channel,
+        data: &RawValue,
+        done: impl FnOnce(Result<(), BusError>) + Send + Sync + 'static,
+    ) {
+        match &self.bus {
+            Bus::Memory(_) => done(self.publish(channel, data).await),
+            Bus::Redis(redis) => {
+                self.metrics.publishes.inc();
+                redis
+                    .publish_then(channel, data.get(), Box::new(move |r| done(r.map(|_| ()))))
+                    .await
+            }
+        }
+    }
+
     /// Delivers a message whose offset the bus already assigned (or that has none).
     pub fn dispatch(&self, channel: &Channel, offset: Option<Offset>, data: &str) -> Fanout {
         self.dispatch_with(channel, || offset, data)
