@@ -35,11 +35,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use support::{
-    EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, rss_kib, share, source, tcp_from,
+    EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, new_histogram, rss_kib, share,
+    source, tcp_from,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -132,11 +132,6 @@ fn for_each_stamp(frame: &[u8], mut f: impl FnMut(u64)) {
             i = start;
         }
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // Microseconds, up to 10 minutes, 3 significant digits.
-    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
 }
 
 #[derive(Default)]
@@ -333,11 +328,7 @@ async fn subscribers_role() {
                     stats2.closed.load(Ordering::Relaxed)
                 )),
                 "report" => {
-                    let mut buf = Vec::new();
-                    V2Serializer::new()
-                        .serialize(&stats2.merged(), &mut buf)
-                        .unwrap();
-                    let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+                    let hex = support::hist_to_hex(&stats2.merged());
                     control.reply(&format!(
                         "report {} {} {hex}",
                         stats2.received(),
@@ -566,14 +557,7 @@ fn step(
         let mut w = line.split_whitespace().skip(1);
         received += w.next().unwrap().parse::<u64>().unwrap();
         w.next();
-        let hex = w.next().unwrap();
-        let bytes: Vec<u8> = (0..hex.len() / 2)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
-        let h: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut bytes.as_slice())
-            .unwrap();
-        hist.add(&h).unwrap();
+        hist.add(support::hist_from_hex(w.next().unwrap())).unwrap();
     }
     let lost = expected.saturating_sub(received);
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;

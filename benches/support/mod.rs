@@ -10,6 +10,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -335,4 +337,25 @@ pub fn tls_connector(pem: &str, resume: bool) -> tokio_rustls::TlsConnector {
 /// Splits `n` items over `parts` as evenly as possible: part `i`'s count.
 pub fn share(n: u64, parts: u64, i: u64) -> u64 {
     n / parts + u64::from(i < n % parts)
+}
+
+/// A latency histogram in microseconds, up to 10 minutes, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
+}
+
+/// A histogram as one hex word, to travel on a worker's stdout line.
+pub fn hist_to_hex(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2Serializer::new().serialize(h, &mut buf).unwrap();
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hist_from_hex(hex: &str) -> Histogram<u64> {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .unwrap()
 }
