@@ -581,6 +581,17 @@ fn step(
         pct(cpu1.2 - cpu0.2),
         pct(cpu1.3 - cpu0.3),
     );
+    // One machine-readable line per step, for benches/peers/run.sh.
+    println!(
+        "RESULT fanout delivered_per_s={:.0} loss_pct={:.3} p50_ms={:.2} p99_ms={:.2} \
+         p999_ms={:.2} server_cpu_pct={:.0}",
+        received as f64 / end.as_secs_f64(),
+        100.0 * lost as f64 / expected.max(1) as f64,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        pct(cpu1.0 - cpu0.0) + pct(cpu1.3 - cpu0.3),
+    );
     Step {
         passed: lost == 0 && closed == 0 && ms(0.99) <= p99_limit_ms,
     }

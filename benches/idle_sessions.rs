@@ -44,6 +44,8 @@ use support::{EdgeProc, ROLE, RedisProc, cpu_of, cpu_secs, env, env_str, rss_kib
 struct Job {
     transport: String,
     plain: bool,
+    /// The server speaks NATS (a peer), not edgeplex.
+    nats: bool,
     count: u64,
     index: u64,
     sources: u64,
@@ -61,6 +63,7 @@ impl Job {
         cmd.env(ROLE, "idle-client")
             .env("JOB_TRANSPORT", &self.transport)
             .env("JOB_PLAIN", if self.plain { "1" } else { "0" })
+            .env("JOB_NATS", if self.nats { "1" } else { "0" })
             .env("JOB_COUNT", self.count.to_string())
             .env("JOB_INDEX", self.index.to_string())
             .env("JOB_SOURCES", self.sources.to_string())
@@ -72,6 +75,7 @@ impl Job {
         Job {
             transport: var("JOB_TRANSPORT"),
             plain: var("JOB_PLAIN") == "1",
+            nats: var("JOB_NATS") == "1",
             count: var("JOB_COUNT").parse().unwrap(),
             index: var("JOB_INDEX").parse().unwrap(),
             sources: var("JOB_SOURCES").parse().unwrap(),
@@ -122,7 +126,7 @@ async fn client(job: Job) {
                         Box::new(sse_open(tcp).await)
                     } else {
                         let url = format!("ws://localhost:{}/ws", addr.port());
-                        Box::new(tokio_tungstenite::client_async(url, tcp).await.unwrap().0)
+                        Box::new(ws_open(&url, tcp, job.nats).await)
                     });
                 } else {
                     let tls = connectors[e]
@@ -133,7 +137,7 @@ async fn client(job: Job) {
                         Box::new(sse_open(tls).await)
                     } else {
                         let url = format!("wss://localhost:{}/ws", addr.port());
-                        Box::new(tokio_tungstenite::client_async(url, tls).await.unwrap().0)
+                        Box::new(ws_open(&url, tls, job.nats).await)
                     });
                 }
             }
@@ -175,6 +179,25 @@ async fn client(job: Job) {
     let _ = std::io::stdin().read_line(&mut line);
     drop(held);
     drop(wt_endpoints);
+}
+
+/// A WebSocket session on `io`; a NATS server is also sent its CONNECT (it drops a client
+/// that never sends one), and the session waits for the server's first frame either way.
+async fn ws_open<IO>(url: &str, io: IO, nats: bool) -> tokio_tungstenite::WebSocketStream<IO>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    let (mut ws, _) = tokio_tungstenite::client_async(url, io).await.unwrap();
+    if nats {
+        ws.send(tokio_tungstenite::tungstenite::Message::binary(
+            "CONNECT {\"verbose\":false}\r\nPING\r\n",
+        ))
+        .await
+        .unwrap();
+    }
+    ws.next().await.expect("a first frame").unwrap();
+    ws
 }
 
 /// Opens `GET /sse` on `io` and reads until the welcome event arrived.
@@ -220,16 +243,26 @@ fn main() {
         .split(',')
         .map(|t| (t.trim().to_string(), false))
         .collect();
-    if env("PLAIN", 0) == 1 {
+    // Against another server: WebSocket only, plain or TLS as its URLs say.
+    let target = env_str("TARGET", "");
+    let nats = env_str("PROTOCOL", "edgeplex") == "nats";
+    if !target.is_empty() {
+        variants = vec![("websocket".to_string(), target.starts_with("ws://"))];
+    } else if env("PLAIN", 0) == 1 {
         for t in ["websocket", "sse"] {
             if transports.contains(t) {
                 variants.push((t.to_string(), true));
             }
         }
     }
+    let what = if target.is_empty() {
+        format!("{edges} edge process(es) on the {bus} bus")
+    } else {
+        format!("target {target}")
+    };
     println!(
-        "idle sessions: {n} per transport, {edges} edge process(es) on the {bus} bus, \
-         {loadgens} load generator(s), {sources} source address(es) each"
+        "idle sessions: {n} per transport, {what}, {loadgens} load generator(s), {sources} \
+         source address(es) each"
     );
     println!(
         "{:>20} {:>10} {:>14} {:>14} {:>12} {:>10} {:>11} {:>11}",
@@ -245,11 +278,45 @@ fn main() {
     for (transport, plain) in variants {
         // With Redis every edge also subscribes its sessions' channels there, as a
         // deployment of several nodes would.
-        let redis = (bus == "redis").then(RedisProc::start);
-        let served: Vec<EdgeProc> = (0..edges)
-            .map(|_| EdgeProc::start(n / edges + 1, redis.as_ref().map(|r| r.url.as_str())))
-            .collect();
-        let edge_pids: Vec<u32> = served.iter().map(|s| s.pid()).collect();
+        let redis = (bus == "redis" && target.is_empty()).then(RedisProc::start);
+        let served: Vec<EdgeProc> = if target.is_empty() {
+            (0..edges)
+                .map(|_| EdgeProc::start(n / edges + 1, redis.as_ref().map(|r| r.url.as_str())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (edge_pids, edge_addrs): (Vec<u32>, Vec<(SocketAddr, String, String)>) =
+            if target.is_empty() {
+                (
+                    served.iter().map(|s| s.pid()).collect(),
+                    served
+                        .iter()
+                        .map(|s| {
+                            (
+                                if plain { s.plain } else { s.tls },
+                                s.pem.display().to_string(),
+                                s.sha.clone(),
+                            )
+                        })
+                        .collect(),
+                )
+            } else {
+                (
+                    env_str("TARGET_PIDS", "")
+                        .split(',')
+                        .filter_map(|p| p.parse().ok())
+                        .collect(),
+                    target
+                        .split(',')
+                        .map(|u| {
+                            let host = u.split("://").nth(1).unwrap().split('/').next().unwrap();
+                            let addr = host.replace("localhost", "127.0.0.1").parse().unwrap();
+                            (addr, env_str("TARGET_CA", ""), String::new())
+                        })
+                        .collect(),
+                )
+            };
         std::thread::sleep(Duration::from_millis(500));
         let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p)).collect();
         let edge_cpu = cpu_of(&edge_pids);
@@ -262,16 +329,8 @@ fn main() {
                     count: n / loadgens + u64::from(g < n % loadgens),
                     index: g,
                     sources,
-                    edges: served
-                        .iter()
-                        .map(|s| {
-                            (
-                                if plain { s.plain } else { s.tls },
-                                s.pem.display().to_string(),
-                                s.sha.clone(),
-                            )
-                        })
-                        .collect(),
+                    nats,
+                    edges: edge_addrs.clone(),
                 };
                 let mut cmd = Command::new(std::env::current_exe().unwrap());
                 job.to_env(&mut cmd);
@@ -309,6 +368,14 @@ fn main() {
             opened_per_sec,
             edge_cpu,
             cpu
+        );
+        // One machine-readable line per row, for benches/peers/run.sh.
+        println!(
+            "RESULT idle-{transport}-{} kib_per_session={:.2} opened_per_s={:.0} \
+             server_cpu_s={edge_cpu:.2}",
+            if plain { "plain" } else { "tls" },
+            total_delta as f64 / n as f64,
+            opened_per_sec
         );
         if edges > 1 {
             for (i, (b, a)) in before.iter().zip(&after).enumerate() {
