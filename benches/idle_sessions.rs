@@ -106,7 +106,7 @@ async fn client(job: Job) {
     let connectors: Vec<_> = job
         .edges
         .iter()
-        .map(|(_, pem, _)| support::tls_connector(pem, true))
+        .map(|(_, pem, _)| (!job.plain).then(|| support::tls_connector(pem, true)))
         .collect();
     let mut wt_endpoints: Vec<(
         u64,
@@ -130,6 +130,8 @@ async fn client(job: Job) {
                     });
                 } else {
                     let tls = connectors[e]
+                        .as_ref()
+                        .expect("a CA for TLS (TARGET_CA)")
                         .connect(ServerName::try_from("localhost").unwrap(), tcp)
                         .await
                         .unwrap();

@@ -185,7 +185,8 @@ for w in workloads:
                 return "n/a"
             if b == 0:
                 return "=" if a == 0 else "inf"
-            return f"{a / b:.2f}"
+            r = a / b
+            return f"{r:.2f}" if r >= 0.1 else f"{r:.4f}"
         e_node, e_nats = val(mine(w, "node")), val(mine(w, "nats"))
         node, nats = val("node"), val("nats")
         shown = e_node if e_node == e_nats else f"{e_node}/{e_nats}"

@@ -346,7 +346,9 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
                 line.truncate(line.len() - 1);
             }
             if !line.is_empty()
-                && let Verdict::Close(reason) = session.handle_frame(&line).await
+                // Boxed for the same reason as in the WebSocket read loop: idle sessions
+                // should not carry the frame handler's large future.
+                && let Verdict::Close(reason) = Box::pin(session.handle_frame(&line)).await
             {
                 return End::Close(reason);
             }
