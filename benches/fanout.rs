@@ -17,7 +17,8 @@
 //! - `TLS=1` for `wss://` instead of plain `ws://`,
 //! - `SWEEP=1`: repeat, multiplying `RATE` by `SWEEP_FACTOR` (default 1.5), until a step loses a
 //!   message, a subscriber is cut, or p99 passes `P99_LIMIT_MS` (default 100); print the highest
-//!   rate that passed.
+//!   rate that passed. When the first step already fails (and cut nobody), the sweep divides
+//!   instead, down to the first rate that passes.
 //!
 //! Against another server (see `benches/peers/run.sh`): `TARGET` comma-separated WebSocket URLs,
 //! `PROTOCOL` `edgeplex` (also spoken by the Node relay) or `nats`, `TARGET_PIDS` the server
@@ -485,6 +486,8 @@ where
 /// One measured step's outcome.
 struct Step {
     passed: bool,
+    /// Subscribers the server closed so far.
+    cut: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -594,6 +597,7 @@ fn step(
     );
     Step {
         passed: lost == 0 && closed == 0 && ms(0.99) <= p99_limit_ms,
+        cut: closed,
     }
 }
 
@@ -754,6 +758,7 @@ fn main() {
         "redis"
     );
     let mut best = None;
+    let mut going_down = false;
     loop {
         let s = step(
             rate,
@@ -768,11 +773,22 @@ fn main() {
         if !sweep {
             break;
         }
-        if !s.passed {
-            break;
+        // Up while steps pass. A first step that fails sends the sweep down instead, as long as
+        // no subscriber was cut (a cut one is gone for the rest of the run).
+        match (s.passed, best, going_down) {
+            (true, _, _) => {
+                best = Some(rate);
+                if going_down {
+                    break;
+                }
+                rate = (rate * factor).round();
+            }
+            (false, None, _) if s.cut == 0 && rate > 1.0 => {
+                going_down = true;
+                rate = (rate / factor).floor().max(1.0);
+            }
+            _ => break,
         }
-        best = Some(rate);
-        rate = (rate * factor).round();
     }
     if sweep {
         match best {

@@ -18,9 +18,9 @@
 //!
 //! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
 //! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
-//! `EDGES` and `LOADGENS`. Known problem: WebTransport right after a WebSocket round of about
-//! 4,000 sessions in the same invocation times out (each alone works, and so does 1,000 of each);
-//! until that is understood, run `TRANSPORTS=webtransport` on its own for large counts.
+//! `EDGES` and `LOADGENS`. Known problem: now and then one WebTransport handshake times out on
+//! the client (seen from about 700 sessions per edge, with or without earlier rounds); such
+//! sessions are counted and reported, and the figures are per session that opened.
 //! For a million on your own machine: `ulimit -n 1100000` (and
 //! `fs.nr_open`, `fs.file-max` above it), `net.ipv4.ip_local_port_range = 1024 65535`, and about
 //! 20 source addresses (each gives ~64,000 ports per destination).
@@ -103,6 +103,7 @@ impl Job {
 async fn client(job: Job) {
     let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
     let start = Instant::now();
+    let mut failed = 0u64;
     let connectors: Vec<_> = job
         .edges
         .iter()
@@ -166,7 +167,17 @@ async fn client(job: Job) {
                     }
                 };
                 let url = format!("https://127.0.0.1:{}/wt", addr.port());
-                let conn = wt_endpoints[idx].2.connect(&url).await.expect("a session");
+                // A failed handshake is counted, not fatal: see the known problem in the doc.
+                let conn = match wt_endpoints[idx].2.connect(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("session {i}: WebTransport handshake failed: {e}");
+                        }
+                        continue;
+                    }
+                };
                 let (mut send, recv) = conn.open_bi().await.unwrap().await.unwrap();
                 send.write_all(b"{\"op\":\"ping\"}\n").await.unwrap();
                 held.push(Box::new((conn, send, recv)));
@@ -174,7 +185,11 @@ async fn client(job: Job) {
             other => panic!("unknown transport {other}"),
         }
     }
-    println!("opened {} {:.3}", job.count, start.elapsed().as_secs_f64());
+    println!(
+        "opened {} {:.3} {failed}",
+        job.count - failed,
+        start.elapsed().as_secs_f64()
+    );
     std::io::stdout().flush().unwrap();
     // Hold everything until the parent closes stdin.
     let mut line = String::new();
@@ -342,13 +357,25 @@ fn main() {
                     .unwrap()
             })
             .collect();
+        let mut opened = 0u64;
         for g in &mut gens {
             let mut line = String::new();
             BufReader::new(g.stdout.as_mut().unwrap())
                 .read_line(&mut line)
                 .unwrap();
             assert!(line.starts_with("opened"), "load generator: {line:?}");
+            opened += line
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
         }
+        if opened < n {
+            println!("{:>20} {} of {n} sessions failed to open", "", n - opened);
+        }
+        // Per session that opened: a failed handshake leaves nothing behind to measure.
+        let n = opened.max(1);
         let opened_per_sec = n as f64 / start.elapsed().as_secs_f64();
         let cpu: f64 = gens.iter().map(|g| cpu_secs(g.id())).sum();
         let edge_cpu = cpu_of(&edge_pids) - edge_cpu;
