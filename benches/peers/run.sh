@@ -63,6 +63,15 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
   -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
   -addext keyUsage=digitalSignature -addext extendedKeyUsage=serverAuth 2>/dev/null
 
+# Records a server just started: $1 its pid, $2 its WebSocket port, $3 "tls" or "plain", $4 more
+# pids to measure with it. Waits for the port; sets URL and PIDS.
+started() {
+  pids+=("$1")
+  wait_port "$2"
+  URL="$([ "$3" = tls ] && echo wss || echo ws)://localhost:$2/ws"
+  PIDS="$1${4:+,$4}"
+}
+
 # Starts a scratch Redis; sets REDIS_PORT and REDIS_PID.
 start_redis() {
   REDIS_PORT=$(free_port)
@@ -79,11 +88,7 @@ start_node() {
   local port; port=$(free_port)
   local tls=(); [ "$1" = tls ] && tls=("$tmp/cert.pem" "$tmp/key.pem")
   node benches/peers/node-ws-redis/server.js "$port" "redis://127.0.0.1:$REDIS_PORT" "${tls[@]}" >/dev/null &
-  local node_pid=$!
-  pids+=("$node_pid")
-  wait_port "$port"
-  URL="$([ "$1" = tls ] && echo wss || echo ws)://localhost:$port/ws"
-  PIDS="$node_pid,$REDIS_PID"
+  started $! "$port" "$1" "$REDIS_PID"
 }
 
 # Starts nats-server with a WebSocket listener; $1 is "tls" or "plain". Sets URL and PIDS.
@@ -97,11 +102,7 @@ max_connections: 1000000
 websocket { listen: "127.0.0.1:$wsport", $tlsconf, compression: false }
 CONF
   nats-server -c "$tmp/nats-$1.conf" >/dev/null 2>&1 &
-  local nats_pid=$!
-  pids+=("$nats_pid")
-  wait_port "$wsport"
-  URL="$([ "$1" = tls ] && echo wss || echo ws)://localhost:$wsport/ws"
-  PIDS="$nats_pid"
+  started $! "$wsport" "$1"
 }
 
 stop_all() {
