@@ -49,6 +49,9 @@ impl SessionEnv {
     }
 }
 
+/// Publishes one session may have waiting for the bus's answer.
+pub const PUBLISHES_IN_FLIGHT: usize = 256;
+
 /// Why the outbox refused a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -296,6 +299,10 @@ pub struct Session {
     transport: Transport,
     env: Arc<SessionEnv>,
     outbox: Arc<Outbox>,
+    /// Publishes of this session not answered yet, at most [`PUBLISHES_IN_FLIGHT`]: without it
+    /// one session could fill the node's Redis queue that every session shares. Made at the
+    /// first publish, so subscribers never pay for it.
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
     subscriptions: HashSet<Channel>,
     /// Subscribed channels whose pushes go as datagrams; bounded by the subscriptions.
     datagram_channels: Arc<parking_lot::RwLock<HashSet<Channel>>>,
@@ -324,6 +331,7 @@ impl Session {
             id,
             transport,
             outbox,
+            in_flight: None,
             subscriptions: HashSet::new(),
             datagram_channels: Arc::default(),
             limiter: RateLimiter::direct(cfg.message_quota()),
@@ -566,12 +574,21 @@ impl Session {
                 }
                 // The reply is queued when the bus answers; meanwhile the session goes on
                 // reading, so a client's publishes are pipelined (their replies keep its order).
+                let slots = self
+                    .in_flight
+                    .get_or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(PUBLISHES_IN_FLIGHT))
+                    })
+                    .clone();
+                // Waits (and so stops reading this client) while the session is at its cap.
+                let slot = slots.acquire_owned().await.ok();
                 let outbox = self.outbox.clone();
                 let metrics = self.env.metrics.clone();
                 let public_id = self.public_id.clone();
                 self.env
                     .hub
                     .publish_then(&channel, data, move |outcome| {
+                        let _slot = slot;
                         let frame = match outcome {
                             Ok(()) => protocol::encode_ok(id),
                             Err(BusError::Unavailable(why)) => error_frame(
@@ -650,15 +667,18 @@ mod tests {
     fn env(
         edit: impl FnOnce(&mut FileConfig),
     ) -> (Arc<SessionEnv>, Arc<crate::admission::Admission>) {
+        env_on(Bus::Memory(MemoryBus::default()), edit)
+    }
+
+    fn env_on(
+        bus: Bus,
+        edit: impl FnOnce(&mut FileConfig),
+    ) -> (Arc<SessionEnv>, Arc<crate::admission::Admission>) {
         let mut f = FileConfig::default();
         edit(&mut f);
         let cfg = Config::from_file_config(f).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(
-            Bus::Memory(MemoryBus::default()),
-            100,
-            metrics.clone(),
-        ));
+        let hub = Arc::new(Hub::new(bus, 100, metrics.clone()));
         let admission = Arc::new(crate::admission::Admission::new(
             cfg.admission,
             cfg.limits,
@@ -786,5 +806,31 @@ mod tests {
         o.drain(&mut out);
         assert_eq!(out.len(), 1000);
         assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn publishes_in_flight_per_session_are_capped() {
+        let bus = Bus::Redis(crate::bus::redis::RedisBus::stalled_for_tests());
+        let e = env_on(bus, |f| {
+            f.admission.exempt = vec!["192.0.2.0/24".into()];
+            f.session.messages_per_second = 1_000_000;
+            f.session.message_burst = 1_000_000;
+        });
+        let mut s = open(&e);
+        let publish = |i: usize| format!(r#"{{"id":{i},"op":"publish","channel":"a","data":1}}"#);
+        let wait = std::time::Duration::from_millis(50);
+        for i in 0..PUBLISHES_IN_FLIGHT {
+            let frame = publish(i);
+            tokio::time::timeout(wait, s.handle_frame(frame.as_bytes()))
+                .await
+                .expect("within the cap a publish is queued at once");
+        }
+        let frame = publish(PUBLISHES_IN_FLIGHT);
+        assert!(
+            tokio::time::timeout(wait, s.handle_frame(frame.as_bytes()))
+                .await
+                .is_err(),
+            "one more waits until an earlier one is answered"
+        );
     }
 }

@@ -347,6 +347,7 @@ async fn connect_via_proxy(t: &TestEdge, header: &[u8]) -> Result<common::Client
     let mut c = common::Client {
         ws,
         welcome: Value::Null,
+        held: Default::default(),
     };
     c.welcome = c.recv().await;
     Ok(c)

@@ -240,6 +240,7 @@ impl Served {
         let mut c = common::Client {
             ws,
             welcome: serde_json::Value::Null,
+            held: Default::default(),
         };
         c.welcome = c.recv().await;
         Ok(c)

@@ -88,6 +88,7 @@ async fn a_reload_serves_renewed_certificates_on_tcp_and_quic() {
     let mut session = common::Client {
         ws,
         welcome: serde_json::Value::Null,
+        held: Default::default(),
     };
     session.welcome = session.recv().await;
 

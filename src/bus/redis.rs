@@ -92,6 +92,9 @@ struct PublishJob {
     key: String,
     data: String,
     done: PublishDone,
+    /// Queued at most `bus.redis_timeout` ago when sent; older, it is answered `unavailable`
+    /// unsent, so a publish waits at most twice that in all.
+    deadline: tokio::time::Instant,
     /// The job's share of [`PUBLISH_QUEUE_BYTES`], given back when it is answered.
     _bytes: tokio::sync::OwnedSemaphorePermit,
 }
@@ -219,12 +222,9 @@ impl RedisBus {
 
     /// Queues a publish and returns once it is queued (waiting for room when the queue is
     /// full); `done` gets the outcome when Redis answered. Publishes queued by one caller are
-    /// sent, and answered, in the order they were queued.
+    /// sent, and answered, in the order they were queued: even a refusal because Redis is down
+    /// comes from the pipeline, behind what was queued before it.
     pub async fn publish_then(&self, channel: &Channel, data: &str, done: PublishDone) {
-        if !self.is_ready() {
-            self.publish_errors.inc();
-            return done(Err(BusError::Unavailable("Redis is unreachable")));
-        }
         // A message larger than the whole byte budget still goes, alone.
         let want = data.len().clamp(1, PUBLISH_QUEUE_BYTES) as u32;
         let Ok(bytes) = self.publish_bytes.clone().acquire_many_owned(want).await else {
@@ -234,10 +234,19 @@ impl RedisBus {
             key: self.key(channel),
             data: data.to_owned(),
             done,
+            deadline: tokio::time::Instant::now() + self.settings.timeout,
             _bytes: bytes,
         };
         if let Err(e) = self.publish_tx.send(job).await {
             (e.0.done)(Err(BusError::Unavailable("the edge is shutting down")));
+        }
+    }
+
+    /// Starts the pipeline task. `stop` should fire only once nothing can publish any more
+    /// (after the admin listener, which serves the publish API through the grace period).
+    pub fn spawn_publisher(self: &Arc<Self>, stop: CancellationToken) {
+        if let Some(rx) = self.publish_rx.lock().take() {
+            tokio::spawn(self.clone().run_publisher(rx, stop));
         }
     }
 
@@ -257,88 +266,99 @@ impl RedisBus {
             if n == 0 {
                 break;
             }
-            let results = self.send_batch(&batch).await;
+            let results = if !self.is_ready() {
+                // Refused here rather than by the caller, so the refusal keeps its place.
+                vec![Err(BusError::Unavailable("Redis is unreachable")); batch.len()]
+            } else {
+                self.send_batch(&batch).await
+            };
             for (job, result) in batch.drain(..).zip(results) {
-                if result.is_err() {
-                    self.publish_errors.inc();
-                }
-                (job.done)(result);
+                answer(job, result);
             }
         }
         rx.close();
         while let Ok(job) = rx.try_recv() {
-            (job.done)(Err(BusError::Unavailable("the edge is shutting down")));
+            answer(job, Err(BusError::Unavailable("the edge is shutting down")));
         }
     }
 
-    /// One pipeline of script calls; one outcome per job, in order.
+    /// One pipeline: the script, loaded again (a no-op when Redis has it; so a Redis that
+    /// restarted never answers NOSCRIPT to part of a batch, which a retry would reorder), then
+    /// one script call per job still within its deadline. One outcome per job, in order.
     async fn send_batch(&self, batch: &[PublishJob]) -> Vec<Result<Offset, BusError>> {
-        let mut conn = self.publisher.clone();
-        let mut outcomes: Vec<Option<Result<Offset, BusError>>> = vec![None; batch.len()];
-        let mut todo: Vec<usize> = (0..batch.len()).collect();
-        // Twice at most: a second pass only for calls Redis refused as NOSCRIPT (its script
-        // cache is empty after a restart), once the script is loaded again.
-        for pass in 0..2 {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for &i in &todo {
-                let job = &batch[i];
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(1)
-                    .arg(&job.key)
-                    .arg(&job.data)
-                    .arg(self.settings.history_len)
-                    .arg(self.settings.history_ttl.as_millis() as u64)
-                    .arg(&job.key);
-            }
-            let call = pipe.query_async::<Vec<redis::RedisResult<String>>>(&mut conn);
-            let replies = match tokio::time::timeout(self.settings.timeout, call).await {
-                Ok(Ok(replies)) if replies.len() == todo.len() => replies,
-                Ok(Ok(_)) => {
-                    tracing::error!("Redis answered a pipeline with the wrong number of replies");
-                    return fill(outcomes, "Redis answered with unexpected replies");
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "publish to Redis failed");
-                    return fill(outcomes, "publish to Redis failed");
-                }
-                Err(_) => {
-                    tracing::warn!("publish to Redis timed out");
-                    return fill(outcomes, "publish to Redis timed out");
-                }
-            };
-            let mut again = Vec::new();
-            for (&i, reply) in todo.iter().zip(replies) {
-                outcomes[i] = Some(match reply {
-                    Ok(id) => id.parse().map_err(|_| {
-                        tracing::error!(%id, "Redis returned a stream id that is not an offset");
-                        BusError::Unavailable("Redis answered with an unexpected id")
-                    }),
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-                            && pass == 0 =>
-                    {
-                        again.push(i);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "publish to Redis failed");
-                        Err(BusError::Unavailable("publish to Redis failed"))
-                    }
-                });
-            }
-            if again.is_empty() {
-                break;
-            }
-            if let Err(e) = self.script.load_async(&mut conn).await {
-                tracing::warn!(error = %e, "cannot load the publish script into Redis");
-                return fill(outcomes, "publish to Redis failed");
-            }
-            todo = again;
+        let now = tokio::time::Instant::now();
+        let mut outcomes: Vec<Option<Result<Offset, BusError>>> = batch
+            .iter()
+            .map(|job| {
+                // Waited in the queue past its deadline: never sent, so a retry cannot repeat it.
+                (job.deadline <= now)
+                    .then_some(Err(BusError::Unavailable("publish to Redis timed out")))
+            })
+            .collect();
+        let todo: Vec<usize> = (0..batch.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        if todo.is_empty() {
+            return self.counted(fill(outcomes, "publish to Redis timed out"));
         }
-        fill(outcomes, "publish to Redis failed")
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).ignore();
+        for &i in &todo {
+            let job = &batch[i];
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(1)
+                .arg(&job.key)
+                .arg(&job.data)
+                .arg(self.settings.history_len)
+                .arg(self.settings.history_ttl.as_millis() as u64)
+                .arg(&job.key);
+        }
+        let mut conn = self.publisher.clone();
+        let call = pipe.query_async::<Vec<redis::RedisResult<String>>>(&mut conn);
+        let why = match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(replies)) if replies.len() == todo.len() => {
+                for (&i, reply) in todo.iter().zip(replies) {
+                    outcomes[i] = Some(match reply {
+                        Ok(id) => id.parse().map_err(|_| {
+                            tracing::error!(%id, "Redis returned a stream id that is not an offset");
+                            BusError::Unavailable("Redis answered with an unexpected id")
+                        }),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "publish to Redis failed");
+                            Err(BusError::Unavailable("publish to Redis failed"))
+                        }
+                    });
+                }
+                "publish to Redis failed"
+            }
+            Ok(Ok(_)) => {
+                tracing::error!("Redis answered a pipeline with the wrong number of replies");
+                "Redis answered with unexpected replies"
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "publish to Redis failed");
+                "publish to Redis failed"
+            }
+            Err(_) => {
+                tracing::warn!("publish to Redis timed out");
+                "publish to Redis timed out"
+            }
+        };
+        self.counted(fill(outcomes, why))
+    }
+
+    /// Counts the failures among `outcomes` in `edgeplex_redis_publish_errors_total` (Redis
+    /// refused or did not answer in time; a refusal while Redis is known down is not counted,
+    /// as before the pipeline).
+    fn counted(&self, outcomes: Vec<Result<Offset, BusError>>) -> Vec<Result<Offset, BusError>> {
+        for o in &outcomes {
+            if o.is_err() {
+                self.publish_errors.inc();
+            }
+        }
+        outcomes
     }
 
     /// The channel's retained messages after `since`, from its history stream.
@@ -504,9 +524,6 @@ impl RedisBus {
     /// The subscriber connection's life: connect, restore, deliver, and on loss start over with
     /// capped backoff. Ends when `stop` is cancelled or the hub is gone.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
-        if let Some(rx) = self.publish_rx.lock().take() {
-            tokio::spawn(self.clone().run_publisher(rx, stop.clone()));
-        }
         let mut backoff = RECONNECT_MIN;
         let mut ever_connected = false;
         let mut logged_down = false;
@@ -595,6 +612,34 @@ impl RedisBus {
     }
 }
 
+#[cfg(test)]
+impl RedisBus {
+    /// A bus that believes it is connected but whose pipeline task never runs: nothing leaves
+    /// the queue, so what it holds is what the caps allow.
+    pub(crate) fn stalled_for_tests() -> Arc<RedisBus> {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1/".into(),
+            ca: None,
+            prefix: "t:".into(),
+            history_len: 10,
+            history_ttl: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        };
+        let bus = RedisBus::new(settings, Arc::new(Metrics::new())).unwrap();
+        bus.connected.store(true, Ordering::Release);
+        Arc::new(bus)
+    }
+}
+
+/// Hands a job its outcome. A callback that panicked would otherwise end the pipeline task and
+/// with it every later publish of the node; it is contained and logged instead.
+fn answer(job: PublishJob, result: Result<Offset, BusError>) {
+    let done = job.done;
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result))).is_err() {
+        tracing::error!("a publish callback panicked; the pipeline goes on");
+    }
+}
+
 /// Every job not answered yet gets `why`.
 fn fill(
     outcomes: Vec<Option<Result<Offset, BusError>>>,
@@ -630,20 +675,8 @@ mod tests {
         assert!(parse_envelope(r#"{"$edgeplex":"1-1","dat":1}"#).is_none());
     }
 
-    /// A bus that believes it is connected but whose pipeline task never runs: nothing leaves
-    /// the queue, so what it holds is what the caps allow.
     fn stalled_bus() -> Arc<RedisBus> {
-        let settings = RedisSettings {
-            url: "redis://127.0.0.1:1/".into(),
-            ca: None,
-            prefix: "t:".into(),
-            history_len: 10,
-            history_ttl: Duration::from_secs(60),
-            timeout: Duration::from_secs(1),
-        };
-        let bus = RedisBus::new(settings, Arc::new(Metrics::new())).unwrap();
-        bus.connected.store(true, Ordering::Release);
-        Arc::new(bus)
+        RedisBus::stalled_for_tests()
     }
 
     async fn queued(bus: &Arc<RedisBus>, data: String) -> bool {

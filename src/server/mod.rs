@@ -186,7 +186,11 @@ impl Edge {
             Some(r) => Bus::Redis(r.clone()),
         };
         let hub = Arc::new(Hub::new(bus, config.server.max_channels, metrics.clone()));
+        // Cancelled last, once the grace period is over: the admin listener serves the publish
+        // API until then, so the Redis publish pipeline must outlive the sessions.
+        let admin_stop = CancellationToken::new();
         if let Some(r) = redis {
+            r.spawn_publisher(admin_stop.child_token());
             // Stops with the shutdown signal: sessions are closed with 1001 at that moment and
             // need no more deliveries.
             tokio::spawn(r.run(Arc::downgrade(&hub), shutdown.child_token()));
@@ -281,7 +285,6 @@ impl Edge {
                 public_stop,
             ));
         }
-        let admin_stop = CancellationToken::new();
         if let Some(l) = admin_listener {
             tokio::spawn(tcp::accept_loop(
                 l,

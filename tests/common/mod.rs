@@ -87,6 +87,9 @@ pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 pub struct Client {
     pub ws: Ws,
     pub welcome: Value,
+    /// Pushes that arrived while [`Client::request`] waited for its reply; `recv` returns them
+    /// first, in order.
+    pub held: std::collections::VecDeque<Value>,
 }
 
 impl TestEdge {
@@ -132,6 +135,7 @@ impl TestEdge {
         let mut c = Client {
             ws,
             welcome: Value::Null,
+            held: Default::default(),
         };
         c.welcome = c.recv().await;
         assert_eq!(c.welcome["op"], "welcome", "first frame is the welcome");
@@ -182,6 +186,13 @@ impl Client {
 
     /// Next text frame as JSON; fails the test on close, error or timeout.
     pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.held.pop_front() {
+            return v;
+        }
+        self.recv_wire().await
+    }
+
+    async fn recv_wire(&mut self) -> Value {
         loop {
             let m = tokio::time::timeout(TIMEOUT, self.ws.next())
                 .await
@@ -196,10 +207,20 @@ impl Client {
         }
     }
 
-    /// Sends a request and returns the next frame (its reply, when nothing else is in flight).
+    /// Sends a request and returns the next frame that is not a push: its reply, when nothing
+    /// else is in flight. Pushes that come first are held for `recv`, in order: on the Redis
+    /// bus a publish's own message can overtake its reply (they travel on different Redis
+    /// connections), and the protocol matches replies by id, not by position.
     pub async fn request(&mut self, v: Value) -> Value {
         self.send(v).await;
-        self.recv().await
+        loop {
+            let f = self.recv_wire().await;
+            if matches!(f["op"].as_str(), Some("message" | "gap")) {
+                self.held.push_back(f);
+                continue;
+            }
+            return f;
+        }
     }
 
     pub async fn subscribe(&mut self, id: u64, channel: &str) {
