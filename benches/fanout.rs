@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use support::{
     EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, new_histogram, rss_kib, share,
-    source, tcp_from,
+    source, tcp_from, worker_var,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -197,15 +197,10 @@ struct Target {
 
 fn targets(urls: &str) -> Vec<Target> {
     urls.split(',')
-        .map(|u| {
-            let tls = u.starts_with("wss://");
-            let rest = u.split_once("://").expect("a ws:// or wss:// URL").1;
-            let host = rest.split('/').next().unwrap();
-            Target {
-                url: u.replace("127.0.0.1", "localhost"),
-                addr: host.replace("localhost", "127.0.0.1").parse().unwrap(),
-                tls,
-            }
+        .map(|u| Target {
+            url: u.replace("127.0.0.1", "localhost"),
+            addr: support::url_addr(u),
+            tls: u.starts_with("wss://"),
         })
         .collect()
 }
@@ -278,10 +273,6 @@ async fn subscriber<S>(
     stats.closed.fetch_add(1, Ordering::Relaxed);
 }
 
-fn var(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} is set for a worker"))
-}
-
 fn connector() -> Option<tokio_rustls::TlsConnector> {
     let ca = std::env::var("FAN_CA").unwrap_or_default();
     (!ca.is_empty()).then(|| support::tls_connector(&ca, true))
@@ -289,13 +280,13 @@ fn connector() -> Option<tokio_rustls::TlsConnector> {
 
 /// Subscriber role: opens its share of subscribers, then answers `reset`, `count`, `report`.
 async fn subscribers_role() {
-    let protocol = Protocol::parse(&var("FAN_PROTOCOL"));
-    let targets = targets(&var("FAN_URLS"));
-    let first: u64 = var("FAN_FIRST").parse().unwrap();
-    let count: u64 = var("FAN_COUNT").parse().unwrap();
-    let channels: u64 = var("FAN_CHANNELS").parse().unwrap();
-    let generator: u64 = var("FAN_INDEX").parse().unwrap();
-    let sources: u64 = var("FAN_SOURCES").parse().unwrap();
+    let protocol = Protocol::parse(&worker_var("FAN_PROTOCOL"));
+    let targets = targets(&worker_var("FAN_URLS"));
+    let first: u64 = worker_var("FAN_FIRST").parse().unwrap();
+    let count: u64 = worker_var("FAN_COUNT").parse().unwrap();
+    let channels: u64 = worker_var("FAN_CHANNELS").parse().unwrap();
+    let generator: u64 = worker_var("FAN_INDEX").parse().unwrap();
+    let sources: u64 = worker_var("FAN_SOURCES").parse().unwrap();
     let connector = connector();
     let stats = Arc::new(Stats::new());
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1024);
@@ -347,11 +338,11 @@ async fn subscribers_role() {
 /// Publisher role: one connection per share of the channels; `run RATE SECS` publishes
 /// RATE messages per second to every channel for SECS seconds.
 async fn publisher_role() {
-    let protocol = Protocol::parse(&var("FAN_PROTOCOL"));
-    let targets = targets(&var("FAN_URLS"));
-    let channels: u64 = var("FAN_CHANNELS").parse().unwrap();
-    let conns: u64 = var("FAN_CONNS").parse().unwrap();
-    let payload_len: usize = var("FAN_PAYLOAD").parse().unwrap();
+    let protocol = Protocol::parse(&worker_var("FAN_PROTOCOL"));
+    let targets = targets(&worker_var("FAN_URLS"));
+    let channels: u64 = worker_var("FAN_CHANNELS").parse().unwrap();
+    let conns: u64 = worker_var("FAN_CONNS").parse().unwrap();
+    let payload_len: usize = worker_var("FAN_PAYLOAD").parse().unwrap();
     let connector = connector();
     let mut sinks = Vec::new();
     for c in 0..conns {
@@ -631,19 +622,13 @@ fn main() {
     let mut redis = None;
     let mut edge_procs = Vec::new();
     let (urls, ca, protocol, edge_pids, what) = match std::env::var("TARGET") {
-        Ok(t) if !t.is_empty() => {
-            let pids: Vec<u32> = env_str("TARGET_PIDS", "")
-                .split(',')
-                .filter_map(|p| p.parse().ok())
-                .collect();
-            (
-                t.clone(),
-                env_str("TARGET_CA", ""),
-                env_str("PROTOCOL", "edgeplex"),
-                pids,
-                format!("target {t}"),
-            )
-        }
+        Ok(t) if !t.is_empty() => (
+            t.clone(),
+            env_str("TARGET_CA", ""),
+            env_str("PROTOCOL", "edgeplex"),
+            support::target_pids(),
+            format!("target {t}"),
+        ),
         _ => {
             let redis_url = match bus.as_str() {
                 "redis" => {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use support::{EdgeProc, Worker, cpu_of, cpu_secs, env, new_histogram, share, source, tcp_from};
+use support::{EdgeProc, Worker, cpu_of, env, new_histogram, share, source, tcp_from};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// One handshake: the WebSocket upgrade and its welcome frame, when asked for.
@@ -33,7 +33,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(io: S, url: &str) -> bool {
 }
 
 async fn handshaker() {
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set for a worker"));
+    let var = support::worker_var;
     let addrs: Vec<std::net::SocketAddr> = var("HS_ADDRS")
         .split(',')
         .map(|a| a.parse().unwrap())
@@ -189,7 +189,7 @@ fn main() {
         }
         let wall = wall.elapsed().as_secs_f64();
         let edge_cpu = cpu_of(&edge_pids) - cpu0.0;
-        let gen_cpu: f64 = gen_pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0.1;
+        let gen_cpu = cpu_of(&gen_pids) - cpu0.1;
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         println!(
             "{:>10} {:>10} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>9.2} {:>8.0}% {:>8.0}%",

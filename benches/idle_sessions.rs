@@ -71,7 +71,7 @@ impl Job {
     }
 
     fn from_env() -> Job {
-        let var = |k: &str| std::env::var(k).unwrap();
+        let var = support::worker_var;
         Job {
             transport: var("JOB_TRANSPORT"),
             plain: var("JOB_PLAIN") == "1",
@@ -320,16 +320,15 @@ fn main() {
                 )
             } else {
                 (
-                    env_str("TARGET_PIDS", "")
-                        .split(',')
-                        .filter_map(|p| p.parse().ok())
-                        .collect(),
+                    support::target_pids(),
                     target
                         .split(',')
                         .map(|u| {
-                            let host = u.split("://").nth(1).unwrap().split('/').next().unwrap();
-                            let addr = host.replace("localhost", "127.0.0.1").parse().unwrap();
-                            (addr, env_str("TARGET_CA", ""), String::new())
+                            (
+                                support::url_addr(u),
+                                env_str("TARGET_CA", ""),
+                                String::new(),
+                            )
                         })
                         .collect(),
                 )

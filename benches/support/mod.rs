@@ -302,6 +302,27 @@ impl Control {
     }
 }
 
+/// A variable the coordinator set for a worker process; a missing one is a bug in the bench.
+pub fn worker_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set for a worker"))
+}
+
+/// The server processes named in `TARGET_PIDS` (comma-separated): what a run against a server
+/// the bench did not start reads CPU and memory from.
+pub fn target_pids() -> Vec<u32> {
+    env_str("TARGET_PIDS", "")
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The socket address of a `ws://` or `wss://` URL on `localhost` or an IP address.
+pub fn url_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").expect("a ws:// or wss:// URL").1;
+    let host = rest.split('/').next().unwrap();
+    host.replace("localhost", "127.0.0.1").parse().unwrap()
+}
+
 /// Source address number `i` of load generator `generator`: 127.0.<1+generator>.<2..>, so
 /// generators never share one and each spreads over `sources` addresses.
 pub fn source(generator: u64, sources: u64, i: u64) -> IpAddr {

@@ -9,17 +9,18 @@
 //! as the message's data, without an offset.
 //!
 //! Each node holds one publishing connection (a `ConnectionManager`, which reconnects by itself)
-//! and one subscriber connection, owned by [`RedisBus::run`].
-//!
-//! Publishes go through one queue per node, bounded in count and bytes, drained by one task that
-//! sends what is waiting as a single pipeline and answers each publisher when Redis has. A session
-//! therefore never waits a Redis round trip per message: under load one round trip carries many
-//! publishes, and one session's publishes keep their order because the queue and the pipeline do.
-//! Before this, each session awaited every publish in turn; with the two cores busy a round trip
-//! took milliseconds and one publishing session managed ~150 messages per second. redis-rs's `aio::PubSub` never
+//! and one subscriber connection, owned by [`RedisBus::run`]. redis-rs's `aio::PubSub` never
 //! reconnects, so that task does: on loss it marks the bus down (publishes and new subscribes
 //! answer `unavailable`, `/readyz` fails), retries with capped backoff, resubscribes every channel
 //! the hub holds, and sends each local subscriber a `gap` notice for the outage.
+//!
+//! Publishes go through one queue per node, bounded in count and bytes, drained by one task
+//! ([`RedisBus::spawn_publisher`]) that sends what is waiting as a single pipeline and answers
+//! each publisher when Redis has. A session therefore never waits a Redis round trip per message:
+//! under load one round trip carries many publishes, and one session's publishes keep their order
+//! because the queue and the pipeline do. Before this, each session awaited every publish in turn;
+//! with the two cores busy a round trip took milliseconds and one publishing session managed ~150
+//! messages per second.
 //!
 //! The set of Redis subscriptions follows the hub's channel table: one per channel with local
 //! subscribers, added before the subscribing client gets its `ok`, dropped when the last local
@@ -113,7 +114,7 @@ pub struct RedisBus {
     publisher: ConnectionManager,
     script: redis::Script,
     publish_tx: tokio::sync::mpsc::Sender<PublishJob>,
-    /// Taken by the pipeline task when [`RedisBus::run`] starts it.
+    /// Taken by the pipeline task when [`RedisBus::spawn_publisher`] starts it.
     publish_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<PublishJob>>>,
     publish_bytes: Arc<tokio::sync::Semaphore>,
     subs: tokio::sync::Mutex<SubState>,
@@ -675,10 +676,6 @@ mod tests {
         assert!(parse_envelope(r#"{"$edgeplex":"1-1","dat":1}"#).is_none());
     }
 
-    fn stalled_bus() -> Arc<RedisBus> {
-        RedisBus::stalled_for_tests()
-    }
-
     async fn queued(bus: &Arc<RedisBus>, data: String) -> bool {
         let ch = Channel::new("c").unwrap();
         let b = bus.clone();
@@ -690,7 +687,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_queue_count_cap_holds() {
-        let bus = stalled_bus();
+        let bus = RedisBus::stalled_for_tests();
         for i in 0..PUBLISH_QUEUE {
             assert!(queued(&bus, "1".into()).await, "publish {i} fits");
         }
@@ -702,7 +699,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_queue_byte_cap_holds() {
-        let bus = stalled_bus();
+        let bus = RedisBus::stalled_for_tests();
         let big = format!("\"{}\"", "x".repeat(PUBLISH_QUEUE_BYTES / 2 - 2));
         assert!(queued(&bus, big.clone()).await);
         assert!(
