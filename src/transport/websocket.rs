@@ -13,6 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -21,9 +22,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
+use crate::admission::SessionTicket;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::routes::{ConnInfo, admit_origin, client_of, refusal_response, text};
+use crate::protocol::Frame;
+use crate::server::routes::{ConnInfo, ConnSlot, admit_origin, client_of, refusal_response, text};
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
 
@@ -74,34 +77,15 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
     };
 
     let on_upgrade = hyper::upgrade::on(req);
-    let st = state.clone();
-    state.tasks.spawn(async move {
-        let _slot = slot;
-        let _conn_slot = info.permit;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(peer = %info.peer, error = %e, "websocket upgrade failed");
-                return;
-            }
-        };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config(&st.config.session)),
-        )
-        .await;
-        let session = Session::open(st.sessions.clone(), Transport::websocket, ticket);
-        let span = tracing::info_span!(
-            "session",
-            id = %session.public_id(),
-            peer = %info.peer,
-            client = %client.ip,
-            transport = "websocket",
-            tls = info.tls
-        );
-        run(ws, session, st).instrument(span).await;
-    });
+    state.tasks.spawn(serve(
+        on_upgrade,
+        state.clone(),
+        ticket,
+        (slot, info.permit),
+        info.peer,
+        info.tls,
+        client.ip,
+    ));
 
     let mut resp = Response::new(full_body(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -165,41 +149,108 @@ enum End {
 /// Keep the drained-batch vector small between bursts.
 const BATCH_KEEP_CAPACITY: usize = 64;
 
-/// Runs one session. Reading and writing are separate halves polled together, so a client whose
-/// socket is full can still be read (it can still unsubscribe or close), and a write that stalls
-/// cannot stop shutdown or the idle check. Every write is bounded by `session.write_timeout`.
-async fn run<S>(ws: WebSocketStream<S>, mut session: Session, state: Arc<EdgeState>)
+/// The session task: waits for the upgrade, then runs the session and its close.
+///
+/// This future is what every idle session keeps alive, so each large value in it (the WebSocket,
+/// the session) is created here and lent to what runs it, and is held once. For the same reason
+/// this is a `fn` returning an `async move` block, not an `async fn`: an `async fn` moves each
+/// argument into a local of its own, and the future keeps room for both copies.
+#[allow(clippy::manual_async_fn)]
+fn serve(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    state: Arc<EdgeState>,
+    ticket: SessionTicket,
+    // Held for the session's life: its place under the session cap and the connection cap.
+    slots: (OwnedSemaphorePermit, Option<Arc<ConnSlot>>),
+    peer: std::net::SocketAddr,
+    tls: bool,
+    client_ip: std::net::IpAddr,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Named so the block owns them: they are released when the session ends.
+        let _slots = &slots;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config(&state.config.session)),
+        )
+        .await;
+        let (mut sink, mut stream) = ws.split();
+        let mut session = Session::open(state.sessions.clone(), Transport::websocket, ticket);
+        let span = tracing::info_span!(
+            "session",
+            id = %session.public_id(),
+            %peer,
+            client = %client_ip,
+            transport = "websocket",
+            tls
+        );
+        let end = run(&mut sink, &mut stream, &mut session, &state)
+            .instrument(span.clone())
+            .await;
+        // Replies already queued (say, the refusals before a 1008) go out before the close
+        // frame, so the client sees why. An overflowed outbox holds nothing; on shutdown nothing
+        // is owed.
+        let mut owed = Vec::new();
+        if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
+            session.outbox().drain(&mut owed);
+        }
+        // The session leaves the hub before the close handshake, so nothing more is queued
+        // for it.
+        drop(session);
+        close(sink, stream, end, owed).instrument(span).await;
+    }
+}
+
+type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
+type Stream<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
+
+/// Runs one session until it ends. Reading and writing are separate halves polled together, so a
+/// client whose socket is full can still be read (it can still unsubscribe or close), and a write
+/// that stalls cannot stop shutdown or the idle check. Every write is bounded by
+/// `session.write_timeout`.
+async fn run<S>(
+    sink: &mut Sink<S>,
+    stream: &mut Stream<S>,
+    session: &mut Session,
+    state: &EdgeState,
+) -> End
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     tracing::debug!("session open");
-    let cfg = state.config.session.clone();
+    let cfg = &state.config.session;
     let labels = TransportLabels {
         transport: Transport::websocket,
     };
     let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
     let outbox = session.outbox().clone();
-    let (mut sink, mut stream) = ws.split();
 
     let end = tokio::select! {
         _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
-        end = write_half(&mut sink, &outbox, &cfg, &messages_out) => end,
-        end = read_half(&mut stream, &mut session, &cfg) => end,
+        end = write_half(sink, &outbox, cfg, &messages_out) => end,
+        end = read_half(stream, session, cfg) => end,
     };
-
     let reason = match &end {
         End::Close(r) => Some(r),
         End::Gone => None,
     };
     CloseReason::count(reason, Transport::websocket, &state.metrics);
-    // Replies already queued (say, the refusals before a 1008) go out before the close frame, so
-    // the client sees why. An overflowed outbox holds nothing; on shutdown nothing is owed.
-    let mut owed = Vec::new();
-    if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
-        outbox.drain(&mut owed);
-    }
-    // The session leaves the hub before the close handshake, so nothing more is queued for it.
-    drop(session);
+    end
+}
+
+/// Sends what is owed and the close frame, and waits (bounded) for the client's answer.
+async fn close<S>(mut sink: Sink<S>, mut stream: Stream<S>, end: End, owed: Vec<Frame>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
         match end {
             End::Close(reason) => {
@@ -238,7 +289,7 @@ where
 
 /// Writes what the outbox holds (one flush per wake-up) and pings on the interval.
 async fn write_half<S>(
-    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    sink: &mut Sink<S>,
     outbox: &crate::session::Outbox,
     cfg: &SessionConfig,
     messages_out: &prometheus_client::metrics::counter::Counter,
@@ -267,7 +318,10 @@ where
                     }
                     sink.flush().await
                 };
-                match tokio::time::timeout(cfg.write_timeout, write).await {
+                // Boxed for the same reason as the frame handler: inline, every idle session's
+                // task would carry room for a write in progress. One allocation per wake-up,
+                // next to a system call.
+                match Box::pin(tokio::time::timeout(cfg.write_timeout, write)).await {
                     Ok(Ok(())) => {
                         messages_out.inc_by(n);
                     }
@@ -283,10 +337,11 @@ where
                 }
             }
             _ = ping.tick() => {
-                let sent = tokio::time::timeout(
+                // Boxed like the write above; a ping is rare.
+                let sent = Box::pin(tokio::time::timeout(
                     cfg.write_timeout,
                     sink.send(Message::Ping(Default::default())),
-                )
+                ))
                 .await;
                 match sent {
                     Ok(Ok(())) => {}
@@ -300,11 +355,7 @@ where
 
 /// Reads client frames into the session until it says close, the client goes, or nothing has
 /// been heard for `session.idle_timeout` (pongs to our pings count as heard).
-async fn read_half<S>(
-    stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
-    session: &mut Session,
-    cfg: &SessionConfig,
-) -> End
+async fn read_half<S>(stream: &mut Stream<S>, session: &mut Session, cfg: &SessionConfig) -> End
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
