@@ -32,30 +32,21 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use support::{
-    EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, new_histogram, rss_kib, share,
-    source, tcp_from, worker_var,
+    EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, for_each_stamp, new_histogram,
+    now_micros, rss_kib, share, source, tcp_from, worker_var,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The marker around a payload's timestamp; not a character channel names or offsets can hold.
-const MARK: u8 = b'#';
 const SHARDS: usize = 64;
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Protocol {
@@ -110,27 +101,6 @@ impl Protocol {
             Protocol::Nats => {
                 Message::binary(format!("PUB {channel} {}\r\n{payload}\r\n", payload.len()))
             }
-        }
-    }
-}
-
-/// Calls `f` with the timestamp of every payload in `frame` (a server may put several in one).
-fn for_each_stamp(frame: &[u8], mut f: impl FnMut(u64)) {
-    let mut i = 0;
-    while let Some(p) = frame[i..].iter().position(|b| *b == MARK) {
-        let start = i + p + 1;
-        let len = frame[start..]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        if frame.get(start + len) == Some(&MARK) {
-            let ts = frame[start..start + len]
-                .iter()
-                .fold(0u64, |a, d| a * 10 + u64::from(d - b'0'));
-            f(ts);
-            i = start + len + 1;
-        } else {
-            i = start;
         }
     }
 }
@@ -216,14 +186,22 @@ macro_rules! with_ws {
                 .connect(ServerName::try_from("localhost").unwrap(), tcp)
                 .await
                 .expect("TLS handshake");
-            let ($ws, _) = tokio_tungstenite::client_async(&$t.url, tls)
-                .await
-                .expect("WebSocket upgrade");
+            let ($ws, _) = tokio_tungstenite::client_async_with_config(
+                &$t.url,
+                tls,
+                Some(support::client_ws_config()),
+            )
+            .await
+            .expect("WebSocket upgrade");
             $then
         } else {
-            let ($ws, _) = tokio_tungstenite::client_async(&$t.url, tcp)
-                .await
-                .expect("WebSocket upgrade");
+            let ($ws, _) = tokio_tungstenite::client_async_with_config(
+                &$t.url,
+                tcp,
+                Some(support::client_ws_config()),
+            )
+            .await
+            .expect("WebSocket upgrade");
             $then
         }
     }};
@@ -601,7 +579,13 @@ fn main() {
             .unwrap()
     };
     match std::env::var(support::ROLE).as_deref() {
-        Ok("subscribers") => return rt().block_on(subscribers_role()),
+        Ok("subscribers") => {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(subscribers_role());
+        }
         Ok("publisher") => return rt().block_on(publisher_role()),
         _ => {}
     }

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
@@ -379,4 +379,43 @@ pub fn hist_from_hex(hex: &str) -> Histogram<u64> {
     Deserializer::new()
         .deserialize(&mut bytes.as_slice())
         .unwrap()
+}
+
+/// The marker around a payload's timestamp; not a character channel names or offsets can hold.
+pub const MARK: u8 = b'#';
+
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Calls `f` with the timestamp of every payload in `frame` (a server may put several in one).
+pub fn for_each_stamp(frame: &[u8], mut f: impl FnMut(u64)) {
+    let mut i = 0;
+    while let Some(p) = frame[i..].iter().position(|b| *b == MARK) {
+        let start = i + p + 1;
+        let len = frame[start..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if frame.get(start + len) == Some(&MARK) {
+            let ts = frame[start..start + len]
+                .iter()
+                .fold(0u64, |a, d| a * 10 + u64::from(d - b'0'));
+            f(ts);
+            i = start + len + 1;
+        } else {
+            i = start;
+        }
+    }
+}
+
+/// The load generators' WebSocket client settings. tungstenite zero-fills its whole read buffer
+/// before every read, and its default buffer is 128 KiB: with it, two thirds of a subscriber
+/// process's time went to `memset` and the clients starved the edge of CPU. 8 KiB still takes
+/// a burst of coalesced frames in one read.
+pub fn client_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8192)
 }
