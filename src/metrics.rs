@@ -105,6 +105,8 @@ pub struct Metrics {
     pub redis_publish_errors: Counter,
     pub redis_reconnects: Counter,
     pub redis_bad_payloads: Counter,
+    pub redis_publish_queued: Gauge,
+    pub redis_publish_pipelines: Counter,
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -137,6 +139,8 @@ impl Metrics {
             redis_publish_errors: Counter::default(),
             redis_reconnects: Counter::default(),
             redis_bad_payloads: Counter::default(),
+            redis_publish_queued: Gauge::default(),
+            redis_publish_pipelines: Counter::default(),
             admission_decisions: Family::default(),
             tracked_addresses: Gauge::default(),
             config_reloads: Family::default(),
@@ -222,6 +226,16 @@ impl Metrics {
             "redis_bad_payloads",
             "Redis messages dropped because they were not UTF-8",
             m.redis_bad_payloads.clone(),
+        );
+        registry.register(
+            "redis_publish_queued",
+            "Publishes queued for Redis or awaiting its answer",
+            m.redis_publish_queued.clone(),
+        );
+        registry.register(
+            "redis_publish_pipelines",
+            "Round trips that carried publishes to Redis; publishes per pipeline is the batching",
+            m.redis_publish_pipelines.clone(),
         );
         registry.register(
             "admission_decisions",

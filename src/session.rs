@@ -356,6 +356,17 @@ impl Session {
         &self.outbox
     }
 
+    /// Resolves once every publish of this session has been answered and its reply queued, so
+    /// a session closing on its own terms (a 1008, say) can still send the replies it owes.
+    /// Callers bound the wait: a bus answers within `bus.redis_timeout` twice over.
+    pub async fn settled(&self) {
+        if let Some(slots) = &self.in_flight {
+            // Every slot free means no publish is waiting for the bus. The semaphore is never
+            // closed, so this only ends one way.
+            let _ = slots.acquire_many(PUBLISHES_IN_FLIGHT as u32).await;
+        }
+    }
+
     pub fn config(&self) -> &SessionConfig {
         &self.env.config
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::redis_server::RedisServer;
 use common::{Client, TestEdge, start};
 use edgeplex::protocol::Offset;
+use futures_util::SinkExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "test-admin-key-0123456789";
 
@@ -239,6 +241,43 @@ async fn admin_publish_api_reaches_every_node() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+}
+
+/// A draining node still publishes for backends: its admin API serves through the grace
+/// period, and the pipeline to Redis with it.
+#[tokio::test]
+async fn a_draining_node_still_publishes_through_its_admin_api() {
+    let redis = RedisServer::start();
+    let [draining, other] = [node(&redis).await, node(&redis).await];
+    let mut witness = other.connect().await;
+    witness.subscribe(1, "late").await;
+    // Never reads, so the drain waits out its close handshake (1 s) while we publish.
+    let _silent = draining.connect().await;
+    let (url, readyz) = (
+        draining.admin_url("/v1/publish"),
+        draining.admin_url("/readyz"),
+    );
+    let common::TestEdge { edge, .. } = draining;
+    let shutdown = tokio::spawn(edge.shutdown_within(Duration::from_secs(5)));
+    for _ in 0..100 {
+        if reqwest::get(&readyz).await.unwrap().status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "draining\n");
+    let r = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(r#"{"channel":"late","data":"after SIGTERM"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!shutdown.is_finished(), "published while the node drained");
+    assert_eq!(witness.recv().await["data"], "after SIGTERM");
+    assert!(shutdown.await.unwrap().clean);
 }
 
 #[tokio::test]
@@ -510,6 +549,93 @@ async fn pipelined_publishes_keep_their_order_and_their_replies() {
         (0..300).collect::<Vec<_>>(),
         "in publish order, on another node"
     );
+}
+
+/// Redis's own count of read events (one per pipeline it receives, give or take).
+fn redis_reads(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut redis.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .expect("INFO stats has total_reads_processed")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A burst of publishes from one session reaches Redis in a few pipelines, not one round trip
+/// each (the way sessions once awaited every publish, ~150 a second per publisher).
+#[tokio::test]
+async fn a_burst_of_publishes_reaches_redis_in_a_few_round_trips() {
+    const N: u64 = 200;
+    let redis = RedisServer::start();
+    let t = node(&redis).await;
+    let mut publisher = t.connect().await;
+    let before = redis_reads(&redis);
+    let pipelines_before = t.metric("edgeplex_redis_publish_pipelines_total").await;
+    // One write: the whole burst is in the edge's socket before the first publish is answered.
+    for i in 0..N {
+        let publish = json!({"id": i, "op": "publish", "channel": "burst", "data": i});
+        publisher
+            .ws
+            .feed(Message::text(publish.to_string()))
+            .await
+            .unwrap();
+    }
+    publisher.ws.flush().await.unwrap();
+    for i in 0..N {
+        assert_eq!(publisher.recv().await, json!({"id": i, "ok": true}));
+    }
+    // Less the INFO calls themselves and the odd health check.
+    let reads = redis_reads(&redis) - before;
+    assert!(reads < N / 4, "{reads} Redis reads for {N} publishes");
+    let pipelines = t.metric("edgeplex_redis_publish_pipelines_total").await - pipelines_before;
+    assert!(
+        (1.0..(N / 4) as f64).contains(&pipelines),
+        "{pipelines} pipelines for {N} publishes"
+    );
+    assert_eq!(t.metric("edgeplex_redis_publish_queued").await, 0.0);
+}
+
+/// A session closed for a flood (1008) still gets, before the close frame, the replies to its
+/// publishes that were with Redis when the edge decided to close it.
+#[tokio::test]
+async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = Duration::from_secs(3);
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut c = t.connect().await;
+    // Redis holds scripts (our publishes) for half a second; PING, the health check, still
+    // passes, so the node stays ready and the publishes stay in flight.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("WRITE")
+        .query::<()>(&mut redis.connection())
+        .unwrap();
+    for i in 0..30u64 {
+        let publish = json!({"id": i, "op": "publish", "channel": "owed", "data": i});
+        // A send may fail once the edge has closed the session.
+        let _ = c.ws.send(Message::text(publish.to_string())).await;
+    }
+    let (code, _, before) = c.until_close().await;
+    assert_eq!(code, 1008);
+    let answered: Vec<u64> = before
+        .iter()
+        .filter(|v| v["ok"] == true)
+        .map(|v| v["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(answered, [0, 1, 2, 3, 4], "the burst's replies: {before:?}");
 }
 
 #[tokio::test]

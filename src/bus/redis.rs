@@ -98,6 +98,24 @@ struct PublishJob {
     deadline: tokio::time::Instant,
     /// The job's share of [`PUBLISH_QUEUE_BYTES`], given back when it is answered.
     _bytes: tokio::sync::OwnedSemaphorePermit,
+    /// Counts the job in `redis_publish_queued` until it is answered or dropped.
+    _queued: Queued,
+}
+
+/// One publish in `redis_publish_queued`; however the job ends, dropping it counts it out.
+struct Queued(Gauge);
+
+impl Queued {
+    fn new(gauge: &Gauge) -> Queued {
+        gauge.inc();
+        Queued(gauge.clone())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[derive(Debug)]
@@ -237,6 +255,7 @@ impl RedisBus {
             done,
             deadline: tokio::time::Instant::now() + self.settings.timeout,
             _bytes: bytes,
+            _queued: Queued::new(&self.metrics.redis_publish_queued),
         };
         if let Err(e) = self.publish_tx.send(job).await {
             (e.0.done)(Err(BusError::Unavailable("the edge is shutting down")));
@@ -316,6 +335,7 @@ impl RedisBus {
                 .arg(self.settings.history_ttl.as_millis() as u64)
                 .arg(&job.key);
         }
+        self.metrics.redis_publish_pipelines.inc();
         let mut conn = self.publisher.clone();
         let call = pipe.query_async::<Vec<redis::RedisResult<String>>>(&mut conn);
         let why = match tokio::time::timeout(self.settings.timeout, call).await {

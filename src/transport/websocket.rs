@@ -200,6 +200,11 @@ fn serve(
         // is owed.
         let mut owed = Vec::new();
         if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
+            // Publishes still with the bus answer into the outbox; wait for them (bounded) so
+            // their replies go out too. A slow consumer's outbox takes nothing more.
+            if !matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, session.settled()).await;
+            }
             session.outbox().drain(&mut owed);
         }
         // The session leaves the hub before the close handshake, so nothing more is queued
