@@ -19,8 +19,9 @@
 //! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
 //! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
 //! `EDGES` and `LOADGENS`. Known problem: now and then one WebTransport handshake times out on
-//! the client (seen from about 700 sessions per edge, with or without earlier rounds); such
-//! sessions are counted and reported, and the figures are per session that opened.
+//! the client (about one in 1,000–2,500, with or without earlier rounds; it stalls in the
+//! address-validation Retry exchange, see `benches/README.md`); such sessions are counted and
+//! reported, and the figures are per session that opened.
 //! For a million on your own machine: `ulimit -n 1100000` (and
 //! `fs.nr_open`, `fs.file-max` above it), `net.ipv4.ip_local_port_range = 1024 65535`, and about
 //! 20 source addresses (each gives ~64,000 ports per destination).
