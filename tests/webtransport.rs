@@ -406,3 +406,54 @@ async fn a_quic_connection_takes_a_place_under_the_connection_cap() {
     );
     assert!(t.metric("edgeplex_connections_refused_total").await >= 1.0);
 }
+
+/// As over WebSocket: a session closed for a flood (1008) still gets the replies to its
+/// publishes that were with Redis when the edge decided to close it, before the close.
+#[tokio::test]
+async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
+    let redis = common::redis_server::RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = Duration::from_secs(3);
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    t.wait_ready(true).await;
+    // The opening ping spends one message of the burst: four publishes pass.
+    let mut wt = open(&t).await;
+    // Redis holds scripts (our publishes) for half a second; the health check's PING passes.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("WRITE")
+        .query::<()>(&mut redis.connection())
+        .unwrap();
+    let mut lines = String::new();
+    for i in 0..30u64 {
+        let publish = json!({"id": i, "op": "publish", "channel": "owed", "data": i});
+        lines.push_str(&format!("{publish}\n"));
+    }
+    // A write may fail once the edge has closed the session.
+    let _ = wt.send.write_all(lines.as_bytes()).await;
+    let mut answered = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout(TIMEOUT, wt.recv.read(&mut buf)).await {
+            Ok(Ok(Some(n))) => wt.pending.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+        while let Some(i) = wt.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = wt.pending.drain(..=i).collect();
+            let v: Value = serde_json::from_slice(&line[..i]).unwrap();
+            if v["ok"] == true {
+                answered.push(v["id"].as_u64().unwrap());
+            }
+        }
+    }
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1008, "{reason}");
+    assert_eq!(answered, [0, 1, 2, 3], "the burst's replies");
+}

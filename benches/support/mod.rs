@@ -136,12 +136,20 @@ pub struct EdgeProc {
     pub plain: SocketAddr,
     pub sha: String,
     pub pem: std::path::PathBuf,
+    /// Run under `EDGE_WRAP`: stopped with SIGTERM so the profiler writes its report.
+    wrapped: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for EdgeProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if self.wrapped {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -170,8 +178,17 @@ impl EdgeProc {
         );
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgeplex"))
-            .args(["serve", "--config", path.to_str().unwrap()])
+        // `EDGE_WRAP` runs the edge under a profiler, e.g. `valgrind --tool=massif`.
+        let wrap = env_str("EDGE_WRAP", "");
+        let mut argv: Vec<&str> = wrap.split_whitespace().collect();
+        argv.extend([
+            env!("CARGO_BIN_EXE_edgeplex"),
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -188,8 +205,10 @@ impl EdgeProc {
             }
         }
         let tls: SocketAddr = tls.expect("the edge starts");
-        // Ready means the bus is connected: poll the admin listener's readiness check.
-        let ready = (0..500).any(|_| {
+        // Ready means the bus is connected: poll the admin listener's readiness check (longer
+        // under a profiler).
+        let tries = if wrap.is_empty() { 500 } else { 6000 };
+        let ready = (0..tries).any(|_| {
             let ok = http_status(("127.0.0.1", admin_port), "/readyz") == Some(200);
             if !ok {
                 std::thread::sleep(Duration::from_millis(10));
@@ -203,6 +222,7 @@ impl EdgeProc {
             plain: SocketAddr::new(tls.ip(), plain_port),
             sha: sha.unwrap(),
             pem,
+            wrapped: !wrap.is_empty(),
             _dir: dir,
         }
     }

@@ -124,50 +124,65 @@ pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>)
     endpoint.close(VarInt::from_u32(0), b"edge shutting down");
 }
 
-async fn handle(incoming: IncomingSession, state: Arc<EdgeState>, _conn: ConnSlot) {
-    let peer = incoming.remote_address();
-    let deadline = state.config.server.handshake_timeout;
-    let request = match tokio::time::timeout(deadline, incoming).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "webtransport handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "webtransport handshake timed out");
-            return;
-        }
-    };
-    if request.path().split('?').next() != Some(PATH) {
-        request.not_found().await;
-        return;
+/// One QUIC connection from handshake to close. This future is what every open session keeps,
+/// so it holds each large value once: a `fn` returning an `async move` block (an `async fn`
+/// keeps a second copy of each argument), the request dropped once accepted, and the refusal
+/// paths boxed (inline, their futures of ~2 KiB would size every session's task).
+#[allow(clippy::manual_async_fn)]
+fn handle(
+    incoming: IncomingSession,
+    state: Arc<EdgeState>,
+    conn: ConnSlot,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Named so the block owns it: the connection's slot is released when it ends.
+        let _conn = &conn;
+        let peer = incoming.remote_address();
+        let deadline = state.config.server.handshake_timeout;
+        let (connection, ticket, slot, client) = {
+            let request = match tokio::time::timeout(deadline, incoming).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "webtransport handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "webtransport handshake timed out");
+                    return;
+                }
+            };
+            if request.path().split('?').next() != Some(PATH) {
+                Box::pin(request.not_found()).await;
+                return;
+            }
+            let client = state.admission.client(peer.ip(), &HeaderMap::new());
+            let admitted = state
+                .admission
+                .check_origin(request.origin(), "webtransport")
+                .and_then(|()| state.admit_session(client));
+            let (ticket, slot) = match admitted {
+                Ok(a) => a,
+                Err(refusal) => return Box::pin(refuse(request, &refusal, &state, peer)).await,
+            };
+            match Box::pin(request.accept()).await {
+                Ok(c) => (c, ticket, slot, client),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "webtransport accept failed");
+                    return;
+                }
+            }
+        };
+        let session = Session::open(state.sessions.clone(), Transport::webtransport, ticket);
+        let span = tracing::info_span!(
+            "session",
+            id = %session.public_id(),
+            peer = %peer,
+            client = %client.ip,
+            transport = "webtransport",
+        );
+        let _slot = slot;
+        run(connection, session, state).instrument(span).await;
     }
-    let client = state.admission.client(peer.ip(), &HeaderMap::new());
-    let admitted = state
-        .admission
-        .check_origin(request.origin(), "webtransport")
-        .and_then(|()| state.admit_session(client));
-    let (ticket, slot) = match admitted {
-        Ok(a) => a,
-        Err(refusal) => return refuse(request, &refusal, &state, peer).await,
-    };
-    let connection = match request.accept().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "webtransport accept failed");
-            return;
-        }
-    };
-    let session = Session::open(state.sessions.clone(), Transport::webtransport, ticket);
-    let span = tracing::info_span!(
-        "session",
-        id = %session.public_id(),
-        peer = %peer,
-        client = %client.ip,
-        transport = "webtransport",
-    );
-    let _slot = slot;
-    run(connection, session, state).instrument(span).await;
 }
 
 async fn refuse(request: SessionRequest, refusal: &Refusal, state: &EdgeState, peer: SocketAddr) {
@@ -188,75 +203,89 @@ enum End {
     Gone,
 }
 
-async fn run(connection: Connection, mut session: Session, state: Arc<EdgeState>) {
-    let cfg = state.config.session.clone();
-    // The client opens its stream right after the session; one that never does holds a session
-    // slot for nothing.
-    let early = |reason: CloseReason| {
-        CloseReason::count(Some(&reason), Transport::webtransport, &state.metrics);
-        close(&connection, reason);
-    };
-    let (mut send, mut recv) = tokio::select! {
-        _ = state.shutdown.cancelled() => return early(CloseReason::SHUTDOWN),
-        r = tokio::time::timeout(state.config.server.handshake_timeout, connection.accept_bi()) => {
-            match r {
-                Ok(Ok(streams)) => streams,
-                _ => {
-                    tracing::debug!("no stream opened in time");
-                    return early(CloseReason::PROTOCOL);
-                }
-            }
-        }
-    };
-    tracing::debug!("session open");
-    let labels = TransportLabels {
-        transport: Transport::webtransport,
-    };
-    let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
-    let outbox = session.outbox().clone();
-    let datagrams = session.datagram_channels();
-    let writer = Writer {
-        connection: &connection,
-        outbox: &outbox,
-        datagrams: &datagrams,
-        cfg: &cfg,
-        messages_out: &messages_out,
-    };
-    let end = tokio::select! {
-        _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
-        end = writer.run(&mut send) => end,
-        end = read_half(&mut recv, &mut session, &cfg) => end,
-    };
-    let reason = match &end {
-        End::Close(r) => Some(r),
-        End::Gone => None,
-    };
-    CloseReason::count(reason, Transport::webtransport, &state.metrics);
-    match end {
-        End::Close(reason) => {
-            // Replies already queued (the refusals before a 1008) go out before the close.
-            if reason != CloseReason::SHUTDOWN {
-                let mut owed = Vec::new();
-                outbox.drain(&mut owed);
-                let mut buf = BytesMut::new();
-                for f in &owed {
-                    buf.put_slice(f.as_bytes());
-                    buf.put_u8(b'\n');
-                }
-                let _ = tokio::time::timeout(cfg.write_timeout, send.write_all(&buf)).await;
-                let _ = tokio::time::timeout(cfg.write_timeout, send.finish()).await;
-            }
-            drop(session);
-            tracing::info!(
-                code = reason.code,
-                reason = reason.reason,
-                "closing session"
-            );
+/// Runs an accepted session until it ends, then closes the connection. A `fn` returning an
+/// `async move` block for the reason given at [`handle`].
+#[allow(clippy::manual_async_fn)]
+fn run(
+    connection: Connection,
+    mut session: Session,
+    state: Arc<EdgeState>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let cfg = &state.config.session;
+        // The client opens its stream right after the session; one that never does holds a session
+        // slot for nothing.
+        let early = |reason: CloseReason| {
+            CloseReason::count(Some(&reason), Transport::webtransport, &state.metrics);
             close(&connection, reason);
-        }
-        End::Gone => {
-            drop(session);
-            tracing::debug!("session ended by the client");
+        };
+        let (mut send, mut recv) = tokio::select! {
+            _ = state.shutdown.cancelled() => return early(CloseReason::SHUTDOWN),
+            r = tokio::time::timeout(state.config.server.handshake_timeout, connection.accept_bi()) => {
+                match r {
+                    Ok(Ok(streams)) => streams,
+                    _ => {
+                        tracing::debug!("no stream opened in time");
+                        return early(CloseReason::PROTOCOL);
+                    }
+                }
+            }
+        };
+        tracing::debug!("session open");
+        let labels = TransportLabels {
+            transport: Transport::webtransport,
+        };
+        let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
+        let outbox = session.outbox().clone();
+        let datagrams = session.datagram_channels();
+        let writer = Writer {
+            connection: &connection,
+            outbox: &outbox,
+            datagrams: &datagrams,
+            cfg,
+            messages_out: &messages_out,
+        };
+        let end = tokio::select! {
+            _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
+            end = writer.run(&mut send) => end,
+            end = read_half(&mut recv, &mut session, cfg) => end,
+        };
+        let reason = match &end {
+            End::Close(r) => Some(r),
+            End::Gone => None,
+        };
+        CloseReason::count(reason, Transport::webtransport, &state.metrics);
+        match end {
+            End::Close(reason) => {
+                // Replies already queued (the refusals before a 1008) go out before the close, and
+                // those to publishes still with the bus once they are answered (bounded). A slow
+                // consumer's outbox holds nothing.
+                if reason != CloseReason::SHUTDOWN {
+                    if reason != CloseReason::SLOW_CONSUMER {
+                        let _ = tokio::time::timeout(cfg.write_timeout, session.settled()).await;
+                    }
+                    let mut owed = Vec::new();
+                    outbox.drain(&mut owed);
+                    let mut buf = BytesMut::new();
+                    for f in &owed {
+                        buf.put_slice(f.as_bytes());
+                        buf.put_u8(b'\n');
+                    }
+                    let _ = tokio::time::timeout(cfg.write_timeout, send.write_all(&buf)).await;
+                    let _ = tokio::time::timeout(cfg.write_timeout, send.finish()).await;
+                }
+                drop(session);
+                tracing::info!(
+                    code = reason.code,
+                    reason = reason.reason,
+                    "closing session"
+                );
+                close(&connection, reason);
+            }
+            End::Gone => {
+                drop(session);
+                tracing::debug!("session ended by the client");
+            }
         }
     }
 }
