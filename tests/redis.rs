@@ -604,25 +604,10 @@ async fn a_burst_of_publishes_reaches_redis_in_a_few_round_trips() {
 #[tokio::test]
 async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let t = start(move |f| {
-        f.bus.redis_url = url;
-        f.bus.redis_timeout = Duration::from_secs(3);
-        f.session.messages_per_second = 1;
-        f.session.message_burst = 5;
-        f.session.close_after_refusals = 10;
-    })
-    .await;
-    t.wait_ready(true).await;
+    let t = common::flood_limited_on_redis(&redis).await;
     let mut c = t.connect().await;
-    // Redis holds scripts (our publishes) for half a second; PING, the health check, still
-    // passes, so the node stays ready and the publishes stay in flight.
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(500)
-        .arg("WRITE")
-        .query::<()>(&mut redis.connection())
-        .unwrap();
+    // The publishes stay with Redis for half a second.
+    redis.pause_writes(500);
     for i in 0..30u64 {
         let publish = json!({"id": i, "op": "publish", "channel": "owed", "data": i});
         // A send may fail once the edge has closed the session.

@@ -412,25 +412,11 @@ async fn a_quic_connection_takes_a_place_under_the_connection_cap() {
 #[tokio::test]
 async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
     let redis = common::redis_server::RedisServer::start();
-    let url = redis.url();
-    let t = start(move |f| {
-        f.bus.redis_url = url;
-        f.bus.redis_timeout = Duration::from_secs(3);
-        f.session.messages_per_second = 1;
-        f.session.message_burst = 5;
-        f.session.close_after_refusals = 10;
-    })
-    .await;
-    t.wait_ready(true).await;
+    let t = common::flood_limited_on_redis(&redis).await;
     // The opening ping spends one message of the burst: four publishes pass.
     let mut wt = open(&t).await;
-    // Redis holds scripts (our publishes) for half a second; the health check's PING passes.
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(500)
-        .arg("WRITE")
-        .query::<()>(&mut redis.connection())
-        .unwrap();
+    // The publishes stay with Redis for half a second.
+    redis.pause_writes(500);
     let mut lines = String::new();
     for i in 0..30u64 {
         let publish = json!({"id": i, "op": "publish", "channel": "owed", "data": i});

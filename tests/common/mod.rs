@@ -52,6 +52,22 @@ pub fn test_config(dir: &std::path::Path) -> FileConfig {
     f
 }
 
+/// An edge on `redis` whose sessions may send 5 messages, then 1 per second, and are closed
+/// with 1008 after 10 refusals in a row; Redis is given 3 s to answer. Ready when it returns.
+pub async fn flood_limited_on_redis(redis: &redis_server::RedisServer) -> TestEdge {
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.redis_timeout = std::time::Duration::from_secs(3);
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    t.wait_ready(true).await;
+    t
+}
+
 pub async fn start(edit: impl FnOnce(&mut FileConfig)) -> TestEdge {
     let dir = tempfile::tempdir().unwrap();
     let mut f = test_config(dir.path());

@@ -154,6 +154,17 @@ impl RedisServer {
     pub fn connection(&self) -> redis::Connection {
         self.client().unwrap().get_connection().unwrap()
     }
+
+    /// Holds every write command, scripts included (so every publish), for `ms`; reads and
+    /// PING, the edge's health check, still pass, so edges stay ready.
+    pub fn pause_writes(&self, ms: u64) {
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query::<()>(&mut self.connection())
+            .unwrap();
+    }
 }
 
 impl Drop for RedisServer {
