@@ -356,10 +356,18 @@ impl Session {
         &self.outbox
     }
 
-    /// Resolves once every publish of this session has been answered and its reply queued, so
-    /// a session closing on its own terms (a 1008, say) can still send the replies it owes.
-    /// Callers bound the wait: a bus answers within `bus.redis_timeout` twice over.
-    pub async fn settled(&self) {
+    fn leave_channels(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.env.hub.unsubscribe(&channel, self.id);
+        }
+    }
+
+    /// For a session closing on its own terms (a 1008, say), so it can still send the replies
+    /// it owes: leaves every channel, so nothing more is pushed to it, then resolves once every
+    /// publish of the session has been answered and its reply queued. Callers bound the wait;
+    /// a bus answers within `bus.redis_timeout` twice over.
+    pub async fn wind_down(&mut self) {
+        self.leave_channels();
         if let Some(slots) = &self.in_flight {
             // Every slot free means no publish is waiting for the bus. The semaphore is never
             // closed, so this only ends one way.
@@ -654,9 +662,7 @@ fn error_frame(
 impl Drop for Session {
     fn drop(&mut self) {
         self.outbox.close();
-        for channel in self.subscriptions.drain() {
-            self.env.hub.unsubscribe(&channel, self.id);
-        }
+        self.leave_channels();
         self.env
             .metrics
             .sessions

@@ -258,22 +258,26 @@ async fn a_draining_node_still_publishes_through_its_admin_api() {
         draining.admin_url("/readyz"),
     );
     let common::TestEdge { edge, .. } = draining;
+    let http = reqwest::Client::new();
     let shutdown = tokio::spawn(edge.shutdown_within(Duration::from_secs(5)));
-    for _ in 0..100 {
-        if reqwest::get(&readyz).await.unwrap().status() == 503 {
+    // The drain lasts as long as `_silent`'s close handshake may (1 s): everything below is
+    // a few local requests.
+    for attempt in 0.. {
+        let r = http.get(&readyz).send().await.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.text().await.unwrap(), "draining\n");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(attempt < 1000, "the node never reported draining");
+        tokio::task::yield_now().await;
     }
-    let r = reqwest::get(&readyz).await.unwrap();
-    assert_eq!(r.text().await.unwrap(), "draining\n");
-    let r = reqwest::Client::new()
+    let r = http
         .post(&url)
         .bearer_auth(KEY)
         .body(r#"{"channel":"late","data":"after SIGTERM"}"#)
         .send()
         .await
-        .unwrap();
+        .expect("the admin listener serves while the node drains");
     assert_eq!(r.status(), 200);
     assert!(!shutdown.is_finished(), "published while the node drained");
     assert_eq!(witness.recv().await["data"], "after SIGTERM");
@@ -588,7 +592,7 @@ async fn a_burst_of_publishes_reaches_redis_in_a_few_round_trips() {
     for i in 0..N {
         assert_eq!(publisher.recv().await, json!({"id": i, "ok": true}));
     }
-    // Less the INFO calls themselves and the odd health check.
+    // Counting the INFO call itself.
     let reads = redis_reads(&redis) - before;
     assert!(reads < N / 4, "{reads} Redis reads for {N} publishes");
     let pipelines = t.metric("edgeplex_redis_publish_pipelines_total").await - pipelines_before;
@@ -606,8 +610,8 @@ async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
     let redis = RedisServer::start();
     let t = common::flood_limited_on_redis(&redis).await;
     let mut c = t.connect().await;
-    // The publishes stay with Redis for half a second.
-    redis.pause_writes(500);
+    // The publishes stay with Redis for 300 ms, well within the edge's 1 s bound on the wait.
+    redis.pause_writes(300);
     for i in 0..30u64 {
         let publish = json!({"id": i, "op": "publish", "channel": "owed", "data": i});
         // A send may fail once the edge has closed the session.

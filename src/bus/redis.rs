@@ -655,7 +655,15 @@ impl RedisBus {
 /// Hands a job its outcome. A callback that panicked would otherwise end the pipeline task and
 /// with it every later publish of the node; it is contained and logged instead.
 fn answer(job: PublishJob, result: Result<Offset, BusError>) {
-    let done = job.done;
+    // The job leaves the queue's counts before its reply is pushed, so a client that has the
+    // reply never sees it still counted.
+    let PublishJob {
+        done,
+        _bytes: bytes,
+        _queued: queued,
+        ..
+    } = job;
+    drop((bytes, queued));
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result))).is_err() {
         tracing::error!("a publish callback panicked; the pipeline goes on");
     }

@@ -196,16 +196,19 @@ fn serve(
             .instrument(span.clone())
             .await;
         // Replies already queued (say, the refusals before a 1008) go out before the close
-        // frame, so the client sees why. An overflowed outbox holds nothing; on shutdown nothing
-        // is owed.
+        // frame, so the client sees why, and so do those to publishes still with the bus, once
+        // answered (bounded, and not past shutdown). An overflowed outbox holds nothing; on
+        // shutdown nothing is owed.
         let mut owed = Vec::new();
         if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
-            // Publishes still with the bus answer into the outbox; wait for them (bounded) so
-            // their replies go out too. A slow consumer's outbox takes nothing more.
-            if !matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
-                let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, session.settled()).await;
-            }
             session.outbox().drain(&mut owed);
+            if !matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => {}
+                    _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, session.wind_down()) => {}
+                }
+                session.outbox().drain(&mut owed);
+            }
         }
         // The session leaves the hub before the close handshake, so nothing more is queued
         // for it.

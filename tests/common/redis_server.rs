@@ -155,8 +155,8 @@ impl RedisServer {
         self.client().unwrap().get_connection().unwrap()
     }
 
-    /// Holds every write command, scripts included (so every publish), for `ms`; reads and
-    /// PING, the edge's health check, still pass, so edges stay ready.
+    /// Holds every write command, scripts included (so every publish), for `ms`. Reads and
+    /// pub/sub are not held, so edges stay ready.
     pub fn pause_writes(&self, ms: u64) {
         redis::cmd("CLIENT")
             .arg("PAUSE")
