@@ -360,7 +360,9 @@ impl Writer<'_> {
 /// The receiving half: splits the stream into lines and hands each to the session. A line past
 /// `session.close_message_bytes` closes the session with 1009 without being read whole.
 async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionConfig) -> End {
-    let mut line = BytesMut::with_capacity(cfg.read_buffer_bytes.min(4096));
+    // Grows with the longest line seen; an idle session that sent only short lines keeps
+    // little, and no session holds it before its first line.
+    let mut line = BytesMut::new();
     let mut chunk = vec![0u8; cfg.read_buffer_bytes];
     loop {
         let n = match recv.read(&mut chunk).await {
