@@ -362,17 +362,36 @@ impl Session {
         }
     }
 
-    /// For a session closing on its own terms (a 1008, say), so it can still send the replies
-    /// it owes: leaves every channel, so nothing more is pushed to it, then resolves once every
-    /// publish of the session has been answered and its reply queued. Callers bound the wait;
-    /// a bus answers within `bus.redis_timeout` twice over.
-    pub async fn wind_down(&mut self) {
+    /// What a session closing with `reason` still owes its client, to send before the close:
+    /// the frames already queued (say, the refusals that explain a 1008), then the replies to its
+    /// publishes still with the bus, waited for up to `bound` and not past `shutdown`. The
+    /// session leaves its channels first, so no push can crowd those out of the outbox. Nothing
+    /// is owed on shutdown, and a slow consumer's overflowed outbox holds nothing.
+    pub async fn owed_at_close(
+        &mut self,
+        reason: CloseReason,
+        bound: std::time::Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Vec<Frame> {
+        let mut owed = Vec::new();
+        if reason == CloseReason::SHUTDOWN {
+            return owed;
+        }
+        self.outbox.drain(&mut owed);
+        if reason == CloseReason::SLOW_CONSUMER {
+            return owed;
+        }
         self.leave_channels();
         if let Some(slots) = &self.in_flight {
             // Every slot free means no publish is waiting for the bus. The semaphore is never
-            // closed, so this only ends one way.
-            let _ = slots.acquire_many(PUBLISHES_IN_FLIGHT as u32).await;
+            // closed, so the wait only ends by this, the bound or the shutdown.
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::timeout(bound, slots.acquire_many(PUBLISHES_IN_FLIGHT as u32)) => {}
+            }
         }
+        self.outbox.drain(&mut owed);
+        owed
     }
 
     pub fn config(&self) -> &SessionConfig {

@@ -195,21 +195,16 @@ fn serve(
         let end = run(&mut sink, &mut stream, &mut session, &state)
             .instrument(span.clone())
             .await;
-        // Replies already queued (say, the refusals before a 1008) go out before the close
-        // frame, so the client sees why, and so do those to publishes still with the bus, once
-        // answered (bounded, and not past shutdown). An overflowed outbox holds nothing; on
-        // shutdown nothing is owed.
-        let mut owed = Vec::new();
-        if matches!(&end, End::Close(r) if *r != CloseReason::SHUTDOWN) {
-            session.outbox().drain(&mut owed);
-            if !matches!(&end, End::Close(r) if *r == CloseReason::SLOW_CONSUMER) {
-                tokio::select! {
-                    _ = state.shutdown.cancelled() => {}
-                    _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, session.wind_down()) => {}
-                }
-                session.outbox().drain(&mut owed);
+        // What is owed (the refusals before a 1008, replies to publishes still with the bus)
+        // goes out before the close frame, so the client sees why.
+        let owed = match &end {
+            End::Close(r) => {
+                session
+                    .owed_at_close(*r, CLOSE_HANDSHAKE_TIMEOUT, &state.shutdown)
+                    .await
             }
-        }
+            End::Gone => Vec::new(),
+        };
         // The session leaves the hub before the close handshake, so nothing more is queued
         // for it.
         drop(session);

@@ -257,19 +257,12 @@ fn run(
         CloseReason::count(reason, Transport::webtransport, &state.metrics);
         match end {
             End::Close(reason) => {
-                // Replies already queued (the refusals before a 1008) go out before the close,
-                // and those to publishes still with the bus once answered (bounded, and not past
-                // shutdown). A slow consumer's outbox holds nothing.
+                // What is owed (the refusals before a 1008, replies to publishes still with the
+                // bus) goes out before the close.
+                let owed = session
+                    .owed_at_close(reason, cfg.write_timeout, &state.shutdown)
+                    .await;
                 if reason != CloseReason::SHUTDOWN {
-                    let mut owed = Vec::new();
-                    outbox.drain(&mut owed);
-                    if reason != CloseReason::SLOW_CONSUMER {
-                        tokio::select! {
-                            _ = state.shutdown.cancelled() => {}
-                            _ = tokio::time::timeout(cfg.write_timeout, session.wind_down()) => {}
-                        }
-                        outbox.drain(&mut owed);
-                    }
                     let mut buf = BytesMut::new();
                     for f in &owed {
                         buf.put_slice(f.as_bytes());
