@@ -186,22 +186,14 @@ macro_rules! with_ws {
                 .connect(ServerName::try_from("localhost").unwrap(), tcp)
                 .await
                 .expect("TLS handshake");
-            let ($ws, _) = tokio_tungstenite::client_async_with_config(
-                &$t.url,
-                tls,
-                Some(support::client_ws_config()),
-            )
-            .await
-            .expect("WebSocket upgrade");
+            let $ws = support::ws_client(&$t.url, tls)
+                .await
+                .expect("WebSocket upgrade");
             $then
         } else {
-            let ($ws, _) = tokio_tungstenite::client_async_with_config(
-                &$t.url,
-                tcp,
-                Some(support::client_ws_config()),
-            )
-            .await
-            .expect("WebSocket upgrade");
+            let $ws = support::ws_client(&$t.url, tcp)
+                .await
+                .expect("WebSocket upgrade");
             $then
         }
     }};

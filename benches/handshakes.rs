@@ -26,10 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// One handshake: the WebSocket upgrade and its welcome frame, when asked for.
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(io: S, url: &str) -> bool {
-    let Ok((mut ws, _)) =
-        tokio_tungstenite::client_async_with_config(url, io, Some(support::client_ws_config()))
-            .await
-    else {
+    let Ok(mut ws) = support::ws_client(url, io).await else {
         return false;
     };
     matches!(ws.next().await, Some(Ok(_)))

@@ -206,10 +206,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use futures_util::{SinkExt, StreamExt};
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, io, Some(support::client_ws_config()))
-            .await
-            .unwrap();
+    let mut ws = support::ws_client(url, io).await.unwrap();
     if nats {
         ws.send(tokio_tungstenite::tungstenite::Message::binary(
             "CONNECT {\"verbose\":false}\r\nPING\r\n",

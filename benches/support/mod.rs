@@ -432,10 +432,19 @@ pub fn for_each_stamp(frame: &[u8], mut f: impl FnMut(u64)) {
     }
 }
 
-/// The load generators' WebSocket client settings. tungstenite zero-fills its whole read buffer
-/// before every read, and its default buffer is 128 KiB: with it, two thirds of a subscriber
-/// process's time went to `memset` and the clients starved the edge of CPU. 8 KiB still takes
-/// a burst of coalesced frames in one read.
-pub fn client_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8192)
+/// A load generator's WebSocket client handshake on `io`. tungstenite zero-fills its whole read
+/// buffer before every read, and its default buffer is 128 KiB: with it, two thirds of a
+/// subscriber process's time went to `memset` and the clients starved the edge of CPU. 8 KiB
+/// still takes a burst of coalesced frames in one read.
+pub async fn ws_client<IO>(
+    url: &str,
+    io: IO,
+) -> Result<tokio_tungstenite::WebSocketStream<IO>, tokio_tungstenite::tungstenite::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8192);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, io, Some(config)).await?;
+    Ok(ws)
 }
