@@ -2,12 +2,16 @@
 //! Shared by the fuzz target `forwarded` and `tests/fuzz_regressions.rs`. The input is the value of
 //! a `Forwarded` header on the first line and of `X-Forwarded-For` on the second, sent by a peer
 //! that is a trusted proxy (so the headers are read).
+//!
+//! The reference below is written apart from the edge's parser on purpose, and the other way
+//! round: it splits the whole header into every element first (no window while splitting), parses
+//! each with its own small grammar, and only then keeps the rightmost `MAX_HOPS`. A resolver that
+//! truncates from the wrong end, lets one bad byte spoil a whole header, or reads past its window
+//! disagrees with it. The same value sent as two header lines must resolve the same.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use edgeplex::admission::client_ip::{
-    ForwardedHeader, canonical, forwarded_for, group, resolve, x_forwarded_for,
-};
+use edgeplex::admission::client_ip::{ForwardedHeader, MAX_HOPS, canonical, group, resolve};
 use http::{HeaderMap, HeaderValue};
 
 pub fn check_forwarded(input: &[u8]) {
@@ -16,46 +20,121 @@ pub fn check_forwarded(input: &[u8]) {
     let xff = parts.next().unwrap_or_default();
     let peer: IpAddr = "10.0.0.1".parse().unwrap();
     let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-    for (name, value) in [("forwarded", forwarded), ("x-forwarded-for", xff)] {
-        let Ok(value) = HeaderValue::from_bytes(value) else {
+    for (which, value) in [
+        (ForwardedHeader::Forwarded, forwarded),
+        (ForwardedHeader::XForwardedFor, xff),
+    ] {
+        let Ok(header_value) = HeaderValue::from_bytes(value) else {
             continue;
         };
-        let hops = match value.to_str() {
-            Ok(text) if name == "forwarded" => forwarded_for(text),
-            Ok(text) => x_forwarded_for(text),
-            Err(_) => Vec::new(),
-        };
         let mut headers = HeaderMap::new();
-        headers.insert(name, value.clone());
-        let which = if name == "forwarded" {
-            ForwardedHeader::Forwarded
-        } else {
-            ForwardedHeader::XForwardedFor
-        };
+        headers.insert(which.name(), header_value);
         let client = resolve(peer, &headers, &trusted, which);
-        // The client is the peer or an address the header named; never IPv4-mapped IPv6.
+        let expected = reference(peer, value, &trusted, which);
+        assert_eq!(client, expected, "resolve disagrees with the reference");
         assert_eq!(canonical(client), client, "{client} is not canonical");
-        let named = client == peer || hops.iter().flatten().any(|h| canonical(*h) == client);
-        assert!(named, "{client} is neither the peer nor in {hops:?}");
-        // Nothing the client wrote left of an untrusted hop is believed: the result is the
-        // rightmost untrusted hop, or a trusted one when there is none.
-        let untrusted: Vec<IpAddr> = hops
-            .iter()
-            .flatten()
-            .map(|h| canonical(*h))
-            .filter(|h| !trusted.iter().any(|n: &ipnet::IpNet| n.contains(h)))
-            .collect();
-        if trusted.iter().any(|n: &ipnet::IpNet| !n.contains(&client)) {
-            assert_eq!(
-                Some(&client),
-                untrusted.last(),
-                "an untrusted client must be the rightmost untrusted hop"
-            );
+
+        // Header lines are one list: cut the value at a comma into two lines.
+        if let Some(cut) = value.iter().position(|b| *b == b',') {
+            let (a, b) = (&value[..cut], &value[cut + 1..]);
+            if let (Ok(a), Ok(b)) = (HeaderValue::from_bytes(a), HeaderValue::from_bytes(b)) {
+                let mut headers = HeaderMap::new();
+                headers.append(which.name(), a);
+                headers.append(which.name(), b);
+                assert_eq!(
+                    resolve(peer, &headers, &trusted, which),
+                    client,
+                    "two header lines resolve unlike one"
+                );
+            }
         }
+
         // Grouping is idempotent and never lengthens an address.
         for prefix in [16u8, 48, 64, 128] {
             let g = group(client, prefix);
             assert_eq!(group(g, prefix), g);
         }
+    }
+}
+
+/// The client by the rule of the README, computed the long way.
+fn reference(
+    peer: IpAddr,
+    value: &[u8],
+    trusted: &[ipnet::IpNet],
+    which: ForwardedHeader,
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut elements: Vec<Option<IpAddr>> = Vec::new();
+    let mut start = 0;
+    for (i, b) in value.iter().enumerate() {
+        if *b == b',' {
+            elements.push(ref_hop(&value[start..i], which));
+            start = i + 1;
+        }
+    }
+    elements.push(ref_hop(&value[start..], which));
+    let window = &elements[elements.len().saturating_sub(MAX_HOPS)..];
+    let mut client = peer;
+    for hop in window.iter().rev() {
+        let Some(ip) = hop else { break };
+        client = ref_canonical(*ip);
+        if !is_trusted(&client) {
+            break;
+        }
+    }
+    client
+}
+
+fn ref_hop(element: &[u8], which: ForwardedHeader) -> Option<IpAddr> {
+    if !element.is_ascii() {
+        return None;
+    }
+    let text: String = element.iter().map(|b| *b as char).collect();
+    let text = text.trim_matches(|c| c == ' ' || c == '\t');
+    let addr = match which {
+        ForwardedHeader::XForwardedFor => text.to_string(),
+        ForwardedHeader::Forwarded => {
+            let mut found = None;
+            for pair in text.split(';') {
+                let Some(eq) = pair.find('=') else { continue };
+                if pair[..eq].trim().to_ascii_lowercase() == "for" {
+                    found = Some(pair[eq + 1..].trim().trim_matches('"').to_string());
+                    break;
+                }
+            }
+            found?
+        }
+    };
+    ref_address(&addr)
+}
+
+/// `a.b.c.d`, `a.b.c.d:port`, a bare IPv6 address, or `[IPv6]` with an optional `:port`.
+fn ref_address(s: &str) -> Option<IpAddr> {
+    if let Some(inner) = s.strip_prefix('[') {
+        let close = inner.find(']')?;
+        return inner[..close].parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    if s.matches(':').count() >= 2 {
+        return s.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    match s.split_once(':') {
+        None => s.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+        Some((ip, port)) => {
+            port.parse::<u16>().ok()?;
+            ip.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+        }
+    }
+}
+
+fn ref_canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.octets() {
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d] => {
+                IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+            }
+            _ => IpAddr::V6(v6),
+        },
+        v4 => v4,
     }
 }

@@ -8,8 +8,13 @@
 //! address that is not one is the client. Everything left of it was written by the client itself
 //! and is ignored, so a client cannot pick its own key. The other header is never read: proxies
 //! pass a client's own copy of the header they do not write through untouched. An element that is
-//! not an address (`unknown`, an obfuscated `_id`, garbage) ends the walk at the last address
-//! known.
+//! not an address (`unknown`, an obfuscated `_id`, garbage, a byte that is not ASCII) ends the walk
+//! at the last address known.
+//!
+//! The walk is lazy from the right and looks at each element on its own: what the client wrote
+//! (any number of elements, any bytes) sits left of what our proxies appended, so it is never
+//! parsed unless every hop right of it is a trusted proxy, and it cannot push the proxies'
+//! elements out of the window of [`MAX_HOPS`] read. Several header lines are one list, in order.
 //!
 //! IPv6 clients are grouped by a prefix (default /64, what one host or home usually gets), so a
 //! host cannot dodge its limits by rotating through its own addresses.
@@ -19,8 +24,9 @@ use std::net::{IpAddr, Ipv6Addr};
 use http::HeaderMap;
 use ipnet::IpNet;
 
-/// The most forwarding elements read from a request: a longer chain is a client padding it.
-const MAX_HOPS: usize = 32;
+/// The most forwarding elements read from a request, counted from the right: a chain of trusted
+/// proxies longer than this is not a deployment, it is a client padding the header.
+pub const MAX_HOPS: usize = 32;
 
 /// Which forwarding header trusted proxies write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -32,8 +38,29 @@ pub enum ForwardedHeader {
     Forwarded,
 }
 
-/// Reads the hops of one header value.
-type HopParser = fn(&str) -> Vec<Option<IpAddr>>;
+impl ForwardedHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+
+    /// The address of one element of this header (the bytes between two commas), or `None`
+    /// when it names none.
+    pub fn hop(self, element: &[u8]) -> Option<IpAddr> {
+        // Addresses, ports and the `for=` token are ASCII; anything else is not an address.
+        let element = std::str::from_utf8(element).ok()?;
+        match self {
+            ForwardedHeader::XForwardedFor => parse_element(element.trim()),
+            ForwardedHeader::Forwarded => element
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+                .and_then(|(_, v)| parse_element(v.trim().trim_matches('"'))),
+        }
+    }
+}
 
 /// The client address of a request that arrived from `peer`.
 pub fn resolve(
@@ -46,22 +73,17 @@ pub fn resolve(
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    let mut hops: Vec<Option<IpAddr>> = Vec::new();
-    let (name, parse): (&str, HopParser) = match header {
-        ForwardedHeader::Forwarded => ("forwarded", forwarded_for),
-        ForwardedHeader::XForwardedFor => ("x-forwarded-for", x_forwarded_for),
-    };
-    for v in headers.get_all(name) {
-        match v.to_str() {
-            Ok(v) => hops.extend(parse(v)),
-            Err(_) => hops.push(None),
-        }
-    }
+    // Right to left: the last header line first, and in each line its last element first.
+    let elements = headers
+        .get_all(header.name())
+        .iter()
+        .rev()
+        .flat_map(|line| line.as_bytes().rsplit(|b| *b == b','));
     let mut client = peer;
-    for hop in hops.iter().rev().take(MAX_HOPS) {
-        match hop {
+    for element in elements.take(MAX_HOPS) {
+        match header.hop(element) {
             Some(ip) => {
-                client = canonical(*ip);
+                client = canonical(ip);
                 if !is_trusted(client, trusted) {
                     break;
                 }
@@ -70,32 +92,6 @@ pub fn resolve(
         }
     }
     client
-}
-
-/// The `for=` parameters of one `Forwarded` header value, in order; `None` where an element has
-/// no usable address.
-pub fn forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
-    value
-        .split(',')
-        .take(MAX_HOPS * 2)
-        .map(|element| {
-            element
-                .split(';')
-                .filter_map(|pair| pair.split_once('='))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
-                .and_then(|(_, v)| parse_element(v.trim().trim_matches('"')))
-        })
-        .collect()
-}
-
-/// The addresses of one `X-Forwarded-For` header value, in order; `None` where an element is
-/// not an address.
-pub fn x_forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
-    value
-        .split(',')
-        .take(MAX_HOPS * 2)
-        .map(|e| parse_element(e.trim()))
-        .collect()
 }
 
 /// One forwarding element: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`, `[2001:db8::1]:8080`.
@@ -247,6 +243,47 @@ mod tests {
         }
         let h = headers(&[("forwarded", "for=unknown")]);
         assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, FWD), ip("10.0.0.1"));
+    }
+
+    /// The outside review's reproduction: 70 elements the client wrote, then the one address
+    /// the proxy appended. Keeping the leftmost elements made the client `1.1.1.63`.
+    #[test]
+    fn a_client_cannot_push_the_proxys_element_out_by_padding() {
+        let trusted = nets(&["127.0.0.1/32"]);
+        let mut chain = vec!["9.9.9.9".to_string()];
+        chain.extend((1..=70).map(|i| format!("1.1.1.{i}")));
+        chain.push("5.5.5.5".into());
+        let h = headers(&[("x-forwarded-for", &chain.join(", "))]);
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, XFF), ip("5.5.5.5"));
+        // The same padding on header lines of its own, and in `Forwarded`.
+        let mut h = HeaderMap::new();
+        for c in &chain {
+            h.append("x-forwarded-for", c.parse().unwrap());
+        }
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, XFF), ip("5.5.5.5"));
+        let fwd: Vec<String> = chain.iter().map(|c| format!("for={c}")).collect();
+        let h = headers(&[("forwarded", &fwd.join(", "))]);
+        assert_eq!(resolve(ip("127.0.0.1"), &h, &trusted, FWD), ip("5.5.5.5"));
+    }
+
+    /// One byte that is not ASCII, anywhere the client writes, used to make the whole header
+    /// unreadable and the client the proxy itself.
+    #[test]
+    fn a_byte_that_is_not_ascii_spoils_only_its_own_element() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"6.6.6.\xff6, 1.2.3.4, 10.0.0.2").unwrap();
+        h.insert("x-forwarded-for", value);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("1.2.3.4"));
+        let mut h = HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"for=\"\xe2\x80\x8b\", for=1.2.3.4").unwrap();
+        h.insert("forwarded", value);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, FWD), ip("1.2.3.4"));
+        // Right of every trusted hop it still ends the walk, at the last address known.
+        let mut h = HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"1.2.3.4, \xff, 10.0.0.2").unwrap();
+        h.insert("x-forwarded-for", value);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted, XFF), ip("10.0.0.2"));
     }
 
     #[test]
