@@ -98,7 +98,7 @@ fn ref_hop(element: &[u8], which: ForwardedHeader) -> Option<IpAddr> {
             let mut found = None;
             for pair in text.split(';') {
                 let Some(eq) = pair.find('=') else { continue };
-                if pair[..eq].trim().to_ascii_lowercase() == "for" {
+                if pair[..eq].trim().eq_ignore_ascii_case("for") {
                     found = Some(pair[eq + 1..].trim().trim_matches('"').to_string());
                     break;
                 }
