@@ -94,7 +94,7 @@ async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    publish::publish_body(req.into_body(), state, None).await
+    publish::publish_body(req, state, None).await
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess matched.

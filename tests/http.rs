@@ -156,3 +156,121 @@ async fn connection_cap_closes_connections_past_it_at_accept() {
     }
     assert!(served);
 }
+
+/// Sends `head` on a fresh TLS connection and waits up to `within` for the answer: its status,
+/// and whether the edge closed the connection after it (within half a second).
+async fn answer_to(t: &common::TestEdge, head: &str, within: Duration) -> (Option<u16>, bool) {
+    let mut s = t.tls_stream().await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    let mut closed = false;
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    if !closed {
+        // Whatever body follows, then the end of the connection, or not.
+        let rest = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        closed = rest.await.is_ok();
+    }
+    let status = std::str::from_utf8(&got)
+        .ok()
+        .and_then(|t| t.split(' ').nth(1))
+        .and_then(|c| c.parse().ok());
+    (status, closed)
+}
+
+fn publish_head(len: usize) -> String {
+    format!(
+        "POST /publish HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    )
+}
+
+/// The outside review's reproduction: a declared body that never comes held its connection
+/// (and its slot under `server.max_connections`) forever, whatever `http_idle_timeout` said.
+#[tokio::test]
+async fn a_stalled_publish_body_is_answered_408_and_its_connection_closed() {
+    let t = start(|f| {
+        f.server.body_timeout = Duration::from_millis(400);
+        f.server.http_idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, closed) = answer_to(&t, &publish_head(65536), Duration::from_secs(5)).await;
+    assert_eq!(status, Some(408), "answered within 5 s");
+    assert!(closed, "the connection is closed after the 408");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The same deadline holds for a body that trickles in.
+    let mut s = t.tls_stream().await;
+    s.write_all(publish_head(100).as_bytes()).await.unwrap();
+    let trickle = async {
+        for _ in 0..50 {
+            if s.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), trickle).await;
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.starts_with("HTTP/1.1 408") || matches!(r, Ok(Err(_))),
+        "a trickled body is cut off at the deadline too: {text:?} {r:?}"
+    );
+}
+
+/// A client past its address's message budget, or declaring a body over the cap, is answered
+/// from the request head: it cannot make the edge wait for (or read) a body first.
+#[tokio::test]
+async fn publish_refusals_come_before_the_body() {
+    let t = start(|f| {
+        f.limits.ip_messages.per_second = 1;
+        f.limits.ip_messages.burst = 1;
+        f.server.body_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let body = r#"{"channel":"c","data":1}"#;
+    let mut s = t.tls_stream().await;
+    s.write_all(format!("{}{body}", publish_head(body.len())).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // The budget is spent: the next head is refused without its body.
+    let (status, _) = answer_to(&t, &publish_head(body.len()), Duration::from_secs(3)).await;
+    assert_eq!(status, Some(429));
+    let over = 64 * 1024 + 1;
+    let (status, _) = answer_to(&t, &publish_head(over), Duration::from_secs(3)).await;
+    assert_eq!(
+        status,
+        Some(413),
+        "a declared body over the cap is refused unread"
+    );
+}

@@ -362,14 +362,33 @@ impl Admission {
         self.rate(Limit::ip_messages, &limits.ip_messages, client, || {
             messages.check(&client.key, 1)
         })?;
-        if bytes > 0 {
-            let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-            let byte_budget = self.ip_bytes.read().clone();
-            self.rate(Limit::ip_bytes, &limits.ip_bytes, client, || {
-                byte_budget.check(&client.key, n)
-            })?;
+        self.bytes_of(&policy, client, bytes)
+    }
+
+    /// Charges `bytes` bytes to `client`'s address (`limits.ip_bytes`) without a message: for
+    /// a body whose message was charged from its request head, before it was read.
+    pub fn charge_bytes(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
+        let policy = self.policy();
+        if policy
+            .admission
+            .exempt
+            .iter()
+            .any(|n| n.contains(&client.ip))
+        {
+            return Ok(());
         }
-        Ok(())
+        self.bytes_of(&policy, client, bytes)
+    }
+
+    fn bytes_of(&self, policy: &Policy, client: &Client, bytes: usize) -> Result<(), Refusal> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let byte_budget = self.ip_bytes.read().clone();
+        self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
+            byte_budget.check(&client.key, n)
+        })
     }
 
     /// Applies one rate limit in its mode: counts, logs, and refuses only in `enforce`.

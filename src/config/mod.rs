@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// An HTTP connection with no request in flight for this long is closed (HTTP/2 has no
     /// idle limit of its own; HTTP/1.1 keep-alive is also bounded by the handshake timeout).
     pub http_idle_timeout: Duration,
+    /// A request body (`POST /publish`, the admin API) must arrive whole within this of its
+    /// head; the body read is otherwise the one wait a client controls that nothing else ends.
+    pub body_timeout: Duration,
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes; zero: only on SIGHUP.
     pub config_watch: Duration,
@@ -479,6 +482,11 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         http_idle_timeout: min_duration(
             "server.http_idle_timeout",
             s.http_idle_timeout,
+            Duration::from_millis(100),
+        )?,
+        body_timeout: min_duration(
+            "server.body_timeout",
+            s.body_timeout,
             Duration::from_millis(100),
         )?,
         shutdown_grace: min_duration("server.shutdown_grace", s.shutdown_grace, Duration::ZERO)?,

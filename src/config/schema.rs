@@ -17,6 +17,7 @@ pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONFIG_WATCH: Duration = Duration::from_secs(2);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
@@ -94,6 +95,8 @@ pub struct ServerSection {
     #[serde(with = "humantime_serde")]
     pub http_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub config_watch: Duration,
@@ -112,6 +115,7 @@ impl Default for ServerSection {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             config_watch: DEFAULT_CONFIG_WATCH,
             proxy_protocol: false,

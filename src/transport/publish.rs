@@ -73,7 +73,7 @@ pub async fn accept(
                 }
                 None => {
                     let client = client_of(&state, &info, req.headers());
-                    publish_body(req.into_body(), &state, Some(&client)).await
+                    publish_body(req, &state, Some(&client)).await
                 }
             }
         }
@@ -92,26 +92,54 @@ pub async fn accept(
     resp
 }
 
-/// Reads, checks and publishes one body; the caller has done authorization. A `client`'s
-/// address is charged the message and its bytes (`limits.ip_messages`, `limits.ip_bytes`), as a
-/// WebSocket message would be; the admin API passes none.
+/// Reads, checks and publishes one request's body; the caller has done authorization. A
+/// `client`'s address is charged the message and its bytes (`limits.ip_messages`,
+/// `limits.ip_bytes`), as a WebSocket message would be; the admin API passes none.
+///
+/// Everything that can refuse from the request head does so before the body is read: a body
+/// declared over the cap, and an address over its message budget. The client controls when the
+/// body arrives, so its read has a deadline of its own (`server.body_timeout`), whole, not per
+/// read: a trickle is cut off like a stall.
 pub async fn publish_body(
-    body: Incoming,
+    req: Request<Incoming>,
     state: &EdgeState,
     client: Option<&Client>,
 ) -> Response<Body> {
     let limit = state.config.session.max_message_bytes;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large(state, limit);
+    }
+    if let Some(client) = client
+        && let Err(Refusal::RateLimited { retry_after }) = state.admission.charge_message(client, 0)
+    {
+        return rate_limited(state, retry_after);
+    }
+    let read = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(state.config.server.body_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return too_large(state, limit),
         Err(_) => {
-            state.metrics.error(ErrorCode::TooLarge);
-            let msg = format!("body over {limit} bytes (session.max_message_bytes)");
-            return json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg);
+            state.metrics.refusal("body_timeout");
+            let mut r = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                "the request body did not arrive within server.body_timeout",
+            );
+            // The rest of the body may still be on its way: this connection cannot carry
+            // another request.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
         }
     };
     if let Some(client) = client
         && let Err(Refusal::RateLimited { retry_after }) =
-            state.admission.charge_message(client, body.len())
+            state.admission.charge_bytes(client, body.len())
     {
         return rate_limited(state, retry_after);
     }
@@ -155,6 +183,12 @@ fn rate_limited(state: &EdgeState, wait: std::time::Duration) -> Response<Body> 
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
     r
+}
+
+fn too_large(state: &EdgeState, limit: usize) -> Response<Body> {
+    state.metrics.error(ErrorCode::TooLarge);
+    let msg = format!("body over {limit} bytes (session.max_message_bytes)");
+    json_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &msg)
 }
 
 fn bad_request(state: &EdgeState, message: &str) -> Response<Body> {
