@@ -109,9 +109,30 @@ async fn a_reload_serves_renewed_certificates_on_tcp_and_quic() {
     let r = session.request(json!({"id": 1, "op": "ping"})).await;
     assert_eq!(r["ok"], true, "the session made before the reload goes on");
 
-    // A key that does not load rejects the reload and names the key; the new cert stays.
+    // A key that does not load keeps the certificate in force, says so, and does not hold back
+    // the limits changed by the same reload (tightened during an attack, say).
     std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
-    let e = watch.reload("test").unwrap_err();
-    assert!(e.to_string().contains("tls.cert"), "{e}");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("[limits.ip_sessions]\nmax = 3\n");
+    std::fs::write(&path, text).unwrap();
+    match watch.reload("test").unwrap() {
+        ReloadOutcome::Applied {
+            certificates,
+            certificate_error,
+            ..
+        } => {
+            assert!(!certificates);
+            let e = certificate_error.expect("the failed load is reported");
+            assert!(e.contains("tls.cert"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(edge.state().admission.policy().limits.ip_sessions.max, 3);
     assert!(tls_connects(tcp, &new).await);
+    assert!(
+        edge.state()
+            .metrics
+            .render()
+            .contains(r#"edgeplex_config_reloads_total{reason="certificates_rejected"} 1"#)
+    );
 }

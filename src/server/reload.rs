@@ -7,8 +7,10 @@
 //! sessions are never dropped, and a limit whose quota did not change keeps its per-IP state.
 //! With certificate files (`tls.cert`, `tls.key`), every reload also reads them again, so a
 //! renewed certificate is served to new TCP and QUIC connections alike after a SIGHUP; open
-//! connections keep theirs. Other sections are read at start only: a reload that changes them
-//! says which need a restart.
+//! connections keep theirs. Certificates that do not load do not hold the policy back: an
+//! operator tightening limits during an attack while a renewal is half written still gets the
+//! limits; the old certificate stays in force and the outcome, log line and metric say so. Other
+//! sections are read at start only: a reload that changes them says which need a restart.
 //! This module owns the watching and the reporting; what a policy means is `admission`'s.
 
 use std::path::PathBuf;
@@ -28,6 +30,9 @@ pub enum ReloadOutcome {
         needs_restart: Vec<&'static str>,
         /// The certificate files were read again and are in force for new connections.
         certificates: bool,
+        /// Why the certificate files were not put in force (the old ones stay), when they
+        /// did not load.
+        certificate_error: Option<String>,
     },
     /// The file did not change since the last look.
     Unchanged,
@@ -91,16 +96,18 @@ impl ConfigWatch {
                 ),
             });
         }
-        // Certificate files are read again on every reload (a renewal keeps the same paths);
-        // a file that does not load rejects the whole reload, before anything changed.
+        // Certificate files are read again on every reload (a renewal keeps the same paths).
+        let mut certificate_error = None;
         let certificates = match &config.tls {
-            crate::config::TlsConfig::Files { .. } => Some(
-                crate::tls::server_config(&config.tls).map_err(|e| ConfigError::Invalid {
-                    origin: self.path.display().to_string(),
-                    key: "tls.cert",
-                    reason: e.to_string(),
-                })?,
-            ),
+            crate::config::TlsConfig::Files { .. } => {
+                match crate::tls::server_config(&config.tls) {
+                    Ok(setup) => Some(setup),
+                    Err(e) => {
+                        certificate_error = Some(format!("tls.cert/tls.key: {e}"));
+                        None
+                    }
+                }
+            }
             crate::config::TlsConfig::Dev { .. } => None,
         };
         let new = &config.effective;
@@ -108,7 +115,10 @@ impl ConfigWatch {
         let mut needs_restart = Vec::new();
         for (name, changed) in [
             ("server", new.server != old.server),
-            ("tls", new.tls != old.tls && certificates.is_none()),
+            (
+                "tls",
+                new.tls != old.tls && certificates.is_none() && certificate_error.is_none(),
+            ),
             ("bus", new.bus != old.bus),
             ("admin", new.admin != old.admin),
             ("session", new.session != old.session),
@@ -126,7 +136,8 @@ impl ConfigWatch {
             Some(setup) => match self.state.reload_tls(setup) {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(error = %e, "certificates loaded but not put in force");
+                    certificate_error =
+                        Some(format!("certificates loaded but not put in force: {e}"));
                     false
                 }
             },
@@ -142,6 +153,7 @@ impl ConfigWatch {
             reset: report.reset,
             needs_restart,
             certificates,
+            certificate_error,
         })
     }
 
@@ -158,15 +170,28 @@ impl ConfigWatch {
                 reset,
                 needs_restart,
                 certificates,
+                certificate_error,
             }) => {
-                count("applied");
-                tracing::info!(
-                    file = %self.path.display(),
-                    why,
-                    reset = ?reset,
-                    certificates,
-                    "config reloaded: [admission] and [limits] in force"
-                );
+                if let Some(error) = certificate_error {
+                    count("certificates_rejected");
+                    tracing::error!(
+                        file = %self.path.display(),
+                        why,
+                        reset = ?reset,
+                        error,
+                        "config reloaded: [admission] and [limits] in force; the certificate \
+                         files did NOT load, new connections keep the old certificate"
+                    );
+                } else {
+                    count("applied");
+                    tracing::info!(
+                        file = %self.path.display(),
+                        why,
+                        reset = ?reset,
+                        certificates,
+                        "config reloaded: [admission] and [limits] in force"
+                    );
+                }
                 if !needs_restart.is_empty() {
                     tracing::warn!(
                         sections = ?needs_restart,
