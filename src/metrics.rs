@@ -260,7 +260,7 @@ impl Metrics {
                     .get_or_create(&DecisionLabels { limit, decision });
             }
         }
-        for reason in ["applied", "rejected"] {
+        for reason in ["applied", "rejected", "certificates_rejected"] {
             let _ = m.config_reloads.get_or_create(&ReasonLabels { reason });
         }
         // Pre-create every error code and transport so dashboards see zeros, not gaps.

@@ -133,6 +133,6 @@ async fn a_reload_serves_renewed_certificates_on_tcp_and_quic() {
         edge.state()
             .metrics
             .render()
-            .contains(r#"edgeplex_config_reloads_total{reason="certificates_rejected"} 1"#)
+            .contains(r#"edgeplex_config_reloads_total{reason="certificates_rejected"} 1"#),
     );
 }
