@@ -7,7 +7,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::protocol::ErrorCode;
-use crate::server::routes::{json_error, text};
+use crate::server::routes::{bearer_token, json_error, text};
 use crate::server::{Body, EdgeState, full_body};
 use crate::transport::publish;
 
@@ -79,11 +79,7 @@ async fn publish(req: Request<Incoming>, state: &EdgeState) -> Response<Body> {
             "the publish API is off; set admin.api_key",
         );
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let presented = bearer_token(req.headers());
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.as_bytes())) {
         let mut r = json_error(
             StatusCode::UNAUTHORIZED,

@@ -274,3 +274,31 @@ async fn publish_refusals_come_before_the_body() {
         "a declared body over the cap is refused unread"
     );
 }
+
+/// RFC 7235: the auth scheme is case-insensitive; the token is not.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    const KEY: &str = "an-admin-key-of-some-length";
+    let t = start(|f| f.admin.api_key = KEY.into()).await;
+    let http = reqwest::Client::new();
+    let body = r#"{"channel":"c","data":1}"#;
+    for (value, want) in [
+        (format!("Bearer {KEY}"), 200),
+        (format!("bearer {KEY}"), 200),
+        (format!("BEARER {KEY}"), 200),
+        (format!("Bearer  {KEY}"), 200),
+        (format!("Bearer {}", KEY.to_uppercase()), 401),
+        (format!("Bearerx {KEY}"), 401),
+        (format!("Basic {KEY}"), 401),
+        (KEY.to_string(), 401),
+    ] {
+        let r = http
+            .post(t.admin_url("/v1/publish"))
+            .header("authorization", &value)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{value:?}");
+    }
+}

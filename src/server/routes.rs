@@ -161,6 +161,15 @@ pub fn client_of(state: &EdgeState, info: &ConnInfo, headers: &HeaderMap) -> Cli
     state.admission.client(info.peer.ip(), headers)
 }
 
+/// The token of an `Authorization: Bearer <token>` header. The scheme is case-insensitive
+/// (RFC 7235 §2.1) and may be followed by more than one space; the token is taken as sent.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Lets a browser page from an allowed `origin` read the response (EventSource, fetch).
 pub fn allow_origin(headers: &mut HeaderMap, origin: Option<String>) {
     if let Some(o) = origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
