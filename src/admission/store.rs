@@ -9,9 +9,8 @@
 //! node-wide limits still hold. [`retain_recent`](ShrinkableKeyedStateStore::retain_recent) drops
 //! addresses whose state is back to fresh, so a quiet table shrinks.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -30,6 +29,10 @@ pub struct BoundedStore(Arc<Inner>);
 struct Inner {
     shards: Vec<Mutex<Shard>>,
     per_shard: usize,
+    /// Picks an address's shard with keys drawn at start: with fixed keys, addresses that all
+    /// land in one shard could be computed offline and sprayed to evict that shard's clients
+    /// (each shard holds a sixteenth of the capacity).
+    hasher: RandomState,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +92,7 @@ impl BoundedStore {
         BoundedStore(Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
         }))
     }
 
@@ -96,10 +100,12 @@ impl BoundedStore {
         self.0.per_shard * SHARDS
     }
 
+    fn shard_index(&self, key: &Key) -> usize {
+        self.0.hasher.hash_one(key) as usize % SHARDS
+    }
+
     fn shard(&self, key: &Key) -> &Mutex<Shard> {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        &self.0.shards[h.finish() as usize % SHARDS]
+        &self.0.shards[self.shard_index(key)]
     }
 
     /// The stored state of `ip`, for the admin view.
@@ -237,6 +243,15 @@ mod tests {
             l.check_key(&regular).is_err(),
             "and so its spent budget: eviction did not hand it a fresh burst"
         );
+    }
+
+    #[test]
+    fn which_shard_an_address_lands_in_cannot_be_known_in_advance() {
+        let (a, b) = (BoundedStore::new(1000), BoundedStore::new(1000));
+        let keys: Vec<Key> = (0..64).map(|i| key(&v4(i))).collect();
+        let shards = |s: &BoundedStore| keys.iter().map(|k| s.shard_index(k)).collect::<Vec<_>>();
+        // Equal for 64 addresses by chance: 16^-64.
+        assert_ne!(shards(&a), shards(&b), "each store draws its own hash keys");
     }
 
     #[test]
