@@ -65,7 +65,8 @@ pub enum PushError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStatus {
     Open,
-    /// The queue overflowed; the transport must close the session with 1013.
+    /// The queue overflowed (or its writer gave up on the client); the transport must close the
+    /// session with 1013.
     Overflowed,
     Closed,
 }
@@ -76,7 +77,12 @@ pub enum OutboxStatus {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<OutboxState>,
+    /// Wakes the writer when there is something to drain (one waiter, a stored permit).
     notify: Notify,
+    /// Wakes whoever waits in [`Outbox::ended`] when the status leaves `Open`. Apart from
+    /// `notify` because a writer stuck on a write to a client that does not read must still
+    /// learn of an overflow at once, and the SSE stall watcher must not take the writer's permit.
+    ended: Notify,
     cap: usize,
     cap_bytes: usize,
 }
@@ -107,6 +113,7 @@ impl Outbox {
                 waiting_since: None,
             }),
             notify: Notify::new(),
+            ended: Notify::new(),
             cap,
             cap_bytes,
         }
@@ -127,6 +134,7 @@ impl Outbox {
             st.bytes = 0;
             drop(st);
             self.notify.notify_one();
+            self.ended.notify_waiters();
             return Err(PushError::Overflow);
         }
         let was_empty = st.queue.is_empty();
@@ -161,13 +169,48 @@ impl Outbox {
         self.notify.notified().await
     }
 
+    /// Waits until the status leaves `Open`, and returns it. Unlike [`Outbox::ready`] this
+    /// takes nothing from the writer, so it can run next to a write in progress.
+    pub async fn ended(&self) -> OutboxStatus {
+        loop {
+            let mut notified = std::pin::pin!(self.ended.notified());
+            // Registered before the status is read, so a change in between still wakes us.
+            notified.as_mut().enable();
+            let status = self.state.lock().status;
+            if status != OutboxStatus::Open {
+                return status;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the session slow as an overflow does, for a writer that gave up on its client
+    /// (a frame waited past `session.write_timeout`): the transport closes it with 1013.
+    pub fn mark_slow(&self) {
+        let mut st = self.state.lock();
+        if st.status != OutboxStatus::Open {
+            return;
+        }
+        st.status = OutboxStatus::Overflowed;
+        st.queue.clear();
+        st.bytes = 0;
+        drop(st);
+        self.notify.notify_one();
+        self.ended.notify_waiters();
+    }
+
     pub fn close(&self) {
         let mut st = self.state.lock();
-        if st.status == OutboxStatus::Open {
+        let was_open = st.status == OutboxStatus::Open;
+        if was_open {
             st.status = OutboxStatus::Closed;
         }
         st.queue.clear();
         st.bytes = 0;
+        drop(st);
+        if was_open {
+            self.ended.notify_waiters();
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -515,3 +515,65 @@ async fn a_reader_that_stops_reading_is_cut_off_and_its_slot_freed() {
     welcome(&mut events).await;
     drop(stalled);
 }
+
+/// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they held.
+async fn metrics_reach(t: &TestEdge, want: &[(&str, f64)], bound: Duration) -> bool {
+    let until = tokio::time::Instant::now() + bound;
+    loop {
+        let mut all = true;
+        for (sample, value) in want {
+            all &= t.metric(sample).await == *value;
+        }
+        if all {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A reader that stops reading is cut off when its queue overflows, not only once its oldest
+/// frame has waited `write_timeout` (60 s here).
+#[tokio::test]
+async fn a_stalled_reader_is_cut_off_at_overflow_not_after_the_write_timeout() {
+    let t = start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Opens the stream and never reads the body.
+    let stalled = client(&t, false)
+        .get(url(&t, "channel=firehose"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    let mut ws = t.connect().await;
+    let payload = "p".repeat(60 * 1024);
+    for i in 0..200 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let freed = metrics_reach(
+        &t,
+        &[
+            ("edgeplex_sessions{transport=\"sse\"}", 0.0),
+            ("edgeplex_connections", 1.0),
+            (
+                "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                1.0,
+            ),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        freed,
+        "the stalled stream was dropped within 3 s of the overflow"
+    );
+    drop(stalled);
+}

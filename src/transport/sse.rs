@@ -238,24 +238,33 @@ fn parse_request(
     Ok((channels, since))
 }
 
-/// Drops the connection of a stream whose client stopped reading. hyper polls a body only when
-/// it can write, so the stream itself never notices: its queue overflows or its oldest frame
-/// waits past `session.write_timeout`, and this task cuts the connection, which frees the
-/// session, its slots and its subscriptions. Ends with the session (its outbox closes).
+/// Ends a stream whose client stopped reading. hyper polls a body only when the client has
+/// window for it, so the stream itself never notices: its queue overflows (acted on at once) or
+/// its oldest frame waits past `session.write_timeout` (checked every quarter of it), and this
+/// task cancels `kill`, which resets the HTTP/2 stream or drops the HTTP/1.1 connection and so
+/// frees the session, its slots and its subscriptions. Ends with the session (its outbox
+/// closes).
 async fn watch_for_stall(outbox: Arc<Outbox>, kill: CancellationToken, write_timeout: Duration) {
     let mut tick = tokio::time::interval(write_timeout / 4);
     loop {
         tokio::select! {
             _ = kill.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match outbox.stall() {
-            (OutboxStatus::Closed, _) => return,
-            (OutboxStatus::Overflowed, _) => break,
-            (OutboxStatus::Open, waited) if waited > write_timeout => break,
-            (OutboxStatus::Open, _) => {}
+            status = outbox.ended() => match status {
+                OutboxStatus::Closed => return,
+                OutboxStatus::Open | OutboxStatus::Overflowed => break,
+            },
+            _ = tick.tick() => {
+                if let (OutboxStatus::Open, waited) = outbox.stall()
+                    && waited > write_timeout
+                {
+                    // Counted as a slow consumer when the stream is dropped.
+                    outbox.mark_slow();
+                    break;
+                }
+            }
         }
     }
+    tracing::info!("ending an event stream whose client stopped reading");
     kill.cancel();
 }
 
@@ -371,10 +380,15 @@ impl EventStream {
 }
 
 impl Drop for EventStream {
-    /// hyper drops the body without polling it again when the client goes away.
+    /// hyper drops the body without polling it again when the client goes away, or when the
+    /// stall watcher ended the stream; then the outbox says the client was too slow.
     fn drop(&mut self) {
         if !self.done {
-            self.count_end(None);
+            let reason = match self.outbox.stall().0 {
+                OutboxStatus::Overflowed => Some(CloseReason::SLOW_CONSUMER),
+                OutboxStatus::Open | OutboxStatus::Closed => None,
+            };
+            self.count_end(reason);
         }
     }
 }
