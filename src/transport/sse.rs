@@ -16,7 +16,9 @@
 //! client may also pass it as `?since=`.
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
-//! resumes), or at shutdown.
+//! resumes), or at shutdown. A client that stops reading altogether is cut off by a watcher the
+//! moment its outbox overflows: over HTTP/2 its stream alone is reset (a proxy's connection
+//! carries other clients' streams), over HTTP/1.1 its connection is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +39,7 @@ use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
     ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, json_error,
-    refusal_response, text,
+    refusal_response, stream_kill, text,
 };
 use crate::server::{Body, EdgeState};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
@@ -140,7 +142,12 @@ pub async fn accept(
         _conn: info.permit.clone(),
         _in_flight: info.activity.as_ref().map(|a| a.begin()),
     };
-    if let Some(kill) = info.kill.clone() {
+    // Over HTTP/2 the stream is one of the connection's; over HTTP/1.1 it is the connection.
+    let kill = match req.version() {
+        http::Version::HTTP_2 => stream_kill(),
+        _ => None,
+    };
+    if let Some(kill) = kill.or_else(|| info.kill.clone()) {
         tokio::spawn(watch_for_stall(
             events.outbox.clone(),
             kill,
