@@ -505,8 +505,9 @@ impl Session {
         Verdict::Continue
     }
 
-    /// A wire-level control frame (a WebSocket ping). It gets no reply of ours, but it spends
-    /// the message budget: a client flooding pings is closed like one flooding messages.
+    /// A wire-level control frame (a WebSocket ping, a blank WebTransport line). It gets no
+    /// reply of ours, but it spends the message budget: a client flooding pings is closed like
+    /// one flooding messages.
     pub fn handle_control(&mut self) -> Verdict {
         self.counters.messages_in.inc();
         match self.charge(0) {

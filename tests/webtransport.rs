@@ -454,6 +454,23 @@ async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
     assert_eq!(answered, [0, 1, 2, 3], "the burst's replies");
 }
 
+/// Blank lines are keep-alives and get no reply, but each spends the message budget like a
+/// WebSocket ping: a spray of newlines is a flood like any other and ends in 1008.
+#[tokio::test]
+async fn blank_lines_spend_the_message_budget() {
+    let t = start(|f| {
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    let mut wt = open(&t).await;
+    // A write may fail once the edge has closed the session.
+    let _ = wt.send.write_all(&b"\n\r\n".repeat(500)).await;
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1008, "{reason}");
+}
+
 /// As over WebSocket: a session that stops reading its stream is closed when its queue
 /// overflows, not when the write the edge is stuck on gives up (`write_timeout`, 60 s here).
 #[tokio::test]

@@ -383,15 +383,20 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
             if line.len() > cfg.close_message_bytes {
                 return End::Close(CloseReason::TOO_BIG);
             }
-            // A CR before the LF is tolerated; blank lines are keep-alives and ignored.
+            // A CR before the LF is tolerated.
             if line.last() == Some(&b'\r') {
                 line.truncate(line.len() - 1);
             }
-            if !line.is_empty()
+            // A blank line is a keep-alive: no reply, but it spends the message budget as a
+            // WebSocket ping does, or a client could spray newlines for free.
+            let verdict = if line.is_empty() {
+                session.handle_control()
+            } else {
                 // Boxed for the same reason as in the WebSocket read loop: idle sessions
                 // should not carry the frame handler's large future.
-                && let Verdict::Close(reason) = Box::pin(session.handle_frame(&line)).await
-            {
+                Box::pin(session.handle_frame(&line)).await
+            };
+            if let Verdict::Close(reason) = verdict {
                 return End::Close(reason);
             }
             line.clear();
