@@ -49,6 +49,12 @@ impl SessionEnv {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Frames this thread's sessions decoded: lets a test see that a frame was never parsed.
+    static DECODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Publishes one session may have waiting for the bus's answer.
 pub const PUBLISHES_IN_FLIGHT: usize = 256;
 
@@ -465,31 +471,35 @@ impl Session {
     /// Handles one complete client frame (a WebSocket text message, a WebTransport line).
     pub async fn handle_frame(&mut self, frame: &[u8]) -> Verdict {
         self.counters.messages_in.inc();
-        // An oversize frame is refused unread: parsing it only to find its id would let a client
-        // spend the edge's CPU on bytes it is refused for.
-        let oversize = frame.len() > self.env.config.max_message_bytes;
-        let decoded = if oversize {
-            None
-        } else {
-            Some(protocol::decode(frame))
-        };
-        let id = match &decoded {
-            Some(Ok(f)) => f.id(),
-            Some(Err(e)) => e.id,
-            None => None,
-        };
         // Every frame counts against the budget, malformed ones included: a flood of garbage is
-        // still a flood.
+        // still a flood. The charge comes before any parse, so a client over its budget cannot
+        // buy decoding work with the frames it is refused for; the refusal's id is read from
+        // the frame's first bytes only.
         match self.charge(frame.len()) {
             Charge::Allowed => {}
             Charge::Close => return Verdict::Close(CloseReason::RATE_ABUSE),
             Charge::Refused(wait) => {
                 let ms = (wait.as_millis() as u64).max(1);
                 let msg = "too many messages; slow down";
-                self.error(id, ErrorCode::RateLimited, msg, Some(ms));
+                self.error(
+                    protocol::peek_id(frame),
+                    ErrorCode::RateLimited,
+                    msg,
+                    Some(ms),
+                );
                 return Verdict::Continue;
             }
         }
+        // An oversize frame is refused unread: parsing it only to find its id would let a client
+        // spend the edge's CPU on bytes it is refused for.
+        let oversize = frame.len() > self.env.config.max_message_bytes;
+        let decoded = if oversize {
+            None
+        } else {
+            #[cfg(test)]
+            DECODED.with(|d| d.set(d.get() + 1));
+            Some(protocol::decode(frame))
+        };
         match decoded {
             None => {
                 let msg = format!(
@@ -841,6 +851,43 @@ mod tests {
         }
         assert_eq!(f[2]["id"], 2);
         assert_eq!(verdicts[5], Verdict::Close(CloseReason::RATE_ABUSE));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_budget_is_refused_before_it_is_decoded() {
+        let e = env(|f| {
+            f.session.messages_per_second = 1;
+            f.session.message_burst = 1;
+            f.session.close_after_refusals = 100;
+        });
+        let mut s = open(&e);
+        frames(&s);
+        s.handle_frame(br#"{"id":1,"op":"ping"}"#).await;
+        let decoded = DECODED.with(|d| d.get());
+        // ~60 KB of data, under `max_message_bytes`: decoding it walks every element.
+        let data = format!("[{}0]", "0,".repeat(30_000));
+        let id_first = format!(r#"{{"id":2,"op":"publish","channel":"a","data":{data}}}"#);
+        let id_last = format!(r#"{{"channel":"a","data":{data},"id":3,"op":"publish"}}"#);
+        s.handle_frame(id_first.as_bytes()).await;
+        s.handle_frame(id_last.as_bytes()).await;
+        assert_eq!(
+            DECODED.with(|d| d.get()),
+            decoded,
+            "frames over the budget are refused unparsed"
+        );
+        let f = frames(&s);
+        assert_eq!(f[0], serde_json::json!({"id": 1, "ok": true}));
+        assert_eq!(f[1]["error"]["code"], "rate_limited");
+        assert_eq!(
+            f[1]["id"], 2,
+            "an id near the start is read without a parse"
+        );
+        assert_eq!(f[2]["error"]["code"], "rate_limited");
+        assert_eq!(
+            f[2].get("id"),
+            None,
+            "one past PEEK_ID_BYTES is not looked for"
+        );
     }
 
     #[test]
