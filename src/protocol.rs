@@ -373,6 +373,119 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
     }
 }
 
+/// How far into a frame [`peek_id`] looks: past every member of a frame that carries no `data`
+/// (a 200-character channel name included), so only a publish's id can lie beyond it.
+pub const PEEK_ID_BYTES: usize = 512;
+
+/// The frame's `id` read without decoding the frame, for the reply to a frame refused before it
+/// is decoded (over the rate limit): finding it costs a look at [`PEEK_ID_BYTES`] bytes at most,
+/// where a decode costs a parse of up to `session.max_message_bytes`. The id is the top-level
+/// `"id"` member when it is a non-negative integer and ends within that window; `None` when it
+/// is further in, spelled with escapes, or the frame is not an object. Nothing is validated on
+/// the way: a `Some` is the id a successful decode would find, and a frame that decode would
+/// refuse may still get one.
+pub fn peek_id(frame: &[u8]) -> Option<u64> {
+    let b = &frame[..frame.len().min(PEEK_ID_BYTES)];
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(b, i);
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(b, i)?;
+        let key = b.get(i + 1..key_end)?;
+        i = skip_ws(b, key_end + 1);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        if key == b"id" {
+            return peek_integer(b, i);
+        }
+        i = skip_ws(b, skip_value(b, i)?);
+        if b.get(i) != Some(&b',') {
+            return None;
+        }
+        i += 1;
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b
+        .get(i)
+        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// The index of the quote that closes the string opening at `i`.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        match b.get(i)? {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// The index just past the value starting at `i`, found by its delimiters alone.
+fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => Some(string_end(b, i)? + 1),
+        b'{' | b'[' => {
+            // Brackets of either kind count alike: this finds the end, it does not validate.
+            let mut depth = 0usize;
+            loop {
+                match b.get(i)? {
+                    b'"' => i = string_end(b, i)?,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            // A number, `true`, `false` or `null`: it runs to the next delimiter.
+            while !matches!(b.get(i)?, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                i += 1;
+            }
+            Some(i)
+        }
+    }
+}
+
+/// A JSON integer that fits `u64` at `i`, followed by a delimiter inside the window (without
+/// one, more digits may follow beyond it).
+fn peek_integer(b: &[u8], i: usize) -> Option<u64> {
+    let digits = b
+        .get(i..)?
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    if digits == 0 || (digits > 1 && b[i] == b'0') {
+        return None;
+    }
+    let end = skip_ws(b, i + digits);
+    if !matches!(b.get(end)?, b',' | b'}') {
+        return None;
+    }
+    std::str::from_utf8(&b[i..i + digits]).ok()?.parse().ok()
+}
+
 /// Checks what `RawValue` does not. serde_json's raw parser skips over values without decoding
 /// them, so it accepts `\uD800`-style escapes of unpaired surrogates and numbers out of `f64`
 /// range (`1e400`), both of which strict parsers (serde_json's own `Value` included) reject:
@@ -853,5 +966,70 @@ mod tests {
         let m = encode_message(&ch, Some(Offset { epoch: 0, seq: 1 }), r#""a\nb""#);
         let v: Value = serde_json::from_slice(m.as_bytes()).unwrap();
         assert_eq!(v["data"], "a\nb");
+    }
+
+    #[test]
+    fn peek_id_finds_the_top_level_id_within_its_window() {
+        let pad = "x".repeat(PEEK_ID_BYTES);
+        let cases: &[(&str, Option<u64>)] = &[
+            (r#"{"id":7,"op":"ping"}"#, Some(7)),
+            (" {\r\n\t\"id\" : 0 } ", Some(0)),
+            (r#"{"op":"ping","id":18446744073709551615}"#, Some(u64::MAX)),
+            // serde_json's sorted keys put `data` first: nested and quoted ids are skipped.
+            (
+                r#"{"channel":"a","data":{"id":1,"s":"\"id\":2","a":[{"id":3}]},"id":4,"op":"publish"}"#,
+                Some(4),
+            ),
+            (r#"{"data":[1,true,null,"]}"],"id":5}"#, Some(5)),
+            (r#"{"data":"x","id":5,"#, Some(5)),
+            // Not an integer decode would accept.
+            (r#"{"id":-1}"#, None),
+            (r#"{"id":1.5}"#, None),
+            (r#"{"id":1e3}"#, None),
+            (r#"{"id":01}"#, None),
+            (r#"{"id":"1"}"#, None),
+            (r#"{"id":null}"#, None),
+            (r#"{"id":18446744073709551616}"#, None),
+            // Not where it looks.
+            (r#"{"i\u0064":1}"#, None),
+            (r#"[{"id":1}]"#, None),
+            (r#"{"op":"ping"}"#, None),
+            (r#"{"id":1"#, None),
+            ("", None),
+            ("{", None),
+            (r#"{"data":"\"#, None),
+            (r#"{"data":]]]],"id":1}"#, None),
+        ];
+        for (frame, want) in cases {
+            assert_eq!(peek_id(frame.as_bytes()), *want, "{frame}");
+        }
+        // Past the window it is not looked for.
+        let far = format!(r#"{{"data":"{pad}","id":9}}"#);
+        assert_eq!(peek_id(far.as_bytes()), None);
+        let near = format!(r#"{{"id":9,"data":"{pad}"}}"#);
+        assert_eq!(peek_id(near.as_bytes()), Some(9));
+        // Digits cut by the window could go on beyond it.
+        let cut = format!(r#"{{"data":"{}","id":123}}"#, &pad[..PEEK_ID_BYTES - 18]);
+        assert_eq!(cut.find("123").map(|i| i + 3), Some(PEEK_ID_BYTES + 1));
+        assert_eq!(peek_id(cut.as_bytes()), None);
+    }
+
+    #[test]
+    fn peek_id_agrees_with_decode() {
+        let frames = [
+            json!({"id": 3, "op": "ping"}),
+            json!({"id": 4, "op": "subscribe", "channel": "a".repeat(200), "since": "1-2"}),
+            json!({"id": 5, "op": "publish", "channel": "c", "data": {"id": 6, "v": [1, "}"]}}),
+            json!({"id": 7, "op": "nope"}),
+            json!({"id": 8, "op": "publish", "channel": "c"}),
+        ];
+        for v in frames {
+            let text = v.to_string();
+            let decoded = match decode(text.as_bytes()) {
+                Ok(f) => f.id(),
+                Err(e) => e.id,
+            };
+            assert_eq!(peek_id(text.as_bytes()), decoded, "{text}");
+        }
     }
 }

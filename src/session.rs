@@ -49,6 +49,12 @@ impl SessionEnv {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Frames this thread's sessions decoded: lets a test see that a frame was never parsed.
+    static DECODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Publishes one session may have waiting for the bus's answer.
 pub const PUBLISHES_IN_FLIGHT: usize = 256;
 
@@ -65,7 +71,8 @@ pub enum PushError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStatus {
     Open,
-    /// The queue overflowed; the transport must close the session with 1013.
+    /// The queue overflowed (or its writer gave up on the client); the transport must close the
+    /// session with 1013.
     Overflowed,
     Closed,
 }
@@ -76,7 +83,12 @@ pub enum OutboxStatus {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<OutboxState>,
+    /// Wakes the writer when there is something to drain (one waiter, a stored permit).
     notify: Notify,
+    /// Wakes whoever waits in [`Outbox::ended`] when the status leaves `Open`. Apart from
+    /// `notify` because a writer stuck on a write to a client that does not read must still
+    /// learn of an overflow at once, and the SSE stall watcher must not take the writer's permit.
+    ended: Notify,
     cap: usize,
     cap_bytes: usize,
 }
@@ -107,6 +119,7 @@ impl Outbox {
                 waiting_since: None,
             }),
             notify: Notify::new(),
+            ended: Notify::new(),
             cap,
             cap_bytes,
         }
@@ -127,6 +140,7 @@ impl Outbox {
             st.bytes = 0;
             drop(st);
             self.notify.notify_one();
+            self.ended.notify_waiters();
             return Err(PushError::Overflow);
         }
         let was_empty = st.queue.is_empty();
@@ -161,13 +175,48 @@ impl Outbox {
         self.notify.notified().await
     }
 
+    /// Waits until the status leaves `Open`, and returns it. Unlike [`Outbox::ready`] this
+    /// takes nothing from the writer, so it can run next to a write in progress.
+    pub async fn ended(&self) -> OutboxStatus {
+        loop {
+            let mut notified = std::pin::pin!(self.ended.notified());
+            // Registered before the status is read, so a change in between still wakes us.
+            notified.as_mut().enable();
+            let status = self.state.lock().status;
+            if status != OutboxStatus::Open {
+                return status;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the session slow as an overflow does, for a writer that gave up on its client
+    /// (a frame waited past `session.write_timeout`): the transport closes it with 1013.
+    pub fn mark_slow(&self) {
+        let mut st = self.state.lock();
+        if st.status != OutboxStatus::Open {
+            return;
+        }
+        st.status = OutboxStatus::Overflowed;
+        st.queue.clear();
+        st.bytes = 0;
+        drop(st);
+        self.notify.notify_one();
+        self.ended.notify_waiters();
+    }
+
     pub fn close(&self) {
         let mut st = self.state.lock();
-        if st.status == OutboxStatus::Open {
+        let was_open = st.status == OutboxStatus::Open;
+        if was_open {
             st.status = OutboxStatus::Closed;
         }
         st.queue.clear();
         st.bytes = 0;
+        drop(st);
+        if was_open {
+            self.ended.notify_waiters();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -422,31 +471,35 @@ impl Session {
     /// Handles one complete client frame (a WebSocket text message, a WebTransport line).
     pub async fn handle_frame(&mut self, frame: &[u8]) -> Verdict {
         self.counters.messages_in.inc();
-        // An oversize frame is refused unread: parsing it only to find its id would let a client
-        // spend the edge's CPU on bytes it is refused for.
-        let oversize = frame.len() > self.env.config.max_message_bytes;
-        let decoded = if oversize {
-            None
-        } else {
-            Some(protocol::decode(frame))
-        };
-        let id = match &decoded {
-            Some(Ok(f)) => f.id(),
-            Some(Err(e)) => e.id,
-            None => None,
-        };
         // Every frame counts against the budget, malformed ones included: a flood of garbage is
-        // still a flood.
+        // still a flood. The charge comes before any parse, so a client over its budget cannot
+        // buy decoding work with the frames it is refused for; the refusal's id is read from
+        // the frame's first bytes only.
         match self.charge(frame.len()) {
             Charge::Allowed => {}
             Charge::Close => return Verdict::Close(CloseReason::RATE_ABUSE),
             Charge::Refused(wait) => {
                 let ms = (wait.as_millis() as u64).max(1);
                 let msg = "too many messages; slow down";
-                self.error(id, ErrorCode::RateLimited, msg, Some(ms));
+                self.error(
+                    protocol::peek_id(frame),
+                    ErrorCode::RateLimited,
+                    msg,
+                    Some(ms),
+                );
                 return Verdict::Continue;
             }
         }
+        // An oversize frame is refused unread: parsing it only to find its id would let a client
+        // spend the edge's CPU on bytes it is refused for.
+        let oversize = frame.len() > self.env.config.max_message_bytes;
+        let decoded = if oversize {
+            None
+        } else {
+            #[cfg(test)]
+            DECODED.with(|d| d.set(d.get() + 1));
+            Some(protocol::decode(frame))
+        };
         match decoded {
             None => {
                 let msg = format!(
@@ -462,8 +515,9 @@ impl Session {
         Verdict::Continue
     }
 
-    /// A wire-level control frame (a WebSocket ping). It gets no reply of ours, but it spends
-    /// the message budget: a client flooding pings is closed like one flooding messages.
+    /// A wire-level control frame (a WebSocket ping, a blank WebTransport line). It gets no
+    /// reply of ours, but it spends the message budget: a client flooding pings is closed like
+    /// one flooding messages.
     pub fn handle_control(&mut self) -> Verdict {
         self.counters.messages_in.inc();
         match self.charge(0) {
@@ -797,6 +851,43 @@ mod tests {
         }
         assert_eq!(f[2]["id"], 2);
         assert_eq!(verdicts[5], Verdict::Close(CloseReason::RATE_ABUSE));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_budget_is_refused_before_it_is_decoded() {
+        let e = env(|f| {
+            f.session.messages_per_second = 1;
+            f.session.message_burst = 1;
+            f.session.close_after_refusals = 100;
+        });
+        let mut s = open(&e);
+        frames(&s);
+        s.handle_frame(br#"{"id":1,"op":"ping"}"#).await;
+        let decoded = DECODED.with(|d| d.get());
+        // ~60 KB of data, under `max_message_bytes`: decoding it walks every element.
+        let data = format!("[{}0]", "0,".repeat(30_000));
+        let id_first = format!(r#"{{"id":2,"op":"publish","channel":"a","data":{data}}}"#);
+        let id_last = format!(r#"{{"channel":"a","data":{data},"id":3,"op":"publish"}}"#);
+        s.handle_frame(id_first.as_bytes()).await;
+        s.handle_frame(id_last.as_bytes()).await;
+        assert_eq!(
+            DECODED.with(|d| d.get()),
+            decoded,
+            "frames over the budget are refused unparsed"
+        );
+        let f = frames(&s);
+        assert_eq!(f[0], serde_json::json!({"id": 1, "ok": true}));
+        assert_eq!(f[1]["error"]["code"], "rate_limited");
+        assert_eq!(
+            f[1]["id"], 2,
+            "an id near the start is read without a parse"
+        );
+        assert_eq!(f[2]["error"]["code"], "rate_limited");
+        assert_eq!(
+            f[2].get("id"),
+            None,
+            "one past PEEK_ID_BYTES is not looked for"
+        );
     }
 
     #[test]

@@ -515,3 +515,149 @@ async fn a_reader_that_stops_reading_is_cut_off_and_its_slot_freed() {
     welcome(&mut events).await;
     drop(stalled);
 }
+
+/// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they held.
+async fn metrics_reach(t: &TestEdge, want: &[(&str, f64)], bound: Duration) -> bool {
+    let until = tokio::time::Instant::now() + bound;
+    loop {
+        let mut all = true;
+        for (sample, value) in want {
+            all &= t.metric(sample).await == *value;
+        }
+        if all {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A reader that stops reading is cut off when its queue overflows, not only once its oldest
+/// frame has waited `write_timeout` (60 s here).
+#[tokio::test]
+async fn a_stalled_reader_is_cut_off_at_overflow_not_after_the_write_timeout() {
+    let t = start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Opens the stream and never reads the body.
+    let stalled = client(&t, false)
+        .get(url(&t, "channel=firehose"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    let mut ws = t.connect().await;
+    let payload = "p".repeat(60 * 1024);
+    for i in 0..200 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let freed = metrics_reach(
+        &t,
+        &[
+            ("edgeplex_sessions{transport=\"sse\"}", 0.0),
+            ("edgeplex_connections", 1.0),
+            (
+                "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                1.0,
+            ),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        freed,
+        "the stalled stream was dropped within 3 s of the overflow"
+    );
+    drop(stalled);
+}
+
+/// Behind an HTTP/2 proxy many clients share one connection: a stream whose reader stalls (its
+/// flow-control window fills) is reset alone, and the other stream on the connection keeps
+/// receiving.
+#[tokio::test]
+async fn a_stalled_http2_stream_is_reset_alone_and_its_neighbour_keeps_streaming() {
+    use eventsource_stream::Eventsource;
+    let t = start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let h2 = client(&t, true);
+    let stalled = h2.get(url(&t, "channel=firehose")).send().await.unwrap();
+    assert_eq!(stalled.version(), reqwest::Version::HTTP_2);
+    let resp = h2.get(url(&t, "channel=firehose")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let mut reader: common::sse_client::Events = Box::pin(
+        resp.bytes_stream()
+            .eventsource()
+            .map(|e| e.expect("a well-formed event stream")),
+    );
+    welcome(&mut reader).await;
+    let mut ws = t.connect().await;
+    assert_eq!(
+        t.metric("edgeplex_connections").await,
+        2.0,
+        "both streams share one HTTP/2 connection"
+    );
+    let pad = "p".repeat(32 * 1024);
+    // ~6.4 MB: more than the stalled stream's window (2 MiB), hyper's and h2's buffers and its
+    // 256 KiB queue hold together. The reader keeps in step.
+    for i in 0..200u64 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": {"i": i, "pad": pad}}))
+            .await;
+        assert_eq!(r["ok"], true);
+        let e = next(&mut reader).await;
+        assert_eq!(data(&e)["data"]["i"], i, "the reader gets every message");
+    }
+    let reset = metrics_reach(
+        &t,
+        &[
+            ("edgeplex_sessions{transport=\"sse\"}", 1.0),
+            (
+                "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                1.0,
+            ),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        reset,
+        "the stalled stream was ended within 3 s of the overflow"
+    );
+    assert_eq!(
+        t.metric("edgeplex_connections").await,
+        2.0,
+        "the shared connection stays open"
+    );
+    // The stalled stream gives what its window held, then ends in a reset, not a clean end.
+    let mut body = stalled.bytes_stream();
+    let ended = tokio::time::timeout(common::TIMEOUT, async {
+        loop {
+            match body.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("the stalled stream ends");
+    assert!(ended.is_err(), "the stalled stream was reset");
+    // The neighbour still streams on the same connection.
+    let r = ws
+        .request(json!({"id": 999, "op": "publish", "channel": "firehose", "data": {"i": 999}}))
+        .await;
+    assert_eq!(r["ok"], true);
+    let e = next(&mut reader).await;
+    assert_eq!(data(&e)["data"]["i"], 999);
+    assert_eq!(t.metric("edgeplex_connections").await, 2.0);
+}

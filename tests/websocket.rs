@@ -634,6 +634,94 @@ async fn a_write_that_outlasts_write_timeout_closes_the_session_as_slow() {
     assert_eq!(t.edge.state().hub.subscriber_count("flood"), 0);
 }
 
+/// A WebSocket client whose socket has a small receive buffer (set before connecting, so the
+/// window it advertises stays small), subscribed to `channel`. The test never reads it again.
+async fn small_window_subscriber(t: &common::TestEdge, channel: &str) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(t.edge.tls_addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(t.tls.clone())
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let req = format!("wss://localhost:{}/ws", t.edge.tls_addr().port())
+        .into_client_request()
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let mut c = Client {
+        ws,
+        welcome: Value::Null,
+        held: Default::default(),
+    };
+    c.welcome = c.recv().await;
+    c.subscribe(1, channel).await;
+    c
+}
+
+/// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they held.
+async fn metrics_reach(t: &common::TestEdge, want: &[(&str, f64)], bound: Duration) -> bool {
+    let until = tokio::time::Instant::now() + bound;
+    loop {
+        let mut all = true;
+        for (sample, value) in want {
+            all &= t.metric(sample).await == *value;
+        }
+        if all {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A subscriber that stops reading is closed when its queue overflows, not when the write the
+/// edge is stuck on gives up (`write_timeout`, 60 s here): its session and connection are freed
+/// within a bound of the overflow. Its full socket cannot take the close frame, so the edge
+/// drops the connection after `CLOSE_HANDSHAKE_TIMEOUT` (1 s).
+#[tokio::test]
+async fn a_stalled_reader_is_closed_at_overflow_not_after_the_write_timeout() {
+    let t = start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let _stalled = small_window_subscriber(&t, "flood").await;
+    let mut publisher = t.connect().await;
+    let payload = "z".repeat(60 * 1024);
+    // ~12 MB: far more than the socket buffers and the 256 KiB queue hold together, so the
+    // queue overflows while this runs.
+    for i in 0..200u64 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "flood", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let freed = metrics_reach(
+        &t,
+        &[
+            ("edgeplex_sessions{transport=\"websocket\"}", 1.0),
+            ("edgeplex_connections", 1.0),
+            (
+                "edgeplex_slow_consumer_closes_total{transport=\"websocket\"}",
+                1.0,
+            ),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        freed,
+        "the stalled session and its connection were freed within 3 s of the overflow"
+    );
+    assert_eq!(t.edge.state().hub.subscriber_count("flood"), 0);
+}
+
 #[tokio::test]
 async fn invalid_utf8_text_frame_is_closed_with_1007() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;

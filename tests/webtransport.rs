@@ -25,17 +25,20 @@ struct Wt {
 }
 
 fn client_endpoint(t: &TestEdge) -> Endpoint<Client> {
+    Endpoint::client(client_config(t)).unwrap()
+}
+
+fn client_config(t: &TestEdge) -> ClientConfig {
     let hex = &t.edge.dev_cert().unwrap().sha256_hex;
     let bytes: Vec<u8> = (0..32)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect();
     let hash = Sha256Digest::new(bytes.try_into().unwrap());
-    let config = ClientConfig::builder()
+    ClientConfig::builder()
         .with_bind_default()
         .with_server_certificate_hashes([hash])
         .keep_alive_interval(Some(Duration::from_secs(3)))
-        .build();
-    Endpoint::client(config).unwrap()
+        .build()
 }
 
 fn url(t: &TestEdge, path: &str) -> String {
@@ -46,7 +49,14 @@ fn url(t: &TestEdge, path: &str) -> String {
 }
 
 async fn try_open(t: &TestEdge, origin: Option<&str>) -> Result<Wt, String> {
-    let endpoint = client_endpoint(t);
+    try_open_on(client_endpoint(t), t, origin).await
+}
+
+async fn try_open_on(
+    endpoint: Endpoint<Client>,
+    t: &TestEdge,
+    origin: Option<&str>,
+) -> Result<Wt, String> {
     let mut options = ConnectOptions::builder(url(t, "/wt"));
     if let Some(o) = origin {
         options = options.add_header("origin", o);
@@ -442,4 +452,70 @@ async fn replies_to_publishes_still_with_redis_go_out_before_a_1008() {
     let (code, reason) = wt.closed().await;
     assert_eq!(code, 1008, "{reason}");
     assert_eq!(answered, [0, 1, 2, 3], "the burst's replies");
+}
+
+/// Blank lines are keep-alives and get no reply, but each spends the message budget like a
+/// WebSocket ping: a spray of newlines is a flood like any other and ends in 1008.
+#[tokio::test]
+async fn blank_lines_spend_the_message_budget() {
+    let t = start(|f| {
+        f.session.messages_per_second = 1;
+        f.session.message_burst = 5;
+        f.session.close_after_refusals = 10;
+    })
+    .await;
+    let mut wt = open(&t).await;
+    // A write may fail once the edge has closed the session.
+    let _ = wt.send.write_all(&b"\n\r\n".repeat(500)).await;
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1008, "{reason}");
+}
+
+/// As over WebSocket: a session that stops reading its stream is closed when its queue
+/// overflows, not when the write the edge is stuck on gives up (`write_timeout`, 60 s here).
+#[tokio::test]
+async fn a_stalled_reader_is_closed_at_overflow_not_after_the_write_timeout() {
+    let t = start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // A client whose stream window is small: the edge's writes to it block after 16 KiB, and
+    // stay blocked, as the client never reads again after its subscribe.
+    let mut config = client_config(&t);
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(wtransport::quinn::VarInt::from_u32(16 * 1024))
+        .keep_alive_interval(Some(Duration::from_secs(3)));
+    config
+        .quic_config_mut()
+        .transport_config(std::sync::Arc::new(transport));
+    let endpoint = Endpoint::client(config).unwrap();
+    let mut wt = try_open_on(endpoint, &t, None).await.unwrap();
+    let r = wt
+        .request(json!({"id": 1, "op": "subscribe", "channel": "flood"}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    // From here on the client never reads its stream.
+    let mut publisher = t.connect().await;
+    let payload = "z".repeat(60 * 1024);
+    // ~3 MB: far more than the stream's window and the 256 KiB queue hold together.
+    for i in 0..50u64 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "flood", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let sample = "edgeplex_sessions{transport=\"webtransport\"}";
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while t.metric(sample).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the stalled session was freed within 3 s of the overflow"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, reason) = wt.closed().await;
+    assert_eq!(code, 1013, "{reason}");
+    assert_eq!(t.edge.state().hub.subscriber_count("flood"), 0);
 }

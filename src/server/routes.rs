@@ -34,8 +34,47 @@ pub struct ConnInfo {
     /// connection is such a client's session, so it gets the session's rate.
     pub publish_budget: Option<Arc<governor::DefaultDirectRateLimiter>>,
     /// Cancelling it drops the whole connection at once, without a graceful close: for a client
-    /// that stopped reading, where nothing graceful can reach it.
+    /// that stopped reading, where nothing graceful can reach it. Over HTTP/2 other clients'
+    /// streams may share the connection: end one stream alone with [`stream_kill`] instead.
     pub kill: Option<tokio_util::sync::CancellationToken>,
+}
+
+tokio::task_local! {
+    /// Ends the HTTP/2 stream the current task serves (set by [`StreamExec`]).
+    static STREAM_KILL: tokio_util::sync::CancellationToken;
+}
+
+/// hyper's executor on the TCP listeners. hyper runs each HTTP/2 stream (the request's handler,
+/// then its response body) in a task of its own through it; this one gives that task a token,
+/// [`stream_kill`], that ends it. Ending it drops the stream's response mid-body, and h2 then
+/// resets that stream (RST_STREAM, CANCEL) while the connection's other streams go on: hyper
+/// polls a body only when the client has window for it, so a stalled stream cannot be ended
+/// from inside its body. HTTP/1.1 requests run in their connection's task, outside it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let kill = tokio_util::sync::CancellationToken::new();
+        let ended = kill.clone();
+        tokio::spawn(STREAM_KILL.scope(kill, async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = ended.cancelled() => {}
+            }
+        }));
+    }
+}
+
+/// The token that resets the HTTP/2 stream the caller runs on alone; `None` outside one (an
+/// HTTP/1.1 request, whose stream is its connection).
+pub fn stream_kill() -> Option<tokio_util::sync::CancellationToken> {
+    STREAM_KILL
+        .try_with(tokio_util::sync::CancellationToken::clone)
+        .ok()
 }
 
 /// A public connection's slot: holds its place under `server.max_connections` and counts it in

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -154,7 +154,8 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let s = &state.config.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Each HTTP/2 stream in a task of its own that can be ended alone (see `StreamExec`).
+    let mut builder = auto::Builder::new(routes::StreamExec);
     builder
         .http1()
         .timer(TokioTimer::new())

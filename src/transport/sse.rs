@@ -16,7 +16,9 @@
 //! client may also pass it as `?since=`.
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
-//! resumes), or at shutdown.
+//! resumes), or at shutdown. A client that stops reading altogether is cut off by a watcher the
+//! moment its outbox overflows: over HTTP/2 its stream alone is reset (a proxy's connection
+//! carries other clients' streams), over HTTP/1.1 its connection is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +39,7 @@ use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
     ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, json_error,
-    refusal_response, text,
+    refusal_response, stream_kill, text,
 };
 use crate::server::{Body, EdgeState};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
@@ -140,7 +142,12 @@ pub async fn accept(
         _conn: info.permit.clone(),
         _in_flight: info.activity.as_ref().map(|a| a.begin()),
     };
-    if let Some(kill) = info.kill.clone() {
+    // Over HTTP/2 the stream is one of the connection's; over HTTP/1.1 it is the connection.
+    let kill = match req.version() {
+        http::Version::HTTP_2 => stream_kill(),
+        _ => None,
+    };
+    if let Some(kill) = kill.or_else(|| info.kill.clone()) {
         tokio::spawn(watch_for_stall(
             events.outbox.clone(),
             kill,
@@ -238,24 +245,33 @@ fn parse_request(
     Ok((channels, since))
 }
 
-/// Drops the connection of a stream whose client stopped reading. hyper polls a body only when
-/// it can write, so the stream itself never notices: its queue overflows or its oldest frame
-/// waits past `session.write_timeout`, and this task cuts the connection, which frees the
-/// session, its slots and its subscriptions. Ends with the session (its outbox closes).
+/// Ends a stream whose client stopped reading. hyper polls a body only when the client has
+/// window for it, so the stream itself never notices: its queue overflows (acted on at once) or
+/// its oldest frame waits past `session.write_timeout` (checked every quarter of it), and this
+/// task cancels `kill`, which resets the HTTP/2 stream or drops the HTTP/1.1 connection and so
+/// frees the session, its slots and its subscriptions. Ends with the session (its outbox
+/// closes).
 async fn watch_for_stall(outbox: Arc<Outbox>, kill: CancellationToken, write_timeout: Duration) {
     let mut tick = tokio::time::interval(write_timeout / 4);
     loop {
         tokio::select! {
             _ = kill.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match outbox.stall() {
-            (OutboxStatus::Closed, _) => return,
-            (OutboxStatus::Overflowed, _) => break,
-            (OutboxStatus::Open, waited) if waited > write_timeout => break,
-            (OutboxStatus::Open, _) => {}
+            status = outbox.ended() => match status {
+                OutboxStatus::Closed => return,
+                OutboxStatus::Open | OutboxStatus::Overflowed => break,
+            },
+            _ = tick.tick() => {
+                if let (OutboxStatus::Open, waited) = outbox.stall()
+                    && waited > write_timeout
+                {
+                    // Counted as a slow consumer when the stream is dropped.
+                    outbox.mark_slow();
+                    break;
+                }
+            }
         }
     }
+    tracing::info!("ending an event stream whose client stopped reading");
     kill.cancel();
 }
 
@@ -371,10 +387,15 @@ impl EventStream {
 }
 
 impl Drop for EventStream {
-    /// hyper drops the body without polling it again when the client goes away.
+    /// hyper drops the body without polling it again when the client goes away, or when the
+    /// stall watcher ended the stream; then the outbox says the client was too slow.
     fn drop(&mut self) {
         if !self.done {
-            self.count_end(None);
+            let reason = match self.outbox.stall().0 {
+                OutboxStatus::Overflowed => Some(CloseReason::SLOW_CONSUMER),
+                OutboxStatus::Open | OutboxStatus::Closed => None,
+            };
+            self.count_end(reason);
         }
     }
 }

@@ -30,7 +30,9 @@ use crate::server::routes::{ConnInfo, ConnSlot, admit_origin, client_of, refusal
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
 
-/// How long to wait for the client's answer to our close frame before dropping the socket.
+/// How long to wait for the client's answer to our close frame before dropping the socket. This
+/// also bounds how long a slow consumer keeps its socket after its queue overflows: a client
+/// that stopped reading cannot take the close frame either, and its session is already gone.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The tungstenite settings for one session. The read buffer is allocated up front for every
@@ -218,7 +220,7 @@ type Stream<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
 /// Runs one session until it ends. Reading and writing are separate halves polled together, so a
 /// client whose socket is full can still be read (it can still unsubscribe or close), and a write
 /// that stalls cannot stop shutdown or the idle check. Every write is bounded by
-/// `session.write_timeout`.
+/// `session.write_timeout`, and ends early when the queue overflows meanwhile.
 async fn run<S>(
     sink: &mut Sink<S>,
     stream: &mut Stream<S>,
@@ -324,15 +326,11 @@ where
                 // Boxed for the same reason as the frame handler: inline, every idle session's
                 // task would carry room for a write in progress. One allocation per wake-up,
                 // next to a system call.
-                match Box::pin(tokio::time::timeout(cfg.write_timeout, write)).await {
-                    Ok(Ok(())) => {
+                match Box::pin(bounded_write(write, outbox, cfg.write_timeout)).await {
+                    Ok(()) => {
                         messages_out.inc_by(n);
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "write failed");
-                        return End::Gone;
-                    }
-                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
+                    Err(end) => return end,
                 }
                 batch.clear();
                 if batch.capacity() > BATCH_KEEP_CAPACITY {
@@ -341,18 +339,41 @@ where
             }
             _ = ping.tick() => {
                 // Boxed like the write above; a ping is rare.
-                let sent = Box::pin(tokio::time::timeout(
-                    cfg.write_timeout,
-                    sink.send(Message::Ping(Default::default())),
-                ))
-                .await;
-                match sent {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::Gone,
-                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
+                let ping = sink.send(Message::Ping(Default::default()));
+                if let Err(end) = Box::pin(bounded_write(ping, outbox, cfg.write_timeout)).await {
+                    return end;
                 }
             }
         }
+    }
+}
+
+/// Runs one write to the client for at most `session.write_timeout`, and only while the outbox
+/// is open. A client that stopped reading leaves the write stuck on its full socket while the
+/// queue behind it overflows; that overflow ends the session at once (1013), instead of when
+/// the write gives up, so the session, its subscriptions and its socket are not held for
+/// `write_timeout` more.
+async fn bounded_write<F>(
+    write: F,
+    outbox: &crate::session::Outbox,
+    limit: Duration,
+) -> Result<(), End>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
+    tokio::select! {
+        r = tokio::time::timeout(limit, write) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                Err(End::Gone)
+            }
+            Err(_) => Err(End::Close(CloseReason::SLOW_CONSUMER)),
+        },
+        status = outbox.ended() => Err(match status {
+            OutboxStatus::Closed => End::Gone,
+            OutboxStatus::Open | OutboxStatus::Overflowed => End::Close(CloseReason::SLOW_CONSUMER),
+        }),
     }
 }
 

@@ -262,7 +262,10 @@ fn run(
                 let owed = session
                     .owed_at_close(reason, cfg.write_timeout, &state.shutdown)
                     .await;
-                if reason != CloseReason::SHUTDOWN {
+                // A slow consumer is owed nothing and its stream is stuck: finishing it would
+                // wait for acknowledgements that do not come. The QUIC close below gets through
+                // whatever the stream holds.
+                if reason != CloseReason::SHUTDOWN && reason != CloseReason::SLOW_CONSUMER {
                     let mut buf = BytesMut::new();
                     for f in &owed {
                         buf.put_slice(f.as_bytes());
@@ -295,7 +298,7 @@ fn close(connection: &Connection, reason: CloseReason) {
 }
 
 /// The sending half: drains the outbox on each wake-up into one stream write (datagram pushes
-/// aside), bounded by `session.write_timeout`.
+/// aside), bounded by `session.write_timeout` and cut short by an overflow of the outbox.
 struct Writer<'a> {
     connection: &'a Connection,
     outbox: &'a Outbox,
@@ -338,10 +341,21 @@ impl Writer<'_> {
                 continue;
             }
             let chunk = buf.split().freeze();
-            match tokio::time::timeout(self.cfg.write_timeout, send.write_all(&chunk)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return End::Gone,
-                Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
+            // A client that stopped reading leaves the write stuck once its stream window is
+            // full; the queue overflowing behind it ends the session then, not when the write
+            // gives up.
+            tokio::select! {
+                r = tokio::time::timeout(self.cfg.write_timeout, send.write_all(&chunk)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Gone,
+                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
+                },
+                status = self.outbox.ended() => return match status {
+                    OutboxStatus::Closed => End::Gone,
+                    OutboxStatus::Open | OutboxStatus::Overflowed => {
+                        End::Close(CloseReason::SLOW_CONSUMER)
+                    }
+                },
             }
             if buf.capacity() > 64 * 1024 {
                 buf = BytesMut::new();
@@ -369,15 +383,20 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
             if line.len() > cfg.close_message_bytes {
                 return End::Close(CloseReason::TOO_BIG);
             }
-            // A CR before the LF is tolerated; blank lines are keep-alives and ignored.
+            // A CR before the LF is tolerated.
             if line.last() == Some(&b'\r') {
                 line.truncate(line.len() - 1);
             }
-            if !line.is_empty()
+            // A blank line is a keep-alive: no reply, but it spends the message budget as a
+            // WebSocket ping does, or a client could spray newlines for free.
+            let verdict = if line.is_empty() {
+                session.handle_control()
+            } else {
                 // Boxed for the same reason as in the WebSocket read loop: idle sessions
                 // should not carry the frame handler's large future.
-                && let Verdict::Close(reason) = Box::pin(session.handle_frame(&line)).await
-            {
+                Box::pin(session.handle_frame(&line)).await
+            };
+            if let Verdict::Close(reason) = verdict {
                 return End::Close(reason);
             }
             line.clear();
