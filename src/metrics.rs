@@ -30,16 +30,24 @@ pub enum Limit {
     ip_messages,
     ip_bytes,
     new_sessions,
+    ip_connections,
+    ip_new_connections,
+    ipv6_wide_connections,
+    ipv6_wide_new_connections,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 10] = [
         Limit::origin,
         Limit::ip_new_sessions,
         Limit::ip_sessions,
         Limit::ip_messages,
         Limit::ip_bytes,
         Limit::new_sessions,
+        Limit::ip_connections,
+        Limit::ip_new_connections,
+        Limit::ipv6_wide_connections,
+        Limit::ipv6_wide_new_connections,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +58,10 @@ impl Limit {
             Limit::ip_messages => "ip_messages",
             Limit::ip_bytes => "ip_bytes",
             Limit::new_sessions => "new_sessions",
+            Limit::ip_connections => "ip_connections",
+            Limit::ip_new_connections => "ip_new_connections",
+            Limit::ipv6_wide_connections => "ipv6_wide_connections",
+            Limit::ipv6_wide_new_connections => "ipv6_wide_new_connections",
         }
     }
 }

@@ -442,3 +442,28 @@ async fn sighup_reloads_when_the_file_watch_is_off() {
         "{warn}"
     );
 }
+
+#[test]
+fn check_config_explains_the_limits_at_accept() {
+    let (code, out, err) = run(&["check-config", SHIPPED], &[]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "ip_connections: 1000 open connections per address (a tenth of server.max_connections)",
+        "ipv6_wide_connections: 2500 open connections per IPv6 /48 (a quarter of \
+         server.max_connections)",
+        "ip_new_connections: 20 new connections per address/s, burst 60",
+        "ipv6_wide_new_connections: 100 new connections/s per IPv6 /48, burst 300",
+    ] {
+        assert!(out.contains(line), "{line:?} not in\n{out}");
+    }
+    // An explicit cap is shown as it is.
+    let (code, out, err) = run(
+        &["check-config", SHIPPED],
+        &[("EDGEPLEX__LIMITS__IP_CONNECTIONS__MAX", "7")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ip_connections: 7 open connections per address —"),
+        "{out}"
+    );
+}
