@@ -110,6 +110,7 @@ pub struct Metrics {
     pub session_closes: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    pub admin_connections_refused: Counter,
     pub channels: Gauge,
     pub publishes: Counter,
     pub redis_connected: Gauge,
@@ -144,6 +145,7 @@ impl Metrics {
             session_closes: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            admin_connections_refused: Counter::default(),
             channels: Gauge::default(),
             publishes: Counter::default(),
             redis_connected: Gauge::default(),
@@ -203,6 +205,12 @@ impl Metrics {
             "connections_refused",
             "Connections (TCP or QUIC) refused at accept because server.max_connections was reached",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "admin_connections_refused",
+            "Admin listener connections closed at accept because server.admin_max_connections \
+             was reached",
+            m.admin_connections_refused.clone(),
         );
         registry.register(
             "channels",

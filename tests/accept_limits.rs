@@ -1,7 +1,7 @@
 //! Limits checked when a connection is accepted, before TLS: one address may not hold the node's
 //! connection slots (TCP or QUIC) nor open connections faster than its rate, while other
-//! addresses still get in. Loopback accepts the whole 127/8, so a second client address is a
-//! socket bound to 127.0.0.2.
+//! addresses still get in; the admin listener has its own cap. Loopback accepts the whole
+//! 127/8, so a second client address is a socket bound to 127.0.0.2.
 
 mod common;
 
@@ -128,6 +128,31 @@ async fn a_burst_of_connections_from_one_address_past_its_rate_is_closed_at_acce
     assert!(
         session_from(&t, "127.0.0.2").await.is_ok(),
         "another address has its own rate"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_has_its_own_connection_cap() {
+    let t = start(|_| {}).await;
+    let admin = t.edge.admin_addr().unwrap();
+    let cap = edgeplex::config::schema::DEFAULT_ADMIN_MAX_CONNECTIONS;
+    let (mut held, closed) = idle_connections("127.0.0.1", admin, cap + 1).await;
+    assert_eq!((held.len(), closed), (cap, 1));
+    // Asking for /metrics needs a place too: one held connection gives its own back, once the
+    // edge has seen it close.
+    held.pop();
+    let mut metrics = None;
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(t.admin_url("/metrics")).await {
+            metrics = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = metrics.expect("a place came back");
+    assert!(
+        metrics.contains("edgeplex_admin_connections_refused_total 1\n"),
+        "{metrics}"
     );
 }
 

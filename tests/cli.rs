@@ -453,6 +453,7 @@ fn check_config_explains_the_limits_at_accept() {
          server.max_connections)",
         "ip_new_connections: 20 new connections per address/s, burst 60",
         "ipv6_wide_new_connections: 100 new connections/s per IPv6 /48, burst 300",
+        "admin listener 127.0.0.1:9090 (at most 64 connections)",
     ] {
         assert!(out.contains(line), "{line:?} not in\n{out}");
     }

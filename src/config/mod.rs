@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub listen_plain: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Connections the admin listener holds at once; past it new ones are closed at accept.
+    pub admin_max_connections: usize,
     pub max_connections: usize,
     pub max_sessions: usize,
     /// Node-wide cap on channels with local subscribers: the hub's table is keyed by client input.
@@ -520,6 +522,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         listen: addr("server.listen", &s.listen, false)?.expect("not optional"),
         listen_plain: addr("server.listen_plain", &s.listen_plain, true)?,
         admin_listen: addr("server.admin_listen", &s.admin_listen, true)?,
+        admin_max_connections: range(
+            "server.admin_max_connections",
+            s.admin_max_connections,
+            1,
+            100_000,
+        )?,
         max_connections: range("server.max_connections", s.max_connections, 1, 10_000_000)?,
         max_sessions: range("server.max_sessions", s.max_sessions, 1, 10_000_000)?,
         max_channels: range("server.max_channels", s.max_channels, 1, 100_000_000)?,
@@ -986,7 +994,13 @@ impl Config {
             "WebTransport: off\n".to_string()
         });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
-        out.push_str(&format!("admin listener {}\n", opt(s.admin_listen)));
+        out.push_str(&match s.admin_listen {
+            Some(a) => format!(
+                "admin listener {a} (at most {} connections)\n",
+                s.admin_max_connections
+            ),
+            None => "admin listener off\n".to_string(),
+        });
         out.push_str(&match &self.tls {
             TlsConfig::Files { cert, key } => {
                 format!(
@@ -1254,6 +1268,10 @@ mod tests {
                 "admission.allowed_origins",
             ),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
+            (
+                "[server]\nadmin_max_connections = 0\n",
+                "server.admin_max_connections",
+            ),
             (
                 "[admission]\nipv6_prefix = 56\nipv6_wide_prefix = 60\n",
                 "admission.ipv6_wide_prefix",

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The admin listener serves a scraper and a few operators; its own cap keeps a flood of
+/// connections to it from costing the node file descriptors and tasks.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -97,6 +100,7 @@ pub struct ServerSection {
     pub listen: String,
     pub listen_plain: String,
     pub admin_listen: String,
+    pub admin_max_connections: usize,
     pub max_connections: usize,
     pub max_sessions: usize,
     pub max_channels: usize,
@@ -118,6 +122,7 @@ impl Default for ServerSection {
             listen: DEFAULT_LISTEN.into(),
             listen_plain: String::new(),
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_channels: DEFAULT_MAX_CHANNELS,

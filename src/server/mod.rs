@@ -77,6 +77,8 @@ pub struct EdgeState {
     pub tasks: TaskTracker,
     pub connection_slots: Arc<Semaphore>,
     pub session_slots: Arc<Semaphore>,
+    /// The admin listener's own cap (`server.admin_max_connections`).
+    pub admin_slots: Arc<Semaphore>,
 }
 
 impl EdgeState {
@@ -251,6 +253,7 @@ impl Edge {
         let state = Arc::new(EdgeState {
             connection_slots: Arc::new(Semaphore::new(s.max_connections)),
             session_slots: Arc::new(Semaphore::new(s.max_sessions)),
+            admin_slots: Arc::new(Semaphore::new(s.admin_max_connections)),
             config,
             metrics,
             hub,

@@ -1,6 +1,6 @@
-//! The TCP side: accept loops, the connection caps (node-wide and per client address), TLS
-//! handshakes under a deadline, and hyper serving HTTP/1.1 and HTTP/2 (chosen by ALPN / preface)
-//! with upgrades.
+//! The TCP side: accept loops, the connection caps (node-wide, per client address, and the admin
+//! listener's), TLS handshakes under a deadline, and hyper serving HTTP/1.1 and HTTP/2 (chosen by
+//! ALPN / preface) with upgrades.
 //!
 //! A public connection meets its address's connection limits before it costs a TLS handshake.
 //! The address is the socket peer; with `server.proxy_protocol` on, the peer is a load balancer,
@@ -89,12 +89,19 @@ pub(super) async fn accept_loop(
                     serve(stream, tls, st, kind, info, Some(slot), stop).await;
                 });
             }
-            // Admin connections are few, trusted, and must outlive the drain so `/readyz` can
-            // report it: they are neither capped nor tracked with the client tasks.
+            // Admin connections are few and trusted, and must outlive the drain so `/readyz` can
+            // report it: they are not tracked with the client tasks. They have their own cap,
+            // since the listener needs no more than a scraper and a few operators.
             Listener::Admin => {
+                let Ok(permit) = state.admin_slots.clone().try_acquire_owned() else {
+                    state.metrics.admin_connections_refused.inc();
+                    drop(stream);
+                    continue;
+                };
                 let st = state.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let info = ConnInfo {
                         peer,
                         tls: false,
