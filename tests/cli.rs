@@ -468,3 +468,28 @@ fn check_config_explains_the_limits_at_accept() {
         "{out}"
     );
 }
+
+/// The image's environment, read from the Dockerfile's `ENV` instructions (docker itself is not
+/// needed): the config the image runs must keep the unauthenticated admin listener on loopback.
+#[test]
+fn the_container_image_keeps_the_admin_listener_on_loopback() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let joined = dockerfile.replace("\\\n", " ");
+    let env: Vec<(String, String)> = joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect();
+    assert!(
+        env.iter().any(|(k, _)| k == "EDGEPLEX__SERVER__LISTEN"),
+        "{env:?}"
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run(&["check-config", SHIPPED], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TLS listener 0.0.0.0:8443"), "{out}");
+    assert!(out.contains("admin listener 127.0.0.1:9090"), "{out}");
+}
