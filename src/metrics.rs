@@ -30,16 +30,24 @@ pub enum Limit {
     ip_messages,
     ip_bytes,
     new_sessions,
+    ip_connections,
+    ip_new_connections,
+    ipv6_wide_connections,
+    ipv6_wide_new_connections,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 10] = [
         Limit::origin,
         Limit::ip_new_sessions,
         Limit::ip_sessions,
         Limit::ip_messages,
         Limit::ip_bytes,
         Limit::new_sessions,
+        Limit::ip_connections,
+        Limit::ip_new_connections,
+        Limit::ipv6_wide_connections,
+        Limit::ipv6_wide_new_connections,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +58,10 @@ impl Limit {
             Limit::ip_messages => "ip_messages",
             Limit::ip_bytes => "ip_bytes",
             Limit::new_sessions => "new_sessions",
+            Limit::ip_connections => "ip_connections",
+            Limit::ip_new_connections => "ip_new_connections",
+            Limit::ipv6_wide_connections => "ipv6_wide_connections",
+            Limit::ipv6_wide_new_connections => "ipv6_wide_new_connections",
         }
     }
 }
@@ -98,6 +110,7 @@ pub struct Metrics {
     pub session_closes: Family<ReasonLabels, Counter>,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    pub admin_connections_refused: Counter,
     pub channels: Gauge,
     pub publishes: Counter,
     pub redis_connected: Gauge,
@@ -132,6 +145,7 @@ impl Metrics {
             session_closes: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            admin_connections_refused: Counter::default(),
             channels: Gauge::default(),
             publishes: Counter::default(),
             redis_connected: Gauge::default(),
@@ -191,6 +205,12 @@ impl Metrics {
             "connections_refused",
             "Connections (TCP or QUIC) refused at accept because server.max_connections was reached",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "admin_connections_refused",
+            "Admin listener connections closed at accept because server.admin_max_connections \
+             was reached",
+            m.admin_connections_refused.clone(),
         );
         registry.register(
             "channels",

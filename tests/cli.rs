@@ -442,3 +442,54 @@ async fn sighup_reloads_when_the_file_watch_is_off() {
         "{warn}"
     );
 }
+
+#[test]
+fn check_config_explains_the_limits_at_accept() {
+    let (code, out, err) = run(&["check-config", SHIPPED], &[]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "ip_connections: 1000 open connections per address (a tenth of server.max_connections)",
+        "ipv6_wide_connections: 2500 open connections per IPv6 /48 (a quarter of \
+         server.max_connections)",
+        "ip_new_connections: 20 new connections per address/s, burst 60",
+        "ipv6_wide_new_connections: 100 new connections/s per IPv6 /48, burst 300",
+        "admin listener 127.0.0.1:9090 (at most 64 connections)",
+    ] {
+        assert!(out.contains(line), "{line:?} not in\n{out}");
+    }
+    // An explicit cap is shown as it is.
+    let (code, out, err) = run(
+        &["check-config", SHIPPED],
+        &[("EDGEPLEX__LIMITS__IP_CONNECTIONS__MAX", "7")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ip_connections: 7 open connections per address —"),
+        "{out}"
+    );
+}
+
+/// The image's environment, read from the Dockerfile's `ENV` instructions (docker itself is not
+/// needed): the config the image runs must keep the unauthenticated admin listener on loopback.
+#[test]
+fn the_container_image_keeps_the_admin_listener_on_loopback() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let joined = dockerfile.replace("\\\n", " ");
+    let env: Vec<(String, String)> = joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect();
+    assert!(
+        env.iter().any(|(k, _)| k == "EDGEPLEX__SERVER__LISTEN"),
+        "{env:?}"
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run(&["check-config", SHIPPED], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TLS listener 0.0.0.0:8443"), "{out}");
+    assert!(out.contains("admin listener 127.0.0.1:9090"), "{out}");
+}

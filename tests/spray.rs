@@ -1,5 +1,5 @@
-//! An address-spray attack on the per-IP limits: 1,000,000 distinct addresses each open a session
-//! and send a message. Per-IP state must stay bounded by `admission.max_tracked_addresses` per
+//! An address-spray attack on the per-IP limits: 1,000,000 distinct addresses each open a
+//! connection and a session and send a message. Per-IP state must stay bounded by `admission.max_tracked_addresses` per
 //! limit, and the heap it holds under the bound documented in the README (see "Per-IP state").
 //!
 //! Its own test binary, so the counting allocator below sees only this test's allocations.
@@ -68,28 +68,32 @@ fn a_million_address_spray_keeps_per_ip_state_bounded() {
     let before = LIVE.load(Ordering::Relaxed);
     let mut peak = 0;
     for i in 0..ADDRESSES {
-        // Half IPv4, half IPv6 from distinct /64s (IPv6 keys are the larger ones).
+        // Half IPv4, half IPv6 from distinct /48s, so from distinct /64s too (IPv6 keys are the
+        // larger ones, and only IPv6 has state per wide prefix).
         let ip = if i % 2 == 0 {
             IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i))
         } else {
-            IpAddr::V6(Ipv6Addr::from(
-                (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
-            ))
+            IpAddr::V6(Ipv6Addr::from((0x2001_u128 << 112) | (u128::from(i) << 80)))
         };
+        let connection = admission
+            .admit_connection(ip, false)
+            .expect("a fresh address may connect");
         let client = admission.client(ip, &no_headers);
         let ticket = admission
             .admit_session(client)
             .expect("a fresh address is admitted");
         ticket.charge_message(100).expect("and may send");
         drop(ticket);
+        drop(connection);
         if i % 10_000 == 0 {
             peak = peak.max(LIVE.load(Ordering::Relaxed) - before);
         }
     }
     let grown = (LIVE.load(Ordering::Relaxed) - before).max(peak) as usize;
     let tracked = admission.tracked();
-    // Three per-IP rate limits, each holding at most its capacity (rounded up per shard).
-    let cap_total = 3 * (CAP + 16);
+    // Five per-IP rate limits (new sessions, messages, bytes, new connections per address and
+    // per IPv6 wide prefix), each holding at most its capacity (rounded up per shard).
+    let cap_total = 5 * (CAP + 16);
     assert!(tracked <= cap_total, "{tracked} addresses tracked");
     let bound = cap_total * BYTES_PER_TRACKED_ADDRESS;
     println!(

@@ -1,7 +1,8 @@
 //! The live admission policy and the state behind it: origin rules, who the client is, per-IP
-//! and node-wide limits, each in `enforce`, `dry-run` or `off` mode. Transports ask it before a
-//! session starts and before each client message; it answers with a [`Refusal`] or lets the
-//! client through, and counts and logs every decision.
+//! and node-wide limits, each in `enforce`, `dry-run` or `off` mode. The server asks it when it
+//! accepts a connection (before TLS), transports before a session starts and before each client
+//! message; it answers with a refusal or lets the client through, and counts and logs every
+//! decision.
 //!
 //! It owns the per-IP state (bounded, see [`store`](super::store)) and the reload: a new policy
 //! replaces the old at once for every later decision; a limiter whose quota did not change keeps
@@ -97,12 +98,12 @@ impl Direct {
     }
 }
 
-/// Per-IP concurrent sessions. An address is here only while it holds a session, so the table is
-/// bounded by the session cap and needs no eviction.
+/// What each key holds open now (sessions, or connections). A key is here only while it holds
+/// one, so the table is bounded by the node's cap on what it counts and needs no eviction.
 #[derive(Debug, Default)]
-struct SessionCounts(Mutex<HashMap<IpAddr, u32>>);
+struct OpenCounts(Mutex<HashMap<IpAddr, u32>>);
 
-impl SessionCounts {
+impl OpenCounts {
     fn get(&self, key: &IpAddr) -> u32 {
         self.0.lock().get(key).copied().unwrap_or(0)
     }
@@ -194,7 +195,12 @@ pub struct Admission {
     ip_messages: RwLock<Arc<Keyed>>,
     ip_bytes: RwLock<Arc<Keyed>>,
     new_sessions: RwLock<Arc<Direct>>,
-    sessions: SessionCounts,
+    sessions: OpenCounts,
+    ip_new_connections: RwLock<Arc<Keyed>>,
+    ipv6_wide_new_connections: RwLock<Arc<Keyed>>,
+    /// Connections open per client key, and per IPv6 wide prefix.
+    connections: OpenCounts,
+    wide_connections: OpenCounts,
     metrics: Arc<Metrics>,
     log: LogBudget,
 }
@@ -226,6 +232,27 @@ impl Drop for SessionTicket {
     }
 }
 
+/// A connection's place under the per-address connection caps; dropping it gives the place
+/// back. The server keeps it with the connection's slot, so an upgraded session holds it too.
+#[derive(Debug)]
+pub struct ConnectionTicket {
+    admission: Arc<Admission>,
+    /// The keys counted for this connection: the client's, and its IPv6 wide prefix.
+    key: Option<IpAddr>,
+    wide: Option<IpAddr>,
+}
+
+impl Drop for ConnectionTicket {
+    fn drop(&mut self) {
+        if let Some(k) = &self.key {
+            self.admission.connections.remove(k);
+        }
+        if let Some(k) = &self.wide {
+            self.admission.wide_connections.remove(k);
+        }
+    }
+}
+
 /// What a reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -241,8 +268,15 @@ impl Admission {
             ip_messages: RwLock::new(Arc::new(Keyed::new(&limits.ip_messages, cap))),
             ip_bytes: RwLock::new(Arc::new(Keyed::new(&limits.ip_bytes, cap))),
             new_sessions: RwLock::new(Arc::new(Direct::new(&limits.new_sessions))),
+            ip_new_connections: RwLock::new(Arc::new(Keyed::new(&limits.ip_new_connections, cap))),
+            ipv6_wide_new_connections: RwLock::new(Arc::new(Keyed::new(
+                &limits.ipv6_wide_new_connections,
+                cap,
+            ))),
+            connections: OpenCounts::default(),
+            wide_connections: OpenCounts::default(),
             policy: RwLock::new(Arc::new(Policy { admission, limits })),
-            sessions: SessionCounts::default(),
+            sessions: OpenCounts::default(),
             metrics,
             log: LogBudget::new(),
         };
@@ -269,6 +303,16 @@ impl Admission {
             ),
             (Limit::ip_messages, &self.ip_messages, &limits.ip_messages),
             (Limit::ip_bytes, &self.ip_bytes, &limits.ip_bytes),
+            (
+                Limit::ip_new_connections,
+                &self.ip_new_connections,
+                &limits.ip_new_connections,
+            ),
+            (
+                Limit::ipv6_wide_new_connections,
+                &self.ipv6_wide_new_connections,
+                &limits.ipv6_wide_new_connections,
+            ),
         ] {
             if slot.read().quota != rule.quota() || cap_changed {
                 *slot.write() = Arc::new(Keyed::new(rule, cap));
@@ -309,6 +353,81 @@ impl Admission {
         result
     }
 
+    /// The per-address checks when a connection from `peer` is accepted, before it costs a TLS
+    /// handshake: the new-connection rates, then the open-connection caps, each for the
+    /// address (IPv6: its `ipv6_prefix` group) and, for IPv6, its `ipv6_wide_prefix` group.
+    /// `Err` names the limit that refused.
+    ///
+    /// `peer_may_forward`: requests on this connection may name their client in a forwarding
+    /// header (TCP without the PROXY protocol). A trusted proxy's connections then carry many
+    /// clients, so they are counted under its address but not limited; its clients meet the
+    /// session and message limits by the address its header gives.
+    pub fn admit_connection(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        peer_may_forward: bool,
+    ) -> Result<ConnectionTicket, Limit> {
+        let policy = self.policy();
+        let (a, limits) = (&policy.admission, &policy.limits);
+        let ip = client_ip::canonical(peer);
+        let client = Client {
+            ip,
+            key: client_ip::group(ip, a.ipv6_prefix),
+            exempt: a.exempt.iter().any(|n| n.contains(&ip))
+                || (peer_may_forward && a.trusted_proxies.iter().any(|n| n.contains(&ip))),
+        };
+        let wide = ip
+            .is_ipv6()
+            .then(|| client_ip::group(ip, a.ipv6_wide_prefix));
+        if !client.exempt {
+            let keyed = self.ip_new_connections.read().clone();
+            self.rate(
+                Limit::ip_new_connections,
+                &limits.ip_new_connections,
+                &client,
+                || keyed.check(&client.key, 1),
+            )
+            .map_err(|_| Limit::ip_new_connections)?;
+            if let Some(wide) = wide {
+                let keyed = self.ipv6_wide_new_connections.read().clone();
+                self.rate(
+                    Limit::ipv6_wide_new_connections,
+                    &limits.ipv6_wide_new_connections,
+                    &client,
+                    || keyed.check(&wide, 1),
+                )
+                .map_err(|_| Limit::ipv6_wide_new_connections)?;
+            }
+        }
+        let mut ticket = ConnectionTicket {
+            admission: self.clone(),
+            key: None,
+            wide: None,
+        };
+        self.concurrent(
+            Limit::ip_connections,
+            &self.connections,
+            client.key,
+            &limits.ip_connections,
+            &client,
+        )
+        .map_err(|_| Limit::ip_connections)?;
+        ticket.key = Some(client.key);
+        if let Some(wide) = wide {
+            // The ticket already gives the address's place back if this refuses.
+            self.concurrent(
+                Limit::ipv6_wide_connections,
+                &self.wide_connections,
+                wide,
+                &limits.ipv6_wide_connections,
+                &client,
+            )
+            .map_err(|_| Limit::ipv6_wide_connections)?;
+            ticket.wide = Some(wide);
+        }
+        Ok(ticket)
+    }
+
     /// The rate and concurrency checks before a session starts (the origin was checked, the
     /// node's session cap comes after). The ticket holds the client's place under its
     /// concurrent-session limit for as long as the session lives.
@@ -332,7 +451,13 @@ impl Admission {
                 || keyed.check(&client.key, 1),
             )?;
         }
-        self.concurrent(&limits.ip_sessions, &client)?;
+        self.concurrent(
+            Limit::ip_sessions,
+            &self.sessions,
+            client.key,
+            &limits.ip_sessions,
+            &client,
+        )?;
         // From here the ticket gives the place back, also if the node-wide check refuses.
         ticket.counted = true;
         let node = self.new_sessions.read().clone();
@@ -411,21 +536,24 @@ impl Admission {
         }
     }
 
-    /// Counts one more session for the client's address, whatever the mode and even when
-    /// exempt, so that a reload that turns the limit on (or ends an exemption) sees the sessions
-    /// already open. Refuses only in `enforce` for a client that is not exempt.
-    fn concurrent(&self, rule: &CountRule, client: &Client) -> Result<(), Refusal> {
+    /// Counts one more of what `counts` counts (sessions, connections) under `key`, whatever
+    /// the mode and even when exempt, so that a reload that turns the limit on (or ends an
+    /// exemption) sees what is already open. Refuses only in `enforce` for a client that is not
+    /// exempt; counts nothing when it refuses.
+    fn concurrent(
+        &self,
+        limit: Limit,
+        counts: &OpenCounts,
+        key: IpAddr,
+        rule: &CountRule,
+        client: &Client,
+    ) -> Result<(), Refusal> {
         let checked = !client.exempt && rule.mode != LimitMode::Off;
         let enforce = checked && rule.mode == LimitMode::Enforce;
-        let before = match self.sessions.add(client.key, enforce.then_some(rule.max)) {
+        let before = match counts.add(key, enforce.then_some(rule.max)) {
             Ok(before) => before,
             Err(_) => {
-                return self.over(
-                    Limit::ip_sessions,
-                    rule.mode,
-                    client,
-                    Duration::from_secs(1),
-                );
+                return self.over(limit, rule.mode, client, Duration::from_secs(1));
             }
         };
         if !checked {
@@ -433,14 +561,9 @@ impl Admission {
         }
         if before >= rule.max {
             // Only dry-run gets here past the limit.
-            self.over(
-                Limit::ip_sessions,
-                rule.mode,
-                client,
-                Duration::from_secs(1),
-            )
+            self.over(limit, rule.mode, client, Duration::from_secs(1))
         } else {
-            self.metrics.decision(Limit::ip_sessions, Decision::allowed);
+            self.metrics.decision(limit, Decision::allowed);
             Ok(())
         }
     }
@@ -474,20 +597,34 @@ impl Admission {
     /// Drops per-IP state that is back to fresh, so a quiet table shrinks; the edge calls this
     /// now and then.
     pub fn housekeeping(&self) {
-        for slot in [&self.ip_new_sessions, &self.ip_messages, &self.ip_bytes] {
+        for slot in self.keyed() {
             let keyed = slot.read().clone();
             keyed.limiter.retain_recent();
         }
         self.publish_gauges();
     }
 
-    /// Addresses with per-IP state now (each limiter's table, and the session counts).
+    /// Every keyed limiter, for housekeeping and the count of what they hold.
+    fn keyed(&self) -> [&RwLock<Arc<Keyed>>; 5] {
+        [
+            &self.ip_new_sessions,
+            &self.ip_messages,
+            &self.ip_bytes,
+            &self.ip_new_connections,
+            &self.ipv6_wide_new_connections,
+        ]
+    }
+
+    /// Addresses with per-IP state now (each limiter's table, and the session and connection
+    /// counts).
     pub fn tracked(&self) -> usize {
-        [&self.ip_new_sessions, &self.ip_messages, &self.ip_bytes]
+        self.keyed()
             .iter()
             .map(|s| s.read().limiter.len())
             .sum::<usize>()
             + self.sessions.len()
+            + self.connections.len()
+            + self.wide_connections.len()
     }
 
     fn publish_gauges(&self) {
@@ -499,16 +636,21 @@ impl Admission {
         let client = self.client(ip, &HeaderMap::new());
         let policy = self.policy();
         let l = &policy.limits;
-        let rate = |keyed: &RwLock<Arc<Keyed>>, rule: &RateRule| {
+        let rate_of = |keyed: &RwLock<Arc<Keyed>>, rule: &RateRule, key: &IpAddr| {
             let k = keyed.read().clone();
             json!({
                 "mode": rule.mode,
                 "per_second": rule.per_second,
                 "burst": rule.burst,
-                "tracked": k.store.get(&client.key).is_some(),
-                "available": k.available(&client.key),
+                "tracked": k.store.get(key).is_some(),
+                "available": k.available(key),
             })
         };
+        let rate = |keyed: &RwLock<Arc<Keyed>>, rule: &RateRule| rate_of(keyed, rule, &client.key);
+        let wide = client
+            .ip
+            .is_ipv6()
+            .then(|| client_ip::group(client.ip, policy.admission.ipv6_wide_prefix));
         json!({
             "address": client.ip.to_string(),
             "key": client.key.to_string(),
@@ -521,6 +663,25 @@ impl Admission {
             "new_sessions": rate(&self.ip_new_sessions, &l.ip_new_sessions),
             "messages": rate(&self.ip_messages, &l.ip_messages),
             "bytes": rate(&self.ip_bytes, &l.ip_bytes),
+            "connections": {
+                "mode": l.ip_connections.mode,
+                "max": l.ip_connections.max,
+                "open": self.connections.get(&client.key),
+            },
+            "new_connections": rate(&self.ip_new_connections, &l.ip_new_connections),
+            "ipv6_wide": wide.map(|w| json!({
+                "key": w.to_string(),
+                "connections": {
+                    "mode": l.ipv6_wide_connections.mode,
+                    "max": l.ipv6_wide_connections.max,
+                    "open": self.wide_connections.get(&w),
+                },
+                "new_connections": rate_of(
+                    &self.ipv6_wide_new_connections,
+                    &l.ipv6_wide_new_connections,
+                    &w,
+                ),
+            })),
         })
     }
 }
@@ -529,6 +690,7 @@ impl Admission {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use serde_json::Value;
 
     fn admission(edit: impl FnOnce(&mut crate::config::FileConfig)) -> Arc<Admission> {
         let mut f = crate::config::FileConfig::default();
@@ -767,6 +929,208 @@ mod tests {
             1000 - logged,
             "every line held back is counted for the next one"
         );
+    }
+
+    fn connections(edit: impl FnOnce(&mut crate::config::FileConfig)) -> Arc<Admission> {
+        admission(|f| {
+            f.limits.ip_new_connections.per_second = 1000;
+            f.limits.ip_new_connections.burst = 1000;
+            f.limits.ipv6_wide_new_connections.per_second = 1000;
+            f.limits.ipv6_wide_new_connections.burst = 1000;
+            edit(f)
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn connection_caps_default_to_a_share_of_the_node() {
+        let a = connections(|f| f.server.max_connections = 50);
+        let l = &a.policy().limits;
+        assert_eq!(l.ip_connections.max, 5, "a tenth");
+        assert_eq!(l.ipv6_wide_connections.max, 12, "a quarter");
+        let a = connections(|f| {
+            f.server.max_connections = 50;
+            f.limits.ip_connections.max = Some(20);
+        });
+        assert_eq!(
+            a.policy().limits.ipv6_wide_connections.max,
+            20,
+            "never below the per-address cap"
+        );
+    }
+
+    #[test]
+    fn connections_per_address_are_capped_and_come_back() {
+        let a = connections(|f| f.limits.ip_connections.max = Some(2));
+        let one = a.admit_connection(ip("192.0.2.1"), false).unwrap();
+        let _two = a.admit_connection(ip("::ffff:192.0.2.1"), false).unwrap();
+        assert_eq!(
+            a.admit_connection(ip("192.0.2.1"), false).unwrap_err(),
+            Limit::ip_connections,
+            "IPv4-mapped IPv6 is the same address"
+        );
+        let _other = a
+            .admit_connection(ip("192.0.2.2"), false)
+            .expect("another address has its own cap");
+        drop(one);
+        let _three = a.admit_connection(ip("192.0.2.1"), false).unwrap();
+        assert_eq!(a.connections.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_connections_are_held_to_their_64_and_to_their_wide_prefix() {
+        let a = connections(|f| {
+            f.limits.ip_connections.max = Some(2);
+            f.limits.ipv6_wide_connections.max = Some(5);
+        });
+        // One /64: its own cap of 2, whatever the interface ids.
+        let _a: Vec<_> = ["2001:db8:1:1::1", "2001:db8:1:1::2"]
+            .iter()
+            .map(|s| a.admit_connection(ip(s), false).unwrap())
+            .collect();
+        assert_eq!(
+            a.admit_connection(ip("2001:db8:1:1::ffff"), false)
+                .unwrap_err(),
+            Limit::ip_connections
+        );
+        // Other /64s of the same /48 fill its cap of 5...
+        let _b: Vec<_> = ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:3::1"]
+            .iter()
+            .map(|s| a.admit_connection(ip(s), false).unwrap())
+            .collect();
+        assert_eq!(
+            a.admit_connection(ip("2001:db8:1:4::1"), false)
+                .unwrap_err(),
+            Limit::ipv6_wide_connections,
+            "a fresh /64 of a full /48"
+        );
+        assert_eq!(
+            a.connections.get(&ip("2001:db8:1:4::")),
+            0,
+            "a refusal by the wide cap gives the /64's place back"
+        );
+        // ...and another /48 is not touched, nor IPv4.
+        let _c = a.admit_connection(ip("2001:db8:2:1::1"), false).unwrap();
+        let _d = a.admit_connection(ip("192.0.2.1"), false).unwrap();
+        let m = a.metrics.render();
+        for (limit, n) in [("ip_connections", 1), ("ipv6_wide_connections", 1)] {
+            assert!(
+                m.contains(&format!(
+                    r#"edgeplex_admission_decisions_total{{limit="{limit}",decision="refused"}} {n}"#
+                )),
+                "{m}"
+            );
+        }
+        let v = a.address_state(ip("2001:db8:1:2::9"));
+        assert_eq!(v["connections"]["open"], 2);
+        assert_eq!(v["ipv6_wide"]["key"], "2001:db8:1::");
+        assert_eq!(v["ipv6_wide"]["connections"]["open"], 5);
+        assert_eq!(a.address_state(ip("192.0.2.1"))["ipv6_wide"], Value::Null);
+    }
+
+    #[test]
+    fn new_connections_are_rate_limited_per_address_and_per_wide_prefix() {
+        let a = admission(|f| {
+            f.limits.ip_new_connections.per_second = 1;
+            f.limits.ip_new_connections.burst = 2;
+            f.limits.ipv6_wide_new_connections.per_second = 1;
+            f.limits.ipv6_wide_new_connections.burst = 3;
+        });
+        for _ in 0..2 {
+            a.admit_connection(ip("192.0.2.1"), false).unwrap();
+        }
+        assert_eq!(
+            a.admit_connection(ip("192.0.2.1"), false).unwrap_err(),
+            Limit::ip_new_connections
+        );
+        assert!(a.admit_connection(ip("192.0.2.2"), false).is_ok());
+        for s in ["2001:db8:1:1::1", "2001:db8:1:1::2", "2001:db8:1:2::1"] {
+            a.admit_connection(ip(s), false).unwrap();
+        }
+        assert_eq!(
+            a.admit_connection(ip("2001:db8:1:3::1"), false)
+                .unwrap_err(),
+            Limit::ipv6_wide_new_connections,
+            "rotating through the /64s of one /48 does not escape the rate"
+        );
+        assert!(a.admit_connection(ip("2001:db8:2:1::1"), false).is_ok());
+    }
+
+    #[test]
+    fn exempt_addresses_and_trusted_proxies_are_counted_but_not_limited() {
+        let a = connections(|f| {
+            f.limits.ip_connections.max = Some(1);
+            f.admission.exempt = vec!["10.0.0.0/8".into()];
+            f.admission.trusted_proxies = vec!["192.0.2.10".into()];
+        });
+        let _e: Vec<_> = (0..3)
+            .map(|_| a.admit_connection(ip("10.1.2.3"), false).unwrap())
+            .collect();
+        // A trusted proxy carries many clients when its requests name them...
+        let _p: Vec<_> = (0..3)
+            .map(|_| a.admit_connection(ip("192.0.2.10"), true).unwrap())
+            .collect();
+        // ...but where the edge reads no forwarding header (QUIC, a PROXY header's own
+        // source), its address is a client like any other.
+        assert!(a.admit_connection(ip("192.0.2.10"), false).is_err());
+        assert_eq!(
+            a.connections.get(&ip("10.1.2.3")),
+            3,
+            "counted all the same"
+        );
+    }
+
+    #[test]
+    fn connection_limits_in_dry_run_and_off_refuse_nothing() {
+        let a = admission(|f| {
+            f.limits.ip_connections.max = Some(1);
+            f.limits.ip_connections.mode = LimitMode::DryRun;
+            f.limits.ip_new_connections.per_second = 1;
+            f.limits.ip_new_connections.burst = 1;
+            f.limits.ip_new_connections.mode = LimitMode::Off;
+        });
+        let held: Vec<_> = (0..3)
+            .map(|_| a.admit_connection(ip("192.0.2.1"), false).unwrap())
+            .collect();
+        let m = a.metrics.render();
+        assert!(
+            m.contains(
+                r#"edgeplex_admission_decisions_total{limit="ip_connections",decision="dry_run"} 2"#
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                r#"edgeplex_admission_decisions_total{limit="ip_new_connections",decision="allowed"} 0"#
+            ),
+            "off: not even checked: {m}"
+        );
+        drop(held);
+        assert_eq!(a.connections.len(), 0);
+    }
+
+    #[test]
+    fn a_reload_applies_new_connection_caps_to_what_is_open() {
+        let a = connections(|f| f.limits.ip_connections.max = Some(3));
+        let mut held: Vec<_> = (0..3)
+            .map(|_| a.admit_connection(ip("192.0.2.1"), false).unwrap())
+            .collect();
+        let mut policy = (*a.policy()).clone();
+        policy.limits.ip_connections.max = 2;
+        policy.limits.ip_new_connections.burst = 5;
+        let report = a.reload(policy.admission.clone(), policy.limits.clone());
+        assert_eq!(report.reset, vec!["ip_new_connections"]);
+        held.pop();
+        assert!(
+            a.admit_connection(ip("192.0.2.1"), false).is_err(),
+            "two still open: at the new cap"
+        );
+        policy.limits.ip_connections.max = 4;
+        a.reload(policy.admission, policy.limits);
+        assert!(a.admit_connection(ip("192.0.2.1"), false).is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod limits;
 pub mod origin;
 pub mod store;
 
-pub use limits::{Admission, Client, SessionTicket};
+pub use limits::{Admission, Client, ConnectionTicket, SessionTicket};
 
 use std::time::Duration;
 

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub listen_plain: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Connections the admin listener holds at once; past it new ones are closed at accept.
+    pub admin_max_connections: usize,
     pub max_connections: usize,
     pub max_sessions: usize,
     /// Node-wide cap on channels with local subscribers: the hub's table is keyed by client input.
@@ -180,6 +182,9 @@ pub struct AdmissionConfig {
     pub forwarded_header: crate::admission::client_ip::ForwardedHeader,
     /// IPv6 clients share per-IP state per prefix of this many bits.
     pub ipv6_prefix: u8,
+    /// The connection limits also hold IPv6 clients to a wider prefix of this many bits (at most
+    /// `ipv6_prefix`), which has its own, larger caps.
+    pub ipv6_wide_prefix: u8,
     /// Clients no per-IP limit applies to.
     pub exempt: Vec<ipnet::IpNet>,
     pub max_tracked_addresses: usize,
@@ -234,6 +239,7 @@ impl Default for AdmissionConfig {
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
             ipv6_prefix: schema::DEFAULT_IPV6_PREFIX,
+            ipv6_wide_prefix: schema::DEFAULT_IPV6_WIDE_PREFIX,
             exempt: Vec::new(),
             max_tracked_addresses: schema::DEFAULT_MAX_TRACKED_ADDRESSES,
             routes: std::collections::BTreeMap::new(),
@@ -270,6 +276,44 @@ pub struct LimitsConfig {
     pub ip_messages: RateRule,
     pub ip_bytes: RateRule,
     pub new_sessions: RateRule,
+    /// Connections open at once per client address (IPv6: per `ipv6_prefix`), checked at
+    /// accept.
+    pub ip_connections: CountRule,
+    /// New connections per client address, checked at accept.
+    pub ip_new_connections: RateRule,
+    /// Connections open at once per IPv6 `ipv6_wide_prefix`.
+    pub ipv6_wide_connections: CountRule,
+    /// New connections per IPv6 `ipv6_wide_prefix`.
+    pub ipv6_wide_new_connections: RateRule,
+}
+
+/// The connection caps of `[limits.ip_connections]` and `[limits.ipv6_wide_connections]` on a
+/// node of `max_connections`: a cap left unset is its share of the node (at least 1, and the
+/// wide one at least the per-address one).
+fn connection_caps(file: &schema::LimitsSection, max_connections: usize) -> (CountRule, CountRule) {
+    let share = |d: usize| {
+        u32::try_from(max_connections / d)
+            .unwrap_or(u32::MAX)
+            .max(1)
+    };
+    let ip = file
+        .ip_connections
+        .max
+        .unwrap_or_else(|| share(schema::DEFAULT_IP_CONNECTIONS_SHARE));
+    let wide = file
+        .ipv6_wide_connections
+        .max
+        .unwrap_or_else(|| share(schema::DEFAULT_IPV6_WIDE_CONNECTIONS_SHARE).max(ip));
+    (
+        CountRule {
+            mode: file.ip_connections.mode,
+            max: ip,
+        },
+        CountRule {
+            mode: file.ipv6_wide_connections.mode,
+            max: wide,
+        },
+    )
 }
 
 /// WebTransport over HTTP/3 on the UDP port of `server.listen`.
@@ -315,6 +359,18 @@ impl Config {
             Figment::new().merge(Env::prefixed(ENV_PREFIX).split("__")),
             None,
         )
+    }
+
+    /// The limits of this config on a node that runs with `running` (a reload does not change
+    /// `server.max_connections`, so the connection caps that follow it follow the running one).
+    pub fn limits_under(&self, running: &ServerConfig) -> LimitsConfig {
+        let (ip_connections, ipv6_wide_connections) =
+            connection_caps(&self.effective.limits, running.max_connections);
+        LimitsConfig {
+            ip_connections,
+            ipv6_wide_connections,
+            ..self.limits.clone()
+        }
     }
 
     /// Validates a file config that did not come from a file (tests and embedders).
@@ -469,6 +525,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         listen: addr("server.listen", &s.listen, false)?.expect("not optional"),
         listen_plain: addr("server.listen_plain", &s.listen_plain, true)?,
         admin_listen: addr("server.admin_listen", &s.admin_listen, true)?,
+        admin_max_connections: range(
+            "server.admin_max_connections",
+            s.admin_max_connections,
+            1,
+            100_000,
+        )?,
         max_connections: range("server.max_connections", s.max_connections, 1, 10_000_000)?,
         max_sessions: range("server.max_sessions", s.max_sessions, 1, 10_000_000)?,
         max_channels: range("server.max_channels", s.max_channels, 1, 100_000_000)?,
@@ -753,6 +815,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             })
             .collect()
     };
+    let ipv6_prefix = range("admission.ipv6_prefix", a.ipv6_prefix as usize, 16, 128)? as u8;
     let admission = AdmissionConfig {
         origins: OriginRules {
             allowed_origins,
@@ -761,7 +824,14 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         routes,
         trusted_proxies: cidrs("admission.trusted_proxies", &a.trusted_proxies)?,
         forwarded_header: a.forwarded_header,
-        ipv6_prefix: range("admission.ipv6_prefix", a.ipv6_prefix as usize, 16, 128)? as u8,
+        ipv6_prefix,
+        // Wider than the per-IP group, or it would group nothing more.
+        ipv6_wide_prefix: range(
+            "admission.ipv6_wide_prefix",
+            a.ipv6_wide_prefix as usize,
+            16,
+            ipv6_prefix as usize,
+        )? as u8,
         exempt: cidrs("admission.exempt", &a.exempt)?,
         max_tracked_addresses: range(
             "admission.max_tracked_addresses",
@@ -795,7 +865,35 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             burst,
         })
     };
+    for (key, max) in [
+        ("limits.ip_connections.max", li.ip_connections.max),
+        (
+            "limits.ipv6_wide_connections.max",
+            li.ipv6_wide_connections.max,
+        ),
+    ] {
+        if let Some(max) = max {
+            range(key, max as usize, 1, u32::MAX as usize)?;
+        }
+    }
+    let (ip_connections, ipv6_wide_connections) = connection_caps(li, server.max_connections);
     let limits = LimitsConfig {
+        ip_connections,
+        ipv6_wide_connections,
+        ip_new_connections: rate(
+            "limits.ip_new_connections.per_second",
+            "limits.ip_new_connections.burst",
+            li.ip_new_connections.mode,
+            li.ip_new_connections.per_second,
+            li.ip_new_connections.burst,
+        )?,
+        ipv6_wide_new_connections: rate(
+            "limits.ipv6_wide_new_connections.per_second",
+            "limits.ipv6_wide_new_connections.burst",
+            li.ipv6_wide_new_connections.mode,
+            li.ipv6_wide_new_connections.per_second,
+            li.ipv6_wide_new_connections.burst,
+        )?,
         ip_new_sessions: rate(
             "limits.ip_new_sessions.per_second",
             "limits.ip_new_sessions.burst",
@@ -904,7 +1002,13 @@ impl Config {
             "WebTransport: off\n".to_string()
         });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
-        out.push_str(&format!("admin listener {}\n", opt(s.admin_listen)));
+        out.push_str(&match s.admin_listen {
+            Some(a) => format!(
+                "admin listener {a} (at most {} connections)\n",
+                s.admin_max_connections
+            ),
+            None => "admin listener off\n".to_string(),
+        });
         out.push_str(&match &self.tls {
             TlsConfig::Files { cert, key } => {
                 format!(
@@ -971,8 +1075,9 @@ impl Config {
             }
         };
         out.push_str(&format!(
-            "client address: {}{}; IPv6 grouped by /{}; exempt from per-IP limits: \
-             {}; per-IP state for at most {} addresses per limit\n",
+            "client address: {}{}; IPv6 grouped by /{} (and by /{} too for the connection \
+             limits); exempt from per-IP limits: {}; per-IP state for at most {} addresses per \
+             limit\n",
             if self.server.proxy_protocol {
                 "the PROXY protocol header (required on public connections)"
             } else {
@@ -993,6 +1098,7 @@ impl Config {
                 )
             },
             ad.ipv6_prefix,
+            ad.ipv6_wide_prefix,
             nets(&ad.exempt),
             ad.max_tracked_addresses
         ));
@@ -1031,6 +1137,49 @@ impl Config {
             "new_sessions",
             "new sessions on this node",
             &li.new_sessions,
+        ));
+        // Where an unset cap came from: its share of the node, or (wide only) the per-address
+        // cap it may not go below.
+        let fl = &self.effective.limits;
+        let ip_from = match fl.ip_connections.max {
+            Some(_) => "",
+            None => " (a tenth of server.max_connections)",
+        };
+        let quarter = s.max_connections / schema::DEFAULT_IPV6_WIDE_CONNECTIONS_SHARE;
+        let wide_from = match fl.ipv6_wide_connections.max {
+            Some(_) => "",
+            None if li.ipv6_wide_connections.max as usize == quarter.max(1) => {
+                " (a quarter of server.max_connections)"
+            }
+            None => " (limits.ip_connections.max, above a quarter of server.max_connections)",
+        };
+        out.push_str(
+            "limits at accept, before TLS (past them a TCP connection is closed at once, a QUIC \
+             one refused; keyed by the socket peer, or the client a PROXY header names; a trusted \
+             proxy that names its clients in forwarding headers is not limited here):\n",
+        );
+        out.push_str(&format!(
+            "  ip_connections: {} open connections per address{ip_from} — {}\n",
+            li.ip_connections.max,
+            mode(li.ip_connections.mode)
+        ));
+        out.push_str(&format!(
+            "  ipv6_wide_connections: {} open connections per IPv6 /{}{wide_from} — {}\n",
+            li.ipv6_wide_connections.max,
+            self.admission.ipv6_wide_prefix,
+            mode(li.ipv6_wide_connections.mode)
+        ));
+        out.push_str(&rate(
+            "ip_new_connections",
+            "new connections per address",
+            &li.ip_new_connections,
+        ));
+        out.push_str(&format!(
+            "  ipv6_wide_new_connections: {} new connections/s per IPv6 /{}, burst {} — {}\n",
+            li.ipv6_wide_new_connections.per_second,
+            self.admission.ipv6_wide_prefix,
+            li.ipv6_wide_new_connections.burst,
+            mode(li.ipv6_wide_new_connections.mode)
         ));
         out.push_str(&if self.server.config_watch.is_zero() {
             "reload: on SIGHUP ([admission] and [limits])\n".to_string()
@@ -1127,6 +1276,26 @@ mod tests {
                 "admission.allowed_origins",
             ),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
+            (
+                "[server]\nadmin_max_connections = 0\n",
+                "server.admin_max_connections",
+            ),
+            (
+                "[admission]\nipv6_prefix = 56\nipv6_wide_prefix = 60\n",
+                "admission.ipv6_wide_prefix",
+            ),
+            (
+                "[limits.ip_connections]\nmax = 0\n",
+                "limits.ip_connections.max",
+            ),
+            (
+                "[limits.ipv6_wide_connections]\nmax = 0\n",
+                "limits.ipv6_wide_connections.max",
+            ),
+            (
+                "[limits.ip_new_connections]\nburst = 0\n",
+                "limits.ip_new_connections.burst",
+            ),
         ];
         for (toml, key) in cases {
             let e = parse(toml).unwrap_err();
@@ -1134,6 +1303,24 @@ mod tests {
             assert!(text.contains(key), "{toml}: {text}");
             assert!(text.contains("test.toml"), "{toml}: {text}");
         }
+    }
+
+    #[test]
+    fn unset_connection_caps_follow_the_running_node_on_a_reload() {
+        let running = parse("[server]\nmax_connections = 1000\n").unwrap();
+        let reloaded = parse("[server]\nmax_connections = 100\n").unwrap();
+        let l = reloaded.limits_under(&running.server);
+        assert_eq!(
+            (l.ip_connections.max, l.ipv6_wide_connections.max),
+            (100, 250)
+        );
+        let set = parse("[server]\nmax_connections = 100\n[limits.ip_connections]\nmax = 7\n")
+            .unwrap()
+            .limits_under(&running.server);
+        assert_eq!(
+            (set.ip_connections.max, set.ipv6_wide_connections.max),
+            (7, 250)
+        );
     }
 
     #[test]

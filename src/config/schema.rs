@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The admin listener serves a scraper and a few operators; its own cap keeps a flood of
+/// connections to it from costing the node file descriptors and tasks.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -43,12 +46,24 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 1024;
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// A site or a provider's customer usually gets a /48: the wider group of the connection limits.
+pub const DEFAULT_IPV6_WIDE_PREFIX: u8 = 48;
 pub const DEFAULT_MAX_TRACKED_ADDRESSES: usize = 100_000;
 pub const DEFAULT_IP_NEW_SESSIONS: (u32, u32) = (10, 30);
 pub const DEFAULT_IP_SESSIONS: u32 = 200;
 pub const DEFAULT_IP_MESSAGES: (u32, u32) = (500, 1000);
 pub const DEFAULT_IP_BYTES: (u32, u32) = (1024 * 1024, 4 * 1024 * 1024);
 pub const DEFAULT_NEW_SESSIONS: (u32, u32) = (2000, 5000);
+/// `[limits.ip_connections] max` when unset: `server.max_connections` divided by this, so no
+/// one address can hold the node.
+pub const DEFAULT_IP_CONNECTIONS_SHARE: usize = 10;
+/// `[limits.ipv6_wide_connections] max` when unset: `server.max_connections` divided by this
+/// (and never below the per-address cap), so no one IPv6 /48 can hold the node.
+pub const DEFAULT_IPV6_WIDE_CONNECTIONS_SHARE: usize = 4;
+/// Above `ip_new_sessions`: a session may take a connection of its own, and a browser opens a
+/// few more (preflight, `POST /publish`).
+pub const DEFAULT_IP_NEW_CONNECTIONS: (u32, u32) = (20, 60);
+pub const DEFAULT_IPV6_WIDE_NEW_CONNECTIONS: (u32, u32) = (100, 300);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +101,7 @@ pub struct ServerSection {
     pub listen: String,
     pub listen_plain: String,
     pub admin_listen: String,
+    pub admin_max_connections: usize,
     pub max_connections: usize,
     pub max_sessions: usize,
     pub max_channels: usize,
@@ -109,6 +125,7 @@ impl Default for ServerSection {
             listen: DEFAULT_LISTEN.into(),
             listen_plain: String::new(),
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_channels: DEFAULT_MAX_CHANNELS,
@@ -233,6 +250,7 @@ pub struct AdmissionSection {
     pub trusted_proxies: Vec<String>,
     pub forwarded_header: crate::admission::client_ip::ForwardedHeader,
     pub ipv6_prefix: u8,
+    pub ipv6_wide_prefix: u8,
     pub exempt: Vec<String>,
     pub max_tracked_addresses: usize,
     /// Origin rules for one route that differ from the ones above; keyed by route name.
@@ -257,6 +275,7 @@ impl Default for AdmissionSection {
             trusted_proxies: Vec::new(),
             forwarded_header: Default::default(),
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            ipv6_wide_prefix: DEFAULT_IPV6_WIDE_PREFIX,
             exempt: Vec::new(),
             max_tracked_addresses: DEFAULT_MAX_TRACKED_ADDRESSES,
             routes: std::collections::BTreeMap::new(),
@@ -308,6 +327,11 @@ rate_limit_section!(IpNewSessionsSection, DEFAULT_IP_NEW_SESSIONS);
 rate_limit_section!(IpMessagesSection, DEFAULT_IP_MESSAGES);
 rate_limit_section!(IpBytesSection, DEFAULT_IP_BYTES);
 rate_limit_section!(NewSessionsSection, DEFAULT_NEW_SESSIONS);
+rate_limit_section!(IpNewConnectionsSection, DEFAULT_IP_NEW_CONNECTIONS);
+rate_limit_section!(
+    Ipv6WideNewConnectionsSection,
+    DEFAULT_IPV6_WIDE_NEW_CONNECTIONS
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -325,6 +349,16 @@ impl Default for IpSessionsSection {
     }
 }
 
+/// A cap on the connections a group of addresses holds open. `max` unset: a share of
+/// `server.max_connections`, so the cap follows the node's size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionCapSection {
+    pub mode: LimitMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
@@ -333,6 +367,10 @@ pub struct LimitsSection {
     pub ip_messages: IpMessagesSection,
     pub ip_bytes: IpBytesSection,
     pub new_sessions: NewSessionsSection,
+    pub ip_connections: ConnectionCapSection,
+    pub ip_new_connections: IpNewConnectionsSection,
+    pub ipv6_wide_connections: ConnectionCapSection,
+    pub ipv6_wide_new_connections: Ipv6WideNewConnectionsSection,
 }
 
 /// The origins a developer serves pages from locally. A production config lists its own.

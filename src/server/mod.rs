@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admission, Client, Refusal, SessionTicket};
+use crate::admission::{Admission, Client, ConnectionTicket, Refusal, SessionTicket};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
@@ -77,6 +77,8 @@ pub struct EdgeState {
     pub tasks: TaskTracker,
     pub connection_slots: Arc<Semaphore>,
     pub session_slots: Arc<Semaphore>,
+    /// The admin listener's own cap (`server.admin_max_connections`).
+    pub admin_slots: Arc<Semaphore>,
 }
 
 impl EdgeState {
@@ -101,6 +103,23 @@ impl EdgeState {
             .try_acquire_owned()
             .map_err(|_| Refusal::Overloaded)?;
         Ok((ticket, slot))
+    }
+
+    /// The per-address limits on a public connection just accepted from `peer` (TCP or QUIC),
+    /// before TLS. `None`: refused; the caller closes it at once. See
+    /// [`Admission::admit_connection`] for `peer_may_forward`.
+    pub fn admit_connection(
+        &self,
+        peer: std::net::IpAddr,
+        peer_may_forward: bool,
+    ) -> Option<ConnectionTicket> {
+        match self.admission.admit_connection(peer, peer_may_forward) {
+            Ok(ticket) => Some(ticket),
+            Err(limit) => {
+                self.metrics.refusal(limit.as_str());
+                None
+            }
+        }
     }
 
     /// The TLS config for a new TCP connection.
@@ -234,6 +253,7 @@ impl Edge {
         let state = Arc::new(EdgeState {
             connection_slots: Arc::new(Semaphore::new(s.max_connections)),
             session_slots: Arc::new(Semaphore::new(s.max_sessions)),
+            admin_slots: Arc::new(Semaphore::new(s.admin_max_connections)),
             config,
             metrics,
             hub,

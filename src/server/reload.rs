@@ -128,10 +128,10 @@ impl ConfigWatch {
                 needs_restart.push(name);
             }
         }
-        let report = self
-            .state
-            .admission
-            .reload(config.admission.clone(), config.limits.clone());
+        let report = self.state.admission.reload(
+            config.admission.clone(),
+            config.limits_under(&self.state.config.server),
+        );
         let certificates = match certificates {
             Some(setup) => match self.state.reload_tls(setup) {
                 Ok(()) => true,

@@ -77,12 +77,13 @@ pub fn stream_kill() -> Option<tokio_util::sync::CancellationToken> {
         .ok()
 }
 
-/// A public connection's slot: holds its place under `server.max_connections` and counts it in
-/// `edgeplex_connections` for as long as any part of the connection (HTTP, then an upgraded
-/// session) is alive.
+/// A public connection's slot: holds its place under `server.max_connections` (and under its
+/// address's connection caps) and counts it in `edgeplex_connections` for as long as any part
+/// of the connection (HTTP, then an upgraded session) is alive.
 #[derive(Debug)]
 pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    _address: Option<crate::admission::ConnectionTicket>,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
@@ -94,8 +95,15 @@ impl ConnSlot {
         gauge.inc();
         ConnSlot {
             _permit: permit,
+            _address: None,
             gauge,
         }
+    }
+
+    /// The slot also holds the connection's place under its address's caps.
+    pub fn with_address(mut self, ticket: crate::admission::ConnectionTicket) -> Self {
+        self._address = Some(ticket);
+        self
     }
 }
 

@@ -1,5 +1,12 @@
-//! The TCP side: accept loops, the connection cap, TLS handshakes under a deadline, and hyper
-//! serving HTTP/1.1 and HTTP/2 (chosen by ALPN / preface) with upgrades.
+//! The TCP side: accept loops, the connection caps (node-wide, per client address, and the admin
+//! listener's), TLS handshakes under a deadline, and hyper serving HTTP/1.1 and HTTP/2 (chosen by
+//! ALPN / preface) with upgrades.
+//!
+//! A public connection meets its address's connection limits before it costs a TLS handshake.
+//! The address is the socket peer; with `server.proxy_protocol` on, the peer is a load balancer,
+//! so the limits wait for the PROXY header and key on the client it names (the header is read
+//! only from trusted proxies, under the handshake deadline, and the node-wide cap holds
+//! meanwhile).
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -43,8 +50,20 @@ pub(super) async fn accept_loop(
         };
         match kind {
             Listener::Public => {
-                // At the cap the connection is closed at once rather than left in the backlog:
-                // the client learns now instead of after its own timeout.
+                // At a cap the connection is closed at once rather than left in the backlog:
+                // the client learns now instead of after its own timeout. The address's own
+                // limits come first, so that an address past them takes no node-wide slot.
+                let address = if state.config.server.proxy_protocol {
+                    None
+                } else {
+                    match state.admit_connection(peer.ip(), true) {
+                        Some(ticket) => Some(ticket),
+                        None => {
+                            drop(stream);
+                            continue;
+                        }
+                    }
+                };
                 let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
                     state.metrics.connections_refused.inc();
                     drop(stream);
@@ -53,25 +72,36 @@ pub(super) async fn accept_loop(
                 let st = state.clone();
                 // Read per connection: a certificate reload applies to the next one.
                 let tls = tls.then(|| TlsAcceptor::from(state.tcp_tls()));
-                let slot = ConnSlot::new(permit, state.metrics.connections.clone());
+                let mut slot = ConnSlot::new(permit, state.metrics.connections.clone());
+                if let Some(ticket) = address {
+                    slot = slot.with_address(ticket);
+                }
                 state.tasks.spawn(async move {
                     let info = ConnInfo {
                         peer,
                         tls: tls.is_some(),
-                        permit: Some(Arc::new(slot)),
+                        permit: None,
                         activity: None,
                         publish_budget: None,
                         kill: None,
                     };
-                    serve(stream, tls, st.clone(), kind, info, st.shutdown.clone()).await;
+                    let stop = st.shutdown.clone();
+                    serve(stream, tls, st, kind, info, Some(slot), stop).await;
                 });
             }
-            // Admin connections are few, trusted, and must outlive the drain so `/readyz` can
-            // report it: they are neither capped nor tracked with the client tasks.
+            // Admin connections are few and trusted, and must outlive the drain so `/readyz` can
+            // report it: they are not tracked with the client tasks. They have their own cap,
+            // since the listener needs no more than a scraper and a few operators.
             Listener::Admin => {
+                let Ok(permit) = state.admin_slots.clone().try_acquire_owned() else {
+                    state.metrics.admin_connections_refused.inc();
+                    drop(stream);
+                    continue;
+                };
                 let st = state.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let info = ConnInfo {
                         peer,
                         tls: false,
@@ -80,19 +110,22 @@ pub(super) async fn accept_loop(
                         publish_budget: None,
                         kill: None,
                     };
-                    serve(stream, None, st, kind, info, stop).await;
+                    serve(stream, None, st, kind, info, None, stop).await;
                 });
             }
         }
     }
 }
 
+/// Serves one accepted connection; `slot` is a public connection's place under the caps, which
+/// the connection (and any session upgraded from it) holds until it ends.
 async fn serve(
     mut stream: TcpStream,
     tls: Option<TlsAcceptor>,
     state: Arc<EdgeState>,
     kind: Listener,
     mut info: ConnInfo,
+    mut slot: Option<ConnSlot>,
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
@@ -102,7 +135,13 @@ async fn serve(
             Some(source) => info.peer = source,
             None => return,
         }
+        // The header named the client: its address's limits apply now, still before TLS.
+        match state.admit_connection(info.peer.ip(), false) {
+            Some(ticket) => slot = slot.map(|s| s.with_address(ticket)),
+            None => return,
+        }
     }
+    info.permit = slot.map(Arc::new);
     match tls {
         None => serve_http(stream, state, kind, info, stop).await,
         Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {

@@ -111,13 +111,19 @@ pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>)
             continue;
         }
         // A QUIC connection is a connection like a TCP one: it holds state from the handshake
-        // on, CONNECT or not, so it takes a place under `server.max_connections`.
+        // on, CONNECT or not, so it takes a place under `server.max_connections` and under its
+        // address's connection limits, which TCP connections share. The address is the one
+        // validated above (taken as given with `webtransport.validate_address` off).
+        let Some(address) = state.admit_connection(incoming.remote_address().ip(), false) else {
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
             state.metrics.connections_refused.inc();
             incoming.refuse();
             continue;
         };
-        let slot = ConnSlot::new(permit, state.metrics.connections.clone());
+        let slot = ConnSlot::new(permit, state.metrics.connections.clone()).with_address(address);
         let st = state.clone();
         state.tasks.spawn(handle(incoming, st, slot));
     }

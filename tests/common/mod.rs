@@ -49,6 +49,12 @@ pub fn test_config(dir: &std::path::Path) -> FileConfig {
     f.limits.ip_bytes.burst = 1 << 30;
     f.limits.new_sessions.per_second = 100_000;
     f.limits.new_sessions.burst = 100_000;
+    f.limits.ip_connections.max = Some(100_000);
+    f.limits.ipv6_wide_connections.max = Some(100_000);
+    f.limits.ip_new_connections.per_second = 100_000;
+    f.limits.ip_new_connections.burst = 100_000;
+    f.limits.ipv6_wide_new_connections.per_second = 100_000;
+    f.limits.ipv6_wide_new_connections.burst = 100_000;
     f
 }
 
