@@ -21,10 +21,16 @@ fn assert_single_line_json(what: &str, bytes: &[u8]) -> Value {
 }
 
 /// Decodes `input` (which must not panic) and checks what the edge would send back for it.
+/// `peek_id`, which reads the id of a frame refused before decoding, must not panic either, and
+/// decode is its reference: an id it finds is the one decode reads.
 pub fn check_decode(input: &[u8]) {
+    let peeked = protocol::peek_id(input);
     match protocol::decode(input) {
         Ok(frame) => {
             let _ = (frame.id(), frame.op());
+            if peeked.is_some() {
+                assert_eq!(peeked, frame.id(), "peek_id disagrees with decode");
+            }
             match frame {
                 ClientFrame::Publish { channel, data, .. } => {
                     let offset = Offset { epoch: 1, seq: 2 };
@@ -54,6 +60,9 @@ pub fn check_decode(input: &[u8]) {
             }
         }
         Err(e) => {
+            if let (Some(p), Some(d)) = (peeked, e.id) {
+                assert_eq!(p, d, "peek_id disagrees with decode");
+            }
             // The error reply carries the decoder's message; it must be a valid single line too.
             let reply = protocol::encode_error(e.id, e.code, &e.message, None);
             assert_single_line_json("encode_error output", reply.as_bytes());

@@ -361,7 +361,9 @@ async fn bounded_write<F>(
 where
     F: Future<Output = Result<(), WsError>>,
 {
+    // Biased: a write that completes at once (the usual case) never arms the overflow watch.
     tokio::select! {
+        biased;
         r = tokio::time::timeout(limit, write) => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {

@@ -349,8 +349,9 @@ impl Writer<'_> {
             let chunk = buf.split().freeze();
             // A client that stopped reading leaves the write stuck once its stream window is
             // full; the queue overflowing behind it ends the session then, not when the write
-            // gives up.
+            // gives up. Biased: a write that completes at once never arms that watch.
             tokio::select! {
+                biased;
                 r = tokio::time::timeout(self.cfg.write_timeout, send.write_all(&chunk)) => match r {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return End::Gone,
