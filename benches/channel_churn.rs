@@ -212,7 +212,10 @@ fn main() {
     rt.block_on(async {
         let mut churn = Worker::spawn(
             "churn",
-            &[("CHURN_URL", url.clone()), ("CHURNERS", churners.to_string())],
+            &[
+                ("CHURN_URL", url.clone()),
+                ("CHURNERS", churners.to_string()),
+            ],
         );
         assert_eq!(tokio::task::block_in_place(|| churn.recv()), "ready");
         let mut sub = ws(&url).await;
