@@ -120,6 +120,9 @@ pub struct Metrics {
     pub redis_bad_payloads: Counter,
     pub redis_publish_queued: Gauge,
     pub redis_publish_pipelines: Counter,
+    pub redis_ping_failures: Counter,
+    pub redis_ingest_overflows: Counter,
+    pub redis_resyncs: Counter,
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -155,6 +158,9 @@ impl Metrics {
             redis_bad_payloads: Counter::default(),
             redis_publish_queued: Gauge::default(),
             redis_publish_pipelines: Counter::default(),
+            redis_ping_failures: Counter::default(),
+            redis_ingest_overflows: Counter::default(),
+            redis_resyncs: Counter::default(),
             admission_decisions: Family::default(),
             tracked_addresses: Gauge::default(),
             config_reloads: Family::default(),
@@ -256,6 +262,25 @@ impl Metrics {
             "redis_publish_pipelines",
             "Round trips that carried publishes to Redis; publishes per pipeline is the batching",
             m.redis_publish_pipelines.clone(),
+        );
+        registry.register(
+            "redis_ping_failures",
+            "PINGs on the Redis subscriber connection not answered in bus.redis_timeout; each \
+             drops the connection, which is then restored with gap notices",
+            m.redis_ping_failures.clone(),
+        );
+        registry.register(
+            "redis_ingest_overflows",
+            "Times Redis messages arrived faster than this node delivered them past the ingest \
+             cap (bus.redis_ingest_queue); each drops the subscriber connection, which is then \
+             restored with gap notices",
+            m.redis_ingest_overflows.clone(),
+        );
+        registry.register(
+            "redis_resyncs",
+            "Times more channels were dropped at once than the pending-unsubscribe set holds, so \
+             the Redis subscriptions were compared with the whole channel table instead",
+            m.redis_resyncs.clone(),
         );
         registry.register(
             "admission_decisions",

@@ -330,7 +330,7 @@ impl Hub {
             self.metrics.channels.set(channels.len() as i64);
             drop(channels);
             if let Bus::Redis(redis) = &self.bus {
-                redis.channel_dropped();
+                redis.channel_dropped(channel);
             }
         }
         removed

@@ -11,8 +11,15 @@
 //! Each node holds one publishing connection (a `ConnectionManager`, which reconnects by itself)
 //! and one subscriber connection, owned by [`RedisBus::run`]. redis-rs's `aio::PubSub` never
 //! reconnects, so that task does: on loss it marks the bus down (publishes and new subscribes
-//! answer `unavailable`, `/readyz` fails), retries with capped backoff, resubscribes every channel
-//! the hub holds, and sends each local subscriber a `gap` notice for the outage.
+//! answer `unavailable`, `/readyz` fails), retries with capped, fully jittered backoff (so nodes
+//! that lost Redis together do not all come back, and their clients resume, in one instant),
+//! resubscribes every channel the hub holds, and sends each local subscriber a `gap` notice for
+//! the outage. A connection is lost when it closes, when a PING sent every
+//! `bus.redis_ping_interval` goes unanswered for `bus.redis_timeout` (a NAT or load balancer that
+//! forgot the flow closes nothing, and the kernels on the way still ACK, so only an answer proves
+//! the path), or when messages arrive faster than the node delivers them: they wait in an ingest
+//! queue capped at `bus.redis_ingest_queue` messages and [`INGEST_QUEUE_BYTES`], and past the cap
+//! the node would rather resubscribe and say `gap` than buffer without bound.
 //!
 //! Publishes go through one queue per node, bounded in count and bytes, drained by one task
 //! ([`RedisBus::spawn_publisher`]) that sends what is waiting as a single pipeline and answers
@@ -24,17 +31,23 @@
 //!
 //! The set of Redis subscriptions follows the hub's channel table: one per channel with local
 //! subscribers, added before the subscribing client gets its `ok`, dropped when the last local
-//! subscriber leaves. All SUBSCRIBE/UNSUBSCRIBE traffic goes through one async lock so that a
-//! channel dropped and joined again at the same moment cannot end up unsubscribed.
+//! subscriber leaves. One task per connection sends every SUBSCRIBE, UNSUBSCRIBE and PING, one
+//! after another, and no lock is held across a round trip: a subscribe to a channel the node
+//! holds already is answered at once, and the channels asked for while a SUBSCRIBE is in flight
+//! go together in the next one. Dropped channels wait [`UNSUBSCRIBE_DELAY`] and leave together,
+//! and delivery never waits for either. A channel dropped and joined again at the same moment
+//! cannot end up unsubscribed: a channel leaves the active set before the hub is asked whether it
+//! is still wanted, so a join after that question queues a SUBSCRIBE, which the same task sends
+//! after the UNSUBSCRIBE.
 //!
 //! This module does not know about sessions or transports; it talks to the hub only.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
@@ -51,8 +64,17 @@ use crate::protocol::{self, Channel, Offset};
 /// First and largest pause between reconnect attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-/// Channels per SUBSCRIBE when restoring many at once.
+/// Channels per SUBSCRIBE or UNSUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 500;
+/// How long a dropped channel waits before its UNSUBSCRIBE: a burst of drops leaves in a few
+/// commands, and a channel joined again meanwhile never leaves.
+pub const UNSUBSCRIBE_DELAY: Duration = Duration::from_millis(100);
+/// Dropped channels waiting for their UNSUBSCRIBE, at most. Past it they are forgotten and the
+/// subscriptions are compared once with the whole channel table (`edgeplex_redis_resyncs_total`).
+const DROPPED_CAP: usize = 65_536;
+/// Bytes of Redis messages received and not yet delivered, at most (next to the count cap,
+/// `bus.redis_ingest_queue`); one larger message still passes alone.
+pub const INGEST_QUEUE_BYTES: usize = 64 << 20;
 /// Publishes waiting for the pipeline, at most: past this a publisher waits for room, which
 /// holds back its session's reading and so its client (TCP back-pressure).
 const PUBLISH_QUEUE: usize = 4096;
@@ -83,6 +105,10 @@ pub struct RedisSettings {
     pub history_ttl: Duration,
     /// Connect and command timeout: a dead Redis makes a publish fail after this long at most.
     pub timeout: Duration,
+    /// PING on the subscriber connection this often; unanswered within `timeout`, it is dead.
+    pub ping_interval: Duration,
+    /// Messages received and not yet delivered, at most.
+    pub ingest_queue: usize,
 }
 
 /// What to do with a publish's outcome; runs on the pipeline task, so it must not block.
@@ -118,12 +144,23 @@ impl Drop for Queued {
     }
 }
 
-#[derive(Debug)]
+/// Answers one [`RedisBus::ensure_subscribed`] caller.
+type Waiter = tokio::sync::oneshot::Sender<()>;
+
+#[derive(Debug, Default)]
 struct SubState {
     /// The subscriber connection's command side; `None` while disconnected.
     sink: Option<PubSubSink>,
     /// Channels subscribed on the current connection.
     active: HashSet<Channel>,
+    /// Channels waiting for the next SUBSCRIBE, and who waits for each. Only channels in the
+    /// hub's (capped) table are asked for, so this is bounded by it.
+    wanted: HashMap<Channel, Vec<Waiter>>,
+    /// Channels whose last local subscriber left, waiting for the next UNSUBSCRIBE; at most
+    /// [`DROPPED_CAP`].
+    dropped: HashSet<Channel>,
+    /// `dropped` overflowed: compare the subscriptions with the whole table once instead.
+    resync: bool,
 }
 
 pub struct RedisBus {
@@ -135,9 +172,12 @@ pub struct RedisBus {
     /// Taken by the pipeline task when [`RedisBus::spawn_publisher`] starts it.
     publish_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<PublishJob>>>,
     publish_bytes: Arc<tokio::sync::Semaphore>,
-    subs: tokio::sync::Mutex<SubState>,
-    /// The hub dropped a channel: the subscriber task reconciles.
+    /// Never held across an await.
+    subs: parking_lot::Mutex<SubState>,
+    /// The hub dropped a channel: the command task unsubscribes it after a delay.
     changed: Notify,
+    /// A channel was asked for: the command task subscribes it.
+    wanted: Notify,
     connected: AtomicBool,
     metrics: Arc<Metrics>,
     publish_errors: Counter,
@@ -200,11 +240,9 @@ impl RedisBus {
             publish_tx,
             publish_rx: parking_lot::Mutex::new(Some(publish_rx)),
             publish_bytes: Arc::new(tokio::sync::Semaphore::new(PUBLISH_QUEUE_BYTES)),
-            subs: tokio::sync::Mutex::new(SubState {
-                sink: None,
-                active: HashSet::new(),
-            }),
+            subs: parking_lot::Mutex::new(SubState::default()),
             changed: Notify::new(),
+            wanted: Notify::new(),
             connected: AtomicBool::new(false),
             publish_errors: metrics.redis_publish_errors.clone(),
             reconnects: metrics.redis_reconnects.clone(),
@@ -444,54 +482,233 @@ impl RedisBus {
         Ok(replay)
     }
 
-    /// Makes sure this node is subscribed to `channel` in Redis. Idempotent and cheap when it is.
+    /// Makes sure this node is subscribed to `channel` in Redis. Idempotent, and answered at
+    /// once when it is: no lock is held across a round trip. Otherwise the channel joins the
+    /// next SUBSCRIBE, which carries every channel asked for meanwhile.
     pub async fn ensure_subscribed(&self, channel: &Channel) -> Result<(), BusError> {
-        let mut st = self.subs.lock().await;
-        if st.active.contains(channel) {
-            return Ok(());
-        }
-        let Some(sink) = st.sink.as_mut() else {
-            return Err(BusError::Unavailable("Redis is unreachable"));
-        };
-        let key = self.key(channel);
-        match tokio::time::timeout(self.settings.timeout, sink.subscribe(&key)).await {
-            Ok(Ok(())) => {
-                st.active.insert(channel.clone());
-                self.subscriptions_gauge.set(st.active.len() as i64);
-                Ok(())
+        let answer = {
+            let mut st = self.subs.lock();
+            if st.active.contains(channel) {
+                return Ok(());
             }
-            _ => Err(BusError::Unavailable("cannot subscribe in Redis")),
-        }
+            // Not before the restore is done: the restore's copy of the table may predate this
+            // channel, and nobody else would subscribe it.
+            if st.sink.is_none() || !self.is_ready() {
+                return Err(BusError::Unavailable("Redis is unreachable"));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.wanted.entry(channel.clone()).or_default().push(tx);
+            rx
+        };
+        self.wanted.notify_one();
+        // The command task answers within its command deadline, or drops the waiter when the
+        // connection is lost.
+        answer
+            .await
+            .map_err(|_| BusError::Unavailable("cannot subscribe in Redis"))
     }
 
-    /// The hub dropped its last local subscriber of some channel.
-    pub fn channel_dropped(&self) {
+    /// The hub dropped its last local subscriber of `channel`: it is unsubscribed after
+    /// [`UNSUBSCRIBE_DELAY`], with whatever else was dropped meanwhile, unless joined again.
+    pub fn channel_dropped(&self, channel: &Channel) {
+        {
+            // Recorded even while disconnected (a new connection starts afresh from the
+            // table): the cap bounds it either way.
+            let mut st = self.subs.lock();
+            if st.resync {
+                // The whole table will be compared anyway.
+            } else if st.dropped.len() >= DROPPED_CAP {
+                st.dropped = HashSet::new();
+                st.resync = true;
+                self.metrics.redis_resyncs.inc();
+            } else {
+                st.dropped.insert(channel.clone());
+            }
+        }
         self.changed.notify_one();
     }
 
-    /// Brings the Redis subscriptions in line with the hub's channel table.
+    /// Brings the Redis subscriptions in line with the hub's channel table, by copying it: on
+    /// a new connection, and when [`DROPPED_CAP`] overflowed.
     async fn reconcile(&self, hub: &Hub) -> Result<(), redis::RedisError> {
-        let mut st = self.subs.lock().await;
         let desired: HashSet<Channel> = hub.channel_names().into_iter().collect();
-        let Some(mut sink) = st.sink.clone() else {
+        let Some(mut sink) = self.subs.lock().sink.clone() else {
             return Ok(());
         };
-        let add: Vec<Channel> = desired.difference(&st.active).cloned().collect();
-        let remove: Vec<Channel> = st.active.difference(&desired).cloned().collect();
+        let (add, remove) = {
+            let st = self.subs.lock();
+            let add: Vec<Channel> = desired.difference(&st.active).cloned().collect();
+            let remove: Vec<Channel> = st.active.difference(&desired).cloned().collect();
+            (add, remove)
+        };
         for batch in add.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             self.timed(sink.subscribe(&keys)).await?;
-            st.active.extend(batch.iter().cloned());
+            self.subs.lock().active.extend(batch.iter().cloned());
         }
-        for batch in remove.chunks(SUBSCRIBE_BATCH) {
+        self.unsubscribe_unwanted(hub, &mut sink, remove).await?;
+        self.subscriptions_gauge
+            .set(self.subs.lock().active.len() as i64);
+        Ok(())
+    }
+
+    /// Unsubscribes those of `candidates` the hub no longer holds. Each leaves the active set
+    /// first and only then is the hub asked: a join before the question keeps the channel, and
+    /// a join after it finds the channel inactive and queues a SUBSCRIBE, which this task sends
+    /// after the UNSUBSCRIBE. So a channel with local subscribers never ends up unsubscribed.
+    async fn unsubscribe_unwanted(
+        &self,
+        hub: &Hub,
+        sink: &mut PubSubSink,
+        candidates: Vec<Channel>,
+    ) -> Result<(), redis::RedisError> {
+        let leaving: Vec<Channel> = {
+            let mut st = self.subs.lock();
+            candidates
+                .into_iter()
+                .filter(|c| st.active.remove(c))
+                .collect()
+        };
+        let (kept, gone): (Vec<Channel>, Vec<Channel>) = leaving
+            .into_iter()
+            .partition(|c| hub.subscriber_count(c.as_str()) > 0);
+        self.subs.lock().active.extend(kept);
+        for batch in gone.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             self.timed(sink.unsubscribe(&keys)).await?;
-            for c in batch {
-                st.active.remove(c);
+        }
+        Ok(())
+    }
+
+    /// Sends one SUBSCRIBE per [`SUBSCRIBE_BATCH`] of the channels asked for, until none waits.
+    /// A failure leaves the waiters unanswered, to be told `unavailable` when the connection
+    /// is dropped.
+    async fn subscribe_wanted(&self, sink: &mut PubSubSink) -> Result<(), redis::RedisError> {
+        loop {
+            let batch: Vec<(Channel, Vec<Waiter>)> = {
+                let mut st = self.subs.lock();
+                let take: Vec<Channel> = st.wanted.keys().take(SUBSCRIBE_BATCH).cloned().collect();
+                take.into_iter()
+                    .filter_map(|c| st.wanted.remove_entry(&c))
+                    .collect()
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<String> = batch.iter().map(|(c, _)| self.key(c)).collect();
+            self.timed(sink.subscribe(&keys)).await?;
+            {
+                let mut st = self.subs.lock();
+                st.active.extend(batch.iter().map(|(c, _)| c.clone()));
+                self.subscriptions_gauge.set(st.active.len() as i64);
+            }
+            for waiter in batch.into_iter().flat_map(|(_, w)| w) {
+                let _ = waiter.send(());
             }
         }
-        self.subscriptions_gauge.set(st.active.len() as i64);
+    }
+
+    /// Unsubscribes what was dropped since the last time (or, after an overflow, whatever the
+    /// whole table no longer holds).
+    async fn unsubscribe_dropped(
+        &self,
+        hub: &Hub,
+        sink: &mut PubSubSink,
+    ) -> Result<(), redis::RedisError> {
+        let (dropped, resync) = {
+            let mut st = self.subs.lock();
+            (
+                std::mem::take(&mut st.dropped),
+                std::mem::take(&mut st.resync),
+            )
+        };
+        if resync {
+            return self.reconcile(hub).await;
+        }
+        self.unsubscribe_unwanted(hub, sink, dropped.into_iter().collect())
+            .await?;
+        self.subscriptions_gauge
+            .set(self.subs.lock().active.len() as i64);
         Ok(())
+    }
+
+    /// The connection's command task: restores every subscription, tells the hub's subscribers
+    /// about the gap when this is a reconnect, then sends SUBSCRIBEs, UNSUBSCRIBEs and PINGs one
+    /// after another until the connection is lost. Any failure or missed deadline cancels `lost`.
+    async fn command_task(
+        self: Arc<Self>,
+        hub: Weak<Hub>,
+        mut sink: PubSubSink,
+        lost: CancellationToken,
+        reconnect: bool,
+    ) {
+        if let Err(e) = self.commands(&hub, &mut sink, &lost, reconnect).await {
+            tracing::warn!(error = %e, "Redis subscriber connection failed");
+        }
+        lost.cancel();
+    }
+
+    async fn commands(
+        &self,
+        hub: &Weak<Hub>,
+        sink: &mut PubSubSink,
+        lost: &CancellationToken,
+        reconnect: bool,
+    ) -> Result<(), redis::RedisError> {
+        {
+            let mut st = self.subs.lock();
+            *st = SubState::default();
+            st.sink = Some(sink.clone());
+        }
+        let Some(strong) = hub.upgrade() else {
+            return Ok(());
+        };
+        self.reconcile(&strong).await?;
+        self.connected.store(true, Ordering::Release);
+        self.connected_gauge.set(1);
+        if reconnect {
+            self.reconnects.inc();
+            let channels = strong.channel_names();
+            let notified = strong.gap_all(&channels);
+            tracing::info!(
+                channels = channels.len(),
+                notified,
+                "Redis is back; subscriptions restored, gap notices sent"
+            );
+        } else {
+            tracing::info!("connected to Redis");
+        }
+        drop(strong);
+        let every = self.settings.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unsubscribe_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => return Ok(()),
+                _ = self.wanted.notified() => self.subscribe_wanted(sink).await?,
+                _ = self.changed.notified() => {
+                    unsubscribe_at.get_or_insert(tokio::time::Instant::now() + UNSUBSCRIBE_DELAY);
+                }
+                _ = tokio::time::sleep_until(unsubscribe_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if unsubscribe_at.is_some() =>
+                {
+                    unsubscribe_at = None;
+                    let Some(h) = hub.upgrade() else { return Ok(()) };
+                    self.unsubscribe_dropped(&h, sink).await?;
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = self.timed(sink.ping::<redis::Value>()).await {
+                        self.metrics.redis_ping_failures.inc();
+                        tracing::warn!(
+                            error = %e,
+                            "Redis did not answer a PING on the subscriber connection in time"
+                        );
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     async fn timed<T>(
@@ -543,9 +760,14 @@ impl RedisBus {
     }
 
     /// The subscriber connection's life: connect, restore, deliver, and on loss start over with
-    /// capped backoff. Ends when `stop` is cancelled or the hub is gone.
+    /// capped, jittered backoff. Ends when `stop` is cancelled or the hub is gone.
+    ///
+    /// Per connection, three tasks: a pump moves messages from redis-rs (whose own buffer has
+    /// no bound) into the capped ingest queue and does nothing else, so that buffer stays
+    /// near empty; this loop delivers from the queue and never waits on Redis; the command task
+    /// subscribes, unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
-        let mut backoff = RECONNECT_MIN;
+        let mut cap = RECONNECT_MIN;
         let mut ever_connected = false;
         let mut logged_down = false;
         loop {
@@ -555,80 +777,82 @@ impl RedisBus {
             let attempt = self.timed(self.client.get_async_pubsub()).await;
             match attempt {
                 Ok(pubsub) => {
-                    let (sink, mut stream) = pubsub.split();
-                    {
-                        let mut st = self.subs.lock().await;
-                        st.sink = Some(sink);
-                        st.active.clear();
-                    }
-                    let Some(strong) = hub.upgrade() else { return };
-                    if let Err(e) = self.reconcile(&strong).await {
-                        tracing::warn!(error = %e, "cannot restore Redis subscriptions");
-                        self.mark_down().await;
-                    } else {
-                        self.connected.store(true, Ordering::Release);
-                        self.connected_gauge.set(1);
-                        backoff = RECONNECT_MIN;
-                        logged_down = false;
-                        if ever_connected {
-                            self.reconnects.inc();
-                            let channels = strong.channel_names();
-                            let notified = strong.gap_all(&channels);
-                            tracing::info!(
-                                channels = channels.len(),
-                                notified,
-                                "Redis is back; subscriptions restored, gap notices sent"
-                            );
-                        } else {
-                            tracing::info!("connected to Redis");
+                    let (sink, stream) = pubsub.split();
+                    let lost = stop.child_token();
+                    let (tx, mut ingest) = tokio::sync::mpsc::channel(self.settings.ingest_queue);
+                    let bytes = Arc::new(AtomicUsize::new(0));
+                    let pump = tokio::spawn({
+                        let (lost, bytes) = (lost.clone(), bytes.clone());
+                        let overflows = self.metrics.redis_ingest_overflows.clone();
+                        async move {
+                            if pump(stream, tx, &bytes, INGEST_QUEUE_BYTES).await
+                                == PumpEnd::Overflow
+                            {
+                                overflows.inc();
+                                tracing::warn!(
+                                    "Redis messages arrive faster than this node delivers them; \
+                                     past the ingest cap, resubscribing with gap notices"
+                                );
+                            }
+                            lost.cancel();
                         }
-                        ever_connected = true;
-                        drop(strong);
-                        loop {
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                msg = stream.next() => match msg {
-                                    Some(m) => match hub.upgrade() {
-                                        Some(h) => self.deliver(&h, &m),
-                                        None => return,
-                                    },
+                    });
+                    let commands = tokio::spawn(self.clone().command_task(
+                        hub.clone(),
+                        sink,
+                        lost.clone(),
+                        ever_connected,
+                    ));
+                    loop {
+                        tokio::select! {
+                            _ = lost.cancelled() => break,
+                            msg = ingest.recv() => {
+                                let Some(m) = msg else { break };
+                                bytes.fetch_sub(msg_bytes(&m), Ordering::Relaxed);
+                                match hub.upgrade() {
+                                    Some(h) => self.deliver(&h, &m),
                                     None => break,
-                                },
-                                _ = self.changed.notified() => {
-                                    let Some(h) = hub.upgrade() else { return };
-                                    if let Err(e) = self.reconcile(&h).await {
-                                        tracing::warn!(error = %e, "Redis subscription change failed");
-                                        break;
-                                    }
                                 }
                             }
                         }
-                        tracing::warn!("lost the Redis subscriber connection; reconnecting");
-                        self.mark_down().await;
                     }
+                    lost.cancel();
+                    pump.abort();
+                    commands.abort();
+                    if stop.is_cancelled() || hub.strong_count() == 0 {
+                        return;
+                    }
+                    if self.is_ready() {
+                        // This connection was restored: the outage starts now.
+                        ever_connected = true;
+                        logged_down = false;
+                        cap = RECONNECT_MIN;
+                        tracing::warn!("lost the Redis subscriber connection; reconnecting");
+                    }
+                    self.mark_down();
                 }
                 Err(e) => {
                     if !logged_down {
                         tracing::warn!(error = %e, "cannot reach Redis; retrying with backoff");
                         logged_down = true;
                     }
-                    self.mark_down().await;
+                    self.mark_down();
                 }
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(reconnect_pause(cap, random_unit())) => {}
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
+            cap = (cap * 2).min(RECONNECT_MAX);
         }
     }
 
-    async fn mark_down(&self) {
+    /// Not ready; every waiting subscribe is answered `unavailable` and the next connection
+    /// starts from the hub's table.
+    fn mark_down(&self) {
         self.connected.store(false, Ordering::Release);
         self.connected_gauge.set(0);
-        let mut st = self.subs.lock().await;
-        st.sink = None;
-        st.active.clear();
+        *self.subs.lock() = SubState::default();
         self.subscriptions_gauge.set(0);
     }
 }
@@ -645,6 +869,8 @@ impl RedisBus {
             history_len: 10,
             history_ttl: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
+            ping_interval: Duration::from_secs(5),
+            ingest_queue: 16,
         };
         let bus = RedisBus::new(settings, Arc::new(Metrics::new())).unwrap();
         bus.connected.store(true, Ordering::Release);
@@ -687,6 +913,66 @@ fn parse_envelope(payload: &str) -> Option<(Offset, &str)> {
     let offset = rest[..end].parse().ok()?;
     let data = rest[end..].strip_prefix(ENVELOPE_DATA)?.strip_suffix('}')?;
     Some((offset, data))
+}
+
+/// Why the pump stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum PumpEnd {
+    /// The connection closed, or delivery is gone.
+    Closed,
+    /// More was waiting for delivery than the caps allow.
+    Overflow,
+}
+
+/// What a message counts against [`INGEST_QUEUE_BYTES`].
+fn msg_bytes(msg: &redis::Msg) -> usize {
+    msg.get_payload_bytes().len() + msg.get_channel_name().len()
+}
+
+/// Moves messages from `stream` into `queue` until the connection ends or the queue is past its
+/// count cap (its capacity) or `max_bytes` (counted in `bytes`, which the receiver lowers). One
+/// message larger than `max_bytes` still passes alone.
+async fn pump(
+    mut stream: impl Stream<Item = redis::Msg> + Unpin,
+    queue: tokio::sync::mpsc::Sender<redis::Msg>,
+    bytes: &AtomicUsize,
+    max_bytes: usize,
+) -> PumpEnd {
+    while let Some(msg) = stream.next().await {
+        let n = msg_bytes(&msg);
+        let before = bytes.fetch_add(n, Ordering::Relaxed);
+        if before > 0 && before + n > max_bytes {
+            return PumpEnd::Overflow;
+        }
+        match queue.try_send(msg) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => return PumpEnd::Overflow,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return PumpEnd::Closed,
+        }
+    }
+    PumpEnd::Closed
+}
+
+/// The pause before reconnect attempt with backoff cap `cap`: full jitter, drawn evenly from
+/// [`RECONNECT_MIN`] to `cap` by `unit` in [0, 1). Nodes that lost Redis at the same moment
+/// spread their returns, and so do their clients' resumes after the gap notices.
+fn reconnect_pause(cap: Duration, unit: f64) -> Duration {
+    let cap = cap.clamp(RECONNECT_MIN, RECONNECT_MAX);
+    RECONNECT_MIN + (cap - RECONNECT_MIN).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// A number in [0, 1) that differs between calls and processes: std's hasher is keyed randomly
+/// per process (and per call), which is all the jitter needs, without a random-number crate.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -738,5 +1024,103 @@ mod tests {
             !queued(&bus, "1".into()).await,
             "a byte more waits: the queue's bytes are capped"
         );
+    }
+
+    fn msg(payload: &[u8]) -> redis::Msg {
+        redis::Msg::from_owned_value(redis::Value::Array(vec![
+            redis::Value::BulkString(b"message".to_vec()),
+            redis::Value::BulkString(b"t:c".to_vec()),
+            redis::Value::BulkString(payload.to_vec()),
+        ]))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ingest_past_its_count_cap_overflows() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let bytes = AtomicUsize::new(0);
+        let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
+        assert_eq!(pump(msgs, tx, &bytes, 1 << 20).await, PumpEnd::Overflow);
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 4, "the queue holds its cap, and no more");
+        // Delivered as fast as it comes: no overflow, however many.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let bytes = AtomicUsize::new(0);
+        let msgs = msgs.then(|m| async {
+            tokio::task::yield_now().await;
+            m
+        });
+        assert_eq!(
+            pump(Box::pin(msgs), tx, &bytes, 1 << 20).await,
+            PumpEnd::Closed
+        );
+        drain.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ingest_past_its_byte_cap_overflows_but_one_large_message_passes() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(100);
+        let bytes = AtomicUsize::new(0);
+        let big = vec![b'x'; 1000];
+        let msgs = futures_util::stream::iter([msg(&big)]);
+        assert_eq!(pump(msgs, tx, &bytes, 100).await, PumpEnd::Closed);
+        let (tx, _rx) = tokio::sync::mpsc::channel(100);
+        let bytes = AtomicUsize::new(0);
+        let msgs = futures_util::stream::iter((0..3).map(|_| msg(&[b'1'; 40])));
+        assert_eq!(
+            pump(msgs, tx, &bytes, 100).await,
+            PumpEnd::Overflow,
+            "three messages of 43 bytes do not fit 100"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropped_channels_past_their_cap_turn_into_one_resync() {
+        let bus = RedisBus::stalled_for_tests();
+        for i in 0..DROPPED_CAP {
+            bus.channel_dropped(&Channel::new(&format!("c{i}")).unwrap());
+        }
+        assert_eq!(bus.subs.lock().dropped.len(), DROPPED_CAP);
+        assert_eq!(bus.metrics.redis_resyncs.get(), 0);
+        bus.channel_dropped(&Channel::new("one-more").unwrap());
+        bus.channel_dropped(&Channel::new("and-another").unwrap());
+        let st = bus.subs.lock();
+        assert!(st.resync && st.dropped.is_empty(), "the set is freed");
+        assert_eq!(bus.metrics.redis_resyncs.get(), 1);
+    }
+
+    #[test]
+    fn reconnect_pauses_stay_within_min_and_the_cap_and_spread_over_it() {
+        assert_eq!(reconnect_pause(RECONNECT_MAX, 0.0), RECONNECT_MIN);
+        assert_eq!(reconnect_pause(RECONNECT_MAX, 1.0), RECONNECT_MAX);
+        assert_eq!(reconnect_pause(RECONNECT_MIN, 0.7), RECONNECT_MIN);
+        assert_eq!(
+            reconnect_pause(Duration::from_secs(3600), 1.0),
+            RECONNECT_MAX
+        );
+        let draws: Vec<Duration> = (0..2000)
+            .map(|_| reconnect_pause(RECONNECT_MAX, random_unit()))
+            .collect();
+        assert!(
+            draws
+                .iter()
+                .all(|d| (RECONNECT_MIN..=RECONNECT_MAX).contains(d))
+        );
+        // Evenly spread: each fifth of the range gets a fair share, and no two nodes are
+        // likely to pick the same instant.
+        let span = (RECONNECT_MAX - RECONNECT_MIN).as_secs_f64();
+        let mut fifths = [0usize; 5];
+        for d in &draws {
+            let at = (d.saturating_sub(RECONNECT_MIN).as_secs_f64() / span * 5.0) as usize;
+            fifths[at.min(4)] += 1;
+        }
+        assert!(fifths.iter().all(|&n| n > 300), "{fifths:?}");
+        let distinct: HashSet<Duration> = draws.iter().copied().collect();
+        assert!(distinct.len() > 1990, "{} distinct", distinct.len());
     }
 }

@@ -105,6 +105,12 @@ pub struct BusConfig {
     /// Embedded bus: bytes all channel histories may hold together.
     pub history_bytes: usize,
     pub redis_timeout: Duration,
+    /// PING on the Redis subscriber connection this often; no answer within `redis_timeout`
+    /// and the connection is taken for dead.
+    pub redis_ping_interval: Duration,
+    /// Redis messages received and not yet delivered, at most; past it the subscriber
+    /// connection is dropped and restored with gap notices.
+    pub redis_ingest_queue: usize,
 }
 
 impl std::fmt::Debug for BusConfig {
@@ -118,6 +124,8 @@ impl std::fmt::Debug for BusConfig {
             .field("history_ttl", &self.history_ttl)
             .field("history_bytes", &self.history_bytes)
             .field("redis_timeout", &self.redis_timeout)
+            .field("redis_ping_interval", &self.redis_ping_interval)
+            .field("redis_ingest_queue", &self.redis_ingest_queue)
             .finish()
     }
 }
@@ -648,6 +656,12 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             b.redis_timeout,
             Duration::from_millis(10),
         )?,
+        redis_ping_interval: min_duration(
+            "bus.redis_ping_interval",
+            b.redis_ping_interval,
+            Duration::from_millis(100),
+        )?,
+        redis_ingest_queue: range("bus.redis_ingest_queue", b.redis_ingest_queue, 1, 1 << 24)?,
     };
     let admin = AdminConfig {
         api_key: match file.admin.api_key.as_str() {
@@ -1031,10 +1045,18 @@ impl Config {
                 self.bus.history_bytes
             ),
             Some(_) => format!(
-                "bus: Redis (channel C is {}C; history {} messages, kept {})\n",
+                "bus: Redis (channel C is {}C; history {} messages, kept {})\n  \
+                 subscriber connection: PING every {}, dead after {} without an answer (a \
+                 silent Redis path is found within {}); at most {} messages (or {} MiB) waiting \
+                 for delivery, past that it is dropped and restored with gap notices\n",
                 self.bus.channel_prefix,
                 self.bus.history_len,
-                humantime::format_duration(self.bus.history_ttl)
+                humantime::format_duration(self.bus.history_ttl),
+                humantime::format_duration(self.bus.redis_ping_interval),
+                humantime::format_duration(self.bus.redis_timeout),
+                humantime::format_duration(self.bus.redis_ping_interval + self.bus.redis_timeout),
+                self.bus.redis_ingest_queue,
+                crate::bus::redis::INGEST_QUEUE_BYTES >> 20,
             ),
         });
         out.push_str(if self.admin.api_key.is_some() {
@@ -1250,6 +1272,19 @@ mod tests {
     }
 
     #[test]
+    fn summary_explains_the_redis_subscriber_limits() {
+        let s = parse("[bus]\nredis_url = \"redis://127.0.0.1:6379\"\n")
+            .unwrap()
+            .summary();
+        assert!(
+            s.contains("PING every 5s, dead after 2s")
+                && s.contains("found within 7s")
+                && s.contains("at most 65536 messages (or 64 MiB)"),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn impossible_values_are_named() {
         let cases = [
             ("[server]\nlisten = \"8443\"\n", "server.listen"),
@@ -1263,6 +1298,11 @@ mod tests {
                 "session.idle_timeout",
             ),
             ("[tls]\ncert = \"a.pem\"\n", "tls.key"),
+            (
+                "[bus]\nredis_ping_interval = \"10ms\"\n",
+                "bus.redis_ping_interval",
+            ),
+            ("[bus]\nredis_ingest_queue = 0\n", "bus.redis_ingest_queue"),
             ("[bus]\nredis_url = \"http://x\"\n", "bus.redis_url"),
             (
                 "[bus]\nredis_url = \"redis://:99999999/\"\n",

@@ -29,6 +29,9 @@ pub const DEFAULT_HISTORY_LEN: usize = 1000;
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// With the 2 s deadline, a silent Redis path is found within 7 s.
+pub const DEFAULT_REDIS_PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_REDIS_INGEST_QUEUE: usize = 65_536;
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -170,6 +173,9 @@ pub struct BusSection {
     pub history_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub redis_ping_interval: Duration,
+    pub redis_ingest_queue: usize,
 }
 
 impl Default for BusSection {
@@ -182,6 +188,8 @@ impl Default for BusSection {
             history_ttl: DEFAULT_HISTORY_TTL,
             history_bytes: DEFAULT_HISTORY_BYTES,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
+            redis_ping_interval: DEFAULT_REDIS_PING_INTERVAL,
+            redis_ingest_queue: DEFAULT_REDIS_INGEST_QUEUE,
         }
     }
 }

@@ -192,6 +192,8 @@ impl Edge {
                     history_len: config.bus.history_len,
                     history_ttl: config.bus.history_ttl,
                     timeout: config.bus.redis_timeout,
+                    ping_interval: config.bus.redis_ping_interval,
+                    ingest_queue: config.bus.redis_ingest_queue,
                 },
                 metrics.clone(),
             )?)),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod relay;
 pub mod sse_client;
 
 use std::sync::Arc;

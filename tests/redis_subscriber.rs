@@ -1,0 +1,252 @@
+//! The Redis bus's subscriber connection against a real `redis-server` (started per test on a
+//! free port), reached directly or through a relay the test can make go silent: finding a
+//! half-open connection, batching subscribes without one lock across round trips, the invariant
+//! that a channel dropped and joined at once stays subscribed, and the ingest cap.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use common::relay::Relay;
+use common::{Client, TestEdge, start};
+use serde_json::json;
+
+fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(&mut redis.connection())
+        .unwrap();
+    n
+}
+
+async fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
+    for _ in 0..500 {
+        if numsub(redis, channel) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "PUBSUB NUMSUB {channel} stayed at {} (want {want})",
+        numsub(redis, channel)
+    );
+}
+
+/// A backend's raw `PUBLISH` on the real server, past any relay.
+fn backend_publish(redis: &RedisServer, channel: &str, data: &str) {
+    redis::cmd("PUBLISH")
+        .arg(format!("edgeplex:{channel}"))
+        .arg(data)
+        .query::<i64>(&mut redis.connection())
+        .unwrap();
+}
+
+/// How many times Redis ran `command` so far (`INFO commandstats`).
+fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads until a push with `data` arrives; returns the frames before it.
+async fn until_data(c: &mut Client, data: &str) -> Vec<serde_json::Value> {
+    let mut before = Vec::new();
+    loop {
+        let f = c.recv().await;
+        if f["op"] == "message" && f["data"] == data {
+            return before;
+        }
+        before.push(f);
+    }
+}
+
+async fn node_via(url: String, edit: impl FnOnce(&mut edgeplex::config::FileConfig)) -> TestEdge {
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        edit(f);
+    })
+    .await;
+    t.wait_ready(true).await;
+    t
+}
+
+#[tokio::test]
+async fn a_silent_redis_path_is_found_within_15s_by_default_then_resubscribed_with_a_gap() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    // The shipped defaults for the ping interval and its deadline.
+    let t = node_via(relay.url(), |_| {}).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "feed").await;
+    backend_publish(&redis, "feed", "\"before\"");
+    assert!(until_data(&mut a, "before").await.is_empty());
+
+    relay.silence();
+    let silenced = Instant::now();
+    while t.ready().await {
+        assert!(
+            silenced.elapsed() < Duration::from_secs(15),
+            "/readyz still 200 15 s after the Redis path went silent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(t.admin_get("/readyz").await.0, 503);
+    assert!(t.metric("edgeplex_redis_ping_failures_total").await >= 1.0);
+
+    relay.resume();
+    t.wait_ready(true).await;
+    // The new connection holds the subscription; the stale one is gone once the relay passes on
+    // the edge's close.
+    wait_numsub(&redis, "edgeplex:feed", 1).await;
+    assert_eq!(a.recv().await, json!({"op": "gap", "channel": "feed"}));
+    backend_publish(&redis, "feed", "\"after\"");
+    assert!(until_data(&mut a, "after").await.is_empty());
+    assert!(t.metric("edgeplex_redis_reconnects_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn joining_a_subscribed_channel_does_not_wait_behind_another_channels_subscribe() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let t = node_via(relay.url(), |f| {
+        f.bus.redis_timeout = Duration::from_secs(3);
+        f.bus.redis_ping_interval = Duration::from_secs(60);
+    })
+    .await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "hot").await;
+    let mut b = t.connect().await;
+    let mut c = t.connect().await;
+
+    relay.silence();
+    // b's channel needs a SUBSCRIBE round trip, which now hangs until the deadline...
+    b.send(json!({"id": 1, "op": "subscribe", "channel": "cold"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...but "hot" is subscribed already: c's answer needs no Redis at all.
+    let asked = Instant::now();
+    let r = c
+        .request(json!({"id": 1, "op": "subscribe", "channel": "hot"}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "c waited {:?} behind b's round trip",
+        asked.elapsed()
+    );
+    let r = b.recv().await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    relay.resume();
+}
+
+#[tokio::test]
+async fn concurrent_subscribes_share_subscribe_commands() {
+    const N: usize = 100;
+    let redis = RedisServer::start();
+    let t = node_via(redis.url(), |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(t.connect().await);
+    }
+    let before = calls(&redis, "subscribe");
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(json!({"id": 1, "op": "subscribe", "channel": format!("c{i}")}))
+            .await;
+    }
+    for c in &mut clients {
+        assert_eq!(c.recv().await, json!({"id": 1, "ok": true}));
+    }
+    let used = calls(&redis, "subscribe") - before;
+    assert!(
+        used <= (N / 4) as u64,
+        "{N} concurrent subscribes to new channels took {used} SUBSCRIBE commands"
+    );
+    for i in 0..N {
+        assert_eq!(numsub(&redis, &format!("edgeplex:c{i}")), 1);
+    }
+    // Dropped together, they leave in a few UNSUBSCRIBEs too.
+    let before = calls(&redis, "unsubscribe");
+    drop(clients);
+    for i in 0..N {
+        wait_numsub(&redis, &format!("edgeplex:c{i}"), 0).await;
+    }
+    let used = calls(&redis, "unsubscribe") - before;
+    assert!(used <= 5, "{N} drops took {used} UNSUBSCRIBE commands");
+    assert_eq!(t.metric("edgeplex_redis_subscriptions").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_channel_dropped_and_joined_again_at_once_stays_subscribed() {
+    let redis = RedisServer::start();
+    // PINGs between the SUBSCRIBEs and UNSUBSCRIBEs, answered in turn.
+    let t = node_via(redis.url(), |f| {
+        f.bus.redis_ping_interval = Duration::from_millis(100)
+    })
+    .await;
+    let mut a = t.connect().await;
+    let mut b = t.connect().await;
+    for round in 0..30 {
+        let ch = format!("flip{}", round % 3);
+        a.subscribe(1, &ch).await;
+        // The last subscriber leaves and another joins at the same moment.
+        a.send(json!({"id": 2, "op": "unsubscribe", "channel": ch}))
+            .await;
+        b.send(json!({"id": 3, "op": "subscribe", "channel": ch}))
+            .await;
+        assert_eq!(a.recv().await["ok"], true);
+        assert_eq!(b.recv().await["ok"], true);
+        // Past any delayed unsubscribe, b is still served.
+        tokio::time::sleep(Duration::from_millis(if round % 10 == 0 { 400 } else { 5 })).await;
+        assert_eq!(
+            numsub(&redis, &format!("edgeplex:{ch}")),
+            1,
+            "round {round}"
+        );
+        let data = format!("\"r{round}\"");
+        backend_publish(&redis, &ch, &data);
+        assert!(until_data(&mut b, &format!("r{round}")).await.is_empty());
+        let r = b
+            .request(json!({"id": 4, "op": "unsubscribe", "channel": ch}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    assert_eq!(t.metric("edgeplex_redis_ping_failures_total").await, 0.0);
+    assert_eq!(t.metric("edgeplex_redis_reconnects_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn an_ingest_backlog_past_its_cap_reconnects_and_sends_a_gap() {
+    let redis = RedisServer::start();
+    let t = node_via(redis.url(), |f| f.bus.redis_ingest_queue = 8).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "burst").await;
+    // 500 messages in one write: they reach the edge faster than it delivers them one by one.
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.cmd("PUBLISH").arg("edgeplex:burst").arg(i).ignore();
+    }
+    pipe.query::<()>(&mut redis.connection()).unwrap();
+    // Some of the burst, then the gap notice once the node has resubscribed.
+    loop {
+        let f = a.recv().await;
+        if f["op"] == "gap" {
+            assert_eq!(f, json!({"op": "gap", "channel": "burst"}));
+            break;
+        }
+        assert_eq!(f["op"], "message", "{f}");
+    }
+    assert!(t.metric("edgeplex_redis_ingest_overflows_total").await >= 1.0);
+    t.wait_ready(true).await;
+    wait_numsub(&redis, "edgeplex:burst", 1).await;
+    backend_publish(&redis, "burst", "\"live\"");
+    until_data(&mut a, "live").await;
+}
