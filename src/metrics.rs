@@ -107,6 +107,9 @@ pub struct Metrics {
     pub redis_bad_payloads: Counter,
     pub redis_publish_queued: Gauge,
     pub redis_publish_pipelines: Counter,
+    pub redis_history_evictions: Counter,
+    pub redis_history_bytes: Gauge,
+    pub redis_history_channels: Gauge,
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -141,6 +144,9 @@ impl Metrics {
             redis_bad_payloads: Counter::default(),
             redis_publish_queued: Gauge::default(),
             redis_publish_pipelines: Counter::default(),
+            redis_history_evictions: Counter::default(),
+            redis_history_bytes: Gauge::default(),
+            redis_history_channels: Gauge::default(),
             admission_decisions: Family::default(),
             tracked_addresses: Gauge::default(),
             config_reloads: Family::default(),
@@ -236,6 +242,23 @@ impl Metrics {
             "redis_publish_pipelines",
             "Round trips that carried publishes to Redis; publishes per pipeline is the batching",
             m.redis_publish_pipelines.clone(),
+        );
+        registry.register(
+            "redis_history_evictions",
+            "Channels whose Redis history this node's publishes dropped to keep all histories \
+             within bus.history_bytes",
+            m.redis_history_evictions.clone(),
+        );
+        registry.register(
+            "redis_history_bytes",
+            "Bytes all channels' Redis histories hold together, as counted against \
+             bus.history_bytes at this node's last publish",
+            m.redis_history_bytes.clone(),
+        );
+        registry.register(
+            "redis_history_channels",
+            "Channels with a Redis history, at this node's last publish",
+            m.redis_history_channels.clone(),
         );
         registry.register(
             "admission_decisions",

@@ -765,3 +765,110 @@ async fn a_quiet_multi_channel_sse_stream_resumes_exactly_on_another_node() {
     assert_eq!(data(&e)["data"], 9, "no gap for x, then live traffic on y");
     assert!(e.id.ends_with(&format!(",{}", data(&e)["offset"].as_str().unwrap())));
 }
+
+/// Every key under the prefix, with Redis's own figure for the memory each holds.
+fn keys_and_memory(redis: &RedisServer, prefix: &str) -> (usize, u64) {
+    let mut c = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut c)
+        .unwrap();
+    let mut bytes = 0;
+    for k in &keys {
+        let used: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(k)
+            .arg("SAMPLES")
+            .arg(0)
+            .query(&mut c)
+            .unwrap();
+        bytes += used.unwrap_or(0);
+    }
+    (keys.len(), bytes)
+}
+
+fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query(&mut redis.connection())
+        .unwrap()
+}
+
+/// A client sprays publishes over ever-new channel names that nobody subscribes to. The Redis
+/// history (every stream key and what keeps track of them) stays within `bus.history_bytes`
+/// however many names it sprays, the sprayed channels get the short life of channels nobody
+/// hears, and a channel with subscribers keeps its history: resuming it still works.
+#[tokio::test]
+async fn a_channel_name_spray_leaves_the_redis_history_bounded() {
+    const BUDGET: usize = 512 * 1024;
+    const SPRAY: usize = 1500;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_bytes = BUDGET;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut keeper = t.connect().await;
+    keeper.subscribe(1, "kept").await;
+    let mut publisher = t.connect().await;
+    for i in 0..5 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "kept", "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let kept = pushes(&mut keeper, 5).await;
+
+    for i in 0..SPRAY {
+        let ch = format!("spray-{i}");
+        publisher
+            .ws
+            .feed(Message::text(
+                json!({"id": i, "op": "publish", "channel": ch, "data": "x"}).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    publisher.ws.flush().await.unwrap();
+    let mut answered = 0;
+    while answered < SPRAY {
+        let r = publisher.recv().await;
+        assert_eq!(r["ok"], true, "{r}");
+        answered += 1;
+    }
+
+    let (keys, bytes) = keys_and_memory(&redis, "edgeplex:");
+    // The documented bound: each channel counts at least 5 KiB (a stream of one small entry
+    // holds ~4.7 KB in Redis 7), plus the two keys that keep the count.
+    assert!(
+        keys <= BUDGET / (5 * 1024) + 2,
+        "{keys} keys after {SPRAY} channel names"
+    );
+    assert!(
+        bytes as usize <= BUDGET + BUDGET / 4,
+        "Redis holds {bytes} bytes of history for a budget of {BUDGET}"
+    );
+    assert!(t.metric("edgeplex_redis_history_evictions_total").await >= 1.0);
+    let held = t.metric("edgeplex_redis_history_bytes").await;
+    assert!(held > 0.0 && held <= BUDGET as f64, "{held}");
+
+    // Nobody heard the sprayed channels: they expire soon, the heard one lives its full day.
+    let sprayed = pttl(&redis, &format!("edgeplex:spray-{}", SPRAY - 1));
+    assert!(
+        (1..=3_600_000).contains(&sprayed),
+        "a sprayed channel's history lives {sprayed} ms"
+    );
+    assert!(pttl(&redis, "edgeplex:kept") > 23 * 3_600_000);
+
+    // The heard channel kept its history through the spray: a resume from its first message
+    // gets the rest, without a gap.
+    let mut back = t.connect().await;
+    let r = back
+        .request(json!({"id": 1, "op": "subscribe", "channel": "kept", "since": kept[0]["offset"]}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    assert_eq!(pushes(&mut back, 4).await, kept[1..].to_vec());
+    nothing_more(&mut back).await;
+}

@@ -97,7 +97,11 @@ pub struct BusConfig {
     /// Messages kept per channel in the Redis history stream (approximate trim).
     pub history_len: usize,
     pub history_ttl: Duration,
-    /// Embedded bus: bytes all channel histories may hold together.
+    /// Redis bus: the life of a channel's history after a publish nobody was subscribed to
+    /// (never longer than `history_ttl`).
+    pub history_ttl_unsubscribed: Duration,
+    /// Bytes all channel histories may hold together (embedded bus: per node; Redis bus: in
+    /// Redis, for all nodes).
     pub history_bytes: usize,
     pub redis_timeout: Duration,
 }
@@ -111,6 +115,7 @@ impl std::fmt::Debug for BusConfig {
             .field("channel_prefix", &self.channel_prefix)
             .field("history_len", &self.history_len)
             .field("history_ttl", &self.history_ttl)
+            .field("history_ttl_unsubscribed", &self.history_ttl_unsubscribed)
             .field("history_bytes", &self.history_bytes)
             .field("redis_timeout", &self.redis_timeout)
             .finish()
@@ -566,12 +571,21 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ));
         }
     };
+    let history_ttl = min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?;
     let bus = BusConfig {
         redis_url,
         redis_ca,
         channel_prefix: b.channel_prefix.clone(),
         history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
-        history_ttl: min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?,
+        history_ttl,
+        // Longer than `history_ttl` would mean nothing: a heard channel never lives longer. Cut
+        // to it rather than refused, so a short `history_ttl` needs no second edit.
+        history_ttl_unsubscribed: min_duration(
+            "bus.history_ttl_unsubscribed",
+            b.history_ttl_unsubscribed,
+            Duration::from_secs(1),
+        )?
+        .min(history_ttl),
         history_bytes: range("bus.history_bytes", b.history_bytes, 0, 1 << 40)?,
         redis_timeout: min_duration(
             "bus.redis_timeout",
@@ -919,10 +933,15 @@ impl Config {
                 self.bus.history_bytes
             ),
             Some(_) => format!(
-                "bus: Redis (channel C is {}C; history {} messages, kept {})\n",
+                "bus: Redis (channel C is {}C; history {} messages per channel, kept {} after \
+                 a publish someone was subscribed to, else {}; {} bytes in all, in Redis: at \
+                 most {} channels' histories)\n",
                 self.bus.channel_prefix,
                 self.bus.history_len,
-                humantime::format_duration(self.bus.history_ttl)
+                humantime::format_duration(self.bus.history_ttl),
+                humantime::format_duration(self.bus.history_ttl_unsubscribed),
+                self.bus.history_bytes,
+                self.bus.history_bytes / crate::bus::redis::HISTORY_CHANNEL_BYTES
             ),
         });
         out.push_str(if self.admin.api_key.is_some() {
@@ -1112,6 +1131,10 @@ mod tests {
                 "bus.redis_url",
             ),
             ("[bus]\nhistory_len = 0\n", "bus.history_len"),
+            (
+                "[bus]\nhistory_ttl_unsubscribed = \"10ms\"\n",
+                "bus.history_ttl_unsubscribed",
+            ),
             ("[bus]\nredis_ca = \"ca.pem\"\n", "bus.redis_ca"),
             ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
             (
@@ -1126,6 +1149,14 @@ mod tests {
             assert!(text.contains(key), "{toml}: {text}");
             assert!(text.contains("test.toml"), "{toml}: {text}");
         }
+    }
+
+    #[test]
+    fn unsubscribed_history_never_outlives_the_history() {
+        let c = parse("[bus]\nhistory_ttl = \"5m\"\n").unwrap();
+        assert_eq!(c.bus.history_ttl_unsubscribed, Duration::from_secs(300));
+        let c = parse("[bus]\nhistory_ttl_unsubscribed = \"1m\"\n").unwrap();
+        assert_eq!(c.bus.history_ttl_unsubscribed, Duration::from_secs(60));
     }
 
     #[test]
