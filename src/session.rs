@@ -539,14 +539,31 @@ impl Session {
                 retry_after_ms: None,
             });
         }
+        // A resume's replay is charged to the address's byte budget, and read only within what
+        // is left of it: a client cycling resumes is refused before it costs Redis anything.
+        let budget = match start {
+            Start::After(_) | Start::Oldest => match self.ticket.replay_budget() {
+                Ok(budget) => budget,
+                Err(refusal) => return Err(replay_refused(&refusal)),
+            },
+            Start::Live | Start::Newest => None,
+        };
         let hub = &self.env.hub;
         match hub
-            .subscribe(&channel, self.id, &self.outbox, first, start)
+            .subscribe_within(&channel, self.id, &self.outbox, first, start, budget)
             .await
         {
-            Ok(position) => {
+            Ok(joined) => {
                 self.subscriptions.insert(channel);
-                Ok(position)
+                // Within the budget it was given, unless other sessions of the address spent it
+                // meanwhile; then it is delivered uncharged (and counted as over the limit).
+                let _ = self.ticket.charge_replay(joined.replayed);
+                Ok(joined.position)
+            }
+            Err(SubscribeError::ReplayOverBudget { read }) => {
+                let _ = self.ticket.charge_replay(read);
+                let wanted = self.outbox.capacity_bytes() / 2;
+                Err(replay_refused(&self.ticket.refuse_replay(wanted)))
             }
             Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
                 code: ErrorCode::Unavailable,
@@ -661,6 +678,19 @@ impl Session {
             retry_after_ms,
         );
         self.reply(frame);
+    }
+}
+
+/// The reply to a resume refused for the client's byte budget.
+fn replay_refused(refusal: &Refusal) -> JoinError {
+    let wait = match refusal {
+        Refusal::RateLimited { retry_after } => *retry_after,
+        _ => std::time::Duration::from_secs(1),
+    };
+    JoinError {
+        code: ErrorCode::RateLimited,
+        message: "the replay is over this address's byte budget; retry later".into(),
+        retry_after_ms: Some((wait.as_millis() as u64).max(1)),
     }
 }
 

@@ -67,6 +67,14 @@ impl Keyed {
         }
     }
 
+    /// How long until `key` may spend `n` cells (at most the burst), without spending them.
+    fn wait_for(&self, key: &IpAddr, n: u64) -> Duration {
+        let burst = u64::from(self.quota.burst_size().get());
+        let need = n.min(burst).saturating_sub(self.available(key));
+        let need = u32::try_from(need).unwrap_or(u32::MAX);
+        self.quota.replenish_interval().saturating_mul(need)
+    }
+
     /// Cells `key` may spend right now, for the admin view (governor keeps only the
     /// theoretical arrival time; this turns it back into a budget).
     fn available(&self, key: &IpAddr) -> u64 {
@@ -215,6 +223,21 @@ impl SessionTicket {
     /// Charges one client message of `bytes` bytes to the client's address.
     pub fn charge_message(&self, bytes: usize) -> Result<(), Refusal> {
         self.admission.charge_message(&self.client, bytes)
+    }
+
+    /// See [`Admission::replay_budget`].
+    pub fn replay_budget(&self) -> Result<Option<usize>, Refusal> {
+        self.admission.replay_budget(&self.client)
+    }
+
+    /// See [`Admission::charge_replay`].
+    pub fn charge_replay(&self, bytes: usize) -> Result<(), Refusal> {
+        self.admission.charge_replay(&self.client, bytes)
+    }
+
+    /// See [`Admission::refuse_replay`].
+    pub fn refuse_replay(&self, bytes: usize) -> Refusal {
+        self.admission.refuse_replay(&self.client, bytes)
     }
 }
 
@@ -370,6 +393,61 @@ impl Admission {
             })?;
         }
         Ok(())
+    }
+
+    /// Bytes `client` may have replayed now (a resume's messages, charged to `limits.ip_bytes`
+    /// like the bytes it sends, since they cost Redis and the edge as much): `Ok(None)` when no
+    /// limit holds it back (exempt, or the limit is `off` or `dry-run`), and a refusal, counted
+    /// and logged, when it has nothing left: a resume then reads nothing at all.
+    pub fn replay_budget(&self, client: &Client) -> Result<Option<usize>, Refusal> {
+        let policy = self.policy();
+        let rule = &policy.limits.ip_bytes;
+        if rule.mode != LimitMode::Enforce
+            || policy
+                .admission
+                .exempt
+                .iter()
+                .any(|n| n.contains(&client.ip))
+        {
+            return Ok(None);
+        }
+        let keyed = self.ip_bytes.read().clone();
+        match keyed.available(&client.key) {
+            0 => Err(self.refuse_replay(client, 1)),
+            left => Ok(Some(usize::try_from(left).unwrap_or(usize::MAX))),
+        }
+    }
+
+    /// Charges the `bytes` a resume replayed (or read before it was refused) to `client`'s
+    /// address under `limits.ip_bytes`.
+    pub fn charge_replay(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
+        let policy = self.policy();
+        if bytes == 0
+            || policy
+                .admission
+                .exempt
+                .iter()
+                .any(|n| n.contains(&client.ip))
+        {
+            return Ok(());
+        }
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let byte_budget = self.ip_bytes.read().clone();
+        self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
+            byte_budget.check(&client.key, n)
+        })
+    }
+
+    /// Refuses a resume that needs `bytes` more than `client` has under `limits.ip_bytes` (only
+    /// asked when [`Admission::replay_budget`] gave a budget, so the limit is enforced): counted
+    /// and logged like any refusal, with the wait until it has them.
+    pub fn refuse_replay(&self, client: &Client, bytes: usize) -> Refusal {
+        let keyed = self.ip_bytes.read().clone();
+        let wait = keyed.wait_for(&client.key, bytes as u64);
+        let retry_after = wait.max(Duration::from_millis(1));
+        self.over(Limit::ip_bytes, LimitMode::Enforce, client, wait)
+            .err()
+            .unwrap_or(Refusal::RateLimited { retry_after })
     }
 
     /// Applies one rate limit in its mode: counts, logs, and refuses only in `enforce`.

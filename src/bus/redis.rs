@@ -14,7 +14,8 @@
 //! `<prefix>#history-bytes`) and drops whole histories past it, the soonest to expire first; a
 //! history expires `bus.history_ttl` after a publish someone heard, `bus.history_ttl_unsubscribed`
 //! after one nobody did (see [`PUBLISH_LUA`]). Those two keys are global, which one Redis allows
-//! and Redis Cluster does not: under Cluster they must become one pair per slot.
+//! and Redis Cluster does not: under Cluster they must become one pair per slot. A resume reads
+//! only its window of the stream, newest first ([`REPLAY_LUA`]), however long the history.
 //!
 //! Each node holds one publishing connection (a `ConnectionManager`, which reconnects by itself)
 //! and one subscriber connection, owned by [`RedisBus::run`]. redis-rs's `aio::PubSub` never
@@ -49,9 +50,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use redis::streams::StreamRangeReply;
-
-use super::history::Replay;
+use super::history::{REPLAY_FRAME_BYTES, Replay, Window};
 use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
@@ -175,6 +174,47 @@ end
 return {id, evicted, total, channels}
 "#;
 
+/// Reads a resume's window in one atomic step: the stream's oldest and newest ids (whether the
+/// history reaches back to `since`), then entries newest first after `since`, a few at a time,
+/// until the window is full. Only the window's entries leave Redis, and Redis itself reads at
+/// most a page more, however long the history.
+///
+/// KEYS: the channel's stream. ARGV: `since` (exclusive), the window's frames and bytes,
+/// [`REPLAY_FRAME_BYTES`]. Returns the oldest id, the newest id (nil when there is no stream),
+/// 1 when the window ended before `since`, and the entries kept as `{id, data}`, newest first.
+const REPLAY_LUA: &str = r#"
+local stream = KEYS[1]
+local frames, bytes, per_entry = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+local kept, used, cut = {}, 0, 0
+local high = '+'
+while frames > 0 and cut == 0 do
+  local want = math.min(frames - #kept + 1, 16)
+  local page = redis.call('XREVRANGE', stream, high, '(' .. ARGV[1], 'COUNT', want)
+  for _, e in ipairs(page) do
+    local f, d = e[2], nil
+    for i = 1, #f, 2 do
+      if f[i] == 'd' then d = f[i + 1] end
+    end
+    if d then
+      if #kept >= frames or used + #d + per_entry > bytes then
+        cut = 1
+        break
+      end
+      used = used + #d + per_entry
+      kept[#kept + 1] = {e[1], d}
+    end
+    high = '(' .. e[1]
+  end
+  if #page < want then break end
+end
+return {first and first[1] or false, last and last[1] or false, cut, kept}
+"#;
+
+/// What [`REPLAY_LUA`] answers.
+type ReplayReply = (Option<String>, Option<String>, i64, Vec<(String, Vec<u8>)>);
+
 const ENVELOPE_HEAD: &str = r#"{"$edgeplex":""#;
 const ENVELOPE_DATA: &str = r#"","data":"#;
 
@@ -244,6 +284,7 @@ pub struct RedisBus {
     settings: RedisSettings,
     publisher: ConnectionManager,
     script: redis::Script,
+    replay_script: redis::Script,
     /// The keys that track every channel's history (see [`PUBLISH_LUA`]).
     history_index: String,
     history_sizes: String,
@@ -313,6 +354,7 @@ impl RedisBus {
             client,
             publisher,
             script: redis::Script::new(PUBLISH_LUA),
+            replay_script: redis::Script::new(REPLAY_LUA),
             history_index: format!("{}#history", settings.prefix),
             history_sizes: format!("{}#history-bytes", settings.prefix),
             publish_tx,
@@ -514,66 +556,44 @@ impl RedisBus {
         outcomes
     }
 
-    /// The channel's retained messages after `since`, from its history stream.
-    pub async fn replay(&self, channel: &Channel, since: Offset) -> Result<Replay, BusError> {
+    /// The channel's retained messages after `since` that fit `window`, from its history stream.
+    /// Only the window is read (see [`REPLAY_LUA`]): a resume costs Redis what it delivers.
+    pub async fn replay(
+        &self,
+        channel: &Channel,
+        since: Offset,
+        window: Window,
+    ) -> Result<Replay, BusError> {
         if !self.is_ready() {
             return Err(BusError::Unavailable("Redis is unreachable"));
         }
-        let key = self.key(channel);
-        let mut conn = self.publisher.clone();
-        // The stream is trimmed to about history_len; the bound only guards against a stream
-        // someone else filled.
-        let bound = self
-            .settings
-            .history_len
-            .saturating_mul(2)
-            .saturating_add(100);
-        // One round trip: the stream's oldest and newest entries, and what follows `since`.
-        // MULTI/EXEC: a trim between the reads would make `first` claim entries still there.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        pipe.cmd("XREVRANGE")
-            .arg(&key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1);
-        pipe.cmd("XRANGE")
-            .arg(&key)
-            .arg(since.to_string())
-            .arg("+")
-            .arg("COUNT")
-            .arg(bound);
-        let query =
-            pipe.query_async::<(StreamRangeReply, StreamRangeReply, StreamRangeReply)>(&mut conn);
-        let (oldest, newest, reply) = match tokio::time::timeout(self.settings.timeout, query).await
-        {
-            Ok(Ok(r)) => r,
-            _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+        // Nothing follows the largest offset (and Redis refuses it as an exclusive bound).
+        let window = if since == Offset::MAX {
+            Window::NONE
+        } else {
+            window
         };
-        let id_of = |r: &StreamRangeReply| r.ids.first().and_then(|e| e.id.parse::<Offset>().ok());
-        let (first, last) = (id_of(&oldest), id_of(&newest));
-        let truncated = reply.ids.len() >= bound;
-        let mut retained = Vec::with_capacity(reply.ids.len());
-        for entry in reply.ids {
-            let (Ok(offset), Some(redis::Value::BulkString(d))) =
-                (entry.id.parse::<Offset>(), entry.map.get("d"))
-            else {
+        let mut conn = self.publisher.clone();
+        let mut call = self.replay_script.key(self.key(channel));
+        call.arg(since.to_string())
+            .arg(window.frames)
+            .arg(window.bytes)
+            .arg(REPLAY_FRAME_BYTES);
+        let query = call.invoke_async::<ReplayReply>(&mut conn);
+        let (first, last, cut, newest_first) =
+            match tokio::time::timeout(self.settings.timeout, query).await {
+                Ok(Ok(r)) => r,
+                _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+            };
+        let id = |s: Option<String>| s.and_then(|s| s.parse::<Offset>().ok());
+        let mut retained = Vec::with_capacity(newest_first.len());
+        for (entry, data) in newest_first.into_iter().rev() {
+            let (Ok(offset), Ok(data)) = (entry.parse::<Offset>(), String::from_utf8(data)) else {
                 continue;
             };
-            if let Ok(data) = std::str::from_utf8(d) {
-                retained.push((offset, Arc::<str>::from(data)));
-            }
+            retained.push((offset, Arc::<str>::from(data)));
         }
-        let mut replay = Replay::after(since, retained, first, last);
-        replay.gap |= truncated;
-        Ok(replay)
+        Ok(Replay::after(since, retained, id(first), id(last)).cut_short(cut != 0))
     }
 
     /// Makes sure this node is subscribed to `channel` in Redis. Idempotent and cheap when it is.

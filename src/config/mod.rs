@@ -1037,7 +1037,11 @@ impl Config {
             "messages per address",
             &li.ip_messages,
         ));
-        out.push_str(&rate("ip_bytes", "bytes per address", &li.ip_bytes));
+        out.push_str(&rate(
+            "ip_bytes",
+            "bytes per address (what it sends, and what its resumes replay)",
+            &li.ip_bytes,
+        ));
         out.push_str(&rate(
             "new_sessions",
             "new sessions on this node",
