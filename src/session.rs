@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::admission::{Refusal, SessionTicket, close};
-use crate::bus::hub::{Start, SubscribeError};
+use crate::bus::hub::{ReplayBudget, Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
@@ -541,9 +541,10 @@ impl Session {
         }
         // A resume's replay is charged to the address's byte budget, and read only within what
         // is left of it: a client cycling resumes is refused before it costs Redis anything.
+        let want = self.outbox.capacity_bytes() / 2;
         let budget = match start {
-            Start::After(_) | Start::Oldest => match self.ticket.replay_budget() {
-                Ok(budget) => budget,
+            Start::After(_) | Start::Oldest => match self.ticket.replay_budget(want) {
+                Ok(budget) => budget.map(|(left, enough)| ReplayBudget { left, enough }),
                 Err(refusal) => return Err(replay_refused(&refusal)),
             },
             Start::Live | Start::Newest => None,
@@ -562,8 +563,8 @@ impl Session {
             }
             Err(SubscribeError::ReplayOverBudget { read }) => {
                 let _ = self.ticket.charge_replay(read);
-                let wanted = self.outbox.capacity_bytes() / 2;
-                Err(replay_refused(&self.ticket.refuse_replay(wanted)))
+                let enough = budget.map_or(want, |b| b.enough);
+                Err(replay_refused(&self.ticket.refuse_replay(enough)))
             }
             Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
                 code: ErrorCode::Unavailable,
@@ -872,6 +873,42 @@ mod tests {
         o.drain(&mut out);
         assert_eq!(out.len(), 1000);
         assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn resumes_spend_the_address_byte_budget_on_the_embedded_bus_too() {
+        let e = env(|f| {
+            f.limits.ip_bytes.per_second = 1024;
+            f.limits.ip_bytes.burst = 300 * 1024;
+            f.session.close_message_bytes = 200 * 1024;
+        });
+        let data = serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(50_000)))
+            .unwrap();
+        for _ in 0..20 {
+            e.0.hub
+                .publish(&Channel::new("a").unwrap(), &data)
+                .await
+                .unwrap();
+        }
+        let mut s = open(&e);
+        frames(&s);
+        let resume = br#"{"id":1,"op":"subscribe","channel":"a","since":"0-0"}"#;
+        s.handle_frame(resume).await;
+        let f = frames(&s);
+        assert_eq!(f[0]["ok"], true, "{}", f[0]);
+        // Read within what the address has left (6 of 50 KB fit in the 300 KB burst less the
+        // frame), more than enough to go on with: delivered, with a gap for the rest.
+        assert_eq!(f.len(), 2 + 6, "{}", f.len());
+        assert_eq!(f[1]["op"], "gap");
+        s.handle_frame(br#"{"id":2,"op":"unsubscribe","channel":"a"}"#)
+            .await;
+        frames(&s);
+        // Now what little is left does not hold the replay: refused, not cut.
+        s.handle_frame(resume).await;
+        let f = frames(&s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0]["error"]["code"], "rate_limited");
+        assert_eq!(s.subscription_count(), 0);
     }
 
     #[tokio::test]

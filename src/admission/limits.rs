@@ -226,8 +226,8 @@ impl SessionTicket {
     }
 
     /// See [`Admission::replay_budget`].
-    pub fn replay_budget(&self) -> Result<Option<usize>, Refusal> {
-        self.admission.replay_budget(&self.client)
+    pub fn replay_budget(&self, want: usize) -> Result<Option<(usize, usize)>, Refusal> {
+        self.admission.replay_budget(&self.client, want)
     }
 
     /// See [`Admission::charge_replay`].
@@ -395,11 +395,17 @@ impl Admission {
         Ok(())
     }
 
-    /// Bytes `client` may have replayed now (a resume's messages, charged to `limits.ip_bytes`
-    /// like the bytes it sends, since they cost Redis and the edge as much): `Ok(None)` when no
-    /// limit holds it back (exempt, or the limit is `off` or `dry-run`), and a refusal, counted
-    /// and logged, when it has nothing left: a resume then reads nothing at all.
-    pub fn replay_budget(&self, client: &Client) -> Result<Option<usize>, Refusal> {
+    /// What a resume of up to `want` bytes may read of `client`'s `limits.ip_bytes` budget (its
+    /// messages are charged there like the bytes it sends, since they cost Redis and the edge as
+    /// much): `Some((left, enough))`, the bytes left now and what is enough to wait for (`want`,
+    /// at most half the burst, so that the frame that asked never stands in the way); `None`
+    /// when no limit holds it back (exempt, the limit `off` or `dry-run`). With nothing left it
+    /// is refused, counted and logged, before the resume reads anything.
+    pub fn replay_budget(
+        &self,
+        client: &Client,
+        want: usize,
+    ) -> Result<Option<(usize, usize)>, Refusal> {
         let policy = self.policy();
         let rule = &policy.limits.ip_bytes;
         if rule.mode != LimitMode::Enforce
@@ -412,9 +418,11 @@ impl Admission {
             return Ok(None);
         }
         let keyed = self.ip_bytes.read().clone();
+        let burst = keyed.quota.burst_size().get() as usize;
+        let enough = want.min(burst / 2).max(1);
         match keyed.available(&client.key) {
-            0 => Err(self.refuse_replay(client, 1)),
-            left => Ok(Some(usize::try_from(left).unwrap_or(usize::MAX))),
+            0 => Err(self.refuse_replay(client, enough)),
+            left => Ok(Some((usize::try_from(left).unwrap_or(usize::MAX), enough))),
         }
     }
 
@@ -431,16 +439,16 @@ impl Admission {
         {
             return Ok(());
         }
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
         let byte_budget = self.ip_bytes.read().clone();
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
         self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
             byte_budget.check(&client.key, n)
         })
     }
 
-    /// Refuses a resume that needs `bytes` more than `client` has under `limits.ip_bytes` (only
-    /// asked when [`Admission::replay_budget`] gave a budget, so the limit is enforced): counted
-    /// and logged like any refusal, with the wait until it has them.
+    /// Refuses a resume that needs `bytes` (at most the burst) and finds less left under
+    /// `limits.ip_bytes` (only asked when [`Admission::replay_budget`] gave a budget, so the
+    /// limit is enforced): counted and logged like any refusal, with the wait until it has them.
     pub fn refuse_replay(&self, client: &Client, bytes: usize) -> Refusal {
         let keyed = self.ip_bytes.read().clone();
         let wait = keyed.wait_for(&client.key, bytes as u64);

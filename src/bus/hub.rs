@@ -25,10 +25,20 @@ pub enum SubscribeError {
     ChannelTableFull(usize),
     #[error("{0}")]
     BusUnavailable(&'static str),
-    /// The replay would take more than the session's budget allows now; `read` bytes of it were
-    /// read (and are owed) before that was known.
+    /// The replay needs more than the client's budget has left (see [`ReplayBudget`]); `read`
+    /// bytes of it were read (and are owed) before that was known.
     #[error("the replay is over the client's byte budget")]
     ReplayOverBudget { read: usize },
+}
+
+/// What a resume may spend of its client's byte budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayBudget {
+    /// Bytes left now: the replay reads no more.
+    pub left: usize,
+    /// A replay cut short with less than this left is refused rather than delivered with a gap:
+    /// waiting gives the client this much.
+    pub enough: usize,
 }
 
 /// A subscription that went live.
@@ -81,11 +91,11 @@ impl Drop for JoinGuard<'_> {
 /// The replay window for `outbox`: the newest messages that fit half of it (a resume that
 /// overflowed the queue would be closed before sending anything and retry the same way forever;
 /// cutting the oldest is a gap like any other), and no more bytes than `budget`.
-fn window(outbox: &Outbox, budget: Option<usize>) -> Window {
+fn window(outbox: &Outbox, budget: Option<ReplayBudget>) -> Window {
     let bytes = outbox.capacity_bytes() / 2;
     Window {
         frames: outbox.capacity() / 2,
-        bytes: budget.map_or(bytes, |b| b.min(bytes)),
+        bytes: budget.map_or(bytes, |b| b.left.min(bytes)),
     }
 }
 
@@ -185,9 +195,10 @@ impl Hub {
             .map(|j| j.position)
     }
 
-    /// [`Hub::subscribe`], replaying at most `budget` bytes (`None`: no limit but the outbox's).
-    /// A replay the budget cuts short is refused with [`SubscribeError::ReplayOverBudget`]
-    /// rather than delivered with a gap: the client may retry when it has the budget.
+    /// [`Hub::subscribe`], replaying within `budget` (`None`: no limit but the outbox's). A
+    /// replay cut short with less than enough left is refused with
+    /// [`SubscribeError::ReplayOverBudget`] rather than delivered with a gap: the client may
+    /// retry when it has the budget.
     pub async fn subscribe_within(
         &self,
         channel: &Channel,
@@ -195,7 +206,7 @@ impl Hub {
         outbox: &Arc<Outbox>,
         first: Vec<Frame>,
         start: Start,
-        budget: Option<usize>,
+        budget: Option<ReplayBudget>,
     ) -> Result<Joined, SubscribeError> {
         self.add(channel, session, outbox, start != Start::Live)?;
         // Until it goes live, a dropped subscribe (the client went away mid-await) must not
@@ -230,7 +241,7 @@ impl Hub {
             Some(since) => match self.replay(channel, since, window).await {
                 Ok(mut r) => {
                     replayed = r.bytes();
-                    if r.cut && window.bytes < outbox.capacity_bytes() / 2 {
+                    if r.cut && budget.is_some_and(|b| b.left < b.enough) {
                         self.unsubscribe(channel, session);
                         return Err(SubscribeError::ReplayOverBudget { read: replayed });
                     }
