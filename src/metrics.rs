@@ -123,6 +123,9 @@ pub struct Metrics {
     pub redis_ping_failures: Counter,
     pub redis_ingest_overflows: Counter,
     pub redis_resyncs: Counter,
+    pub redis_history_evictions: Counter,
+    pub redis_history_bytes: Gauge,
+    pub redis_history_channels: Gauge,
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -161,6 +164,9 @@ impl Metrics {
             redis_ping_failures: Counter::default(),
             redis_ingest_overflows: Counter::default(),
             redis_resyncs: Counter::default(),
+            redis_history_evictions: Counter::default(),
+            redis_history_bytes: Gauge::default(),
+            redis_history_channels: Gauge::default(),
             admission_decisions: Family::default(),
             tracked_addresses: Gauge::default(),
             config_reloads: Family::default(),
@@ -281,6 +287,23 @@ impl Metrics {
             "Times more channels were dropped at once than the pending-unsubscribe set holds, so \
              the Redis subscriptions were compared with the whole channel table instead",
             m.redis_resyncs.clone(),
+        );
+        registry.register(
+            "redis_history_evictions",
+            "Channels whose Redis history this node's publishes dropped to keep all histories \
+             within bus.history_bytes",
+            m.redis_history_evictions.clone(),
+        );
+        registry.register(
+            "redis_history_bytes",
+            "Bytes all channels' Redis histories hold together, as counted against \
+             bus.history_bytes at this node's last publish",
+            m.redis_history_bytes.clone(),
+        );
+        registry.register(
+            "redis_history_channels",
+            "Channels with a Redis history, at this node's last publish",
+            m.redis_history_channels.clone(),
         );
         registry.register(
             "admission_decisions",

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::admission::{Refusal, SessionTicket, close};
-use crate::bus::hub::{Start, SubscribeError};
+use crate::bus::hub::{ReplayBudget, Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
@@ -593,14 +593,32 @@ impl Session {
                 retry_after_ms: None,
             });
         }
+        // A resume's replay is charged to the address's byte budget, and read only within what
+        // is left of it: a client cycling resumes is refused before it costs Redis anything.
+        let want = self.outbox.capacity_bytes() / 2;
+        let budget = match start {
+            Start::After(_) | Start::Oldest => match self.ticket.replay_budget(want) {
+                Ok(budget) => budget.map(|(left, enough)| ReplayBudget { left, enough }),
+                Err(refusal) => return Err(replay_refused(&refusal)),
+            },
+            Start::Live | Start::Newest => None,
+        };
         let hub = &self.env.hub;
         match hub
-            .subscribe(&channel, self.id, &self.outbox, first, start)
+            .subscribe_within(&channel, self.id, &self.outbox, first, start, budget)
             .await
         {
-            Ok(position) => {
+            Ok(joined) => {
                 self.subscriptions.insert(channel);
-                Ok(position)
+                // Within the budget it was given, unless other sessions of the address spent it
+                // meanwhile; then it is delivered uncharged (and counted as over the limit).
+                let _ = self.ticket.charge_replay(joined.replayed);
+                Ok(joined.position)
+            }
+            Err(SubscribeError::ReplayOverBudget { read }) => {
+                let _ = self.ticket.charge_replay(read);
+                let enough = budget.map_or(want, |b| b.enough);
+                Err(replay_refused(&self.ticket.refuse_replay(enough)))
             }
             Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
                 code: ErrorCode::Unavailable,
@@ -715,6 +733,19 @@ impl Session {
             retry_after_ms,
         );
         self.reply(frame);
+    }
+}
+
+/// The reply to a resume refused for the client's byte budget.
+fn replay_refused(refusal: &Refusal) -> JoinError {
+    let wait = match refusal {
+        Refusal::RateLimited { retry_after } => *retry_after,
+        _ => std::time::Duration::from_secs(1),
+    };
+    JoinError {
+        code: ErrorCode::RateLimited,
+        message: "the replay is over this address's byte budget; retry later".into(),
+        retry_after_ms: Some((wait.as_millis() as u64).max(1)),
     }
 }
 
@@ -933,6 +964,42 @@ mod tests {
         o.drain(&mut out);
         assert_eq!(out.len(), 1000);
         assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn resumes_spend_the_address_byte_budget_on_the_embedded_bus_too() {
+        let e = env(|f| {
+            f.limits.ip_bytes.per_second = 1024;
+            f.limits.ip_bytes.burst = 300 * 1024;
+            f.session.close_message_bytes = 200 * 1024;
+        });
+        let data = serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(50_000)))
+            .unwrap();
+        for _ in 0..20 {
+            e.0.hub
+                .publish(&Channel::new("a").unwrap(), &data)
+                .await
+                .unwrap();
+        }
+        let mut s = open(&e);
+        frames(&s);
+        let resume = br#"{"id":1,"op":"subscribe","channel":"a","since":"0-0"}"#;
+        s.handle_frame(resume).await;
+        let f = frames(&s);
+        assert_eq!(f[0]["ok"], true, "{}", f[0]);
+        // Read within what the address has left (6 of 50 KB fit in the 300 KB burst less the
+        // frame), more than enough to go on with: delivered, with a gap for the rest.
+        assert_eq!(f.len(), 2 + 6, "{}", f.len());
+        assert_eq!(f[1]["op"], "gap");
+        s.handle_frame(br#"{"id":2,"op":"unsubscribe","channel":"a"}"#)
+            .await;
+        frames(&s);
+        // Now what little is left does not hold the replay: refused, not cut.
+        s.handle_frame(resume).await;
+        let f = frames(&s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0]["error"]["code"], "rate_limited");
+        assert_eq!(s.subscription_count(), 0);
     }
 
     #[tokio::test]

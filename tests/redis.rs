@@ -765,3 +765,252 @@ async fn a_quiet_multi_channel_sse_stream_resumes_exactly_on_another_node() {
     assert_eq!(data(&e)["data"], 9, "no gap for x, then live traffic on y");
     assert!(e.id.ends_with(&format!(",{}", data(&e)["offset"].as_str().unwrap())));
 }
+
+/// Every key under the prefix, with Redis's own figure for the memory each holds.
+fn keys_and_memory(redis: &RedisServer, prefix: &str) -> (usize, u64) {
+    let mut c = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut c)
+        .unwrap();
+    let mut bytes = 0;
+    for k in &keys {
+        let used: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(k)
+            .arg("SAMPLES")
+            .arg(0)
+            .query(&mut c)
+            .unwrap();
+        bytes += used.unwrap_or(0);
+    }
+    (keys.len(), bytes)
+}
+
+fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query(&mut redis.connection())
+        .unwrap()
+}
+
+/// A client sprays publishes over ever-new channel names that nobody subscribes to. The Redis
+/// history (every stream key and what keeps track of them) stays within `bus.history_bytes`
+/// however many names it sprays, the sprayed channels get the short life of channels nobody
+/// hears, and a channel with subscribers keeps its history: resuming it still works.
+#[tokio::test]
+async fn a_channel_name_spray_leaves_the_redis_history_bounded() {
+    const BUDGET: usize = 512 * 1024;
+    const SPRAY: usize = 1500;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_bytes = BUDGET;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut keeper = t.connect().await;
+    keeper.subscribe(1, "kept").await;
+    let mut publisher = t.connect().await;
+    for i in 0..5 {
+        let r = publisher
+            .request(json!({"id": i, "op": "publish", "channel": "kept", "data": i}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let kept = pushes(&mut keeper, 5).await;
+
+    for i in 0..SPRAY {
+        let ch = format!("spray-{i}");
+        publisher
+            .ws
+            .feed(Message::text(
+                json!({"id": i, "op": "publish", "channel": ch, "data": "x"}).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    publisher.ws.flush().await.unwrap();
+    let mut answered = 0;
+    while answered < SPRAY {
+        let r = publisher.recv().await;
+        assert_eq!(r["ok"], true, "{r}");
+        answered += 1;
+    }
+
+    let (keys, bytes) = keys_and_memory(&redis, "edgeplex:");
+    // The documented bound: each channel counts at least 5 KiB (a stream of one small entry
+    // holds ~4.7 KB in Redis 7), plus the two keys that keep the count.
+    assert!(
+        keys <= BUDGET / (5 * 1024) + 2,
+        "{keys} keys after {SPRAY} channel names"
+    );
+    assert!(
+        bytes as usize <= BUDGET + BUDGET / 4,
+        "Redis holds {bytes} bytes of history for a budget of {BUDGET}"
+    );
+    assert!(t.metric("edgeplex_redis_history_evictions_total").await >= 1.0);
+    let held = t.metric("edgeplex_redis_history_bytes").await;
+    assert!(held > 0.0 && held <= BUDGET as f64, "{held}");
+
+    // Nobody heard the sprayed channels: they expire soon, the heard one lives its full day.
+    let sprayed = pttl(&redis, &format!("edgeplex:spray-{}", SPRAY - 1));
+    assert!(
+        (1..=3_600_000).contains(&sprayed),
+        "a sprayed channel's history lives {sprayed} ms"
+    );
+    assert!(pttl(&redis, "edgeplex:kept") > 23 * 3_600_000);
+
+    // The heard channel kept its history through the spray: a resume from its first message
+    // gets the rest, without a gap.
+    let mut back = t.connect().await;
+    let r = back
+        .request(json!({"id": 1, "op": "subscribe", "channel": "kept", "since": kept[0]["offset"]}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    assert_eq!(pushes(&mut back, 4).await, kept[1..].to_vec());
+    nothing_more(&mut back).await;
+}
+
+/// Redis's count of bytes it has sent to clients.
+fn redis_sent(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut redis.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .expect("INFO stats has total_net_output_bytes")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `n` messages of about 60 KB on `channel` through the admin API (no client budget spent), and
+/// the offset of the first.
+async fn big_history(t: &TestEdge, redis: &RedisServer, channel: &str, n: usize) -> String {
+    let http = reqwest::Client::new();
+    for i in 0..n {
+        let body = json!({"channel": channel, "data": {"i": i, "pad": "x".repeat(60_000)}});
+        let r = http
+            .post(t.admin_url("/v1/publish"))
+            .bearer_auth(KEY)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let first: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("edgeplex:{channel}"))
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut redis.connection())
+        .unwrap();
+    first.ids[0].id.clone()
+}
+
+/// Frames up to the reply to a ping: what a subscribe queued.
+async fn until_pong(c: &mut Client) -> Vec<Value> {
+    c.send(json!({"id": 999, "op": "ping"})).await;
+    let mut out = Vec::new();
+    loop {
+        let f = c.recv().await;
+        if f == json!({"id": 999, "ok": true}) {
+            return out;
+        }
+        out.push(f);
+    }
+}
+
+/// A resume from the oldest offset of a channel of 60 KB messages reads from Redis what it
+/// delivers (the newest messages that fit half the session's queue), not the whole history.
+#[tokio::test]
+async fn a_resume_reads_the_window_not_the_history() {
+    let redis = RedisServer::start();
+    let t = node(&redis).await;
+    let oldest = big_history(&t, &redis, "big", 100).await;
+    let mut c = t.connect().await;
+    let before = redis_sent(&redis);
+    let r = c
+        .request(json!({"id": 1, "op": "subscribe", "channel": "big", "since": oldest}))
+        .await;
+    assert_eq!(r, json!({"id": 1, "ok": true}));
+    let frames = until_pong(&mut c).await;
+    let sent = redis_sent(&redis) - before;
+    assert_eq!(
+        frames[0],
+        json!({"op": "gap", "channel": "big"}),
+        "cut: a gap"
+    );
+    let got: Vec<i64> = frames[1..]
+        .iter()
+        .map(|m| m["data"]["i"].as_i64().unwrap())
+        .collect();
+    // Half the default 1 MiB queue holds 8 of these.
+    assert_eq!(got, (92..100).collect::<Vec<_>>(), "the newest, in order");
+    let delivered: usize = frames.iter().map(|f| f.to_string().len()).sum();
+    assert!(
+        sent < (delivered + 64 * 1024) as u64,
+        "Redis sent {sent} bytes for a replay of {delivered}"
+    );
+}
+
+/// A client cycling resumes from the oldest offset spends its address's byte budget
+/// (`limits.ip_bytes`) on what is replayed: once over it, the subscribe is refused
+/// `rate_limited`, without a replay and without reading the history.
+#[tokio::test]
+async fn a_client_cycling_resumes_is_refused_once_over_its_byte_budget() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.admin.api_key = KEY.into();
+        f.limits.ip_bytes.per_second = 64 * 1024;
+        f.limits.ip_bytes.burst = 2 << 20;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let oldest = big_history(&t, &redis, "big", 30).await;
+    let mut c = t.connect().await;
+    let mut replays = 0;
+    let refused = loop {
+        assert!(replays < 10, "{replays} replays of ~480 KB and no refusal");
+        let r = c
+            .request(json!({"id": 1, "op": "subscribe", "channel": "big", "since": oldest}))
+            .await;
+        if r["error"].is_object() {
+            break r;
+        }
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(until_pong(&mut c).await.len(), 9, "a gap and 8 messages");
+        replays += 1;
+        let r = c
+            .request(json!({"id": 2, "op": "unsubscribe", "channel": "big"}))
+            .await;
+        assert_eq!(r["ok"], true);
+    };
+    assert!(replays >= 3, "2 MiB of burst is about 4 replays: {replays}");
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+    assert!(refused["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    assert!(
+        until_pong(&mut c).await.is_empty(),
+        "no replay after a refusal"
+    );
+    // Refused again, reading nothing from Redis; and not subscribed.
+    let before = redis_sent(&redis);
+    let r = c
+        .request(json!({"id": 3, "op": "subscribe", "channel": "big", "since": oldest}))
+        .await;
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+    assert!(redis_sent(&redis) - before < 16 * 1024);
+    let r = c
+        .request(json!({"id": 4, "op": "unsubscribe", "channel": "big"}))
+        .await;
+    assert_eq!(r["error"]["code"], "not_subscribed", "{r}");
+    let refused = "edgeplex_admission_decisions_total{limit=\"ip_bytes\",decision=\"refused\"}";
+    assert_eq!(t.metric(refused).await, 2.0);
+}

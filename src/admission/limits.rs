@@ -68,6 +68,14 @@ impl Keyed {
         }
     }
 
+    /// How long until `key` may spend `n` cells (at most the burst), without spending them.
+    fn wait_for(&self, key: &IpAddr, n: u64) -> Duration {
+        let burst = u64::from(self.quota.burst_size().get());
+        let need = n.min(burst).saturating_sub(self.available(key));
+        let need = u32::try_from(need).unwrap_or(u32::MAX);
+        self.quota.replenish_interval().saturating_mul(need)
+    }
+
     /// Cells `key` may spend right now, for the admin view (governor keeps only the
     /// theoretical arrival time; this turns it back into a budget).
     fn available(&self, key: &IpAddr) -> u64 {
@@ -221,6 +229,21 @@ impl SessionTicket {
     /// Charges one client message of `bytes` bytes to the client's address.
     pub fn charge_message(&self, bytes: usize) -> Result<(), Refusal> {
         self.admission.charge_message(&self.client, bytes)
+    }
+
+    /// See [`Admission::replay_budget`].
+    pub fn replay_budget(&self, want: usize) -> Result<Option<(usize, usize)>, Refusal> {
+        self.admission.replay_budget(&self.client, want)
+    }
+
+    /// See [`Admission::charge_replay`].
+    pub fn charge_replay(&self, bytes: usize) -> Result<(), Refusal> {
+        self.admission.charge_replay(&self.client, bytes)
+    }
+
+    /// See [`Admission::refuse_replay`].
+    pub fn refuse_replay(&self, bytes: usize) -> Refusal {
+        self.admission.refuse_replay(&self.client, bytes)
     }
 }
 
@@ -514,6 +537,69 @@ impl Admission {
         self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
             byte_budget.check(&client.key, n)
         })
+    }
+
+    /// What a resume of up to `want` bytes may read of `client`'s `limits.ip_bytes` budget (its
+    /// messages are charged there like the bytes it sends, since they cost Redis and the edge as
+    /// much): `Some((left, enough))`, the bytes left now and what is enough to wait for (`want`,
+    /// at most half the burst, so that the frame that asked never stands in the way); `None`
+    /// when no limit holds it back (exempt, the limit `off` or `dry-run`). With nothing left it
+    /// is refused, counted and logged, before the resume reads anything.
+    pub fn replay_budget(
+        &self,
+        client: &Client,
+        want: usize,
+    ) -> Result<Option<(usize, usize)>, Refusal> {
+        let policy = self.policy();
+        let rule = &policy.limits.ip_bytes;
+        if rule.mode != LimitMode::Enforce
+            || policy
+                .admission
+                .exempt
+                .iter()
+                .any(|n| n.contains(&client.ip))
+        {
+            return Ok(None);
+        }
+        let keyed = self.ip_bytes.read().clone();
+        let burst = keyed.quota.burst_size().get() as usize;
+        let enough = want.min(burst / 2).max(1);
+        match keyed.available(&client.key) {
+            0 => Err(self.refuse_replay(client, enough)),
+            left => Ok(Some((usize::try_from(left).unwrap_or(usize::MAX), enough))),
+        }
+    }
+
+    /// Charges the `bytes` a resume replayed (or read before it was refused) to `client`'s
+    /// address under `limits.ip_bytes`.
+    pub fn charge_replay(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
+        let policy = self.policy();
+        if bytes == 0
+            || policy
+                .admission
+                .exempt
+                .iter()
+                .any(|n| n.contains(&client.ip))
+        {
+            return Ok(());
+        }
+        let byte_budget = self.ip_bytes.read().clone();
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
+            byte_budget.check(&client.key, n)
+        })
+    }
+
+    /// Refuses a resume that needs `bytes` (at most the burst) and finds less left under
+    /// `limits.ip_bytes` (only asked when [`Admission::replay_budget`] gave a budget, so the
+    /// limit is enforced): counted and logged like any refusal, with the wait until it has them.
+    pub fn refuse_replay(&self, client: &Client, bytes: usize) -> Refusal {
+        let keyed = self.ip_bytes.read().clone();
+        let wait = keyed.wait_for(&client.key, bytes as u64);
+        let retry_after = wait.max(Duration::from_millis(1));
+        self.over(Limit::ip_bytes, LimitMode::Enforce, client, wait)
+            .err()
+            .unwrap_or(Refusal::RateLimited { retry_after })
     }
 
     /// Applies one rate limit in its mode: counts, logs, and refuses only in `enforce`.

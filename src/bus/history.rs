@@ -8,8 +8,9 @@
 //! names cannot turn each publish into a scan of the table. The Redis bus keeps the same history
 //! in a Redis stream instead (see `redis.rs`); this module does not touch Redis.
 //!
-//! Resume rule ([`Replay`]): a client resuming after offset `since` gets every retained message
-//! after it, and a gap notice unless the history proves nothing was lost. Histories only lose
+//! Resume rule ([`Replay`]): a client resuming after offset `since` gets the retained messages
+//! after it that fit its [`Window`] (the newest ones; both buses read only those), and a gap
+//! notice unless the history proves nothing was lost and the window reached back to `since`. Histories only lose
 //! messages from the front (trimmed by count or age) or whole (evicted, expired, a restarted
 //! node), so it proves it when its oldest retained message is at or before `since` (and `since`
 //! is before the newest offset), or when `since` is exactly the newest offset. An offset past the
@@ -44,6 +45,52 @@ pub struct Replay {
     pub gap: bool,
     /// The channel's newest offset, if known: where "up to date" is.
     pub newest: Option<Offset>,
+    /// The window ended before `since`: older retained messages were left out (and `gap` set).
+    pub cut: bool,
+}
+
+/// Bytes a replayed message is counted in a [`Window`] besides its data: about what its push
+/// frame adds around it.
+pub const REPLAY_FRAME_BYTES: usize = 64;
+
+/// How much of a channel's history one resume reads: the newest messages after `since`, at most
+/// `frames` of them and `bytes` in all (data plus [`REPLAY_FRAME_BYTES`] each). A replay longer
+/// than the session's queue can take would close it as a slow consumer and retry the same way
+/// forever, and reading more than is kept is work for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl Window {
+    /// Reads nothing but the channel's oldest and newest offsets.
+    pub const NONE: Window = Window {
+        frames: 0,
+        bytes: 0,
+    };
+
+    /// Keeps messages, newest first, while they fit; returns them oldest first, and whether one
+    /// was left out.
+    pub fn take(
+        &self,
+        newest_first: impl IntoIterator<Item = (Offset, Arc<str>)>,
+    ) -> (Vec<(Offset, Arc<str>)>, bool) {
+        let mut kept = Vec::new();
+        let mut bytes = 0;
+        let mut cut = false;
+        for (offset, data) in newest_first {
+            let size = data.len() + REPLAY_FRAME_BYTES;
+            if kept.len() >= self.frames || bytes + size > self.bytes {
+                cut = true;
+                break;
+            }
+            bytes += size;
+            kept.push((offset, data));
+        }
+        kept.reverse();
+        (kept, cut)
+    }
 }
 
 impl Replay {
@@ -64,7 +111,20 @@ impl Replay {
             gap: !(covered || up_to_date),
             entries,
             newest: last,
+            cut: false,
         }
+    }
+
+    /// Marks the replay cut by its window: older messages were left out, so a gap.
+    pub fn cut_short(mut self, cut: bool) -> Replay {
+        self.cut |= cut;
+        self.gap |= cut;
+        self
+    }
+
+    /// Bytes of message data it carries (what a resume is charged).
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|(_, d)| d.len()).sum()
     }
 }
 
@@ -142,8 +202,8 @@ impl MemoryHistory {
         result
     }
 
-    /// The resume for `since` on `channel`.
-    pub fn replay(&self, channel: &Channel, since: Offset) -> Replay {
+    /// The resume for `since` on `channel`, within `window`.
+    pub fn replay(&self, channel: &Channel, since: Offset, window: Window) -> Replay {
         let Some(ring) = self.channels.read().rings.get(channel).cloned() else {
             // Never published here, or its history was evicted: nothing proves no loss.
             return Replay::after(since, [], None, None);
@@ -154,13 +214,14 @@ impl MemoryHistory {
         }
         self.trim(&mut r, Instant::now());
         let first = r.entries.front().map(|(o, _, _)| *o);
-        let retained: Vec<(Offset, Arc<str>)> = r
-            .entries
-            .iter()
-            .filter(|(o, _, _)| *o > since)
-            .map(|(o, d, _)| (*o, d.clone()))
-            .collect();
-        Replay::after(since, retained, first, r.last)
+        let (retained, cut) = window.take(
+            r.entries
+                .iter()
+                .rev()
+                .take_while(|(o, _, _)| *o > since)
+                .map(|(o, d, _)| (*o, d.clone())),
+        );
+        Replay::after(since, retained, first, r.last).cut_short(cut)
     }
 
     pub fn bytes(&self) -> usize {
@@ -247,6 +308,11 @@ mod tests {
         Offset { epoch: 1, seq }
     }
 
+    const ALL: Window = Window {
+        frames: usize::MAX,
+        bytes: usize::MAX,
+    };
+
     fn publish(h: &MemoryHistory, c: &str, seq: u64, data: &str) {
         h.record(&ch(c), data, || (o(seq), ()));
     }
@@ -278,13 +344,13 @@ mod tests {
         for s in 1..=5 {
             publish(&h, "a", s, "m");
         }
-        let r = h.replay(&ch("a"), o(3));
+        let r = h.replay(&ch("a"), o(3), ALL);
         assert_eq!(
             r.entries.iter().map(|(o, _)| o.seq).collect::<Vec<_>>(),
             vec![4, 5]
         );
         assert!(!r.gap);
-        let r = h.replay(&ch("a"), o(1));
+        let r = h.replay(&ch("a"), o(1), ALL);
         assert!(r.gap, "2 was trimmed");
         assert_eq!(r.entries.len(), 3);
     }
@@ -295,14 +361,15 @@ mod tests {
         publish(&h, "a", 1, "m");
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(
-            h.replay(&ch("a"), o(1)),
+            h.replay(&ch("a"), o(1), ALL),
             Replay {
                 entries: vec![],
                 gap: false,
                 newest: Some(o(1)),
+                cut: false,
             }
         );
-        assert!(h.replay(&ch("a"), o(0)).gap);
+        assert!(h.replay(&ch("a"), o(0), ALL).gap);
         assert_eq!(
             h.bytes(),
             channel_cost(&ch("a")),
@@ -318,7 +385,7 @@ mod tests {
             let c = format!("aged-{i}");
             publish(&h, &c, i + 1, "m");
             // Reading trims the aged message: what is left is the channel's last offset.
-            assert!(h.replay(&ch(&c), o(0)).entries.is_empty());
+            assert!(h.replay(&ch(&c), o(0), ALL).entries.is_empty());
             assert!(h.bytes() <= budget, "over budget after {i}: {}", h.bytes());
         }
         assert!(
@@ -344,7 +411,7 @@ mod tests {
             }
         }
         // Resume from the oldest message a ring of 100 keeps.
-        let r = h.replay(&ch("hot"), o(hot[hot.len() - 100]));
+        let r = h.replay(&ch("hot"), o(hot[hot.len() - 100]), ALL);
         assert!(!r.gap, "the hot channel was never evicted");
         assert_eq!(r.entries.len(), 99);
     }
@@ -360,7 +427,50 @@ mod tests {
         }
         assert!(h.channel_count() * (100 + ENTRY_OVERHEAD) <= budget);
         // The most recent channels kept their history; evicted ones say gap.
-        assert!(!h.replay(&ch("spray-19999"), o(20_000)).gap);
-        assert!(h.replay(&ch("spray-0"), o(0)).gap);
+        assert!(!h.replay(&ch("spray-19999"), o(20_000), ALL).gap);
+        assert!(h.replay(&ch("spray-0"), o(0), ALL).gap);
+    }
+
+    #[test]
+    fn a_replay_keeps_the_newest_that_fit_its_window() {
+        let h = MemoryHistory::new(1000, Duration::from_secs(60), 1 << 20);
+        for s in 1..=10 {
+            publish(&h, "a", s, "0123456789");
+        }
+        let seqs = |r: &Replay| r.entries.iter().map(|(o, _)| o.seq).collect::<Vec<_>>();
+        // By count: the newest three, and a gap for what was left out.
+        let r = h.replay(
+            &ch("a"),
+            o(1),
+            Window {
+                frames: 3,
+                bytes: usize::MAX,
+            },
+        );
+        assert_eq!((seqs(&r), r.gap, r.cut), (vec![8, 9, 10], true, true));
+        // By bytes: two messages of 10 + 64 fit in 150, a third does not.
+        let r = h.replay(
+            &ch("a"),
+            o(1),
+            Window {
+                frames: 100,
+                bytes: 150,
+            },
+        );
+        assert_eq!((seqs(&r), r.gap, r.cut), (vec![9, 10], true, true));
+        assert_eq!(r.bytes(), 20);
+        // A window that reaches back to `since` is no gap.
+        let r = h.replay(
+            &ch("a"),
+            o(7),
+            Window {
+                frames: 3,
+                bytes: 3 * 74,
+            },
+        );
+        assert_eq!((seqs(&r), r.gap, r.cut), (vec![8, 9, 10], false, false));
+        // No window: the newest offset alone.
+        let r = h.replay(&ch("a"), o(1), Window::NONE);
+        assert_eq!((r.entries.len(), r.newest), (0, Some(o(10))));
     }
 }

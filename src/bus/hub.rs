@@ -3,7 +3,9 @@
 //!
 //! It owns the channel table (capped: it is keyed by client input) and pushes encoded frames into
 //! session outboxes. It never blocks on a session: a full outbox marks that session slow and the
-//! session's transport closes it. It does not know which transport a session uses.
+//! session's transport closes it. A resume's replay is read within a window sized to the
+//! session's outbox (and its byte budget), so it never reads what it could not deliver. It does
+//! not know which transport a session uses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use serde_json::value::RawValue;
 
-use super::history::Replay;
+use super::history::{Replay, Window};
 use super::{Bus, BusError};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Frame, Offset};
@@ -23,6 +25,29 @@ pub enum SubscribeError {
     ChannelTableFull(usize),
     #[error("{0}")]
     BusUnavailable(&'static str),
+    /// The replay needs more than the client's budget has left (see [`ReplayBudget`]); `read`
+    /// bytes of it were read (and are owed) before that was known.
+    #[error("the replay is over the client's byte budget")]
+    ReplayOverBudget { read: usize },
+}
+
+/// What a resume may spend of its client's byte budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayBudget {
+    /// Bytes left now: the replay reads no more.
+    pub left: usize,
+    /// A replay cut short with less than this left is refused rather than delivered with a gap:
+    /// waiting gives the client this much.
+    pub enough: usize,
+}
+
+/// A subscription that went live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Joined {
+    /// Where the subscriber is once its replay is delivered (see [`Hub::subscribe`]).
+    pub position: Option<Offset>,
+    /// Bytes of message data replayed.
+    pub replayed: usize,
 }
 
 #[derive(Debug)]
@@ -63,26 +88,15 @@ impl Drop for JoinGuard<'_> {
     }
 }
 
-/// Trims a replay to what the session's outbox can take at once, keeping the newest messages:
-/// a resume that overflowed the queue would be closed before sending anything and retry the same
-/// way forever. Cutting the oldest is a gap like any other.
-fn fit(mut replay: Replay, outbox: &Outbox) -> Replay {
-    let max_frames = outbox.capacity() / 2;
-    let max_bytes = outbox.capacity_bytes() / 2;
-    let mut bytes = 0;
-    let mut keep = 0;
-    for (_, data) in replay.entries.iter().rev() {
-        bytes += data.len() + 64;
-        if keep >= max_frames || bytes > max_bytes {
-            break;
-        }
-        keep += 1;
+/// The replay window for `outbox`: the newest messages that fit half of it (a resume that
+/// overflowed the queue would be closed before sending anything and retry the same way forever;
+/// cutting the oldest is a gap like any other), and no more bytes than `budget`.
+fn window(outbox: &Outbox, budget: Option<ReplayBudget>) -> Window {
+    let bytes = outbox.capacity_bytes() / 2;
+    Window {
+        frames: outbox.capacity() / 2,
+        bytes: budget.map_or(bytes, |b| b.left.min(bytes)),
     }
-    if keep < replay.entries.len() {
-        replay.entries.drain(..replay.entries.len() - keep);
-        replay.gap = true;
-    }
-    replay
 }
 
 /// Where a new subscriber starts in its channel's sequence.
@@ -176,6 +190,24 @@ impl Hub {
         first: Vec<Frame>,
         start: Start,
     ) -> Result<Option<Offset>, SubscribeError> {
+        self.subscribe_within(channel, session, outbox, first, start, None)
+            .await
+            .map(|j| j.position)
+    }
+
+    /// [`Hub::subscribe`], replaying within `budget` (`None`: no limit but the outbox's). A
+    /// replay cut short with less than enough left is refused with
+    /// [`SubscribeError::ReplayOverBudget`] rather than delivered with a gap: the client may
+    /// retry when it has the budget.
+    pub async fn subscribe_within(
+        &self,
+        channel: &Channel,
+        session: u64,
+        outbox: &Arc<Outbox>,
+        first: Vec<Frame>,
+        start: Start,
+        budget: Option<ReplayBudget>,
+    ) -> Result<Joined, SubscribeError> {
         self.add(channel, session, outbox, start != Start::Live)?;
         // Until it goes live, a dropped subscribe (the client went away mid-await) must not
         // leave its half-made subscriber behind.
@@ -199,16 +231,26 @@ impl Hub {
             Start::Newest => Some(Offset::MAX),
             Start::Oldest => Some(Offset::ZERO),
         };
+        let window = match start {
+            Start::Newest => Window::NONE,
+            _ => window(outbox, budget),
+        };
+        let mut replayed = 0;
         let replay = match since {
             None => None,
-            Some(since) => match self.replay(channel, since).await {
+            Some(since) => match self.replay(channel, since, window).await {
                 Ok(mut r) => {
+                    replayed = r.bytes();
+                    if r.cut && budget.is_some_and(|b| b.left < b.enough) {
+                        self.unsubscribe(channel, session);
+                        return Err(SubscribeError::ReplayOverBudget { read: replayed });
+                    }
                     match start {
                         Start::Newest => r.gap = false,
                         Start::Oldest => r.gap = r.newest.is_some(),
                         Start::Live | Start::After(_) => {}
                     }
-                    Some((since, fit(r, outbox)))
+                    Some((since, r))
                 }
                 Err(BusError::Unavailable(why)) => {
                     self.unsubscribe(channel, session);
@@ -218,14 +260,19 @@ impl Hub {
         };
         let position = self.go_live(channel, session, first, replay);
         guard.armed = false;
-        Ok(position)
+        Ok(Joined { position, replayed })
     }
 
-    /// The retained messages of `channel` after `since`.
-    pub async fn replay(&self, channel: &Channel, since: Offset) -> Result<Replay, BusError> {
+    /// The retained messages of `channel` after `since` that fit `window`.
+    pub async fn replay(
+        &self,
+        channel: &Channel,
+        since: Offset,
+        window: Window,
+    ) -> Result<Replay, BusError> {
         match &self.bus {
-            Bus::Memory(mem) => Ok(mem.history.replay(channel, since)),
-            Bus::Redis(redis) => redis.replay(channel, since).await,
+            Bus::Memory(mem) => Ok(mem.history.replay(channel, since, window)),
+            Bus::Redis(redis) => redis.replay(channel, since, window).await,
         }
     }
 

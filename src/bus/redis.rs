@@ -2,11 +2,20 @@
 //!
 //! Channel `C` is the Redis pub/sub channel `<prefix>C`; its history is the Redis stream with the
 //! same name `<prefix>C` (a key, so it does not clash with the pub/sub channel). A publish runs one
-//! Lua script that appends to the stream (`XADD`, trimmed to `bus.history_len`, expiring after
-//! `bus.history_ttl`) and publishes `{"$edgeplex":"<stream id>","data":<data>}`: the stream id is
-//! the offset, assigned once in Redis, so it means the same on every node and increases per
-//! channel in publish order. Anything else on the channel (a backend's raw `PUBLISH`) is delivered
-//! as the message's data, without an offset.
+//! Lua script that appends to the stream (`XADD`, `bus.history_len` entries kept, up to
+//! [`HISTORY_TRIM_SLACK`] more between trims) and publishes
+//! `{"$edgeplex":"<stream id>","data":<data>}`: the stream id is the offset, assigned once in
+//! Redis, so it means the same on every node and increases per channel in publish order. Anything
+//! else on the channel (a backend's raw `PUBLISH`) is delivered as the message's data, without an
+//! offset.
+//!
+//! Channel names are client input, so the histories are bounded all together, not per channel:
+//! the script counts each against `bus.history_bytes` in two keys of its own (`<prefix>#history`,
+//! `<prefix>#history-bytes`) and drops whole histories past it, the soonest to expire first; a
+//! history expires `bus.history_ttl` after a publish someone heard, `bus.history_ttl_unsubscribed`
+//! after one nobody did (see [`PUBLISH_LUA`]). Those two keys are global, which one Redis allows
+//! and Redis Cluster does not: under Cluster they must become one pair per slot. A resume reads
+//! only its window of the stream, newest first ([`REPLAY_LUA`]), however long the history.
 //!
 //! Each node holds one publishing connection (a `ConnectionManager`, which reconnects by itself)
 //! and one subscriber connection, owned by [`RedisBus::run`]. redis-rs's `aio::PubSub` never
@@ -54,9 +63,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use redis::streams::StreamRangeReply;
-
-use super::history::Replay;
+use super::history::{REPLAY_FRAME_BYTES, Replay, Window};
 use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
@@ -83,14 +90,152 @@ const PUBLISH_QUEUE_BYTES: usize = 16 << 20;
 /// Publishes sent to Redis in one pipeline, at most.
 const PUBLISH_BATCH: usize = 512;
 
+/// Bytes counted against `bus.history_bytes` for each channel with a Redis history, besides
+/// its entries: Redis 7 gives a stream its first node at `stream-node-max-bytes` (4 KiB) at once,
+/// so a stream of one small entry holds ~4.7 KB; and the channel's places in the index.
+pub const HISTORY_CHANNEL_BYTES: usize = 5 * 1024;
+/// Bytes counted for each history entry besides its data (the entry's id and framing in the
+/// stream node; a node of its own for a large one).
+const HISTORY_ENTRY_BYTES: usize = 64;
+/// Entries a stream may hold past `bus.history_len` before one publish trims them all (exactly,
+/// reading them first to know their bytes): trimming on every publish rescans the stream's first
+/// node each time (measured: XADD 3 → 7 µs), and `MAXLEN ~` trims without saying what it took.
+const HISTORY_TRIM_SLACK: usize = 100;
+
 /// Appends to the history stream and publishes the envelope in one atomic step, so the order of
-/// stream ids is the order subscribers see.
+/// stream ids is the order subscribers see; then keeps all histories within their byte budget.
+///
+/// KEYS: the channel's stream, the history index (a sorted set: stream key → when it expires,
+/// ms), the history sizes (a hash: stream key → bytes counted; `#total` → their sum; no channel
+/// name holds `#`, so no stream key is `#total`). ARGV: data, history_len, history_ttl (ms),
+/// pub/sub channel, history_ttl_unsubscribed (ms), history_bytes, [`HISTORY_ENTRY_BYTES`],
+/// [`HISTORY_CHANNEL_BYTES`], [`HISTORY_TRIM_SLACK`]. Returns the stream id, the channels
+/// evicted, the bytes all histories then hold, and how many channels they are (-1 when this
+/// publish added and dropped none, to spare the count).
+///
+/// `PUBLISH` says how many subscribers (nodes, backends) heard the message: none, and the stream
+/// expires after the short life. Past the budget, the channels that would expire first go (so the
+/// unheard ones first), the one published to last of all.
+///
+/// The index and sizes are two keys every publish touches, and evicted streams are keys the
+/// script finds rather than is given: fine for one Redis, not for Redis Cluster (a script there
+/// touches the keys of one slot). Under Cluster they become one index and one size table per
+/// slot, each key hash-tagged to it, with the budget split among them.
 const PUBLISH_LUA: &str = r#"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. ARGV[1] .. '}')
-return id
+local stream, index, sizes = KEYS[1], KEYS[2], KEYS[3]
+local data, len, slack = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[9])
+local budget, per_entry, per_channel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local n = redis.call('XLEN', stream)
+-- An entry's data in Redis's allocations: an eighth more, the spacing of jemalloc's classes.
+local delta = #data + math.floor(#data / 8) + per_entry
+if n >= len + slack then
+  -- Trimmed in batches: exact trimming on every publish rescans the stream's first node.
+  for _, e in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', n - len + 1)) do
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'd' then delta = delta - #f[i + 1] - math.floor(#f[i + 1] / 8) - per_entry end
+    end
+  end
+  redis.call('XTRIM', stream, 'MAXLEN', '=', len - 1)
+end
+local id = redis.call('XADD', stream, '*', 'd', data)
+local heard = redis.call('PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. data .. '}')
+-- The id's time is Redis's clock, the one that runs the key's expiry. The expiry is rounded up to
+-- a 64th of the life, so most publishes leave it as it is, and a stream never loses life it has.
+local life = tonumber(heard > 0 and ARGV[3] or ARGV[5])
+local step = math.max(math.floor(life / 64), 1)
+local expiry = (math.floor((tonumber(string.match(id, '^%d+')) + life) / step) + 1) * step
+local total
+local channels = -1
+if n == 0 then
+  -- New, or it expired or went: what was counted for it is stale.
+  local stale = tonumber(redis.call('HGET', sizes, stream) or 0)
+  redis.call('ZADD', index, expiry, stream)
+  redis.call('PEXPIREAT', stream, expiry)
+  redis.call('HSET', sizes, stream, per_channel + delta)
+  total = redis.call('HINCRBY', sizes, '#total', per_channel + delta - stale)
+  channels = 0
+else
+  if redis.call('ZADD', index, 'GT', 'CH', expiry, stream) == 1 then
+    redis.call('PEXPIREAT', stream, expiry)
+  end
+  local size = redis.call('HINCRBY', sizes, stream, delta)
+  if size < per_channel then
+    -- Entries from before the count (a stream this script did not make) left uncounted.
+    delta = delta + per_channel - size
+    redis.call('HSET', sizes, stream, per_channel)
+  end
+  total = redis.call('HINCRBY', sizes, '#total', delta)
+end
+-- Past the budget, the streams that would expire first go; this one only when it is all that is
+-- left (a single history larger than the budget).
+local evicted, kept = 0, nil
+while total > budget do
+  local first = redis.call('ZPOPMIN', index)
+  local victim = first[1]
+  if victim == stream and redis.call('ZCARD', index) > 0 then
+    kept = first[2]
+  else
+    if not victim and kept then
+      victim, kept = stream, nil
+    end
+    if not victim then break end
+    local b = tonumber(redis.call('HGET', sizes, victim) or 0)
+    redis.call('HDEL', sizes, victim)
+    redis.call('DEL', victim)
+    total = redis.call('HINCRBY', sizes, '#total', -b)
+    evicted = evicted + 1
+  end
+end
+if kept then
+  redis.call('ZADD', index, kept, stream)
+end
+if evicted > 0 or channels == 0 then
+  channels = redis.call('ZCARD', index)
+end
+return {id, evicted, total, channels}
 "#;
+
+/// Reads a resume's window in one atomic step: the stream's oldest and newest ids (whether the
+/// history reaches back to `since`), then entries newest first after `since`, a few at a time,
+/// until the window is full. Only the window's entries leave Redis, and Redis itself reads at
+/// most a page more, however long the history.
+///
+/// KEYS: the channel's stream. ARGV: `since` (exclusive), the window's frames and bytes,
+/// [`REPLAY_FRAME_BYTES`]. Returns the oldest id, the newest id (nil when there is no stream),
+/// 1 when the window ended before `since`, and the entries kept as `{id, data}`, newest first.
+const REPLAY_LUA: &str = r#"
+local stream = KEYS[1]
+local frames, bytes, per_entry = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+local kept, used, cut = {}, 0, 0
+local high = '+'
+while frames > 0 and cut == 0 do
+  local want = math.min(frames - #kept + 1, 16)
+  local page = redis.call('XREVRANGE', stream, high, '(' .. ARGV[1], 'COUNT', want)
+  for _, e in ipairs(page) do
+    local f, d = e[2], nil
+    for i = 1, #f, 2 do
+      if f[i] == 'd' then d = f[i + 1] end
+    end
+    if d then
+      if #kept >= frames or used + #d + per_entry > bytes then
+        cut = 1
+        break
+      end
+      used = used + #d + per_entry
+      kept[#kept + 1] = {e[1], d}
+    end
+    high = '(' .. e[1]
+  end
+  if #page < want then break end
+end
+return {first and first[1] or false, last and last[1] or false, cut, kept}
+"#;
+
+/// What [`REPLAY_LUA`] answers.
+type ReplayReply = (Option<String>, Option<String>, i64, Vec<(String, Vec<u8>)>);
 
 const ENVELOPE_HEAD: &str = r#"{"$edgeplex":""#;
 const ENVELOPE_DATA: &str = r#"","data":"#;
@@ -103,6 +248,10 @@ pub struct RedisSettings {
     pub prefix: String,
     pub history_len: usize,
     pub history_ttl: Duration,
+    /// The history's life after a publish nobody was subscribed to.
+    pub history_ttl_unsubscribed: Duration,
+    /// Bytes all channels' histories may hold together in Redis.
+    pub history_bytes: usize,
     /// Connect and command timeout: a dead Redis makes a publish fail after this long at most.
     pub timeout: Duration,
     /// PING on the subscriber connection this often; unanswered within `timeout`, it is dead.
@@ -110,6 +259,10 @@ pub struct RedisSettings {
     /// Messages received and not yet delivered, at most.
     pub ingest_queue: usize,
 }
+
+/// What the publish script answers: the stream id, the channels it evicted, and the bytes and
+/// channels all histories then hold.
+type PublishReply = (String, u64, i64, i64);
 
 /// What to do with a publish's outcome; runs on the pipeline task, so it must not block.
 pub type PublishDone = Box<dyn FnOnce(Result<Offset, BusError>) + Send + Sync>;
@@ -168,6 +321,10 @@ pub struct RedisBus {
     settings: RedisSettings,
     publisher: ConnectionManager,
     script: redis::Script,
+    replay_script: redis::Script,
+    /// The keys that track every channel's history (see [`PUBLISH_LUA`]).
+    history_index: String,
+    history_sizes: String,
     publish_tx: tokio::sync::mpsc::Sender<PublishJob>,
     /// Taken by the pipeline task when [`RedisBus::spawn_publisher`] starts it.
     publish_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<PublishJob>>>,
@@ -237,6 +394,9 @@ impl RedisBus {
             client,
             publisher,
             script: redis::Script::new(PUBLISH_LUA),
+            replay_script: redis::Script::new(REPLAY_LUA),
+            history_index: format!("{}#history", settings.prefix),
+            history_sizes: format!("{}#history-bytes", settings.prefix),
             publish_tx,
             publish_rx: parking_lot::Mutex::new(Some(publish_rx)),
             publish_bytes: Arc::new(tokio::sync::Semaphore::new(PUBLISH_QUEUE_BYTES)),
@@ -366,24 +526,38 @@ impl RedisBus {
             let job = &batch[i];
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
-                .arg(1)
+                .arg(3)
                 .arg(&job.key)
+                .arg(&self.history_index)
+                .arg(&self.history_sizes)
                 .arg(&job.data)
                 .arg(self.settings.history_len)
                 .arg(self.settings.history_ttl.as_millis() as u64)
-                .arg(&job.key);
+                .arg(&job.key)
+                .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
+                .arg(self.settings.history_bytes)
+                .arg(HISTORY_ENTRY_BYTES)
+                .arg(HISTORY_CHANNEL_BYTES)
+                .arg(HISTORY_TRIM_SLACK);
         }
         self.metrics.redis_publish_pipelines.inc();
         let mut conn = self.publisher.clone();
-        let call = pipe.query_async::<Vec<redis::RedisResult<String>>>(&mut conn);
+        let call = pipe.query_async::<Vec<redis::RedisResult<PublishReply>>>(&mut conn);
         let why = match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok(replies)) if replies.len() == todo.len() => {
                 for (&i, reply) in todo.iter().zip(replies) {
                     outcomes[i] = Some(match reply {
-                        Ok(id) => id.parse().map_err(|_| {
-                            tracing::error!(%id, "Redis returned a stream id that is not an offset");
-                            BusError::Unavailable("Redis answered with an unexpected id")
-                        }),
+                        Ok((id, evicted, bytes, channels)) => {
+                            self.metrics.redis_history_evictions.inc_by(evicted);
+                            self.metrics.redis_history_bytes.set(bytes);
+                            if channels >= 0 {
+                                self.metrics.redis_history_channels.set(channels);
+                            }
+                            id.parse().map_err(|_| {
+                                tracing::error!(%id, "Redis returned a stream id that is not an offset");
+                                BusError::Unavailable("Redis answered with an unexpected id")
+                            })
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "publish to Redis failed");
                             Err(BusError::Unavailable("publish to Redis failed"))
@@ -420,66 +594,44 @@ impl RedisBus {
         outcomes
     }
 
-    /// The channel's retained messages after `since`, from its history stream.
-    pub async fn replay(&self, channel: &Channel, since: Offset) -> Result<Replay, BusError> {
+    /// The channel's retained messages after `since` that fit `window`, from its history stream.
+    /// Only the window is read (see [`REPLAY_LUA`]): a resume costs Redis what it delivers.
+    pub async fn replay(
+        &self,
+        channel: &Channel,
+        since: Offset,
+        window: Window,
+    ) -> Result<Replay, BusError> {
         if !self.is_ready() {
             return Err(BusError::Unavailable("Redis is unreachable"));
         }
-        let key = self.key(channel);
-        let mut conn = self.publisher.clone();
-        // The stream is trimmed to about history_len; the bound only guards against a stream
-        // someone else filled.
-        let bound = self
-            .settings
-            .history_len
-            .saturating_mul(2)
-            .saturating_add(100);
-        // One round trip: the stream's oldest and newest entries, and what follows `since`.
-        // MULTI/EXEC: a trim between the reads would make `first` claim entries still there.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        pipe.cmd("XREVRANGE")
-            .arg(&key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1);
-        pipe.cmd("XRANGE")
-            .arg(&key)
-            .arg(since.to_string())
-            .arg("+")
-            .arg("COUNT")
-            .arg(bound);
-        let query =
-            pipe.query_async::<(StreamRangeReply, StreamRangeReply, StreamRangeReply)>(&mut conn);
-        let (oldest, newest, reply) = match tokio::time::timeout(self.settings.timeout, query).await
-        {
-            Ok(Ok(r)) => r,
-            _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+        // Nothing follows the largest offset (and Redis refuses it as an exclusive bound).
+        let window = if since == Offset::MAX {
+            Window::NONE
+        } else {
+            window
         };
-        let id_of = |r: &StreamRangeReply| r.ids.first().and_then(|e| e.id.parse::<Offset>().ok());
-        let (first, last) = (id_of(&oldest), id_of(&newest));
-        let truncated = reply.ids.len() >= bound;
-        let mut retained = Vec::with_capacity(reply.ids.len());
-        for entry in reply.ids {
-            let (Ok(offset), Some(redis::Value::BulkString(d))) =
-                (entry.id.parse::<Offset>(), entry.map.get("d"))
-            else {
+        let mut conn = self.publisher.clone();
+        let mut call = self.replay_script.key(self.key(channel));
+        call.arg(since.to_string())
+            .arg(window.frames)
+            .arg(window.bytes)
+            .arg(REPLAY_FRAME_BYTES);
+        let query = call.invoke_async::<ReplayReply>(&mut conn);
+        let (first, last, cut, newest_first) =
+            match tokio::time::timeout(self.settings.timeout, query).await {
+                Ok(Ok(r)) => r,
+                _ => return Err(BusError::Unavailable("cannot read history from Redis")),
+            };
+        let id = |s: Option<String>| s.and_then(|s| s.parse::<Offset>().ok());
+        let mut retained = Vec::with_capacity(newest_first.len());
+        for (entry, data) in newest_first.into_iter().rev() {
+            let (Ok(offset), Ok(data)) = (entry.parse::<Offset>(), String::from_utf8(data)) else {
                 continue;
             };
-            if let Ok(data) = std::str::from_utf8(d) {
-                retained.push((offset, Arc::<str>::from(data)));
-            }
+            retained.push((offset, Arc::<str>::from(data)));
         }
-        let mut replay = Replay::after(since, retained, first, last);
-        replay.gap |= truncated;
-        Ok(replay)
+        Ok(Replay::after(since, retained, id(first), id(last)).cut_short(cut != 0))
     }
 
     /// Makes sure this node is subscribed to `channel` in Redis. Idempotent, and answered at
@@ -868,6 +1020,8 @@ impl RedisBus {
             prefix: "t:".into(),
             history_len: 10,
             history_ttl: Duration::from_secs(60),
+            history_ttl_unsubscribed: Duration::from_secs(60),
+            history_bytes: 1 << 20,
             timeout: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
             ingest_queue: 16,

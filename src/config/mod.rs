@@ -102,7 +102,11 @@ pub struct BusConfig {
     /// Messages kept per channel in the Redis history stream (approximate trim).
     pub history_len: usize,
     pub history_ttl: Duration,
-    /// Embedded bus: bytes all channel histories may hold together.
+    /// Redis bus: the life of a channel's history after a publish nobody was subscribed to
+    /// (never longer than `history_ttl`).
+    pub history_ttl_unsubscribed: Duration,
+    /// Bytes all channel histories may hold together (embedded bus: per node; Redis bus: in
+    /// Redis, for all nodes).
     pub history_bytes: usize,
     pub redis_timeout: Duration,
     /// PING on the Redis subscriber connection this often; no answer within `redis_timeout`
@@ -122,6 +126,7 @@ impl std::fmt::Debug for BusConfig {
             .field("channel_prefix", &self.channel_prefix)
             .field("history_len", &self.history_len)
             .field("history_ttl", &self.history_ttl)
+            .field("history_ttl_unsubscribed", &self.history_ttl_unsubscribed)
             .field("history_bytes", &self.history_bytes)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_ping_interval", &self.redis_ping_interval)
@@ -644,12 +649,21 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ));
         }
     };
+    let history_ttl = min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?;
     let bus = BusConfig {
         redis_url,
         redis_ca,
         channel_prefix: b.channel_prefix.clone(),
         history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
-        history_ttl: min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?,
+        history_ttl,
+        // Longer than `history_ttl` would mean nothing: a heard channel never lives longer. Cut
+        // to it rather than refused, so a short `history_ttl` needs no second edit.
+        history_ttl_unsubscribed: min_duration(
+            "bus.history_ttl_unsubscribed",
+            b.history_ttl_unsubscribed,
+            Duration::from_secs(1),
+        )?
+        .min(history_ttl),
         history_bytes: range("bus.history_bytes", b.history_bytes, 0, 1 << 40)?,
         redis_timeout: min_duration(
             "bus.redis_timeout",
@@ -1045,13 +1059,18 @@ impl Config {
                 self.bus.history_bytes
             ),
             Some(_) => format!(
-                "bus: Redis (channel C is {}C; history {} messages, kept {})\n  \
+                "bus: Redis (channel C is {}C; history {} messages per channel, kept {} after \
+                 a publish someone was subscribed to, else {}; {} bytes in all, in Redis: at \
+                 most {} channels' histories)\n  \
                  subscriber connection: PING every {}, dead after {} without an answer (a \
                  silent Redis path is found within {}); at most {} messages (or {} MiB) waiting \
                  for delivery, past that it is dropped and restored with gap notices\n",
                 self.bus.channel_prefix,
                 self.bus.history_len,
                 humantime::format_duration(self.bus.history_ttl),
+                humantime::format_duration(self.bus.history_ttl_unsubscribed),
+                self.bus.history_bytes,
+                self.bus.history_bytes / crate::bus::redis::HISTORY_CHANNEL_BYTES,
                 humantime::format_duration(self.bus.redis_ping_interval),
                 humantime::format_duration(self.bus.redis_timeout),
                 humantime::format_duration(self.bus.redis_ping_interval + self.bus.redis_timeout),
@@ -1154,7 +1173,11 @@ impl Config {
             "messages per address",
             &li.ip_messages,
         ));
-        out.push_str(&rate("ip_bytes", "bytes per address", &li.ip_bytes));
+        out.push_str(&rate(
+            "ip_bytes",
+            "bytes per address (what it sends, and what its resumes replay)",
+            &li.ip_bytes,
+        ));
         out.push_str(&rate(
             "new_sessions",
             "new sessions on this node",
@@ -1309,6 +1332,10 @@ mod tests {
                 "bus.redis_url",
             ),
             ("[bus]\nhistory_len = 0\n", "bus.history_len"),
+            (
+                "[bus]\nhistory_ttl_unsubscribed = \"10ms\"\n",
+                "bus.history_ttl_unsubscribed",
+            ),
             ("[bus]\nredis_ca = \"ca.pem\"\n", "bus.redis_ca"),
             ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
             (
@@ -1361,6 +1388,14 @@ mod tests {
             (set.ip_connections.max, set.ipv6_wide_connections.max),
             (7, 250)
         );
+    }
+
+    #[test]
+    fn unsubscribed_history_never_outlives_the_history() {
+        let c = parse("[bus]\nhistory_ttl = \"5m\"\n").unwrap();
+        assert_eq!(c.bus.history_ttl_unsubscribed, Duration::from_secs(300));
+        let c = parse("[bus]\nhistory_ttl_unsubscribed = \"1m\"\n").unwrap();
+        assert_eq!(c.bus.history_ttl_unsubscribed, Duration::from_secs(60));
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
 pub const DEFAULT_CHANNEL_PREFIX: &str = "edgeplex:";
 pub const DEFAULT_HISTORY_LEN: usize = 1000;
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_HISTORY_TTL_UNSUBSCRIBED: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// With the 2 s deadline, a silent Redis path is found within 7 s.
@@ -170,6 +171,8 @@ pub struct BusSection {
     pub history_len: usize,
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub history_ttl_unsubscribed: Duration,
     pub history_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
@@ -186,6 +189,7 @@ impl Default for BusSection {
             channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
             history_len: DEFAULT_HISTORY_LEN,
             history_ttl: DEFAULT_HISTORY_TTL,
+            history_ttl_unsubscribed: DEFAULT_HISTORY_TTL_UNSUBSCRIBED,
             history_bytes: DEFAULT_HISTORY_BYTES,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             redis_ping_interval: DEFAULT_REDIS_PING_INTERVAL,

@@ -191,6 +191,8 @@ impl Edge {
                     prefix: config.bus.channel_prefix.clone(),
                     history_len: config.bus.history_len,
                     history_ttl: config.bus.history_ttl,
+                    history_ttl_unsubscribed: config.bus.history_ttl_unsubscribed,
+                    history_bytes: config.bus.history_bytes,
                     timeout: config.bus.redis_timeout,
                     ping_interval: config.bus.redis_ping_interval,
                     ingest_queue: config.bus.redis_ingest_queue,

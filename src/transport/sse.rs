@@ -100,6 +100,9 @@ pub async fn accept(
             Err(e) => {
                 let refusal = match e.code {
                     ErrorCode::TooLarge => Refusal::TooLarge,
+                    ErrorCode::RateLimited => Refusal::RateLimited {
+                        retry_after: Duration::from_millis(e.retry_after_ms.unwrap_or(1000)),
+                    },
                     _ => Refusal::BusDown,
                 };
                 tracing::info!(peer = %info.peer, error = %e.message, "sse refused");
