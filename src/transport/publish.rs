@@ -130,8 +130,8 @@ pub async fn publish_body(
                 ErrorCode::BadRequest,
                 "the request body did not arrive within server.body_timeout",
             );
-            // The rest of the body may still be on its way: this connection cannot carry
-            // another request.
+            // The rest of the body may still be on its way: an HTTP/1.1 connection cannot carry
+            // another request (HTTP/2 drops this header and resets the stream alone).
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return r;
