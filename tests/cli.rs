@@ -454,6 +454,8 @@ fn check_config_explains_the_limits_at_accept() {
         "ip_new_connections: 20 new connections per address/s, burst 60",
         "ipv6_wide_new_connections: 100 new connections/s per IPv6 /48, burst 300",
         "admin listener 127.0.0.1:9090 (at most 64 connections)",
+        "deadlines a client controls: TLS and request head 10s, request body 10s (408), idle \
+         HTTP connection 1m",
     ] {
         assert!(out.contains(line), "{line:?} not in\n{out}");
     }

@@ -1100,6 +1100,13 @@ impl Config {
             "node: {} connections, {} sessions, {} channels\n",
             s.max_connections, s.max_sessions, s.max_channels
         ));
+        out.push_str(&format!(
+            "deadlines a client controls: TLS and request head {}, request body {} (408), idle \
+             HTTP connection {}\n",
+            humantime::format_duration(s.handshake_timeout),
+            humantime::format_duration(s.body_timeout),
+            humantime::format_duration(s.http_idle_timeout),
+        ));
         out.push_str(&format!("origins: {}\n", self.admission.origins.describe()));
         for (route, rules) in &self.admission.routes {
             out.push_str(&format!("  origins for {route}: {}\n", rules.describe()));
