@@ -593,15 +593,27 @@ impl Session {
                 retry_after_ms: None,
             });
         }
-        // A resume's replay is charged to the address's byte budget, and read only within what
-        // is left of it: a client cycling resumes is refused before it costs Redis anything.
+        // A resume's replay is paid from the address's byte budget: what it may read is taken
+        // before it reads (so sessions resuming together share the budget), and what it did
+        // not use goes back after. A client cycling resumes is refused before it costs Redis
+        // anything.
         let want = self.outbox.capacity_bytes() / 2;
-        let budget = match start {
-            Start::After(_) | Start::Oldest => match self.ticket.replay_budget(want) {
-                Ok(budget) => budget.map(|(left, enough)| ReplayBudget { left, enough }),
+        let reservation = match start {
+            Start::After(_) | Start::Oldest => match self.ticket.reserve_replay(want) {
+                Ok(r) => r,
                 Err(refusal) => return Err(replay_refused(&refusal)),
             },
             Start::Live | Start::Newest => None,
+        };
+        let budget = reservation.as_ref().map(|r| ReplayBudget {
+            left: r.taken,
+            enough: r.enough,
+        });
+        let settle = |ticket: &SessionTicket, used: usize| match &reservation {
+            Some(r) => ticket.settle_replay(r, used),
+            None => {
+                let _ = ticket.charge_replay(used);
+            }
         };
         let hub = &self.env.hub;
         match hub
@@ -609,27 +621,31 @@ impl Session {
             .await
         {
             Ok(joined) => {
+                settle(&self.ticket, joined.replayed);
                 self.subscriptions.insert(channel);
-                // Within the budget it was given, unless other sessions of the address spent it
-                // meanwhile; then it is delivered uncharged (and counted as over the limit).
-                let _ = self.ticket.charge_replay(joined.replayed);
                 Ok(joined.position)
             }
             Err(SubscribeError::ReplayOverBudget { read }) => {
-                let _ = self.ticket.charge_replay(read);
+                settle(&self.ticket, read);
                 let enough = budget.map_or(want, |b| b.enough);
                 Err(replay_refused(&self.ticket.refuse_replay(enough)))
             }
-            Err(e @ SubscribeError::ChannelTableFull(_)) => Err(JoinError {
-                code: ErrorCode::Unavailable,
-                message: e.to_string(),
-                retry_after_ms: None,
-            }),
-            Err(SubscribeError::BusUnavailable(why)) => Err(JoinError {
-                code: ErrorCode::Unavailable,
-                message: why.to_string(),
-                retry_after_ms: Some(1000),
-            }),
+            Err(e @ SubscribeError::ChannelTableFull(_)) => {
+                settle(&self.ticket, 0);
+                Err(JoinError {
+                    code: ErrorCode::Unavailable,
+                    message: e.to_string(),
+                    retry_after_ms: None,
+                })
+            }
+            Err(SubscribeError::BusUnavailable(why)) => {
+                settle(&self.ticket, 0);
+                Err(JoinError {
+                    code: ErrorCode::Unavailable,
+                    message: why.to_string(),
+                    retry_after_ms: Some(1000),
+                })
+            }
         }
     }
 
@@ -1000,6 +1016,63 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0]["error"]["code"], "rate_limited");
         assert_eq!(s.subscription_count(), 0);
+    }
+
+    /// A window cut by its frame count is not the budget's doing: waiting would not lengthen
+    /// it, so it is delivered behind a gap even with less than "enough" left.
+    #[tokio::test]
+    async fn a_replay_cut_by_frames_is_delivered_whatever_the_budget() {
+        let e = env(|f| {
+            f.session.outbound_queue = 8;
+            f.limits.ip_bytes.per_second = 1024;
+            f.limits.ip_bytes.burst = 200 * 1024;
+            f.session.close_message_bytes = 100 * 1024;
+        });
+        let data = serde_json::value::RawValue::from_string("\"x\"".into()).unwrap();
+        for _ in 0..20 {
+            e.0.hub
+                .publish(&Channel::new("a").unwrap(), &data)
+                .await
+                .unwrap();
+        }
+        let mut s = open(&e);
+        frames(&s);
+        // Spend the budget down to 50 KiB: less than `enough` (half the burst, 100 KiB), more
+        // than the window's four frames.
+        let t = *s.ticket.client();
+        e.1.charge_bytes(&t, 150 * 1024).unwrap();
+        let resume = br#"{"id":1,"op":"subscribe","channel":"a","since":"0-0"}"#;
+        s.handle_frame(resume).await;
+        let f = frames(&s);
+        assert_eq!(f[0]["ok"], true, "{}", f[0]);
+        assert_eq!(f[1]["op"], "gap");
+        assert_eq!(f.len(), 2 + 4, "half the 8-frame queue: {f:?}");
+    }
+
+    /// What a replay did not use of its reservation goes back to the address.
+    #[tokio::test]
+    async fn an_unused_reservation_goes_back() {
+        let e = env(|f| {
+            f.limits.ip_bytes.per_second = 1;
+            f.limits.ip_bytes.burst = 2 << 20;
+        });
+        let c = Channel::new("a").unwrap();
+        let data = serde_json::value::RawValue::from_string("\"x\"".into()).unwrap();
+        e.0.hub.publish(&c, &data).await.unwrap();
+        let mut s = open(&e);
+        frames(&s);
+        let key = s.ticket.client().ip;
+        let before = e.1.address_state(key)["bytes"]["available"]
+            .as_u64()
+            .unwrap();
+        s.handle_frame(br#"{"id":1,"op":"subscribe","channel":"a","since":"0-0"}"#)
+            .await;
+        let after = e.1.address_state(key)["bytes"]["available"]
+            .as_u64()
+            .unwrap();
+        let spent = before - after;
+        // The frame itself, and one replayed message in the window's unit.
+        assert!(spent < 200, "spent {spent} of a 512 KiB reservation");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock, MonotonicClock};
 use governor::middleware::NoOpMiddleware;
+use governor::state::StateStore;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
 use parking_lot::{Mutex, RwLock};
@@ -74,6 +75,43 @@ impl Keyed {
         let need = n.min(burst).saturating_sub(self.available(key));
         let need = u32::try_from(need).unwrap_or(u32::MAX);
         self.quota.replenish_interval().saturating_mul(need)
+    }
+
+    /// Spends up to `n` cells of `key` now, as many as it has: how many were taken.
+    fn take_up_to(&self, key: &IpAddr, n: u64) -> u64 {
+        // `available` and the spend are two steps; another spender in between makes the spend
+        // fail, and the next round sees what is left.
+        for _ in 0..4 {
+            let take = n.min(self.available(key));
+            if take == 0 {
+                return 0;
+            }
+            let cells = u32::try_from(take).unwrap_or(u32::MAX);
+            if self.check(key, cells).is_ok() {
+                return u64::from(cells);
+            }
+        }
+        0
+    }
+
+    /// Gives `n` cells spent by [`Keyed::take_up_to`] back to `key`, for a reservation that was
+    /// not used up. GCRA keeps one number per key, the theoretical arrival time: spending `n`
+    /// moved it `n` replenish intervals on, so giving them back moves it as far back. A time
+    /// behind the clock means a full burst, which it never exceeds.
+    fn give_back(&self, key: &IpAddr, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let t = self.quota.replenish_interval().as_nanos().max(1) as u64;
+        let back = n.saturating_mul(t);
+        let _ = self.store.measure_and_replace(key, |tat| match tat {
+            Some(tat) => Ok((
+                (),
+                governor::nanos::Nanos::new(tat.as_u64().saturating_sub(back)),
+            )),
+            // Forgotten meanwhile (evicted, or fresh again): nothing to give back to.
+            None => Err(()),
+        });
     }
 
     /// Cells `key` may spend right now, for the admin view (governor keeps only the
@@ -213,6 +251,18 @@ pub struct Admission {
     log: LogBudget,
 }
 
+/// What a resume took of its address's byte budget before reading (see
+/// [`Admission::reserve_replay`]).
+#[derive(Debug)]
+pub struct ReplayReservation {
+    /// Bytes taken: the replay reads no more.
+    pub taken: usize,
+    /// A replay cut short by the budget with less than this taken is refused rather than
+    /// delivered behind a gap: waiting gives the client this much.
+    pub enough: usize,
+    keyed: Arc<Keyed>,
+}
+
 /// A session's place under the per-IP session limit; dropping it gives the place back.
 #[derive(Debug)]
 pub struct SessionTicket {
@@ -231,9 +281,15 @@ impl SessionTicket {
         self.admission.charge_message(&self.client, bytes)
     }
 
-    /// See [`Admission::replay_budget`].
-    pub fn replay_budget(&self, want: usize) -> Result<Option<(usize, usize)>, Refusal> {
-        self.admission.replay_budget(&self.client, want)
+    /// See [`Admission::reserve_replay`].
+    pub fn reserve_replay(&self, want: usize) -> Result<Option<ReplayReservation>, Refusal> {
+        self.admission.reserve_replay(&self.client, want)
+    }
+
+    /// See [`Admission::settle_replay`].
+    pub fn settle_replay(&self, reservation: &ReplayReservation, used: usize) {
+        self.admission
+            .settle_replay(&self.client, reservation, used)
     }
 
     /// See [`Admission::charge_replay`].
@@ -539,17 +595,19 @@ impl Admission {
         })
     }
 
-    /// What a resume of up to `want` bytes may read of `client`'s `limits.ip_bytes` budget (its
-    /// messages are charged there like the bytes it sends, since they cost Redis and the edge as
-    /// much): `Some((left, enough))`, the bytes left now and what is enough to wait for (`want`,
-    /// at most half the burst, so that the frame that asked never stands in the way); `None`
-    /// when no limit holds it back (exempt, the limit `off` or `dry-run`). With nothing left it
-    /// is refused, counted and logged, before the resume reads anything.
-    pub fn replay_budget(
+    /// Reserves what a resume of up to `want` bytes may read of `client`'s `limits.ip_bytes`
+    /// budget (its messages are charged there like the bytes it sends, since they cost Redis
+    /// and the edge as much), before anything is read: as much of `want` as is left, taken at
+    /// once, so sessions of one address resuming together share the budget rather than each
+    /// seeing all of it. [`Admission::settle_replay`] gives back what the replay did not use.
+    /// `None` when no limit holds a resume back (exempt, the limit `off` or `dry-run`: those
+    /// pay with [`Admission::charge_replay`] after). With nothing left it is refused, counted
+    /// and logged, before the resume reads anything.
+    pub fn reserve_replay(
         &self,
         client: &Client,
         want: usize,
-    ) -> Result<Option<(usize, usize)>, Refusal> {
+    ) -> Result<Option<ReplayReservation>, Refusal> {
         let policy = self.policy();
         let rule = &policy.limits.ip_bytes;
         if rule.mode != LimitMode::Enforce
@@ -563,15 +621,31 @@ impl Admission {
         }
         let keyed = self.ip_bytes.read().clone();
         let burst = keyed.quota.burst_size().get() as usize;
+        // What is enough to wait for: `want`, at most half the burst, so that the frame that
+        // asked never stands in the way.
         let enough = want.min(burst / 2).max(1);
-        match keyed.available(&client.key) {
+        match keyed.take_up_to(&client.key, want as u64) {
             0 => Err(self.refuse_replay(client, enough)),
-            left => Ok(Some((usize::try_from(left).unwrap_or(usize::MAX), enough))),
+            taken => {
+                self.metrics.decision(Limit::ip_bytes, Decision::allowed);
+                Ok(Some(ReplayReservation {
+                    taken: usize::try_from(taken).unwrap_or(usize::MAX),
+                    enough,
+                    keyed,
+                }))
+            }
         }
     }
 
-    /// Charges the `bytes` a resume replayed (or read before it was refused) to `client`'s
-    /// address under `limits.ip_bytes`.
+    /// Ends a reservation: the replay used `used` bytes of it, the rest goes back to the
+    /// address (to the limiter it was taken from, whatever a reload did meanwhile).
+    pub fn settle_replay(&self, client: &Client, reservation: &ReplayReservation, used: usize) {
+        let unused = reservation.taken.saturating_sub(used);
+        reservation.keyed.give_back(&client.key, unused as u64);
+    }
+
+    /// Charges the `bytes` a resume replayed to `client`'s address under `limits.ip_bytes`
+    /// when nothing was reserved: counted in `dry-run`, nothing in `off` or when exempt.
     pub fn charge_replay(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
         let policy = self.policy();
         if bytes == 0
@@ -591,8 +665,7 @@ impl Admission {
     }
 
     /// Refuses a resume that needs `bytes` (at most the burst) and finds less left under
-    /// `limits.ip_bytes` (only asked when [`Admission::replay_budget`] gave a budget, so the
-    /// limit is enforced): counted and logged like any refusal, with the wait until it has them.
+    /// `limits.ip_bytes` (only asked when the limit is enforced): counted and logged like any refusal, with the wait until it has them.
     pub fn refuse_replay(&self, client: &Client, bytes: usize) -> Refusal {
         let keyed = self.ip_bytes.read().clone();
         let wait = keyed.wait_for(&client.key, bytes as u64);

@@ -8,7 +8,7 @@ pub mod limits;
 pub mod origin;
 pub mod store;
 
-pub use limits::{Admission, Client, ConnectionTicket, SessionTicket};
+pub use limits::{Admission, Client, ConnectionTicket, ReplayReservation, SessionTicket};
 
 use std::time::Duration;
 

@@ -123,8 +123,14 @@ impl Replay {
     }
 
     /// Bytes of message data it carries (what a resume is charged).
+    /// What the replay weighs in its [`Window`]'s unit (data plus [`REPLAY_FRAME_BYTES`] a
+    /// message): what a resume is charged, so a replay of many small messages is not nearly
+    /// free.
     pub fn bytes(&self) -> usize {
-        self.entries.iter().map(|(_, d)| d.len()).sum()
+        self.entries
+            .iter()
+            .map(|(_, d)| d.len() + REPLAY_FRAME_BYTES)
+            .sum()
     }
 }
 

@@ -46,7 +46,7 @@ pub struct ReplayBudget {
 pub struct Joined {
     /// Where the subscriber is once its replay is delivered (see [`Hub::subscribe`]).
     pub position: Option<Offset>,
-    /// Bytes of message data replayed.
+    /// What was replayed, in its window's unit (see [`Replay::bytes`]).
     pub replayed: usize,
 }
 
@@ -241,7 +241,11 @@ impl Hub {
             Some(since) => match self.replay(channel, since, window).await {
                 Ok(mut r) => {
                     replayed = r.bytes();
-                    if r.cut && budget.is_some_and(|b| b.left < b.enough) {
+                    // Refused only when the budget did the cutting: a window full in frames
+                    // would be cut the same however long the client waited.
+                    let by_budget = r.entries.len() < window.frames
+                        && budget.is_some_and(|b| b.left < outbox.capacity_bytes() / 2);
+                    if r.cut && by_budget && budget.is_some_and(|b| b.left < b.enough) {
                         self.unsubscribe(channel, session);
                         return Err(SubscribeError::ReplayOverBudget { read: replayed });
                     }
