@@ -250,3 +250,65 @@ async fn an_ingest_backlog_past_its_cap_reconnects_and_sends_a_gap() {
     backend_publish(&redis, "burst", "\"live\"");
     until_data(&mut a, "live").await;
 }
+
+/// A subscribe cancelled while it waits for its SUBSCRIBE (here an HTTP/2 SSE request reset by
+/// its client) must not leave the node subscribed in Redis to a channel nobody on it holds.
+///
+/// Each round holds the command task in a round trip (a PING through a silent relay) while an
+/// UNSUBSCRIBE timer runs out, and meanwhile a channel is asked for and abandoned: when the
+/// round trip ends, the timer and the SUBSCRIBE are both due, in either order. Before the fix,
+/// about a quarter of the rounds left the abandoned channel subscribed for good.
+#[tokio::test]
+async fn a_subscribe_cancelled_while_its_subscribe_waits_leaves_no_redis_subscription() {
+    const ROUNDS: usize = 20;
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port).await;
+    let t = node_via(relay.url(), |f| {
+        f.bus.redis_timeout = Duration::from_secs(5);
+        f.bus.redis_ping_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut a = t.connect().await;
+    let http = common::sse_client::client(&t, true);
+    for round in 0..ROUNDS {
+        // A channel dropped just now: its UNSUBSCRIBE is due in 100 ms.
+        a.subscribe(1, &format!("z{round}")).await;
+        let r = a
+            .request(json!({"id": 2, "op": "unsubscribe", "channel": format!("z{round}")}))
+            .await;
+        assert_eq!(r["ok"], true);
+        // The next command (most likely the PING) hangs, and the timer runs out behind it.
+        relay.silence();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A subscribe that waits for the command task, reset by its client.
+        let url = common::sse_client::url(&t, &format!("channel=x{round}"));
+        let asked = tokio::time::timeout(Duration::from_millis(200), http.get(url).send()).await;
+        assert!(
+            asked.is_err(),
+            "round {round}: the subscribe cannot be answered yet"
+        );
+        relay.resume();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nobody holds any channel: within a few unsubscribe delays the node holds no subscription.
+    assert_eq!(t.metric("edgeplex_channels").await, 0.0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let held: Vec<String> = (0..ROUNDS)
+            .map(|r| format!("edgeplex:x{r}"))
+            .chain((0..ROUNDS).map(|r| format!("edgeplex:z{r}")))
+            .filter(|c| numsub(&redis, c) != 0)
+            .collect();
+        let gauge = t.metric("edgeplex_redis_subscriptions").await;
+        if held.is_empty() && gauge == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still subscribed in Redis to {held:?} (edgeplex_redis_subscriptions = {gauge}) \
+             though no client holds a channel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(t.metric("edgeplex_redis_reconnects_total").await, 0.0);
+}

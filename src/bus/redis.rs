@@ -47,7 +47,11 @@
 //! and delivery never waits for either. A channel dropped and joined again at the same moment
 //! cannot end up unsubscribed: a channel leaves the active set before the hub is asked whether it
 //! is still wanted, so a join after that question queues a SUBSCRIBE, which the same task sends
-//! after the UNSUBSCRIBE.
+//! after the UNSUBSCRIBE. The other way round, a subscribe abandoned while it waits for its
+//! SUBSCRIBE (a client that went away mid-request) cannot leave a subscription nobody holds:
+//! the hub is asked again before the SUBSCRIBE is sent and once more after it is answered, and
+//! a channel it no longer holds then joins the dropped ones, so the subscriptions stay within
+//! the hub's capped table plus what is about to leave.
 //!
 //! This module does not know about sessions or transports; it talks to the hub only.
 
@@ -667,16 +671,53 @@ impl RedisBus {
             // Recorded even while disconnected (a new connection starts afresh from the
             // table): the cap bounds it either way.
             let mut st = self.subs.lock();
-            if st.resync {
-                // The whole table will be compared anyway.
-            } else if st.dropped.len() >= DROPPED_CAP {
-                st.dropped = HashSet::new();
-                st.resync = true;
-                self.metrics.redis_resyncs.inc();
-            } else {
-                st.dropped.insert(channel.clone());
+            // A subscribe abandoned before its SUBSCRIBE went out: nobody waits for it any
+            // more, so it is not sent (see [`RedisBus::activate`] for one already on its way).
+            if let Some(waiters) = st.wanted.get_mut(channel) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.wanted.remove(channel);
+                }
             }
+            self.note_dropped(&mut st, channel);
         }
+        self.changed.notify_one();
+    }
+
+    /// Puts `channel` among those the next unsubscribe round looks at, within [`DROPPED_CAP`].
+    fn note_dropped(&self, st: &mut SubState, channel: &Channel) {
+        if st.resync {
+            // The whole table will be compared anyway.
+        } else if st.dropped.len() >= DROPPED_CAP {
+            st.dropped = HashSet::new();
+            st.resync = true;
+            self.metrics.redis_resyncs.inc();
+        } else {
+            st.dropped.insert(channel.clone());
+        }
+    }
+
+    /// Records `batch` as subscribed, its SUBSCRIBE answered. Those the hub no longer holds
+    /// (their subscribe was abandoned while the command was on its way, or before it, if the
+    /// unsubscribe round ran first and found them not yet active) go to the dropped set, so
+    /// they leave with the next round: the subscriptions never outgrow the hub's table for
+    /// longer than that. The hub is asked after the channels are active, so a join after the
+    /// question finds them active and the unsubscribe round asks the hub again.
+    fn activate(&self, hub: &Hub, batch: &[Channel]) {
+        self.subs.lock().active.extend(batch.iter().cloned());
+        let orphans: Vec<&Channel> = batch
+            .iter()
+            .filter(|c| hub.subscriber_count(c.as_str()) == 0)
+            .collect();
+        let mut st = self.subs.lock();
+        self.subscriptions_gauge.set(st.active.len() as i64);
+        if orphans.is_empty() {
+            return;
+        }
+        for c in orphans {
+            self.note_dropped(&mut st, c);
+        }
+        drop(st);
         self.changed.notify_one();
     }
 
@@ -696,7 +737,7 @@ impl RedisBus {
         for batch in add.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             self.timed(sink.subscribe(&keys)).await?;
-            self.subs.lock().active.extend(batch.iter().cloned());
+            self.activate(hub, batch);
         }
         self.unsubscribe_unwanted(hub, &mut sink, remove).await?;
         self.subscriptions_gauge
@@ -732,29 +773,39 @@ impl RedisBus {
         Ok(())
     }
 
-    /// Sends one SUBSCRIBE per [`SUBSCRIBE_BATCH`] of the channels asked for, until none waits.
-    /// A failure leaves the waiters unanswered, to be told `unavailable` when the connection
-    /// is dropped.
-    async fn subscribe_wanted(&self, sink: &mut PubSubSink) -> Result<(), redis::RedisError> {
+    /// Sends one SUBSCRIBE per [`SUBSCRIBE_BATCH`] of the channels asked for, until none waits;
+    /// a channel the hub no longer holds is not sent (its waiters, if any, are told
+    /// `unavailable`). A failure leaves the waiters unanswered, to be told `unavailable` when
+    /// the connection is dropped.
+    async fn subscribe_wanted(
+        &self,
+        hub: &Hub,
+        sink: &mut PubSubSink,
+    ) -> Result<(), redis::RedisError> {
         loop {
-            let batch: Vec<(Channel, Vec<Waiter>)> = {
+            let taken: Vec<(Channel, Vec<Waiter>)> = {
                 let mut st = self.subs.lock();
                 let take: Vec<Channel> = st.wanted.keys().take(SUBSCRIBE_BATCH).cloned().collect();
                 take.into_iter()
                     .filter_map(|c| st.wanted.remove_entry(&c))
                     .collect()
             };
-            if batch.is_empty() {
+            if taken.is_empty() {
                 return Ok(());
+            }
+            // Asked after leaving `wanted`: a join after the question queues the channel again.
+            let batch: Vec<(Channel, Vec<Waiter>)> = taken
+                .into_iter()
+                .filter(|(c, _)| hub.subscriber_count(c.as_str()) > 0)
+                .collect();
+            if batch.is_empty() {
+                continue;
             }
             let keys: Vec<String> = batch.iter().map(|(c, _)| self.key(c)).collect();
             self.timed(sink.subscribe(&keys)).await?;
-            {
-                let mut st = self.subs.lock();
-                st.active.extend(batch.iter().map(|(c, _)| c.clone()));
-                self.subscriptions_gauge.set(st.active.len() as i64);
-            }
-            for waiter in batch.into_iter().flat_map(|(_, w)| w) {
+            let (channels, waiters): (Vec<Channel>, Vec<Vec<Waiter>>) = batch.into_iter().unzip();
+            self.activate(hub, &channels);
+            for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.send(());
             }
         }
@@ -838,7 +889,10 @@ impl RedisBus {
         loop {
             tokio::select! {
                 _ = lost.cancelled() => return Ok(()),
-                _ = self.wanted.notified() => self.subscribe_wanted(sink).await?,
+                _ = self.wanted.notified() => {
+                    let Some(h) = hub.upgrade() else { return Ok(()) };
+                    self.subscribe_wanted(&h, sink).await?;
+                }
                 _ = self.changed.notified() => {
                     unsubscribe_at.get_or_insert(tokio::time::Instant::now() + UNSUBSCRIBE_DELAY);
                 }
