@@ -23,12 +23,19 @@
 //! answer `unavailable`, `/readyz` fails), retries with capped, fully jittered backoff (so nodes
 //! that lost Redis together do not all come back, and their clients resume, in one instant),
 //! resubscribes every channel the hub holds, and sends each local subscriber a `gap` notice for
-//! the outage. A connection is lost when it closes, when a PING sent every
+//! the outage. A connection is lost when it closes, or when a PING sent every
 //! `bus.redis_ping_interval` goes unanswered for `bus.redis_timeout` (a NAT or load balancer that
 //! forgot the flow closes nothing, and the kernels on the way still ACK, so only an answer proves
-//! the path), or when messages arrive faster than the node delivers them: they wait in an ingest
-//! queue capped at `bus.redis_ingest_queue` messages and [`INGEST_QUEUE_BYTES`], and past the cap
-//! the node would rather resubscribe and say `gap` than buffer without bound.
+//! the path).
+//!
+//! Messages arriving faster than the node delivers them are not an outage. They wait in an
+//! ingest queue capped at `bus.redis_ingest_queue` messages and [`INGEST_QUEUE_BYTES`]; past the
+//! cap the node drops rather than buffers without bound, but only what does not fit: a channel
+//! that lost a message drops its later ones too until the queue has drained to half, and then
+//! gets a `gap` notice in its place in the queue (after what it had queued before the loss,
+//! before what comes after). The connection and every other channel are left alone. The channels
+//! waiting for their notice are ones the node is subscribed to, at most [`INGEST_LOST_CAP`];
+//! past that every channel gets one.
 //!
 //! Publishes go through one queue per node, bounded in count and bytes, drained by one task
 //! ([`RedisBus::spawn_publisher`]) that sends what is waiting as a single pipeline and answers
@@ -86,6 +93,10 @@ const DROPPED_CAP: usize = 65_536;
 /// Bytes of Redis messages received and not yet delivered, at most (next to the count cap,
 /// `bus.redis_ingest_queue`); one larger message still passes alone.
 pub const INGEST_QUEUE_BYTES: usize = 64 << 20;
+/// Channels that lost messages at the ingest cap and wait for room to queue their gap notice,
+/// at most. They are channels this node is subscribed to, so the table bounds them already;
+/// past this, every channel of the node gets the notice instead.
+const INGEST_LOST_CAP: usize = 4096;
 /// Publishes waiting for the pipeline, at most: past this a publisher waits for room, which
 /// holds back its session's reading and so its client (TCP back-pressure).
 const PUBLISH_QUEUE: usize = 4096;
@@ -930,6 +941,25 @@ impl RedisBus {
         }
     }
 
+    /// Delivers what the pump queued: a message, or the gap notice of a channel that lost
+    /// messages at the ingest cap, in its place in that channel's order.
+    fn ingest(&self, hub: &Hub, item: &Ingest) {
+        match item {
+            Ingest::Msg(msg) => self.deliver(hub, msg),
+            Ingest::Gap(name) => {
+                if let Some(channel) = name
+                    .strip_prefix(self.settings.prefix.as_str())
+                    .and_then(|n| Channel::new(n).ok())
+                {
+                    hub.gap_all(&[channel]);
+                }
+            }
+            Ingest::GapAll => {
+                hub.gap_all(&hub.channel_names());
+            }
+        }
+    }
+
     /// Turns one pub/sub message into a hub dispatch.
     fn deliver(&self, hub: &Hub, msg: &redis::Msg) {
         let Some(name) = msg
@@ -969,9 +999,10 @@ impl RedisBus {
     /// capped, jittered backoff. Ends when `stop` is cancelled or the hub is gone.
     ///
     /// Per connection, three tasks: a pump moves messages from redis-rs (whose own buffer has
-    /// no bound) into the capped ingest queue and does nothing else, so that buffer stays
-    /// near empty; this loop delivers from the queue and never waits on Redis; the command task
-    /// subscribes, unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
+    /// no bound) into the capped ingest queue, dropping what does not fit and queueing gap
+    /// notices in its place, and does nothing else, so that buffer stays near empty; this loop
+    /// delivers from the queue and never waits on Redis; the command task subscribes,
+    /// unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
         let mut cap = RECONNECT_MIN;
         let mut ever_connected = false;
@@ -986,20 +1017,25 @@ impl RedisBus {
                     let (sink, stream) = pubsub.split();
                     let lost = stop.child_token();
                     let (tx, mut ingest) = tokio::sync::mpsc::channel(self.settings.ingest_queue);
-                    let bytes = Arc::new(AtomicUsize::new(0));
+                    let room = Arc::new(IngestRoom::default());
                     let pump = tokio::spawn({
-                        let (lost, bytes) = (lost.clone(), bytes.clone());
-                        let overflows = self.metrics.redis_ingest_overflows.clone();
+                        let (lost, room) = (lost.clone(), room.clone());
+                        let stats = IngestStats {
+                            overflows: self.metrics.redis_ingest_overflows.clone(),
+                            dropped: self.metrics.redis_ingest_dropped.clone(),
+                        };
                         async move {
-                            if pump(stream, tx, &bytes, INGEST_QUEUE_BYTES).await
-                                == PumpEnd::Overflow
-                            {
-                                overflows.inc();
-                                tracing::warn!(
-                                    "Redis messages arrive faster than this node delivers them; \
-                                     past the ingest cap, resubscribing with gap notices"
-                                );
-                            }
+                            // An overflow is not an outage: the pump goes on, and stops only
+                            // when the connection does.
+                            pump(
+                                stream,
+                                tx,
+                                &room,
+                                INGEST_QUEUE_BYTES,
+                                INGEST_LOST_CAP,
+                                &stats,
+                            )
+                            .await;
                             lost.cancel();
                         }
                     });
@@ -1012,11 +1048,11 @@ impl RedisBus {
                     loop {
                         tokio::select! {
                             _ = lost.cancelled() => break,
-                            msg = ingest.recv() => {
-                                let Some(m) = msg else { break };
-                                bytes.fetch_sub(msg_bytes(&m), Ordering::Relaxed);
+                            item = ingest.recv() => {
+                                let Some(item) = item else { break };
+                                room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
                                 match hub.upgrade() {
-                                    Some(h) => self.deliver(&h, &m),
+                                    Some(h) => self.ingest(&h, &item),
                                     None => break,
                                 }
                             }
@@ -1123,13 +1159,25 @@ fn parse_envelope(payload: &str) -> Option<(Offset, &str)> {
     Some((offset, data))
 }
 
-/// Why the pump stopped.
-#[derive(Debug, PartialEq, Eq)]
-enum PumpEnd {
-    /// The connection closed, or delivery is gone.
-    Closed,
-    /// More was waiting for delivery than the caps allow.
-    Overflow,
+/// What the pump hands the delivery loop.
+#[derive(Debug)]
+enum Ingest {
+    Msg(redis::Msg),
+    /// Messages of this Redis channel were dropped at the ingest cap: its subscribers get a gap
+    /// notice here, behind what was queued before the loss and ahead of what comes after.
+    Gap(String),
+    /// More channels lost messages than [`INGEST_LOST_CAP`]: every channel's subscribers get one.
+    GapAll,
+}
+
+impl Ingest {
+    /// What it counts against [`INGEST_QUEUE_BYTES`]: a message's channel and payload.
+    fn bytes(&self) -> usize {
+        match self {
+            Ingest::Msg(msg) => msg_bytes(msg),
+            Ingest::Gap(_) | Ingest::GapAll => 0,
+        }
+    }
 }
 
 /// What a message counts against [`INGEST_QUEUE_BYTES`].
@@ -1137,28 +1185,195 @@ fn msg_bytes(msg: &redis::Msg) -> usize {
     msg.get_payload_bytes().len() + msg.get_channel_name().len()
 }
 
-/// Moves messages from `stream` into `queue` until the connection ends or the queue is past its
-/// count cap (its capacity) or `max_bytes` (counted in `bytes`, which the receiver lowers). One
-/// message larger than `max_bytes` still passes alone.
-async fn pump(
-    mut stream: impl Stream<Item = redis::Msg> + Unpin,
-    queue: tokio::sync::mpsc::Sender<redis::Msg>,
-    bytes: &AtomicUsize,
-    max_bytes: usize,
-) -> PumpEnd {
-    while let Some(msg) = stream.next().await {
-        let n = msg_bytes(&msg);
-        let before = bytes.fetch_add(n, Ordering::Relaxed);
-        if before > 0 && before + n > max_bytes {
-            return PumpEnd::Overflow;
-        }
-        match queue.try_send(msg) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => return PumpEnd::Overflow,
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return PumpEnd::Closed,
+/// The ingest queue's state shared by the pump and the delivery loop.
+#[derive(Debug, Default)]
+struct IngestRoom {
+    /// Bytes queued (see [`Ingest::bytes`]).
+    bytes: AtomicUsize,
+    /// The pump holds gap notices until the queue has room again.
+    waiting: AtomicBool,
+    /// Wakes the pump when it has.
+    room: Notify,
+}
+
+impl IngestRoom {
+    /// The delivery loop took `item`; `left` items remain in a queue of `cap`.
+    fn taken(&self, item: &Ingest, left: usize, cap: usize, max_bytes: usize) {
+        let n = item.bytes();
+        let bytes = self.bytes.fetch_sub(n, Ordering::SeqCst) - n;
+        // SeqCst with the pump's store of `waiting` and its look at the queue: one of the two
+        // sees the other, so room is never missed.
+        if self.waiting.load(Ordering::SeqCst) && has_room(left, cap, bytes, max_bytes) {
+            self.room.notify_one();
         }
     }
-    PumpEnd::Closed
+}
+
+/// After an overflow, room means the queue has drained to half of both caps: the notices go in
+/// then, so a channel flooded without pause loses its messages in runs of about half the queue,
+/// one notice each, rather than one notice per message dropped.
+fn has_room(queued: usize, cap: usize, bytes: usize, max_bytes: usize) -> bool {
+    queued <= cap / 2 && bytes <= max_bytes / 2
+}
+
+/// What the pump counts.
+struct IngestStats {
+    /// Losses begun (the queue was full and had been taking everything).
+    overflows: Counter,
+    /// Messages dropped.
+    dropped: Counter,
+}
+
+/// Channels that lost messages and whose gap notices wait for room, in the order they lost
+/// them; at most a cap's worth, then a notice for every channel instead.
+#[derive(Debug, Default)]
+struct Lost {
+    order: std::collections::VecDeque<String>,
+    names: HashSet<String>,
+    all: bool,
+}
+
+impl Lost {
+    fn is_empty(&self) -> bool {
+        !self.all && self.order.is_empty()
+    }
+
+    /// A message of `name` must wait behind that channel's notice, so it cannot be queued yet.
+    fn holds(&self, name: &str) -> bool {
+        self.all || self.names.contains(name)
+    }
+
+    fn add(&mut self, name: &str, cap: usize) {
+        if self.holds(name) {
+            return;
+        }
+        if self.names.len() >= cap {
+            self.order = Default::default();
+            self.names = HashSet::new();
+            self.all = true;
+        } else {
+            self.names.insert(name.to_owned());
+            self.order.push_back(name.to_owned());
+        }
+    }
+
+    /// Queues the notices that fit. `false` when the delivery loop is gone.
+    fn flush(&mut self, queue: &tokio::sync::mpsc::Sender<Ingest>) -> bool {
+        use tokio::sync::mpsc::error::TrySendError;
+        if self.all {
+            match queue.try_send(Ingest::GapAll) {
+                Ok(()) => self.all = false,
+                Err(TrySendError::Full(_)) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        while let Some(name) = self.order.front() {
+            match queue.try_send(Ingest::Gap(name.clone())) {
+                Ok(()) => {
+                    if let Some(name) = self.order.pop_front() {
+                        self.names.remove(&name);
+                    }
+                }
+                Err(TrySendError::Full(_)) => break,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Moves messages from `stream` into `queue` until the connection ends (or the delivery loop
+/// is gone). A message that does not fit the queue's count cap (its capacity) or `max_bytes`
+/// (counted in `room`, which the delivery loop lowers) is dropped, and its channel is marked:
+/// its later messages are dropped too until the queue has room again, when the channel's gap
+/// notice is queued, so each channel's subscribers see what came before the loss, the notice,
+/// then what came after. Channels that lost nothing are not touched. One message larger than
+/// `max_bytes` still passes alone.
+async fn pump(
+    mut stream: impl Stream<Item = redis::Msg> + Unpin,
+    queue: tokio::sync::mpsc::Sender<Ingest>,
+    room: &IngestRoom,
+    max_bytes: usize,
+    lost_cap: usize,
+    stats: &IngestStats,
+) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let cap = queue.max_capacity();
+    let mut lost = Lost::default();
+    let mut warned: Option<tokio::time::Instant> = None;
+    loop {
+        if !lost.is_empty() {
+            room.waiting.store(true, Ordering::SeqCst);
+            let queued = cap - queue.capacity();
+            if has_room(queued, cap, room.bytes.load(Ordering::SeqCst), max_bytes)
+                && !lost.flush(&queue)
+            {
+                return;
+            }
+            room.waiting.store(!lost.is_empty(), Ordering::SeqCst);
+        }
+        let next = if lost.is_empty() {
+            stream.next().await
+        } else {
+            tokio::select! {
+                biased;
+                _ = room.room.notified() => continue,
+                m = stream.next() => m,
+            }
+        };
+        let Some(msg) = next else { return };
+        let name = msg.get_channel_name();
+        if !lost.holds(name) {
+            let n = msg_bytes(&msg);
+            let before = room.bytes.fetch_add(n, Ordering::SeqCst);
+            if before == 0 || before + n <= max_bytes {
+                match queue.try_send(Ingest::Msg(msg)) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(Ingest::Msg(m))) => {
+                        room.bytes.fetch_sub(n, Ordering::SeqCst);
+                        drop_one(
+                            &mut lost,
+                            m.get_channel_name(),
+                            lost_cap,
+                            stats,
+                            &mut warned,
+                        );
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        room.bytes.fetch_sub(n, Ordering::SeqCst);
+                    }
+                    Err(TrySendError::Closed(_)) => return,
+                }
+                continue;
+            }
+            room.bytes.fetch_sub(n, Ordering::SeqCst);
+        }
+        drop_one(&mut lost, name, lost_cap, stats, &mut warned);
+    }
+}
+
+/// Counts one message of `name` dropped at the ingest cap and marks its channel.
+fn drop_one(
+    lost: &mut Lost,
+    name: &str,
+    lost_cap: usize,
+    stats: &IngestStats,
+    warned: &mut Option<tokio::time::Instant>,
+) {
+    if lost.is_empty() {
+        stats.overflows.inc();
+        // Once per half minute at most: a flood that goes on begins a loss every drain.
+        let now = tokio::time::Instant::now();
+        if warned.is_none_or(|w| now - w >= Duration::from_secs(30)) {
+            *warned = Some(now);
+            tracing::warn!(
+                "Redis messages arrive faster than this node delivers them; past the ingest \
+                 cap the channels that lose messages get gap notices"
+            );
+        }
+    }
+    stats.dropped.inc();
+    lost.add(name, lost_cap);
 }
 
 /// The pause before reconnect attempt with backoff cap `cap`: full jitter, drawn evenly from
@@ -1234,57 +1449,193 @@ mod tests {
         );
     }
 
-    fn msg(payload: &[u8]) -> redis::Msg {
+    fn msg_on(channel: &str, payload: &[u8]) -> redis::Msg {
         redis::Msg::from_owned_value(redis::Value::Array(vec![
             redis::Value::BulkString(b"message".to_vec()),
-            redis::Value::BulkString(b"t:c".to_vec()),
+            redis::Value::BulkString(channel.as_bytes().to_vec()),
             redis::Value::BulkString(payload.to_vec()),
         ]))
         .unwrap()
     }
 
+    fn msg(payload: &[u8]) -> redis::Msg {
+        msg_on("t:c", payload)
+    }
+
+    fn stats() -> IngestStats {
+        IngestStats {
+            overflows: Counter::default(),
+            dropped: Counter::default(),
+        }
+    }
+
+    /// `channel:payload` for a message, `gap:channel` for a notice.
+    fn show(item: &Ingest) -> String {
+        match item {
+            Ingest::Msg(m) => format!(
+                "{}:{}",
+                m.get_channel_name(),
+                String::from_utf8_lossy(m.get_payload_bytes())
+            ),
+            Ingest::Gap(c) => format!("gap:{c}"),
+            Ingest::GapAll => "gap:*".into(),
+        }
+    }
+
     #[tokio::test]
-    async fn ingest_past_its_count_cap_overflows() {
+    async fn ingest_past_its_count_cap_drops_and_keeps_going() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let bytes = AtomicUsize::new(0);
+        let room = IngestRoom::default();
+        let st = stats();
         let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
-        assert_eq!(pump(msgs, tx, &bytes, 1 << 20).await, PumpEnd::Overflow);
+        // Ends with the connection (the stream), not at the overflow.
+        pump(msgs, tx, &room, 1 << 20, 16, &st).await;
         let mut n = 0;
         while rx.try_recv().is_ok() {
             n += 1;
         }
         assert_eq!(n, 4, "the queue holds its cap, and no more");
-        // Delivered as fast as it comes: no overflow, however many.
+        assert_eq!((st.overflows.get(), st.dropped.get()), (1, 6));
+        // Delivered as fast as it comes: nothing dropped, however many.
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let bytes = AtomicUsize::new(0);
+        let st = stats();
         let msgs = msgs.then(|m| async {
             tokio::task::yield_now().await;
             m
         });
-        assert_eq!(
-            pump(Box::pin(msgs), tx, &bytes, 1 << 20).await,
-            PumpEnd::Closed
-        );
+        pump(Box::pin(msgs), tx, &IngestRoom::default(), 1 << 20, 16, &st).await;
         drain.await.unwrap();
+        assert_eq!((st.overflows.get(), st.dropped.get()), (0, 0));
     }
 
     #[tokio::test]
-    async fn ingest_past_its_byte_cap_overflows_but_one_large_message_passes() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(100);
-        let bytes = AtomicUsize::new(0);
+    async fn ingest_past_its_byte_cap_drops_but_one_large_message_passes() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+        let st = stats();
         let big = vec![b'x'; 1000];
         let msgs = futures_util::stream::iter([msg(&big)]);
-        assert_eq!(pump(msgs, tx, &bytes, 100).await, PumpEnd::Closed);
-        let (tx, _rx) = tokio::sync::mpsc::channel(100);
-        let bytes = AtomicUsize::new(0);
+        pump(msgs, tx, &IngestRoom::default(), 100, 16, &st).await;
+        assert!(matches!(rx.try_recv(), Ok(Ingest::Msg(_))));
+        assert_eq!(st.dropped.get(), 0);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+        let room = IngestRoom::default();
         let msgs = futures_util::stream::iter((0..3).map(|_| msg(&[b'1'; 40])));
+        pump(msgs, tx, &room, 100, 16, &st).await;
         assert_eq!(
-            pump(msgs, tx, &bytes, 100).await,
-            PumpEnd::Overflow,
+            st.dropped.get(),
+            1,
             "three messages of 43 bytes do not fit 100"
         );
+        assert_eq!(
+            room.bytes.load(Ordering::SeqCst),
+            86,
+            "the dropped one is not counted"
+        );
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+    }
+
+    /// Drives a pump fed by the test, with a queue of `cap`, taking items as the delivery loop.
+    struct Rig {
+        feed: tokio::sync::mpsc::UnboundedSender<redis::Msg>,
+        rx: tokio::sync::mpsc::Receiver<Ingest>,
+        room: Arc<IngestRoom>,
+        stats: Arc<IngestStats>,
+    }
+
+    impl Rig {
+        fn start(cap: usize, lost_cap: usize) -> Rig {
+            let (feed, incoming) = tokio::sync::mpsc::unbounded_channel();
+            let stream = Box::pin(futures_util::stream::unfold(incoming, |mut r| async {
+                r.recv().await.map(|m| (m, r))
+            }));
+            let (tx, rx) = tokio::sync::mpsc::channel(cap);
+            let (room, stats) = (Arc::new(IngestRoom::default()), Arc::new(stats()));
+            let (r, s) = (room.clone(), stats.clone());
+            tokio::spawn(async move { pump(stream, tx, &r, 1 << 20, lost_cap, &s).await });
+            Rig {
+                feed,
+                rx,
+                room,
+                stats,
+            }
+        }
+
+        fn send(&self, channel: &str, payload: &str) {
+            self.feed.send(msg_on(channel, payload.as_bytes())).unwrap();
+        }
+
+        /// Lets the pump run until it has dropped `n` messages.
+        async fn dropped(&self, n: u64) {
+            for _ in 0..10_000 {
+                if self.stats.dropped.get() >= n {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("{} dropped, not {n}", self.stats.dropped.get());
+        }
+
+        async fn take(&mut self) -> String {
+            let item = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+                .await
+                .expect("an item")
+                .expect("the pump runs");
+            let cap = self.rx.max_capacity();
+            self.room.taken(&item, self.rx.len(), cap, 1 << 20);
+            show(&item)
+        }
+    }
+
+    #[tokio::test]
+    async fn ingest_loss_is_one_gap_per_channel_in_its_place_and_other_channels_are_untouched() {
+        let mut rig = Rig::start(2, 16);
+        for (c, p) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("a", "4")] {
+            rig.send(c, p);
+        }
+        rig.dropped(3).await;
+        assert_eq!(
+            (rig.stats.overflows.get(), rig.stats.dropped.get()),
+            (1, 3),
+            "a3, b1 and a4 do not fit: one loss"
+        );
+        // Room returns as the delivery loop takes: the notices go in, in the order of loss.
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(rig.take().await);
+        }
+        rig.send("a", "5");
+        rig.send("b", "2");
+        for _ in 0..2 {
+            got.push(rig.take().await);
+        }
+        rig.send("c", "1");
+        got.push(rig.take().await);
+        assert_eq!(
+            got,
+            ["a:1", "a:2", "gap:a", "gap:b", "a:5", "b:2", "c:1"],
+            "each channel: what came before the loss, its notice, what came after"
+        );
+        assert_eq!(rig.stats.dropped.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn ingest_losses_on_more_channels_than_the_cap_notify_every_channel_once() {
+        let mut rig = Rig::start(1, 2);
+        for c in ["a", "b", "c", "d", "b"] {
+            rig.send(c, "1");
+        }
+        rig.dropped(4).await;
+        assert_eq!(rig.take().await, "a:1");
+        assert_eq!(
+            rig.take().await,
+            "gap:*",
+            "b, c and d lost: past the cap of 2"
+        );
+        rig.send("b", "2");
+        assert_eq!(rig.take().await, "b:2");
+        assert_eq!(rig.stats.dropped.get(), 4);
     }
 
     #[tokio::test]
