@@ -79,8 +79,12 @@ use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
 
-/// First and largest pause between reconnect attempts.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Reconnect pauses: each drawn evenly between the floor and a cap that starts at
+/// `RECONNECT_FIRST` and doubles up to `RECONNECT_MAX` (see [`Backoff`]). The first window is
+/// wide enough that nodes which lost Redis together come back (and send their gap notices)
+/// spread over a second, and short enough that a blip costs half a second on average.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
+const RECONNECT_FIRST: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE or UNSUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 500;
@@ -1004,7 +1008,7 @@ impl RedisBus {
     /// delivers from the queue and never waits on Redis; the command task subscribes,
     /// unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
-        let mut cap = RECONNECT_MIN;
+        let mut backoff = Backoff::default();
         let mut ever_connected = false;
         let mut logged_down = false;
         loop {
@@ -1068,7 +1072,7 @@ impl RedisBus {
                         // This connection was restored: the outage starts now.
                         ever_connected = true;
                         logged_down = false;
-                        cap = RECONNECT_MIN;
+                        backoff = Backoff::default();
                         tracing::warn!("lost the Redis subscriber connection; reconnecting");
                     }
                     self.mark_down();
@@ -1083,9 +1087,8 @@ impl RedisBus {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(reconnect_pause(cap, random_unit())) => {}
+                _ = tokio::time::sleep(backoff.next(random_unit())) => {}
             }
-            cap = (cap * 2).min(RECONNECT_MAX);
         }
     }
 
@@ -1376,12 +1379,35 @@ fn drop_one(
     lost.add(name, lost_cap);
 }
 
+/// The subscriber connection's reconnect pauses, from the first after a loss on.
+#[derive(Debug)]
+struct Backoff {
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            cap: RECONNECT_FIRST,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next pause, drawn by `unit` in [0, 1); the cap doubles for the one after.
+    fn next(&mut self, unit: f64) -> Duration {
+        let pause = reconnect_pause(self.cap, unit);
+        self.cap = (self.cap * 2).min(RECONNECT_MAX);
+        pause
+    }
+}
+
 /// The pause before reconnect attempt with backoff cap `cap`: full jitter, drawn evenly from
-/// [`RECONNECT_MIN`] to `cap` by `unit` in [0, 1). Nodes that lost Redis at the same moment
+/// [`RECONNECT_FLOOR`] to `cap` by `unit` in [0, 1). Nodes that lost Redis at the same moment
 /// spread their returns, and so do their clients' resumes after the gap notices.
 fn reconnect_pause(cap: Duration, unit: f64) -> Duration {
-    let cap = cap.clamp(RECONNECT_MIN, RECONNECT_MAX);
-    RECONNECT_MIN + (cap - RECONNECT_MIN).mul_f64(unit.clamp(0.0, 1.0))
+    let cap = cap.clamp(RECONNECT_FIRST, RECONNECT_MAX);
+    RECONNECT_FLOOR + (cap - RECONNECT_FLOOR).mul_f64(unit.clamp(0.0, 1.0))
 }
 
 /// A number in [0, 1) that differs between calls and processes: std's hasher is keyed randomly
@@ -1655,9 +1681,8 @@ mod tests {
 
     #[test]
     fn reconnect_pauses_stay_within_min_and_the_cap_and_spread_over_it() {
-        assert_eq!(reconnect_pause(RECONNECT_MAX, 0.0), RECONNECT_MIN);
+        assert_eq!(reconnect_pause(RECONNECT_MAX, 0.0), RECONNECT_FLOOR);
         assert_eq!(reconnect_pause(RECONNECT_MAX, 1.0), RECONNECT_MAX);
-        assert_eq!(reconnect_pause(RECONNECT_MIN, 0.7), RECONNECT_MIN);
         assert_eq!(
             reconnect_pause(Duration::from_secs(3600), 1.0),
             RECONNECT_MAX
@@ -1668,18 +1693,54 @@ mod tests {
         assert!(
             draws
                 .iter()
-                .all(|d| (RECONNECT_MIN..=RECONNECT_MAX).contains(d))
+                .all(|d| (RECONNECT_FLOOR..=RECONNECT_MAX).contains(d))
         );
         // Evenly spread: each fifth of the range gets a fair share, and no two nodes are
         // likely to pick the same instant.
-        let span = (RECONNECT_MAX - RECONNECT_MIN).as_secs_f64();
+        let span = (RECONNECT_MAX - RECONNECT_FLOOR).as_secs_f64();
         let mut fifths = [0usize; 5];
         for d in &draws {
-            let at = (d.saturating_sub(RECONNECT_MIN).as_secs_f64() / span * 5.0) as usize;
+            let at = (d.saturating_sub(RECONNECT_FLOOR).as_secs_f64() / span * 5.0) as usize;
             fifths[at.min(4)] += 1;
         }
         assert!(fifths.iter().all(|&n| n > 300), "{fifths:?}");
         let distinct: HashSet<Duration> = draws.iter().copied().collect();
         assert!(distinct.len() > 1990, "{} distinct", distinct.len());
+    }
+
+    /// The first pause after a loss is the one every node that lost Redis at the same moment
+    /// takes: it must be spread as well, over a window short enough for a blip.
+    #[test]
+    fn the_first_reconnect_after_a_loss_is_jittered_too_and_quick() {
+        let firsts: Vec<Duration> = (0..2000)
+            .map(|_| Backoff::default().next(random_unit()))
+            .collect();
+        let (lo, hi) = (*firsts.iter().min().unwrap(), *firsts.iter().max().unwrap());
+        assert!(
+            lo >= Duration::from_millis(20) && hi <= Duration::from_secs(1),
+            "first pauses from {lo:?} to {hi:?}: quick after a blip"
+        );
+        assert!(
+            hi - lo >= Duration::from_millis(700),
+            "first pauses from {lo:?} to {hi:?}: nodes come back in one instant"
+        );
+        let span = (hi - lo).as_secs_f64();
+        let mut fifths = [0usize; 5];
+        for d in &firsts {
+            let at = ((*d - lo).as_secs_f64() / span * 5.0) as usize;
+            fifths[at.min(4)] += 1;
+        }
+        assert!(fifths.iter().all(|&n| n > 300), "{fifths:?}");
+        let distinct: HashSet<Duration> = firsts.iter().copied().collect();
+        assert!(distinct.len() > 1990, "{} distinct", distinct.len());
+        // Then the cap doubles up to the largest, and a loss starts over.
+        let mut b = Backoff::default();
+        let tops: Vec<Duration> = (0..5).map(|_| b.next(1.0)).collect();
+        assert_eq!(tops[0], RECONNECT_FIRST);
+        assert!(
+            tops.windows(2)
+                .all(|w| w[1] == (w[0] * 2).min(RECONNECT_MAX))
+        );
+        assert_eq!(tops[4], RECONNECT_MAX);
     }
 }
