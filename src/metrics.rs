@@ -122,6 +122,7 @@ pub struct Metrics {
     pub redis_publish_pipelines: Counter,
     pub redis_ping_failures: Counter,
     pub redis_ingest_overflows: Counter,
+    pub redis_ingest_dropped: Counter,
     pub redis_resyncs: Counter,
     pub redis_history_evictions: Counter,
     pub redis_history_bytes: Gauge,
@@ -163,6 +164,7 @@ impl Metrics {
             redis_publish_pipelines: Counter::default(),
             redis_ping_failures: Counter::default(),
             redis_ingest_overflows: Counter::default(),
+            redis_ingest_dropped: Counter::default(),
             redis_resyncs: Counter::default(),
             redis_history_evictions: Counter::default(),
             redis_history_bytes: Gauge::default(),
@@ -278,9 +280,16 @@ impl Metrics {
         registry.register(
             "redis_ingest_overflows",
             "Times Redis messages arrived faster than this node delivered them past the ingest \
-             cap (bus.redis_ingest_queue); each drops the subscriber connection, which is then \
-             restored with gap notices",
+             cap (bus.redis_ingest_queue messages or 64 MiB): from then until room returns, the \
+             channels that lose messages drop them and then get a gap notice; the connection \
+             stays",
             m.redis_ingest_overflows.clone(),
+        );
+        registry.register(
+            "redis_ingest_dropped",
+            "Redis messages dropped past the ingest cap; each channel that lost any got a gap \
+             notice in their place",
+            m.redis_ingest_dropped.clone(),
         );
         registry.register(
             "redis_resyncs",

@@ -23,12 +23,19 @@
 //! answer `unavailable`, `/readyz` fails), retries with capped, fully jittered backoff (so nodes
 //! that lost Redis together do not all come back, and their clients resume, in one instant),
 //! resubscribes every channel the hub holds, and sends each local subscriber a `gap` notice for
-//! the outage. A connection is lost when it closes, when a PING sent every
+//! the outage. A connection is lost when it closes, or when a PING sent every
 //! `bus.redis_ping_interval` goes unanswered for `bus.redis_timeout` (a NAT or load balancer that
 //! forgot the flow closes nothing, and the kernels on the way still ACK, so only an answer proves
-//! the path), or when messages arrive faster than the node delivers them: they wait in an ingest
-//! queue capped at `bus.redis_ingest_queue` messages and [`INGEST_QUEUE_BYTES`], and past the cap
-//! the node would rather resubscribe and say `gap` than buffer without bound.
+//! the path).
+//!
+//! Messages arriving faster than the node delivers them are not an outage. They wait in an
+//! ingest queue capped at `bus.redis_ingest_queue` messages and [`INGEST_QUEUE_BYTES`]; past the
+//! cap the node drops rather than buffers without bound, but only what does not fit: a channel
+//! that lost a message drops its later ones too until the queue has drained to half, and then
+//! gets a `gap` notice in its place in the queue (after what it had queued before the loss,
+//! before what comes after). The connection and every other channel are left alone. The channels
+//! waiting for their notice are ones the node is subscribed to, at most [`INGEST_LOST_CAP`];
+//! past that every channel gets one.
 //!
 //! Publishes go through one queue per node, bounded in count and bytes, drained by one task
 //! ([`RedisBus::spawn_publisher`]) that sends what is waiting as a single pipeline and answers
@@ -47,7 +54,11 @@
 //! and delivery never waits for either. A channel dropped and joined again at the same moment
 //! cannot end up unsubscribed: a channel leaves the active set before the hub is asked whether it
 //! is still wanted, so a join after that question queues a SUBSCRIBE, which the same task sends
-//! after the UNSUBSCRIBE.
+//! after the UNSUBSCRIBE. The other way round, a subscribe abandoned while it waits for its
+//! SUBSCRIBE (a client that went away mid-request) cannot leave a subscription nobody holds:
+//! the hub is asked again before the SUBSCRIBE is sent and once more after it is answered, and
+//! a channel it no longer holds then joins the dropped ones, so the subscriptions stay within
+//! the hub's capped table plus what is about to leave.
 //!
 //! This module does not know about sessions or transports; it talks to the hub only.
 
@@ -68,8 +79,12 @@ use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
 
-/// First and largest pause between reconnect attempts.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Reconnect pauses: each drawn evenly between the floor and a cap that starts at
+/// `RECONNECT_FIRST` and doubles up to `RECONNECT_MAX` (see [`Backoff`]). The first window is
+/// wide enough that nodes which lost Redis together come back (and send their gap notices)
+/// spread over a second, and short enough that a blip costs half a second on average.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
+const RECONNECT_FIRST: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE or UNSUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 500;
@@ -82,6 +97,10 @@ const DROPPED_CAP: usize = 65_536;
 /// Bytes of Redis messages received and not yet delivered, at most (next to the count cap,
 /// `bus.redis_ingest_queue`); one larger message still passes alone.
 pub const INGEST_QUEUE_BYTES: usize = 64 << 20;
+/// Channels that lost messages at the ingest cap and wait for room to queue their gap notice,
+/// at most. They are channels this node is subscribed to, so the table bounds them already;
+/// past this, every channel of the node gets the notice instead.
+const INGEST_LOST_CAP: usize = 4096;
 /// Publishes waiting for the pipeline, at most: past this a publisher waits for room, which
 /// holds back its session's reading and so its client (TCP back-pressure).
 const PUBLISH_QUEUE: usize = 4096;
@@ -667,16 +686,53 @@ impl RedisBus {
             // Recorded even while disconnected (a new connection starts afresh from the
             // table): the cap bounds it either way.
             let mut st = self.subs.lock();
-            if st.resync {
-                // The whole table will be compared anyway.
-            } else if st.dropped.len() >= DROPPED_CAP {
-                st.dropped = HashSet::new();
-                st.resync = true;
-                self.metrics.redis_resyncs.inc();
-            } else {
-                st.dropped.insert(channel.clone());
+            // A subscribe abandoned before its SUBSCRIBE went out: nobody waits for it any
+            // more, so it is not sent (see [`RedisBus::activate`] for one already on its way).
+            if let Some(waiters) = st.wanted.get_mut(channel) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.wanted.remove(channel);
+                }
             }
+            self.note_dropped(&mut st, channel);
         }
+        self.changed.notify_one();
+    }
+
+    /// Puts `channel` among those the next unsubscribe round looks at, within [`DROPPED_CAP`].
+    fn note_dropped(&self, st: &mut SubState, channel: &Channel) {
+        if st.resync {
+            // The whole table will be compared anyway.
+        } else if st.dropped.len() >= DROPPED_CAP {
+            st.dropped = HashSet::new();
+            st.resync = true;
+            self.metrics.redis_resyncs.inc();
+        } else {
+            st.dropped.insert(channel.clone());
+        }
+    }
+
+    /// Records `batch` as subscribed, its SUBSCRIBE answered. Those the hub no longer holds
+    /// (their subscribe was abandoned while the command was on its way, or before it, if the
+    /// unsubscribe round ran first and found them not yet active) go to the dropped set, so
+    /// they leave with the next round: the subscriptions never outgrow the hub's table for
+    /// longer than that. The hub is asked after the channels are active, so a join after the
+    /// question finds them active and the unsubscribe round asks the hub again.
+    fn activate(&self, hub: &Hub, batch: &[Channel]) {
+        self.subs.lock().active.extend(batch.iter().cloned());
+        let orphans: Vec<&Channel> = batch
+            .iter()
+            .filter(|c| hub.subscriber_count(c.as_str()) == 0)
+            .collect();
+        let mut st = self.subs.lock();
+        self.subscriptions_gauge.set(st.active.len() as i64);
+        if orphans.is_empty() {
+            return;
+        }
+        for c in orphans {
+            self.note_dropped(&mut st, c);
+        }
+        drop(st);
         self.changed.notify_one();
     }
 
@@ -696,7 +752,7 @@ impl RedisBus {
         for batch in add.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             self.timed(sink.subscribe(&keys)).await?;
-            self.subs.lock().active.extend(batch.iter().cloned());
+            self.activate(hub, batch);
         }
         self.unsubscribe_unwanted(hub, &mut sink, remove).await?;
         self.subscriptions_gauge
@@ -732,29 +788,39 @@ impl RedisBus {
         Ok(())
     }
 
-    /// Sends one SUBSCRIBE per [`SUBSCRIBE_BATCH`] of the channels asked for, until none waits.
-    /// A failure leaves the waiters unanswered, to be told `unavailable` when the connection
-    /// is dropped.
-    async fn subscribe_wanted(&self, sink: &mut PubSubSink) -> Result<(), redis::RedisError> {
+    /// Sends one SUBSCRIBE per [`SUBSCRIBE_BATCH`] of the channels asked for, until none waits;
+    /// a channel the hub no longer holds is not sent (its waiters, if any, are told
+    /// `unavailable`). A failure leaves the waiters unanswered, to be told `unavailable` when
+    /// the connection is dropped.
+    async fn subscribe_wanted(
+        &self,
+        hub: &Hub,
+        sink: &mut PubSubSink,
+    ) -> Result<(), redis::RedisError> {
         loop {
-            let batch: Vec<(Channel, Vec<Waiter>)> = {
+            let taken: Vec<(Channel, Vec<Waiter>)> = {
                 let mut st = self.subs.lock();
                 let take: Vec<Channel> = st.wanted.keys().take(SUBSCRIBE_BATCH).cloned().collect();
                 take.into_iter()
                     .filter_map(|c| st.wanted.remove_entry(&c))
                     .collect()
             };
-            if batch.is_empty() {
+            if taken.is_empty() {
                 return Ok(());
+            }
+            // Asked after leaving `wanted`: a join after the question queues the channel again.
+            let batch: Vec<(Channel, Vec<Waiter>)> = taken
+                .into_iter()
+                .filter(|(c, _)| hub.subscriber_count(c.as_str()) > 0)
+                .collect();
+            if batch.is_empty() {
+                continue;
             }
             let keys: Vec<String> = batch.iter().map(|(c, _)| self.key(c)).collect();
             self.timed(sink.subscribe(&keys)).await?;
-            {
-                let mut st = self.subs.lock();
-                st.active.extend(batch.iter().map(|(c, _)| c.clone()));
-                self.subscriptions_gauge.set(st.active.len() as i64);
-            }
-            for waiter in batch.into_iter().flat_map(|(_, w)| w) {
+            let (channels, waiters): (Vec<Channel>, Vec<Vec<Waiter>>) = batch.into_iter().unzip();
+            self.activate(hub, &channels);
+            for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.send(());
             }
         }
@@ -838,7 +904,10 @@ impl RedisBus {
         loop {
             tokio::select! {
                 _ = lost.cancelled() => return Ok(()),
-                _ = self.wanted.notified() => self.subscribe_wanted(sink).await?,
+                _ = self.wanted.notified() => {
+                    let Some(h) = hub.upgrade() else { return Ok(()) };
+                    self.subscribe_wanted(&h, sink).await?;
+                }
                 _ = self.changed.notified() => {
                     unsubscribe_at.get_or_insert(tokio::time::Instant::now() + UNSUBSCRIBE_DELAY);
                 }
@@ -873,6 +942,25 @@ impl RedisBus {
                 std::io::ErrorKind::TimedOut,
                 "Redis command timed out",
             ))),
+        }
+    }
+
+    /// Delivers what the pump queued: a message, or the gap notice of a channel that lost
+    /// messages at the ingest cap, in its place in that channel's order.
+    fn ingest(&self, hub: &Hub, item: &Ingest) {
+        match item {
+            Ingest::Msg(msg) => self.deliver(hub, msg),
+            Ingest::Gap(name) => {
+                if let Some(channel) = name
+                    .strip_prefix(self.settings.prefix.as_str())
+                    .and_then(|n| Channel::new(n).ok())
+                {
+                    hub.gap_all(&[channel]);
+                }
+            }
+            Ingest::GapAll => {
+                hub.gap_all(&hub.channel_names());
+            }
         }
     }
 
@@ -915,11 +1003,12 @@ impl RedisBus {
     /// capped, jittered backoff. Ends when `stop` is cancelled or the hub is gone.
     ///
     /// Per connection, three tasks: a pump moves messages from redis-rs (whose own buffer has
-    /// no bound) into the capped ingest queue and does nothing else, so that buffer stays
-    /// near empty; this loop delivers from the queue and never waits on Redis; the command task
-    /// subscribes, unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
+    /// no bound) into the capped ingest queue, dropping what does not fit and queueing gap
+    /// notices in its place, and does nothing else, so that buffer stays near empty; this loop
+    /// delivers from the queue and never waits on Redis; the command task subscribes,
+    /// unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
-        let mut cap = RECONNECT_MIN;
+        let mut backoff = Backoff::default();
         let mut ever_connected = false;
         let mut logged_down = false;
         loop {
@@ -932,20 +1021,25 @@ impl RedisBus {
                     let (sink, stream) = pubsub.split();
                     let lost = stop.child_token();
                     let (tx, mut ingest) = tokio::sync::mpsc::channel(self.settings.ingest_queue);
-                    let bytes = Arc::new(AtomicUsize::new(0));
+                    let room = Arc::new(IngestRoom::default());
                     let pump = tokio::spawn({
-                        let (lost, bytes) = (lost.clone(), bytes.clone());
-                        let overflows = self.metrics.redis_ingest_overflows.clone();
+                        let (lost, room) = (lost.clone(), room.clone());
+                        let stats = IngestStats {
+                            overflows: self.metrics.redis_ingest_overflows.clone(),
+                            dropped: self.metrics.redis_ingest_dropped.clone(),
+                        };
                         async move {
-                            if pump(stream, tx, &bytes, INGEST_QUEUE_BYTES).await
-                                == PumpEnd::Overflow
-                            {
-                                overflows.inc();
-                                tracing::warn!(
-                                    "Redis messages arrive faster than this node delivers them; \
-                                     past the ingest cap, resubscribing with gap notices"
-                                );
-                            }
+                            // An overflow is not an outage: the pump goes on, and stops only
+                            // when the connection does.
+                            pump(
+                                stream,
+                                tx,
+                                &room,
+                                INGEST_QUEUE_BYTES,
+                                INGEST_LOST_CAP,
+                                &stats,
+                            )
+                            .await;
                             lost.cancel();
                         }
                     });
@@ -958,11 +1052,11 @@ impl RedisBus {
                     loop {
                         tokio::select! {
                             _ = lost.cancelled() => break,
-                            msg = ingest.recv() => {
-                                let Some(m) = msg else { break };
-                                bytes.fetch_sub(msg_bytes(&m), Ordering::Relaxed);
+                            item = ingest.recv() => {
+                                let Some(item) = item else { break };
+                                room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
                                 match hub.upgrade() {
-                                    Some(h) => self.deliver(&h, &m),
+                                    Some(h) => self.ingest(&h, &item),
                                     None => break,
                                 }
                             }
@@ -978,7 +1072,7 @@ impl RedisBus {
                         // This connection was restored: the outage starts now.
                         ever_connected = true;
                         logged_down = false;
-                        cap = RECONNECT_MIN;
+                        backoff = Backoff::default();
                         tracing::warn!("lost the Redis subscriber connection; reconnecting");
                     }
                     self.mark_down();
@@ -993,9 +1087,8 @@ impl RedisBus {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(reconnect_pause(cap, random_unit())) => {}
+                _ = tokio::time::sleep(backoff.next(random_unit())) => {}
             }
-            cap = (cap * 2).min(RECONNECT_MAX);
         }
     }
 
@@ -1069,13 +1162,25 @@ fn parse_envelope(payload: &str) -> Option<(Offset, &str)> {
     Some((offset, data))
 }
 
-/// Why the pump stopped.
-#[derive(Debug, PartialEq, Eq)]
-enum PumpEnd {
-    /// The connection closed, or delivery is gone.
-    Closed,
-    /// More was waiting for delivery than the caps allow.
-    Overflow,
+/// What the pump hands the delivery loop.
+#[derive(Debug)]
+enum Ingest {
+    Msg(redis::Msg),
+    /// Messages of this Redis channel were dropped at the ingest cap: its subscribers get a gap
+    /// notice here, behind what was queued before the loss and ahead of what comes after.
+    Gap(String),
+    /// More channels lost messages than [`INGEST_LOST_CAP`]: every channel's subscribers get one.
+    GapAll,
+}
+
+impl Ingest {
+    /// What it counts against [`INGEST_QUEUE_BYTES`]: a message's channel and payload.
+    fn bytes(&self) -> usize {
+        match self {
+            Ingest::Msg(msg) => msg_bytes(msg),
+            Ingest::Gap(_) | Ingest::GapAll => 0,
+        }
+    }
 }
 
 /// What a message counts against [`INGEST_QUEUE_BYTES`].
@@ -1083,36 +1188,226 @@ fn msg_bytes(msg: &redis::Msg) -> usize {
     msg.get_payload_bytes().len() + msg.get_channel_name().len()
 }
 
-/// Moves messages from `stream` into `queue` until the connection ends or the queue is past its
-/// count cap (its capacity) or `max_bytes` (counted in `bytes`, which the receiver lowers). One
-/// message larger than `max_bytes` still passes alone.
-async fn pump(
-    mut stream: impl Stream<Item = redis::Msg> + Unpin,
-    queue: tokio::sync::mpsc::Sender<redis::Msg>,
-    bytes: &AtomicUsize,
-    max_bytes: usize,
-) -> PumpEnd {
-    while let Some(msg) = stream.next().await {
-        let n = msg_bytes(&msg);
-        let before = bytes.fetch_add(n, Ordering::Relaxed);
-        if before > 0 && before + n > max_bytes {
-            return PumpEnd::Overflow;
-        }
-        match queue.try_send(msg) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => return PumpEnd::Overflow,
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return PumpEnd::Closed,
+/// The ingest queue's state shared by the pump and the delivery loop.
+#[derive(Debug, Default)]
+struct IngestRoom {
+    /// Bytes queued (see [`Ingest::bytes`]).
+    bytes: AtomicUsize,
+    /// The pump holds gap notices until the queue has room again.
+    waiting: AtomicBool,
+    /// Wakes the pump when it has.
+    room: Notify,
+}
+
+impl IngestRoom {
+    /// The delivery loop took `item`; `left` items remain in a queue of `cap`.
+    fn taken(&self, item: &Ingest, left: usize, cap: usize, max_bytes: usize) {
+        let n = item.bytes();
+        let bytes = self.bytes.fetch_sub(n, Ordering::SeqCst) - n;
+        // SeqCst with the pump's store of `waiting` and its look at the queue: one of the two
+        // sees the other, so room is never missed.
+        if self.waiting.load(Ordering::SeqCst) && has_room(left, cap, bytes, max_bytes) {
+            self.room.notify_one();
         }
     }
-    PumpEnd::Closed
+}
+
+/// After an overflow, room means the queue has drained to half of both caps: the notices go in
+/// then, so a channel flooded without pause loses its messages in runs of about half the queue,
+/// one notice each, rather than one notice per message dropped.
+fn has_room(queued: usize, cap: usize, bytes: usize, max_bytes: usize) -> bool {
+    queued <= cap / 2 && bytes <= max_bytes / 2
+}
+
+/// What the pump counts.
+struct IngestStats {
+    /// Losses begun (the queue was full and had been taking everything).
+    overflows: Counter,
+    /// Messages dropped.
+    dropped: Counter,
+}
+
+/// Channels that lost messages and whose gap notices wait for room, in the order they lost
+/// them; at most a cap's worth, then a notice for every channel instead.
+#[derive(Debug, Default)]
+struct Lost {
+    order: std::collections::VecDeque<String>,
+    names: HashSet<String>,
+    all: bool,
+}
+
+impl Lost {
+    fn is_empty(&self) -> bool {
+        !self.all && self.order.is_empty()
+    }
+
+    /// A message of `name` must wait behind that channel's notice, so it cannot be queued yet.
+    fn holds(&self, name: &str) -> bool {
+        self.all || self.names.contains(name)
+    }
+
+    fn add(&mut self, name: &str, cap: usize) {
+        if self.holds(name) {
+            return;
+        }
+        if self.names.len() >= cap {
+            self.order = Default::default();
+            self.names = HashSet::new();
+            self.all = true;
+        } else {
+            self.names.insert(name.to_owned());
+            self.order.push_back(name.to_owned());
+        }
+    }
+
+    /// Queues the notices that fit. `false` when the delivery loop is gone.
+    fn flush(&mut self, queue: &tokio::sync::mpsc::Sender<Ingest>) -> bool {
+        use tokio::sync::mpsc::error::TrySendError;
+        if self.all {
+            match queue.try_send(Ingest::GapAll) {
+                Ok(()) => self.all = false,
+                Err(TrySendError::Full(_)) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        while let Some(name) = self.order.front() {
+            match queue.try_send(Ingest::Gap(name.clone())) {
+                Ok(()) => {
+                    if let Some(name) = self.order.pop_front() {
+                        self.names.remove(&name);
+                    }
+                }
+                Err(TrySendError::Full(_)) => break,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Moves messages from `stream` into `queue` until the connection ends (or the delivery loop
+/// is gone). A message that does not fit the queue's count cap (its capacity) or `max_bytes`
+/// (counted in `room`, which the delivery loop lowers) is dropped, and its channel is marked:
+/// its later messages are dropped too until the queue has room again, when the channel's gap
+/// notice is queued, so each channel's subscribers see what came before the loss, the notice,
+/// then what came after. Channels that lost nothing are not touched. One message larger than
+/// `max_bytes` still passes alone.
+async fn pump(
+    mut stream: impl Stream<Item = redis::Msg> + Unpin,
+    queue: tokio::sync::mpsc::Sender<Ingest>,
+    room: &IngestRoom,
+    max_bytes: usize,
+    lost_cap: usize,
+    stats: &IngestStats,
+) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let cap = queue.max_capacity();
+    let mut lost = Lost::default();
+    let mut warned: Option<tokio::time::Instant> = None;
+    loop {
+        if !lost.is_empty() {
+            room.waiting.store(true, Ordering::SeqCst);
+            let queued = cap - queue.capacity();
+            if has_room(queued, cap, room.bytes.load(Ordering::SeqCst), max_bytes)
+                && !lost.flush(&queue)
+            {
+                return;
+            }
+            room.waiting.store(!lost.is_empty(), Ordering::SeqCst);
+        }
+        let next = if lost.is_empty() {
+            stream.next().await
+        } else {
+            tokio::select! {
+                biased;
+                _ = room.room.notified() => continue,
+                m = stream.next() => m,
+            }
+        };
+        let Some(msg) = next else { return };
+        let name = msg.get_channel_name();
+        if !lost.holds(name) {
+            let n = msg_bytes(&msg);
+            let before = room.bytes.fetch_add(n, Ordering::SeqCst);
+            if before == 0 || before + n <= max_bytes {
+                match queue.try_send(Ingest::Msg(msg)) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(Ingest::Msg(m))) => {
+                        room.bytes.fetch_sub(n, Ordering::SeqCst);
+                        drop_one(
+                            &mut lost,
+                            m.get_channel_name(),
+                            lost_cap,
+                            stats,
+                            &mut warned,
+                        );
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        room.bytes.fetch_sub(n, Ordering::SeqCst);
+                    }
+                    Err(TrySendError::Closed(_)) => return,
+                }
+                continue;
+            }
+            room.bytes.fetch_sub(n, Ordering::SeqCst);
+        }
+        drop_one(&mut lost, name, lost_cap, stats, &mut warned);
+    }
+}
+
+/// Counts one message of `name` dropped at the ingest cap and marks its channel.
+fn drop_one(
+    lost: &mut Lost,
+    name: &str,
+    lost_cap: usize,
+    stats: &IngestStats,
+    warned: &mut Option<tokio::time::Instant>,
+) {
+    if lost.is_empty() {
+        stats.overflows.inc();
+        // Once per half minute at most: a flood that goes on begins a loss every drain.
+        let now = tokio::time::Instant::now();
+        if warned.is_none_or(|w| now - w >= Duration::from_secs(30)) {
+            *warned = Some(now);
+            tracing::warn!(
+                "Redis messages arrive faster than this node delivers them; past the ingest \
+                 cap the channels that lose messages get gap notices"
+            );
+        }
+    }
+    stats.dropped.inc();
+    lost.add(name, lost_cap);
+}
+
+/// The subscriber connection's reconnect pauses, from the first after a loss on.
+#[derive(Debug)]
+struct Backoff {
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            cap: RECONNECT_FIRST,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next pause, drawn by `unit` in [0, 1); the cap doubles for the one after.
+    fn next(&mut self, unit: f64) -> Duration {
+        let pause = reconnect_pause(self.cap, unit);
+        self.cap = (self.cap * 2).min(RECONNECT_MAX);
+        pause
+    }
 }
 
 /// The pause before reconnect attempt with backoff cap `cap`: full jitter, drawn evenly from
-/// [`RECONNECT_MIN`] to `cap` by `unit` in [0, 1). Nodes that lost Redis at the same moment
+/// [`RECONNECT_FLOOR`] to `cap` by `unit` in [0, 1). Nodes that lost Redis at the same moment
 /// spread their returns, and so do their clients' resumes after the gap notices.
 fn reconnect_pause(cap: Duration, unit: f64) -> Duration {
-    let cap = cap.clamp(RECONNECT_MIN, RECONNECT_MAX);
-    RECONNECT_MIN + (cap - RECONNECT_MIN).mul_f64(unit.clamp(0.0, 1.0))
+    let cap = cap.clamp(RECONNECT_FIRST, RECONNECT_MAX);
+    RECONNECT_FLOOR + (cap - RECONNECT_FLOOR).mul_f64(unit.clamp(0.0, 1.0))
 }
 
 /// A number in [0, 1) that differs between calls and processes: std's hasher is keyed randomly
@@ -1180,57 +1475,193 @@ mod tests {
         );
     }
 
-    fn msg(payload: &[u8]) -> redis::Msg {
+    fn msg_on(channel: &str, payload: &[u8]) -> redis::Msg {
         redis::Msg::from_owned_value(redis::Value::Array(vec![
             redis::Value::BulkString(b"message".to_vec()),
-            redis::Value::BulkString(b"t:c".to_vec()),
+            redis::Value::BulkString(channel.as_bytes().to_vec()),
             redis::Value::BulkString(payload.to_vec()),
         ]))
         .unwrap()
     }
 
+    fn msg(payload: &[u8]) -> redis::Msg {
+        msg_on("t:c", payload)
+    }
+
+    fn stats() -> IngestStats {
+        IngestStats {
+            overflows: Counter::default(),
+            dropped: Counter::default(),
+        }
+    }
+
+    /// `channel:payload` for a message, `gap:channel` for a notice.
+    fn show(item: &Ingest) -> String {
+        match item {
+            Ingest::Msg(m) => format!(
+                "{}:{}",
+                m.get_channel_name(),
+                String::from_utf8_lossy(m.get_payload_bytes())
+            ),
+            Ingest::Gap(c) => format!("gap:{c}"),
+            Ingest::GapAll => "gap:*".into(),
+        }
+    }
+
     #[tokio::test]
-    async fn ingest_past_its_count_cap_overflows() {
+    async fn ingest_past_its_count_cap_drops_and_keeps_going() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let bytes = AtomicUsize::new(0);
+        let room = IngestRoom::default();
+        let st = stats();
         let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
-        assert_eq!(pump(msgs, tx, &bytes, 1 << 20).await, PumpEnd::Overflow);
+        // Ends with the connection (the stream), not at the overflow.
+        pump(msgs, tx, &room, 1 << 20, 16, &st).await;
         let mut n = 0;
         while rx.try_recv().is_ok() {
             n += 1;
         }
         assert_eq!(n, 4, "the queue holds its cap, and no more");
-        // Delivered as fast as it comes: no overflow, however many.
+        assert_eq!((st.overflows.get(), st.dropped.get()), (1, 6));
+        // Delivered as fast as it comes: nothing dropped, however many.
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let msgs = futures_util::stream::iter((0..10).map(|_| msg(b"1")));
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let bytes = AtomicUsize::new(0);
+        let st = stats();
         let msgs = msgs.then(|m| async {
             tokio::task::yield_now().await;
             m
         });
-        assert_eq!(
-            pump(Box::pin(msgs), tx, &bytes, 1 << 20).await,
-            PumpEnd::Closed
-        );
+        pump(Box::pin(msgs), tx, &IngestRoom::default(), 1 << 20, 16, &st).await;
         drain.await.unwrap();
+        assert_eq!((st.overflows.get(), st.dropped.get()), (0, 0));
     }
 
     #[tokio::test]
-    async fn ingest_past_its_byte_cap_overflows_but_one_large_message_passes() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(100);
-        let bytes = AtomicUsize::new(0);
+    async fn ingest_past_its_byte_cap_drops_but_one_large_message_passes() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+        let st = stats();
         let big = vec![b'x'; 1000];
         let msgs = futures_util::stream::iter([msg(&big)]);
-        assert_eq!(pump(msgs, tx, &bytes, 100).await, PumpEnd::Closed);
-        let (tx, _rx) = tokio::sync::mpsc::channel(100);
-        let bytes = AtomicUsize::new(0);
+        pump(msgs, tx, &IngestRoom::default(), 100, 16, &st).await;
+        assert!(matches!(rx.try_recv(), Ok(Ingest::Msg(_))));
+        assert_eq!(st.dropped.get(), 0);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+        let room = IngestRoom::default();
         let msgs = futures_util::stream::iter((0..3).map(|_| msg(&[b'1'; 40])));
+        pump(msgs, tx, &room, 100, 16, &st).await;
         assert_eq!(
-            pump(msgs, tx, &bytes, 100).await,
-            PumpEnd::Overflow,
+            st.dropped.get(),
+            1,
             "three messages of 43 bytes do not fit 100"
         );
+        assert_eq!(
+            room.bytes.load(Ordering::SeqCst),
+            86,
+            "the dropped one is not counted"
+        );
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+    }
+
+    /// Drives a pump fed by the test, with a queue of `cap`, taking items as the delivery loop.
+    struct Rig {
+        feed: tokio::sync::mpsc::UnboundedSender<redis::Msg>,
+        rx: tokio::sync::mpsc::Receiver<Ingest>,
+        room: Arc<IngestRoom>,
+        stats: Arc<IngestStats>,
+    }
+
+    impl Rig {
+        fn start(cap: usize, lost_cap: usize) -> Rig {
+            let (feed, incoming) = tokio::sync::mpsc::unbounded_channel();
+            let stream = Box::pin(futures_util::stream::unfold(incoming, |mut r| async {
+                r.recv().await.map(|m| (m, r))
+            }));
+            let (tx, rx) = tokio::sync::mpsc::channel(cap);
+            let (room, stats) = (Arc::new(IngestRoom::default()), Arc::new(stats()));
+            let (r, s) = (room.clone(), stats.clone());
+            tokio::spawn(async move { pump(stream, tx, &r, 1 << 20, lost_cap, &s).await });
+            Rig {
+                feed,
+                rx,
+                room,
+                stats,
+            }
+        }
+
+        fn send(&self, channel: &str, payload: &str) {
+            self.feed.send(msg_on(channel, payload.as_bytes())).unwrap();
+        }
+
+        /// Lets the pump run until it has dropped `n` messages.
+        async fn dropped(&self, n: u64) {
+            for _ in 0..10_000 {
+                if self.stats.dropped.get() >= n {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("{} dropped, not {n}", self.stats.dropped.get());
+        }
+
+        async fn take(&mut self) -> String {
+            let item = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+                .await
+                .expect("an item")
+                .expect("the pump runs");
+            let cap = self.rx.max_capacity();
+            self.room.taken(&item, self.rx.len(), cap, 1 << 20);
+            show(&item)
+        }
+    }
+
+    #[tokio::test]
+    async fn ingest_loss_is_one_gap_per_channel_in_its_place_and_other_channels_are_untouched() {
+        let mut rig = Rig::start(2, 16);
+        for (c, p) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("a", "4")] {
+            rig.send(c, p);
+        }
+        rig.dropped(3).await;
+        assert_eq!(
+            (rig.stats.overflows.get(), rig.stats.dropped.get()),
+            (1, 3),
+            "a3, b1 and a4 do not fit: one loss"
+        );
+        // Room returns as the delivery loop takes: the notices go in, in the order of loss.
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(rig.take().await);
+        }
+        rig.send("a", "5");
+        rig.send("b", "2");
+        for _ in 0..2 {
+            got.push(rig.take().await);
+        }
+        rig.send("c", "1");
+        got.push(rig.take().await);
+        assert_eq!(
+            got,
+            ["a:1", "a:2", "gap:a", "gap:b", "a:5", "b:2", "c:1"],
+            "each channel: what came before the loss, its notice, what came after"
+        );
+        assert_eq!(rig.stats.dropped.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn ingest_losses_on_more_channels_than_the_cap_notify_every_channel_once() {
+        let mut rig = Rig::start(1, 2);
+        for c in ["a", "b", "c", "d", "b"] {
+            rig.send(c, "1");
+        }
+        rig.dropped(4).await;
+        assert_eq!(rig.take().await, "a:1");
+        assert_eq!(
+            rig.take().await,
+            "gap:*",
+            "b, c and d lost: past the cap of 2"
+        );
+        rig.send("b", "2");
+        assert_eq!(rig.take().await, "b:2");
+        assert_eq!(rig.stats.dropped.get(), 4);
     }
 
     #[tokio::test]
@@ -1250,9 +1681,8 @@ mod tests {
 
     #[test]
     fn reconnect_pauses_stay_within_min_and_the_cap_and_spread_over_it() {
-        assert_eq!(reconnect_pause(RECONNECT_MAX, 0.0), RECONNECT_MIN);
+        assert_eq!(reconnect_pause(RECONNECT_MAX, 0.0), RECONNECT_FLOOR);
         assert_eq!(reconnect_pause(RECONNECT_MAX, 1.0), RECONNECT_MAX);
-        assert_eq!(reconnect_pause(RECONNECT_MIN, 0.7), RECONNECT_MIN);
         assert_eq!(
             reconnect_pause(Duration::from_secs(3600), 1.0),
             RECONNECT_MAX
@@ -1263,18 +1693,54 @@ mod tests {
         assert!(
             draws
                 .iter()
-                .all(|d| (RECONNECT_MIN..=RECONNECT_MAX).contains(d))
+                .all(|d| (RECONNECT_FLOOR..=RECONNECT_MAX).contains(d))
         );
         // Evenly spread: each fifth of the range gets a fair share, and no two nodes are
         // likely to pick the same instant.
-        let span = (RECONNECT_MAX - RECONNECT_MIN).as_secs_f64();
+        let span = (RECONNECT_MAX - RECONNECT_FLOOR).as_secs_f64();
         let mut fifths = [0usize; 5];
         for d in &draws {
-            let at = (d.saturating_sub(RECONNECT_MIN).as_secs_f64() / span * 5.0) as usize;
+            let at = (d.saturating_sub(RECONNECT_FLOOR).as_secs_f64() / span * 5.0) as usize;
             fifths[at.min(4)] += 1;
         }
         assert!(fifths.iter().all(|&n| n > 300), "{fifths:?}");
         let distinct: HashSet<Duration> = draws.iter().copied().collect();
         assert!(distinct.len() > 1990, "{} distinct", distinct.len());
+    }
+
+    /// The first pause after a loss is the one every node that lost Redis at the same moment
+    /// takes: it must be spread as well, over a window short enough for a blip.
+    #[test]
+    fn the_first_reconnect_after_a_loss_is_jittered_too_and_quick() {
+        let firsts: Vec<Duration> = (0..2000)
+            .map(|_| Backoff::default().next(random_unit()))
+            .collect();
+        let (lo, hi) = (*firsts.iter().min().unwrap(), *firsts.iter().max().unwrap());
+        assert!(
+            lo >= Duration::from_millis(20) && hi <= Duration::from_secs(1),
+            "first pauses from {lo:?} to {hi:?}: quick after a blip"
+        );
+        assert!(
+            hi - lo >= Duration::from_millis(700),
+            "first pauses from {lo:?} to {hi:?}: nodes come back in one instant"
+        );
+        let span = (hi - lo).as_secs_f64();
+        let mut fifths = [0usize; 5];
+        for d in &firsts {
+            let at = ((*d - lo).as_secs_f64() / span * 5.0) as usize;
+            fifths[at.min(4)] += 1;
+        }
+        assert!(fifths.iter().all(|&n| n > 300), "{fifths:?}");
+        let distinct: HashSet<Duration> = firsts.iter().copied().collect();
+        assert!(distinct.len() > 1990, "{} distinct", distinct.len());
+        // Then the cap doubles up to the largest, and a loss starts over.
+        let mut b = Backoff::default();
+        let tops: Vec<Duration> = (0..5).map(|_| b.next(1.0)).collect();
+        assert_eq!(tops[0], RECONNECT_FIRST);
+        assert!(
+            tops.windows(2)
+                .all(|w| w[1] == (w[0] * 2).min(RECONNECT_MAX))
+        );
+        assert_eq!(tops[4], RECONNECT_MAX);
     }
 }

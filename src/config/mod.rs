@@ -112,8 +112,8 @@ pub struct BusConfig {
     /// PING on the Redis subscriber connection this often; no answer within `redis_timeout`
     /// and the connection is taken for dead.
     pub redis_ping_interval: Duration,
-    /// Redis messages received and not yet delivered, at most; past it the subscriber
-    /// connection is dropped and restored with gap notices.
+    /// Redis messages received and not yet delivered, at most; past it what does not fit is
+    /// dropped and the channels that lost messages get gap notices.
     pub redis_ingest_queue: usize,
 }
 
@@ -1064,7 +1064,7 @@ impl Config {
                  most {} channels' histories)\n  \
                  subscriber connection: PING every {}, dead after {} without an answer (a \
                  silent Redis path is found within {}); at most {} messages (or {} MiB) waiting \
-                 for delivery, past that it is dropped and restored with gap notices\n",
+                 for delivery, past that the channels that lose messages get gap notices\n",
                 self.bus.channel_prefix,
                 self.bus.history_len,
                 humantime::format_duration(self.bus.history_ttl),
