@@ -464,7 +464,11 @@ mod tests {
             },
         );
         assert_eq!((seqs(&r), r.gap, r.cut), (vec![9, 10], true, true));
-        assert_eq!(r.bytes(), 20);
+        assert_eq!(
+            r.bytes(),
+            2 * (10 + REPLAY_FRAME_BYTES),
+            "in the window's unit"
+        );
         // A window that reaches back to `since` is no gap.
         let r = h.replay(
             &ch("a"),
