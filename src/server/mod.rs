@@ -193,6 +193,7 @@ impl Edge {
                     history_ttl: config.bus.history_ttl,
                     history_ttl_unsubscribed: config.bus.history_ttl_unsubscribed,
                     history_bytes: config.bus.history_bytes,
+                    history_channel_bytes: config.bus.history_channel_bytes,
                     timeout: config.bus.redis_timeout,
                     ping_interval: config.bus.redis_ping_interval,
                     ingest_queue: config.bus.redis_ingest_queue,
