@@ -1275,3 +1275,44 @@ async fn only_histories_that_really_went_count_as_evicted() {
         0.0
     );
 }
+
+/// The node asks Redis its version at start (Redis older than 6.2 cannot run the scripts and is
+/// refused; none is at hand here, see `redis_versions_are_read_from_info_server`), and a Redis
+/// that will not say (an ACL user without `INFO`) is taken to be recent enough.
+#[tokio::test]
+async fn the_redis_version_is_asked_at_start_and_an_acl_without_info_still_works() {
+    let redis = RedisServer::start();
+    let t = node(&redis).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(
+        stats.contains("cmdstat_info:calls="),
+        "the node did not ask INFO: {stats}"
+    );
+    drop(t);
+
+    let acl = [
+        "--user",
+        "edge",
+        "on",
+        ">s3cret-pass-1234",
+        "~*",
+        "&*",
+        "+@all",
+        "-info",
+        "--user",
+        "default",
+        "off",
+    ];
+    let redis = RedisServer::start_with(&acl, "edge:s3cret-pass-1234@");
+    let t = node(&redis).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "room").await;
+    let r = a
+        .request(json!({"id": 2, "op": "publish", "channel": "room", "data": 1}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(pushes(&mut a, 1).await[0]["data"], 1);
+}

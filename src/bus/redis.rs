@@ -16,7 +16,8 @@
 //! few per publish; and one channel's history is trimmed past `bus.history_channel_bytes`, so no
 //! channel can push the others out. A history expires `bus.history_ttl` after a publish someone
 //! heard, `bus.history_ttl_unsubscribed` after one nobody did (see [`PUBLISH_LUA`]). The budget
-//! travels with each publish, so every node must be given the same one (the smallest wins). Those two keys are global, which one Redis allows
+//! travels with each publish, so every node must be given the same one (the smallest wins). The
+//! scripts need Redis 6.2 ([`RedisBus::check_server`]). Those two keys are global, which one Redis allows
 //! and Redis Cluster does not: under Cluster they must become one pair per slot. A resume reads
 //! only its window of the stream, newest first ([`REPLAY_LUA`]), however long the history.
 //!
@@ -55,7 +56,7 @@
 //! This module does not know about sessions or transports; it talks to the hub only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -107,6 +108,14 @@ const HISTORY_TRIM_SLACK: usize = 100;
 /// with a smaller `bus.history_bytes`) is met over several publishes, never in one script that
 /// holds Redis for long (one dropped 12,736 channels in 229 ms).
 const HISTORY_EVICTIONS_PER_PUBLISH: usize = 64;
+/// Oldest Redis that runs the scripts: `ZADD GT` is not used any more, but the replay's `(`
+/// exclusive stream ranges and `XTRIM` with `=` came with 6.2.
+const REDIS_MIN_VERSION: (u32, u32) = (6, 2);
+
+/// [`RedisBus::check_server`]'s findings.
+const SERVER_UNKNOWN: u8 = 0;
+const SERVER_OK: u8 = 1;
+const SERVER_TOO_OLD: u8 = 2;
 
 /// Appends to the history stream and publishes the envelope in one atomic step, so the order of
 /// stream ids is the order subscribers see; then keeps the channel within its share and all
@@ -421,6 +430,9 @@ pub struct RedisBus {
     /// A channel was asked for: the command task subscribes it.
     wanted: Notify,
     connected: AtomicBool,
+    /// What [`RedisBus::check_server`] found: [`SERVER_UNKNOWN`], [`SERVER_OK`] or
+    /// [`SERVER_TOO_OLD`] (then the node is never ready).
+    server: AtomicU8,
     metrics: Arc<Metrics>,
     publish_errors: Counter,
     reconnects: Counter,
@@ -489,6 +501,7 @@ impl RedisBus {
             changed: Notify::new(),
             wanted: Notify::new(),
             connected: AtomicBool::new(false),
+            server: AtomicU8::new(SERVER_UNKNOWN),
             publish_errors: metrics.redis_publish_errors.clone(),
             reconnects: metrics.redis_reconnects.clone(),
             connected_gauge: metrics.redis_connected.clone(),
@@ -498,8 +511,61 @@ impl RedisBus {
         })
     }
 
+    /// Connected, and the Redis there is not too old for the scripts.
     pub fn is_ready(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+            && self.server.load(Ordering::Acquire) != SERVER_TOO_OLD
+    }
+
+    /// Asks Redis its version (`INFO server`) and refuses one older than [`REDIS_MIN_VERSION`]:
+    /// the scripts would fail there after `PUBLISH`, so the message would be delivered and its
+    /// publisher told `unavailable`, and a retry would deliver it twice. Called at start (an
+    /// error refuses to start) and by the publish pipeline before its first pipeline when Redis
+    /// was not reachable then (a Redis too old leaves the node not ready: upgrade Redis and
+    /// restart the node). Unreachable, the question stays open and this answers `Ok`.
+    pub async fn check_server(&self) -> Result<(), RedisConfigError> {
+        if self.server.load(Ordering::Acquire) == SERVER_OK {
+            return Ok(());
+        }
+        let mut conn = self.publisher.clone();
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let info = cmd.query_async::<String>(&mut conn);
+        let info = match tokio::time::timeout(self.settings.timeout, info).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) if !(e.is_io_error() || e.is_connection_refusal() || e.is_timeout()) => {
+                // Redis answered, but not with its version (an ACL user without INFO): asking
+                // again would cost every pipeline a round trip.
+                tracing::warn!(error = %e, "cannot ask Redis its version; assuming 6.2 or later");
+                self.server.store(SERVER_OK, Ordering::Release);
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        match redis_version(&info) {
+            Some(v) if v < REDIS_MIN_VERSION => {
+                self.server.store(SERVER_TOO_OLD, Ordering::Release);
+                let (major, minor) = REDIS_MIN_VERSION;
+                let e = RedisConfigError(format!(
+                    "bus.redis_url: the Redis there is version {}.{}; edgeplex needs Redis \
+                     {major}.{minor} or later",
+                    v.0, v.1
+                ));
+                tracing::error!(error = %e, "Redis too old: this node will not be ready");
+                Err(e)
+            }
+            Some(_) => {
+                self.server.store(SERVER_OK, Ordering::Release);
+                Ok(())
+            }
+            None => {
+                tracing::warn!(
+                    "Redis did not say its version (INFO server); assuming it is recent enough"
+                );
+                self.server.store(SERVER_OK, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
     fn key(&self, channel: &Channel) -> String {
@@ -569,7 +635,18 @@ impl RedisBus {
             if n == 0 {
                 break;
             }
-            let results = if !self.is_ready() {
+            if self.server.load(Ordering::Acquire) == SERVER_UNKNOWN && self.is_ready() {
+                // Redis was unreachable at start: its version is asked before the first script.
+                let _ = self.check_server().await;
+            }
+            let results = if self.server.load(Ordering::Acquire) == SERVER_TOO_OLD {
+                vec![
+                    Err(BusError::Unavailable(
+                        "Redis is too old (6.2 or later needed)"
+                    ));
+                    batch.len()
+                ]
+            } else if !self.is_ready() {
                 // Refused here rather than by the caller, so the refusal keeps its place.
                 vec![Err(BusError::Unavailable("Redis is unreachable")); batch.len()]
             } else {
@@ -1120,6 +1197,18 @@ impl RedisBus {
     }
 }
 
+/// `redis_version:7.0.15` in an `INFO server` answer, as (major, minor).
+fn redis_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = v.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Hands a job its outcome. A callback that panicked would otherwise end the pipeline task and
 /// with it every later publish of the node; it is contained and logged instead.
 fn answer(job: PublishJob, result: Result<Offset, BusError>) {
@@ -1220,6 +1309,18 @@ fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_versions_are_read_from_info_server() {
+        let info = "# Server\r\nredis_version:6.0.16\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(redis_version(info), Some((6, 0)));
+        assert!(redis_version(info).unwrap() < REDIS_MIN_VERSION);
+        assert_eq!(redis_version("redis_version:6.2.0\r\n"), Some((6, 2)));
+        assert_eq!(REDIS_MIN_VERSION, (6, 2));
+        assert_eq!(redis_version("redis_version:10.11.1\n"), Some((10, 11)));
+        assert_eq!(redis_version("# Server\r\nuptime:1\r\n"), None);
+        assert_eq!(redis_version("redis_version:x.y\r\n"), None);
+    }
 
     #[test]
     fn envelope_round_trip() {

@@ -214,6 +214,8 @@ impl Edge {
         // API until then, so the Redis publish pipeline must outlive the sessions.
         let admin_stop = CancellationToken::new();
         if let Some(r) = redis {
+            // A Redis too old for the scripts refuses the start; one unreachable is asked later.
+            r.check_server().await?;
             r.spawn_publisher(admin_stop.child_token());
             // Stops with the shutdown signal: sessions are closed with 1001 at that moment and
             // need no more deliveries.
