@@ -527,11 +527,16 @@ impl RedisBus {
         if self.server.load(Ordering::Acquire) == SERVER_OK {
             return Ok(());
         }
-        let mut conn = self.publisher.clone();
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("server");
-        let info = cmd.query_async::<String>(&mut conn);
-        let info = match tokio::time::timeout(self.settings.timeout, info).await {
+        // A connection of its own, dropped after: the publisher's is left to the pipeline (used
+        // here before the first publish, it was found broken after a Redis restart).
+        let ask = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        let info = match tokio::time::timeout(self.settings.timeout, ask).await {
             Ok(Ok(info)) => info,
             Ok(Err(e)) if !(e.is_io_error() || e.is_connection_refusal() || e.is_timeout()) => {
                 // Redis answered, but not with its version (an ACL user without INFO): asking
