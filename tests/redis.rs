@@ -1016,6 +1016,308 @@ async fn a_client_cycling_resumes_is_refused_once_over_its_byte_budget() {
     assert_eq!(t.metric(refused).await, 2.0);
 }
 
+/// Publishes `msgs` (channel, data) in one go, without waiting between them, and checks every
+/// reply is `ok`: they reach Redis in a few pipelines, many within one millisecond.
+async fn publish_pipelined(c: &mut Client, msgs: &[(String, Value)]) {
+    for (i, (ch, data)) in msgs.iter().enumerate() {
+        c.ws.feed(Message::text(
+            json!({"id": i, "op": "publish", "channel": ch, "data": data}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    for _ in 0..msgs.len() {
+        let r = c.recv().await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
+fn redis_int(redis: &RedisServer, args: &[&str]) -> i64 {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let v: Option<i64> = cmd.query(&mut redis.connection()).unwrap();
+    v.unwrap_or(0)
+}
+
+/// A channel whose history was dropped (no history at all with `history_bytes = 0`; or dropped
+/// for another channel under budget pressure, publish after publish) still gets offsets that
+/// increase: a dropped stream must not restart at `<ms>-0` within the millisecond it went.
+#[tokio::test]
+async fn offsets_keep_increasing_when_a_channels_history_is_dropped() {
+    // 6 KiB: room for one channel, so each publish drops the other's; 0: no history.
+    for budget in [6 * 1024, 0] {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let t = start(move |f| {
+            f.bus.redis_url = url;
+            f.bus.history_bytes = budget;
+        })
+        .await;
+        t.wait_ready(true).await;
+        let mut sub = t.connect().await;
+        sub.subscribe(1, "a").await;
+        sub.subscribe(2, "b").await;
+        let mut p = t.connect().await;
+        let msgs: Vec<(String, Value)> = (0..60)
+            .map(|i| {
+                let ch = if budget == 0 || i % 2 == 0 { "a" } else { "b" };
+                (ch.to_string(), json!(i))
+            })
+            .collect();
+        publish_pipelined(&mut p, &msgs).await;
+        let got = pushes(&mut sub, msgs.len()).await;
+        for ch in ["a", "b"] {
+            let offsets: Vec<Offset> = got
+                .iter()
+                .filter(|m| m["channel"] == ch)
+                .map(|m| m["offset"].as_str().unwrap().parse().unwrap())
+                .collect();
+            assert!(
+                offsets.windows(2).all(|w| w[0] < w[1]),
+                "budget {budget}: offsets of {ch} do not increase: {offsets:?}"
+            );
+        }
+        if budget == 0 {
+            // 0 keeps no history: nothing is left counted.
+            assert_eq!(redis_int(&redis, &["XLEN", "edgeplex:a"]), 0);
+            assert_eq!(
+                redis_int(&redis, &["HGET", "edgeplex:#history-bytes", "#total"]),
+                0
+            );
+        }
+    }
+}
+
+/// One channel of large messages cannot take the whole budget: its history is capped at
+/// `bus.history_channel_bytes` (by default a 64th of `bus.history_bytes`, at least 64 KiB), so the other
+/// channels, subscribed and quiet, keep theirs.
+#[tokio::test]
+async fn a_channel_of_large_messages_leaves_the_other_histories_alone() {
+    const BUDGET: usize = 2 << 20;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_bytes = BUDGET;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut keeper = t.connect().await;
+    for i in 0..20 {
+        keeper.subscribe(i, &format!("small-{i}")).await;
+    }
+    keeper.subscribe(99, "big").await;
+    let mut p = t.connect().await;
+    let small: Vec<(String, Value)> = (0..20)
+        .flat_map(|i| {
+            [
+                (format!("small-{i}"), json!(1)),
+                (format!("small-{i}"), json!(2)),
+            ]
+        })
+        .collect();
+    publish_pipelined(&mut p, &small).await;
+    pushes(&mut keeper, small.len()).await;
+    // ~2.7 MB counted in all: more than the budget.
+    let pad = "x".repeat(8_000);
+    for _ in 0..6 {
+        let big: Vec<(String, Value)> = (0..50).map(|_| ("big".to_string(), json!(pad))).collect();
+        publish_pipelined(&mut p, &big).await;
+        pushes(&mut keeper, big.len()).await;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            redis_int(&redis, &["XLEN", &format!("edgeplex:small-{i}")]),
+            2,
+            "small-{i} lost its history to the big channel"
+        );
+    }
+    assert_eq!(
+        t.metric("edgeplex_redis_history_evictions_total").await,
+        0.0
+    );
+    let big = redis_int(&redis, &["HGET", "edgeplex:#history-bytes", "edgeplex:big"]);
+    assert!(
+        big as usize <= 64 * 1024,
+        "the big channel counts {big} bytes"
+    );
+    let len = redis_int(&redis, &["XLEN", "edgeplex:big"]);
+    assert!(
+        (1..50).contains(&len),
+        "the big channel keeps {len} entries"
+    );
+}
+
+/// `bus.history_len` entries are kept, trimmed past that plus the slack; after the trim the
+/// channel's counted bytes are what the kept entries hold, not what was ever published.
+#[tokio::test]
+async fn the_history_trim_keeps_the_count_right() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_len = 5;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut p = t.connect().await;
+    let data = json!("y".repeat(1000));
+    // history_len + the slack of 100 + 1: the last publish trims.
+    let msgs: Vec<(String, Value)> = (0..106).map(|_| ("t".to_string(), data.clone())).collect();
+    publish_pipelined(&mut p, &msgs).await;
+    assert_eq!(redis_int(&redis, &["XLEN", "edgeplex:t"]), 5);
+    let counted = redis_int(&redis, &["HGET", "edgeplex:#history-bytes", "edgeplex:t"]);
+    let total = redis_int(&redis, &["HGET", "edgeplex:#history-bytes", "#total"]);
+    assert_eq!(counted, total, "one channel: the total is its count");
+    // 106 entries of ~1.2 KB were counted; 5 are left.
+    assert!(
+        (5 * 1024..=5 * 1024 + 10 * 1300).contains(&counted),
+        "{counted} bytes counted for 5 entries of 1 KB"
+    );
+}
+
+/// A node started with a smaller `bus.history_bytes` than the others (the smallest wins) drops
+/// histories for the budget a few at a time, not all in one script that stalls Redis.
+#[tokio::test]
+async fn one_publish_drops_a_bounded_number_of_histories() {
+    let redis = RedisServer::start();
+    let big = {
+        let url = redis.url();
+        start(move |f| {
+            f.bus.redis_url = url;
+            f.bus.history_bytes = 8 << 20;
+        })
+        .await
+    };
+    big.wait_ready(true).await;
+    let mut p = big.connect().await;
+    let spray: Vec<(String, Value)> = (0..300).map(|i| (format!("s-{i}"), json!(i))).collect();
+    publish_pipelined(&mut p, &spray).await;
+    assert_eq!(redis_int(&redis, &["ZCARD", "edgeplex:#history"]), 300);
+    let small = {
+        let url = redis.url();
+        start(move |f| {
+            f.bus.redis_url = url;
+            f.bus.history_bytes = 6 * 1024;
+        })
+        .await
+    };
+    small.wait_ready(true).await;
+    let mut q = small.connect().await;
+    publish_pipelined(&mut q, &[("late".to_string(), json!(1))]).await;
+    let evicted = small.metric("edgeplex_redis_history_evictions_total").await;
+    assert!(
+        (1.0..=64.0).contains(&evicted),
+        "one publish dropped {evicted} histories"
+    );
+    assert!(redis_int(&redis, &["ZCARD", "edgeplex:#history"]) >= 300 - 64);
+}
+
+/// Redis itself dropped the history index (as an `allkeys-*` maxmemory policy may): the byte
+/// count no longer matches it. The count starts over rather than stay over the budget for good,
+/// in which case every publish would drop every history, its own included.
+#[tokio::test]
+async fn a_lost_history_index_resets_the_count() {
+    const BUDGET: usize = 64 * 1024;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_bytes = BUDGET;
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut p = t.connect().await;
+    let fill: Vec<(String, Value)> = (0..12).map(|i| (format!("f-{i}"), json!(i))).collect();
+    publish_pipelined(&mut p, &fill).await;
+    let _: () = redis::cmd("DEL")
+        .arg("edgeplex:#history")
+        .query(&mut redis.connection())
+        .unwrap();
+    for i in 0..5 {
+        let ch = format!("n-{i}");
+        publish_pipelined(&mut p, &[(ch.clone(), json!(i))]).await;
+        assert_eq!(
+            redis_int(&redis, &["XLEN", &format!("edgeplex:{ch}")]),
+            1,
+            "{ch} lost its history at once"
+        );
+    }
+    let total = redis_int(&redis, &["HGET", "edgeplex:#history-bytes", "#total"]);
+    assert!(total as usize <= BUDGET, "{total}");
+}
+
+/// A history that expired by itself still has its place in the index until a publish over the
+/// budget takes it out: that is no eviction, and `edgeplex_redis_history_evictions_total` does
+/// not count it.
+#[tokio::test]
+async fn only_histories_that_really_went_count_as_evicted() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let t = start(move |f| {
+        f.bus.redis_url = url;
+        f.bus.history_bytes = 16 * 1024;
+        f.bus.history_ttl_unsubscribed = Duration::from_secs(1);
+    })
+    .await;
+    t.wait_ready(true).await;
+    let mut p = t.connect().await;
+    let three: Vec<(String, Value)> = (0..3).map(|i| (format!("e-{i}"), json!(i))).collect();
+    publish_pipelined(&mut p, &three).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let three: Vec<(String, Value)> = (0..3).map(|i| (format!("g-{i}"), json!(i))).collect();
+    publish_pipelined(&mut p, &three).await;
+    assert_eq!(redis_int(&redis, &["ZCARD", "edgeplex:#history"]), 3);
+    assert_eq!(
+        t.metric("edgeplex_redis_history_evictions_total").await,
+        0.0
+    );
+}
+
+/// The node asks Redis its version at start (Redis older than 6.2 cannot run the scripts and is
+/// refused; none is at hand here, see `redis_versions_are_read_from_info_server`), and a Redis
+/// that will not say (an ACL user without `INFO`) is taken to be recent enough.
+#[tokio::test]
+async fn the_redis_version_is_asked_at_start_and_an_acl_without_info_still_works() {
+    let redis = RedisServer::start();
+    let t = node(&redis).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(
+        stats.contains("cmdstat_info:calls="),
+        "the node did not ask INFO: {stats}"
+    );
+    drop(t);
+
+    let acl = [
+        "--user",
+        "edge",
+        "on",
+        ">s3cret-pass-1234",
+        "~*",
+        "&*",
+        "+@all",
+        "-info",
+        "--user",
+        "default",
+        "off",
+    ];
+    let redis = RedisServer::start_with(&acl, "edge:s3cret-pass-1234@");
+    let t = node(&redis).await;
+    let mut a = t.connect().await;
+    a.subscribe(1, "room").await;
+    let r = a
+        .request(json!({"id": 2, "op": "publish", "channel": "room", "data": 1}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(pushes(&mut a, 1).await[0]["data"], 1);
+}
+
 /// Sessions of one address resuming at the same moment share its byte budget: each reserves
 /// what it may read before Redis is asked, so together they read no more than the budget. When
 /// each only checked what was left and paid afterwards, 20 of them read 9.6 MB against 2 MiB.

@@ -3,17 +3,21 @@
 //! Channel `C` is the Redis pub/sub channel `<prefix>C`; its history is the Redis stream with the
 //! same name `<prefix>C` (a key, so it does not clash with the pub/sub channel). A publish runs one
 //! Lua script that appends to the stream (`XADD`, `bus.history_len` entries kept, up to
-//! [`HISTORY_TRIM_SLACK`] more between trims) and publishes
-//! `{"$edgeplex":"<stream id>","data":<data>}`: the stream id is the offset, assigned once in
-//! Redis, so it means the same on every node and increases per channel in publish order. Anything
+//! [`HISTORY_TRIM_SLACK`] more between trims, and at most `bus.history_channel_bytes`) and
+//! publishes `{"$edgeplex":"<stream id>","data":<data>}`: the stream id is the offset, assigned
+//! once in Redis, so it means the same on every node and increases per channel in publish order
+//! (a history dropped in the millisecond of its last offset is emptied, not deleted). Anything
 //! else on the channel (a backend's raw `PUBLISH`) is delivered as the message's data, without an
 //! offset.
 //!
-//! Channel names are client input, so the histories are bounded all together, not per channel:
-//! the script counts each against `bus.history_bytes` in two keys of its own (`<prefix>#history`,
-//! `<prefix>#history-bytes`) and drops whole histories past it, the soonest to expire first; a
-//! history expires `bus.history_ttl` after a publish someone heard, `bus.history_ttl_unsubscribed`
-//! after one nobody did (see [`PUBLISH_LUA`]). Those two keys are global, which one Redis allows
+//! Channel names are client input, so the histories are bounded all together: the script counts
+//! each against `bus.history_bytes` in two keys of its own (`<prefix>#history`,
+//! `<prefix>#history-bytes`) and drops whole histories past it, the soonest to expire first, a
+//! few per publish; and one channel's history is trimmed past `bus.history_channel_bytes`, so no
+//! channel can push the others out. A history expires `bus.history_ttl` after a publish someone
+//! heard, `bus.history_ttl_unsubscribed` after one nobody did (see [`PUBLISH_LUA`]). The budget
+//! travels with each publish, so every node must be given the same one (the smallest wins). The
+//! scripts need Redis 6.2 ([`RedisBus::check_server`]). Those two keys are global, which one Redis allows
 //! and Redis Cluster does not: under Cluster they must become one pair per slot. A resume reads
 //! only its window of the stream, newest first ([`REPLAY_LUA`]), however long the history.
 //!
@@ -63,7 +67,7 @@
 //! This module does not know about sessions or transports; it talks to the hub only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -116,25 +120,52 @@ pub const HISTORY_CHANNEL_BYTES: usize = 5 * 1024;
 /// Bytes counted for each history entry besides its data (the entry's id and framing in the
 /// stream node; a node of its own for a large one).
 const HISTORY_ENTRY_BYTES: usize = 64;
-/// Entries a stream may hold past `bus.history_len` before one publish trims them all (exactly,
-/// reading them first to know their bytes): trimming on every publish rescans the stream's first
-/// node each time (measured: XADD 3 → 7 µs), and `MAXLEN ~` trims without saying what it took.
+/// Entries a stream may hold past `bus.history_len` before one publish trims them all: trimming
+/// on every publish rescans the stream's first node each time (measured: XADD 3 → 7 µs).
 const HISTORY_TRIM_SLACK: usize = 100;
+/// Histories one publish drops for the budget, at most: a budget that shrank (a node started
+/// with a smaller `bus.history_bytes`) is met over several publishes, never in one script that
+/// holds Redis for long (one dropped 12,736 channels in 229 ms).
+const HISTORY_EVICTIONS_PER_PUBLISH: usize = 64;
+/// Oldest Redis that runs the scripts: `ZADD GT` is not used any more, but the replay's `(`
+/// exclusive stream ranges and `XTRIM` with `=` came with 6.2.
+const REDIS_MIN_VERSION: (u32, u32) = (6, 2);
+
+/// [`RedisBus::check_server`]'s findings.
+const SERVER_UNKNOWN: u8 = 0;
+const SERVER_OK: u8 = 1;
+const SERVER_TOO_OLD: u8 = 2;
 
 /// Appends to the history stream and publishes the envelope in one atomic step, so the order of
-/// stream ids is the order subscribers see; then keeps all histories within their byte budget.
+/// stream ids is the order subscribers see; then keeps the channel within its share and all
+/// histories within their byte budget.
 ///
 /// KEYS: the channel's stream, the history index (a sorted set: stream key → when it expires,
-/// ms), the history sizes (a hash: stream key → bytes counted; `#total` → their sum; no channel
-/// name holds `#`, so no stream key is `#total`). ARGV: data, history_len, history_ttl (ms),
-/// pub/sub channel, history_ttl_unsubscribed (ms), history_bytes, [`HISTORY_ENTRY_BYTES`],
-/// [`HISTORY_CHANNEL_BYTES`], [`HISTORY_TRIM_SLACK`]. Returns the stream id, the channels
-/// evicted, the bytes all histories then hold, and how many channels they are (-1 when this
-/// publish added and dropped none, to spare the count).
+/// ms, exactly), the history sizes (a hash: stream key → bytes counted; `#total` → their sum; no
+/// channel name holds `#`, so no stream key is `#total`). ARGV: data, history_len, history_ttl
+/// (ms), pub/sub channel, history_ttl_unsubscribed (ms), history_bytes, [`HISTORY_ENTRY_BYTES`],
+/// [`HISTORY_CHANNEL_BYTES`], [`HISTORY_TRIM_SLACK`], history_channel_bytes,
+/// [`HISTORY_EVICTIONS_PER_PUBLISH`]. Returns the stream id, the channels evicted, the bytes all
+/// histories then hold, and how many channels they are (-1 when this publish took none out of
+/// the index, to spare the count).
 ///
 /// `PUBLISH` says how many subscribers (nodes, backends) heard the message: none, and the stream
 /// expires after the short life. Past the budget, the channels that would expire first go (so the
-/// unheard ones first), the one published to last of all.
+/// unheard ones first), the one published to last of all, at most
+/// [`HISTORY_EVICTIONS_PER_PUBLISH`] per publish.
+///
+/// Counting: a publish adds its entry's estimated bytes; a trim (past `history_len` and the slack,
+/// or past the channel's share) sets the channel's count to Redis's own figure, `MEMORY USAGE
+/// key SAMPLES 0`, which walks the stream's nodes (a few dozen at most: the share bounds them)
+/// and reads no entry. Nothing here reads entries back.
+///
+/// Offsets: after `DEL`, an `XADD *` in the same millisecond would restart at `<ms>-0` and repeat
+/// an offset already given out. A stream is only dropped outright once the clock is past its last
+/// id; otherwise it is emptied (`XTRIM MAXLEN 0`: an empty stream keeps its last id, so the next
+/// `XADD` goes on from it) and expires a millisecond after that id.
+///
+/// Nothing after `PUBLISH` may fail (the message is out: a failure would make its publisher
+/// retry, and so duplicate it), so every key the script meets is checked before it is used.
 ///
 /// The index and sizes are two keys every publish touches, and evicted streams are keys the
 /// script finds rather than is given: fine for one Redis, not for Redis Cluster (a script there
@@ -144,72 +175,133 @@ const PUBLISH_LUA: &str = r#"
 local stream, index, sizes = KEYS[1], KEYS[2], KEYS[3]
 local data, len, slack = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[9])
 local budget, per_entry, per_channel = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local cap, most = tonumber(ARGV[10]), tonumber(ARGV[11])
+local function ms(id) return tonumber(string.match(id, '^%d+')) end
 local n = redis.call('XLEN', stream)
--- An entry's data in Redis's allocations: an eighth more, the spacing of jemalloc's classes.
-local delta = #data + math.floor(#data / 8) + per_entry
-if n >= len + slack then
-  -- Trimmed in batches: exact trimming on every publish rescans the stream's first node.
-  for _, e in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', n - len + 1)) do
-    local f = e[2]
-    for i = 1, #f, 2 do
-      if f[i] == 'd' then delta = delta - #f[i + 1] - math.floor(#f[i + 1] / 8) - per_entry end
-    end
-  end
-  redis.call('XTRIM', stream, 'MAXLEN', '=', len - 1)
-end
 local id = redis.call('XADD', stream, '*', 'd', data)
 local heard = redis.call('PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. data .. '}')
--- The id's time is Redis's clock, the one that runs the key's expiry. The expiry is rounded up to
--- a 64th of the life, so most publishes leave it as it is, and a stream never loses life it has.
+-- An entry's data in Redis's allocations: an eighth more, the spacing of jemalloc's classes.
+local delta = #data + math.floor(#data / 8) + per_entry
+-- The id's time is Redis's clock, the one that runs the key's expiry. The index holds the exact
+-- expiry (so the soonest to expire go first, not the first by name); the key's own is rounded up
+-- to a 64th of the life, so most publishes leave it as it is, and never loses life it has.
 local life = tonumber(heard > 0 and ARGV[3] or ARGV[5])
 local step = math.max(math.floor(life / 64), 1)
-local expiry = (math.floor((tonumber(string.match(id, '^%d+')) + life) / step) + 1) * step
-local total
+local function rounded(t) return (math.floor(t / step) + 1) * step end
+local expiry = ms(id) + life
+local old = tonumber(redis.call('ZSCORE', index, stream) or 0)
+if n == 0 or expiry > old then
+  -- (A new or emptied stream starts afresh, whatever its place said.)
+  redis.call('ZADD', index, expiry, stream)
+  if n == 0 or rounded(expiry) > rounded(old) then
+    redis.call('PEXPIREAT', stream, rounded(expiry))
+  end
+end
+local size, total
 local channels = -1
 if n == 0 then
-  -- New, or it expired or went: what was counted for it is stale.
+  -- New, emptied, or it expired or went: what was counted for it is stale.
   local stale = tonumber(redis.call('HGET', sizes, stream) or 0)
-  redis.call('ZADD', index, expiry, stream)
-  redis.call('PEXPIREAT', stream, expiry)
-  redis.call('HSET', sizes, stream, per_channel + delta)
-  total = redis.call('HINCRBY', sizes, '#total', per_channel + delta - stale)
+  size = per_channel + delta
+  redis.call('HSET', sizes, stream, size)
+  total = redis.call('HINCRBY', sizes, '#total', size - stale)
   channels = 0
 else
-  if redis.call('ZADD', index, 'GT', 'CH', expiry, stream) == 1 then
-    redis.call('PEXPIREAT', stream, expiry)
-  end
-  local size = redis.call('HINCRBY', sizes, stream, delta)
+  size = redis.call('HINCRBY', sizes, stream, delta)
   if size < per_channel then
     -- Entries from before the count (a stream this script did not make) left uncounted.
     delta = delta + per_channel - size
-    redis.call('HSET', sizes, stream, per_channel)
+    size = per_channel
+    redis.call('HSET', sizes, stream, size)
   end
   total = redis.call('HINCRBY', sizes, '#total', delta)
 end
+-- Trims: past history_len and the slack, down to history_len; past the channel's share, down to
+-- the newest entries that fit 7/8 of it, judged by their average size (the new one's is known),
+-- checked against Redis's figure and tried again, a few times at most.
+local count = n + 1
+for pass = 1, 4 do
+  local keep = count
+  if count > len + slack then keep = len end
+  if size > cap then
+    local room = math.floor(cap * 7 / 8) - per_channel - delta
+    if per_channel + delta > cap then
+      keep = 0
+    elseif room <= 0 or count < 2 then
+      keep = 1
+    else
+      local each = math.max((size - per_channel - delta) / (count - 1), 1)
+      keep = math.min(keep, 1 + math.floor(room / each))
+      if pass > 1 then keep = math.min(keep, math.floor(count / 2)) end
+    end
+  end
+  if keep >= count then break end
+  redis.call('XTRIM', stream, 'MAXLEN', '=', keep)
+  count = keep
+  local real = math.max(redis.call('MEMORY', 'USAGE', stream, 'SAMPLES', 0) or 0, per_channel)
+  redis.call('HSET', sizes, stream, real)
+  total = redis.call('HINCRBY', sizes, '#total', real - size)
+  size = real
+end
+-- Takes a stream out for the budget; false when it had gone already (expired) or is not ours.
+local now
+local function drop(key)
+  if redis.call('TYPE', key)['ok'] ~= 'stream' then return false end
+  local last = 0
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = ms(info[i + 1]) end
+  end
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  if last < now then
+    -- Any later XADD gets a later millisecond: the stream may go, freed off the main thread.
+    redis.call('UNLINK', key)
+  else
+    redis.call('XTRIM', key, 'MAXLEN', 0)
+    redis.call('PEXPIREAT', key, last + 1)
+  end
+  return true
+end
+-- The sizes hold one field per stream in the index, and #total. More fields than that and the
+-- index was lost (Redis dropped it, e.g. under an allkeys-* maxmemory-policy): the count would
+-- stay over the budget for good, and every publish drop every history. It starts over.
+if total > budget and redis.call('HLEN', sizes) - 1 > redis.call('ZCARD', index) then
+  redis.call('UNLINK', sizes)
+  redis.call('HSET', sizes, stream, size)
+  total = redis.call('HINCRBY', sizes, '#total', size)
+end
 -- Past the budget, the streams that would expire first go; this one only when it is all that is
 -- left (a single history larger than the budget).
-local evicted, kept = 0, nil
-while total > budget do
+local evicted, popped, kept = 0, 0, nil
+while total > budget and popped < most do
   local first = redis.call('ZPOPMIN', index)
   local victim = first[1]
-  if victim == stream and redis.call('ZCARD', index) > 0 then
+  if victim == stream and not kept and redis.call('ZCARD', index) > 0 then
     kept = first[2]
   else
     if not victim and kept then
       victim, kept = stream, nil
     end
-    if not victim then break end
+    if not victim then
+      -- Over the budget with nothing left to drop: the count drifted. It starts over.
+      redis.call('UNLINK', sizes)
+      total = 0
+      break
+    end
+    popped = popped + 1
     local b = tonumber(redis.call('HGET', sizes, victim) or 0)
     redis.call('HDEL', sizes, victim)
-    redis.call('DEL', victim)
     total = redis.call('HINCRBY', sizes, '#total', -b)
-    evicted = evicted + 1
+    if drop(victim) then evicted = evicted + 1 end
   end
 end
 if kept then
   redis.call('ZADD', index, kept, stream)
 end
-if evicted > 0 or channels == 0 then
+if popped > 0 or channels == 0 then
   channels = redis.call('ZCARD', index)
 end
 return {id, evicted, total, channels}
@@ -271,6 +363,8 @@ pub struct RedisSettings {
     pub history_ttl_unsubscribed: Duration,
     /// Bytes all channels' histories may hold together in Redis.
     pub history_bytes: usize,
+    /// Bytes one channel's history may hold in Redis.
+    pub history_channel_bytes: usize,
     /// Connect and command timeout: a dead Redis makes a publish fail after this long at most.
     pub timeout: Duration,
     /// PING on the subscriber connection this often; unanswered within `timeout`, it is dead.
@@ -355,6 +449,9 @@ pub struct RedisBus {
     /// A channel was asked for: the command task subscribes it.
     wanted: Notify,
     connected: AtomicBool,
+    /// What [`RedisBus::check_server`] found: [`SERVER_UNKNOWN`], [`SERVER_OK`] or
+    /// [`SERVER_TOO_OLD`] (then the node is never ready).
+    server: AtomicU8,
     metrics: Arc<Metrics>,
     publish_errors: Counter,
     reconnects: Counter,
@@ -423,6 +520,7 @@ impl RedisBus {
             changed: Notify::new(),
             wanted: Notify::new(),
             connected: AtomicBool::new(false),
+            server: AtomicU8::new(SERVER_UNKNOWN),
             publish_errors: metrics.redis_publish_errors.clone(),
             reconnects: metrics.redis_reconnects.clone(),
             connected_gauge: metrics.redis_connected.clone(),
@@ -432,8 +530,66 @@ impl RedisBus {
         })
     }
 
+    /// Connected, and the Redis there is not too old for the scripts.
     pub fn is_ready(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+            && self.server.load(Ordering::Acquire) != SERVER_TOO_OLD
+    }
+
+    /// Asks Redis its version (`INFO server`) and refuses one older than [`REDIS_MIN_VERSION`]:
+    /// the scripts would fail there after `PUBLISH`, so the message would be delivered and its
+    /// publisher told `unavailable`, and a retry would deliver it twice. Called at start (an
+    /// error refuses to start) and by the publish pipeline before its first pipeline when Redis
+    /// was not reachable then (a Redis too old leaves the node not ready: upgrade Redis and
+    /// restart the node). Unreachable, the question stays open and this answers `Ok`.
+    pub async fn check_server(&self) -> Result<(), RedisConfigError> {
+        if self.server.load(Ordering::Acquire) == SERVER_OK {
+            return Ok(());
+        }
+        // A connection of its own, dropped after: the publisher's is left to the pipeline (used
+        // here before the first publish, it was found broken after a Redis restart).
+        let ask = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(&mut conn)
+                .await
+        };
+        let info = match tokio::time::timeout(self.settings.timeout, ask).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) if !(e.is_io_error() || e.is_connection_refusal() || e.is_timeout()) => {
+                // Redis answered, but not with its version (an ACL user without INFO): asking
+                // again would cost every pipeline a round trip.
+                tracing::warn!(error = %e, "cannot ask Redis its version; assuming 6.2 or later");
+                self.server.store(SERVER_OK, Ordering::Release);
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        match redis_version(&info) {
+            Some(v) if v < REDIS_MIN_VERSION => {
+                self.server.store(SERVER_TOO_OLD, Ordering::Release);
+                let (major, minor) = REDIS_MIN_VERSION;
+                let e = RedisConfigError(format!(
+                    "bus.redis_url: the Redis there is version {}.{}; edgeplex needs Redis \
+                     {major}.{minor} or later",
+                    v.0, v.1
+                ));
+                tracing::error!(error = %e, "Redis too old: this node will not be ready");
+                Err(e)
+            }
+            Some(_) => {
+                self.server.store(SERVER_OK, Ordering::Release);
+                Ok(())
+            }
+            None => {
+                tracing::warn!(
+                    "Redis did not say its version (INFO server); assuming it is recent enough"
+                );
+                self.server.store(SERVER_OK, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
     fn key(&self, channel: &Channel) -> String {
@@ -503,7 +659,18 @@ impl RedisBus {
             if n == 0 {
                 break;
             }
-            let results = if !self.is_ready() {
+            if self.server.load(Ordering::Acquire) == SERVER_UNKNOWN && self.is_ready() {
+                // Redis was unreachable at start: its version is asked before the first script.
+                let _ = self.check_server().await;
+            }
+            let results = if self.server.load(Ordering::Acquire) == SERVER_TOO_OLD {
+                vec![
+                    Err(BusError::Unavailable(
+                        "Redis is too old (6.2 or later needed)"
+                    ));
+                    batch.len()
+                ]
+            } else if !self.is_ready() {
                 // Refused here rather than by the caller, so the refusal keeps its place.
                 vec![Err(BusError::Unavailable("Redis is unreachable")); batch.len()]
             } else {
@@ -557,7 +724,9 @@ impl RedisBus {
                 .arg(self.settings.history_bytes)
                 .arg(HISTORY_ENTRY_BYTES)
                 .arg(HISTORY_CHANNEL_BYTES)
-                .arg(HISTORY_TRIM_SLACK);
+                .arg(HISTORY_TRIM_SLACK)
+                .arg(self.settings.history_channel_bytes)
+                .arg(HISTORY_EVICTIONS_PER_PUBLISH);
         }
         self.metrics.redis_publish_pipelines.inc();
         let mut conn = self.publisher.clone();
@@ -1115,6 +1284,7 @@ impl RedisBus {
             history_ttl: Duration::from_secs(60),
             history_ttl_unsubscribed: Duration::from_secs(60),
             history_bytes: 1 << 20,
+            history_channel_bytes: 1 << 14,
             timeout: Duration::from_secs(1),
             ping_interval: Duration::from_secs(5),
             ingest_queue: 16,
@@ -1123,6 +1293,18 @@ impl RedisBus {
         bus.connected.store(true, Ordering::Release);
         Arc::new(bus)
     }
+}
+
+/// `redis_version:7.0.15` in an `INFO server` answer, as (major, minor).
+fn redis_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = v.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// Hands a job its outcome. A callback that panicked would otherwise end the pipeline task and
@@ -1427,6 +1609,18 @@ fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_versions_are_read_from_info_server() {
+        let info = "# Server\r\nredis_version:6.0.16\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(redis_version(info), Some((6, 0)));
+        assert!(redis_version(info).unwrap() < REDIS_MIN_VERSION);
+        assert_eq!(redis_version("redis_version:6.2.0\r\n"), Some((6, 2)));
+        assert_eq!(REDIS_MIN_VERSION, (6, 2));
+        assert_eq!(redis_version("redis_version:10.11.1\n"), Some((10, 11)));
+        assert_eq!(redis_version("# Server\r\nuptime:1\r\n"), None);
+        assert_eq!(redis_version("redis_version:x.y\r\n"), None);
+    }
 
     #[test]
     fn envelope_round_trip() {

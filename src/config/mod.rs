@@ -99,7 +99,7 @@ pub struct BusConfig {
     /// system's roots.
     pub redis_ca: Option<PathBuf>,
     pub channel_prefix: String,
-    /// Messages kept per channel in the Redis history stream (approximate trim).
+    /// Messages kept per channel (Redis bus: up to 100 more between two trims, each exact).
     pub history_len: usize,
     pub history_ttl: Duration,
     /// Redis bus: the life of a channel's history after a publish nobody was subscribed to
@@ -108,6 +108,9 @@ pub struct BusConfig {
     /// Bytes all channel histories may hold together (embedded bus: per node; Redis bus: in
     /// Redis, for all nodes).
     pub history_bytes: usize,
+    /// Redis bus: bytes one channel's history may hold, at most (its oldest messages are
+    /// trimmed past it), so no channel can take the budget from the others.
+    pub history_channel_bytes: usize,
     pub redis_timeout: Duration,
     /// PING on the Redis subscriber connection this often; no answer within `redis_timeout`
     /// and the connection is taken for dead.
@@ -128,6 +131,7 @@ impl std::fmt::Debug for BusConfig {
             .field("history_ttl", &self.history_ttl)
             .field("history_ttl_unsubscribed", &self.history_ttl_unsubscribed)
             .field("history_bytes", &self.history_bytes)
+            .field("history_channel_bytes", &self.history_channel_bytes)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_ping_interval", &self.redis_ping_interval)
             .field("redis_ingest_queue", &self.redis_ingest_queue)
@@ -650,6 +654,21 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         }
     };
     let history_ttl = min_duration("bus.history_ttl", b.history_ttl, Duration::from_secs(1))?;
+    let history_bytes = range("bus.history_bytes", b.history_bytes, 0, 1 << 40)?;
+    let history_channel_bytes = match b.history_channel_bytes {
+        None => (history_bytes / schema::DEFAULT_HISTORY_CHANNEL_SHARE)
+            .max(schema::MIN_DEFAULT_HISTORY_CHANNEL_BYTES.min(history_bytes)),
+        Some(v) if v <= history_bytes => v,
+        Some(v) => {
+            return Err(invalid(
+                "bus.history_channel_bytes",
+                format!(
+                    "{v} is more than bus.history_bytes ({history_bytes}), all channels' \
+                     histories together; allowed is 0 to {history_bytes}"
+                ),
+            ));
+        }
+    };
     let bus = BusConfig {
         redis_url,
         redis_ca,
@@ -664,7 +683,8 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             Duration::from_secs(1),
         )?
         .min(history_ttl),
-        history_bytes: range("bus.history_bytes", b.history_bytes, 0, 1 << 40)?,
+        history_bytes,
+        history_channel_bytes,
         redis_timeout: min_duration(
             "bus.redis_timeout",
             b.redis_timeout,
@@ -1061,7 +1081,8 @@ impl Config {
             Some(_) => format!(
                 "bus: Redis (channel C is {}C; history {} messages per channel, kept {} after \
                  a publish someone was subscribed to, else {}; {} bytes in all, in Redis: at \
-                 most {} channels' histories)\n  \
+                 most {} channels' histories, each at most {} bytes (bus.history_channel_bytes); \
+                 Redis 6.2 or later)\n  \
                  subscriber connection: PING every {}, dead after {} without an answer (a \
                  silent Redis path is found within {}); at most {} messages (or {} MiB) waiting \
                  for delivery, past that the channels that lose messages get gap notices\n",
@@ -1071,6 +1092,7 @@ impl Config {
                 humantime::format_duration(self.bus.history_ttl_unsubscribed),
                 self.bus.history_bytes,
                 self.bus.history_bytes / crate::bus::redis::HISTORY_CHANNEL_BYTES,
+                self.bus.history_channel_bytes,
                 humantime::format_duration(self.bus.redis_ping_interval),
                 humantime::format_duration(self.bus.redis_timeout),
                 humantime::format_duration(self.bus.redis_ping_interval + self.bus.redis_timeout),
@@ -1333,6 +1355,10 @@ mod tests {
                 "bus.redis_ping_interval",
             ),
             ("[bus]\nredis_ingest_queue = 0\n", "bus.redis_ingest_queue"),
+            (
+                "[bus]\nhistory_bytes = 1000\nhistory_channel_bytes = 1001\n",
+                "bus.history_channel_bytes",
+            ),
             ("[bus]\nredis_url = \"http://x\"\n", "bus.redis_url"),
             (
                 "[bus]\nredis_url = \"redis://:99999999/\"\n",
@@ -1395,6 +1421,21 @@ mod tests {
             (set.ip_connections.max, set.ipv6_wide_connections.max),
             (7, 250)
         );
+    }
+
+    #[test]
+    fn a_channels_history_share_defaults_to_a_64th_of_the_budget() {
+        let c = parse("[bus]\n").unwrap();
+        assert_eq!(c.bus.history_channel_bytes, 1 << 20);
+        // At least 64 KiB, or the whole of a smaller budget.
+        let c = parse("[bus]\nhistory_bytes = 1048576\n").unwrap();
+        assert_eq!(c.bus.history_channel_bytes, 64 * 1024);
+        let c = parse("[bus]\nhistory_bytes = 6400\n").unwrap();
+        assert_eq!(c.bus.history_channel_bytes, 6400);
+        let c = parse("[bus]\nhistory_bytes = 0\n").unwrap();
+        assert_eq!(c.bus.history_channel_bytes, 0);
+        let c = parse("[bus]\nhistory_bytes = 6400\nhistory_channel_bytes = 6400\n").unwrap();
+        assert_eq!(c.bus.history_channel_bytes, 6400);
     }
 
     #[test]

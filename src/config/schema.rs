@@ -29,6 +29,11 @@ pub const DEFAULT_HISTORY_LEN: usize = 1000;
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_HISTORY_TTL_UNSUBSCRIBED: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+/// `bus.history_channel_bytes` when unset: `bus.history_bytes` divided by this, so no one
+/// channel can take the budget from the others; but at least [`MIN_DEFAULT_HISTORY_CHANNEL_BYTES`]
+/// (or all of a smaller budget), so a small budget still keeps some history per channel.
+pub const DEFAULT_HISTORY_CHANNEL_SHARE: usize = 64;
+pub const MIN_DEFAULT_HISTORY_CHANNEL_BYTES: usize = 64 * 1024;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// With the 2 s deadline, a silent Redis path is found within 7 s.
 pub const DEFAULT_REDIS_PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -174,6 +179,8 @@ pub struct BusSection {
     #[serde(with = "humantime_serde")]
     pub history_ttl_unsubscribed: Duration,
     pub history_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_channel_bytes: Option<usize>,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -191,6 +198,7 @@ impl Default for BusSection {
             history_ttl: DEFAULT_HISTORY_TTL,
             history_ttl_unsubscribed: DEFAULT_HISTORY_TTL_UNSUBSCRIBED,
             history_bytes: DEFAULT_HISTORY_BYTES,
+            history_channel_bytes: None,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             redis_ping_interval: DEFAULT_REDIS_PING_INTERVAL,
             redis_ingest_queue: DEFAULT_REDIS_INGEST_QUEUE,

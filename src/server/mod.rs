@@ -193,6 +193,7 @@ impl Edge {
                     history_ttl: config.bus.history_ttl,
                     history_ttl_unsubscribed: config.bus.history_ttl_unsubscribed,
                     history_bytes: config.bus.history_bytes,
+                    history_channel_bytes: config.bus.history_channel_bytes,
                     timeout: config.bus.redis_timeout,
                     ping_interval: config.bus.redis_ping_interval,
                     ingest_queue: config.bus.redis_ingest_queue,
@@ -213,6 +214,8 @@ impl Edge {
         // API until then, so the Redis publish pipeline must outlive the sessions.
         let admin_stop = CancellationToken::new();
         if let Some(r) = redis {
+            // A Redis too old for the scripts refuses the start; one unreachable is asked later.
+            r.check_server().await?;
             r.spawn_publisher(admin_stop.child_token());
             // Stops with the shutdown signal: sessions are closed with 1001 at that moment and
             // need no more deliveries.
