@@ -46,29 +46,6 @@ async fn nothing_more(c: &mut Client) {
     );
 }
 
-fn numsub(redis: &RedisServer, channel: &str) -> i64 {
-    let mut c = redis.connection();
-    let (_, n): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query(&mut c)
-        .unwrap();
-    n
-}
-
-async fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
-    for _ in 0..250 {
-        if numsub(redis, channel) == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "PUBSUB NUMSUB {channel} stayed at {} (want {want})",
-        numsub(redis, channel)
-    );
-}
-
 #[tokio::test]
 async fn a_publish_on_one_node_reaches_every_node_once_in_order() {
     let redis = RedisServer::start();
@@ -116,7 +93,7 @@ async fn a_publish_on_one_node_reaches_every_node_once_in_order() {
         nothing_more(c).await;
     }
     // One Redis subscription per node, not per session.
-    assert_eq!(numsub(&redis, "edgeplex:room"), 3);
+    assert_eq!(redis.numsub("edgeplex:room"), 3);
     assert_eq!(nodes[0].metric("edgeplex_redis_subscriptions").await, 1.0);
 }
 
@@ -296,7 +273,7 @@ async fn one_redis_subscription_per_channel_per_node_dropped_with_the_last_local
             clients.push(c);
         }
     }
-    assert_eq!(numsub(&redis, "edgeplex:quotes"), 2);
+    assert_eq!(redis.numsub("edgeplex:quotes"), 2);
     // Two of three leave on each node: still one subscription per node.
     for (i, c) in clients.iter_mut().enumerate() {
         if i % 3 != 0 {
@@ -306,15 +283,15 @@ async fn one_redis_subscription_per_channel_per_node_dropped_with_the_last_local
             assert_eq!(r["ok"], true);
         }
     }
-    assert_eq!(numsub(&redis, "edgeplex:quotes"), 2);
+    assert_eq!(redis.numsub("edgeplex:quotes"), 2);
     // The last local subscriber leaves by unsubscribing on node 0 and by disconnecting on node 1.
     let r = clients[0]
         .request(json!({"id": 3, "op": "unsubscribe", "channel": "quotes"}))
         .await;
     assert_eq!(r["ok"], true);
-    wait_numsub(&redis, "edgeplex:quotes", 1).await;
+    redis.wait_numsub("edgeplex:quotes", 1).await;
     drop(clients);
-    wait_numsub(&redis, "edgeplex:quotes", 0).await;
+    redis.wait_numsub("edgeplex:quotes", 0).await;
     assert_eq!(nodes[0].metric("edgeplex_redis_subscriptions").await, 0.0);
 }
 
@@ -354,7 +331,7 @@ async fn redis_restart_is_survived_with_gap_notices() {
     for c in [&mut a, &mut b] {
         assert_eq!(c.recv().await, json!({"op": "gap", "channel": "feed"}));
     }
-    wait_numsub(&redis, "edgeplex:feed", 2).await;
+    redis.wait_numsub("edgeplex:feed", 2).await;
     let r = b
         .request(json!({"id": 5, "op": "publish", "channel": "feed", "data": "after"}))
         .await;
@@ -443,7 +420,7 @@ async fn rediss_with_a_private_ca() {
     a.request(json!({"id": 2, "op": "publish", "channel": "secure", "data": "over tls"}))
         .await;
     assert_eq!(pushes(&mut a, 1).await[0]["data"], "over tls");
-    assert_eq!(numsub(&redis, "edgeplex:secure"), 1);
+    assert_eq!(redis.numsub("edgeplex:secure"), 1);
 
     // Without the CA the server's certificate is not trusted: the node never becomes ready.
     let url = redis.url();

@@ -12,28 +12,6 @@ use common::relay::Relay;
 use common::{Client, TestEdge, start};
 use serde_json::json;
 
-fn numsub(redis: &RedisServer, channel: &str) -> i64 {
-    let (_, n): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query(&mut redis.connection())
-        .unwrap();
-    n
-}
-
-async fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
-    for _ in 0..500 {
-        if numsub(redis, channel) == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "PUBSUB NUMSUB {channel} stayed at {} (want {want})",
-        numsub(redis, channel)
-    );
-}
-
 /// A backend's raw `PUBLISH` on the real server, past any relay.
 fn backend_publish(redis: &RedisServer, channel: &str, data: &str) {
     redis::cmd("PUBLISH")
@@ -106,7 +84,7 @@ async fn a_silent_redis_path_is_found_within_15s_by_default_then_resubscribed_wi
     t.wait_ready(true).await;
     // The new connection holds the subscription; the stale one is gone once the relay passes on
     // the edge's close.
-    wait_numsub(&redis, "edgeplex:feed", 1).await;
+    redis.wait_numsub("edgeplex:feed", 1).await;
     assert_eq!(a.recv().await, json!({"op": "gap", "channel": "feed"}));
     backend_publish(&redis, "feed", "\"after\"");
     assert!(until_data(&mut a, "after").await.is_empty());
@@ -171,13 +149,13 @@ async fn concurrent_subscribes_share_subscribe_commands() {
         "{N} concurrent subscribes to new channels took {used} SUBSCRIBE commands"
     );
     for i in 0..N {
-        assert_eq!(numsub(&redis, &format!("edgeplex:c{i}")), 1);
+        assert_eq!(redis.numsub(&format!("edgeplex:c{i}")), 1);
     }
     // Dropped together, they leave in a few UNSUBSCRIBEs too.
     let before = calls(&redis, "unsubscribe");
     drop(clients);
     for i in 0..N {
-        wait_numsub(&redis, &format!("edgeplex:c{i}"), 0).await;
+        redis.wait_numsub(&format!("edgeplex:c{i}"), 0).await;
     }
     let used = calls(&redis, "unsubscribe") - before;
     assert!(used <= 5, "{N} drops took {used} UNSUBSCRIBE commands");
@@ -206,11 +184,7 @@ async fn a_channel_dropped_and_joined_again_at_once_stays_subscribed() {
         assert_eq!(b.recv().await["ok"], true);
         // Past any delayed unsubscribe, b is still served.
         tokio::time::sleep(Duration::from_millis(if round % 10 == 0 { 400 } else { 5 })).await;
-        assert_eq!(
-            numsub(&redis, &format!("edgeplex:{ch}")),
-            1,
-            "round {round}"
-        );
+        assert_eq!(redis.numsub(&format!("edgeplex:{ch}")), 1, "round {round}");
         let data = format!("\"r{round}\"");
         backend_publish(&redis, &ch, &data);
         assert!(until_data(&mut b, &format!("r{round}")).await.is_empty());
@@ -315,7 +289,7 @@ async fn an_ingest_overflow_drops_only_the_flooded_channels_messages_and_gaps_th
     assert_eq!(f["op"], "message", "the quiet channel got {f}");
     assert_eq!(f["data"], "q");
     assert_eq!(t.metric("edgeplex_redis_reconnects_total").await, 0.0);
-    assert_eq!(numsub(&redis, "edgeplex:flood"), 1);
+    assert_eq!(redis.numsub("edgeplex:flood"), 1);
 }
 
 /// A subscribe cancelled while it waits for its SUBSCRIBE (here an HTTP/2 SSE request reset by
@@ -364,7 +338,7 @@ async fn a_subscribe_cancelled_while_its_subscribe_waits_leaves_no_redis_subscri
         let held: Vec<String> = (0..ROUNDS)
             .map(|r| format!("edgeplex:x{r}"))
             .chain((0..ROUNDS).map(|r| format!("edgeplex:z{r}")))
-            .filter(|c| numsub(&redis, c) != 0)
+            .filter(|c| redis.numsub(c) != 0)
             .collect();
         let gauge = t.metric("edgeplex_redis_subscriptions").await;
         if held.is_empty() && gauge == 0.0 {

@@ -516,24 +516,6 @@ async fn a_reader_that_stops_reading_is_cut_off_and_its_slot_freed() {
     drop(stalled);
 }
 
-/// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they held.
-async fn metrics_reach(t: &TestEdge, want: &[(&str, f64)], bound: Duration) -> bool {
-    let until = tokio::time::Instant::now() + bound;
-    loop {
-        let mut all = true;
-        for (sample, value) in want {
-            all &= t.metric(sample).await == *value;
-        }
-        if all {
-            return true;
-        }
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A reader that stops reading is cut off when its queue overflows, not only once its oldest
 /// frame has waited `write_timeout` (60 s here).
 #[tokio::test]
@@ -558,19 +540,19 @@ async fn a_stalled_reader_is_cut_off_at_overflow_not_after_the_write_timeout() {
             .await;
         assert_eq!(r["ok"], true);
     }
-    let freed = metrics_reach(
-        &t,
-        &[
-            ("edgeplex_sessions{transport=\"sse\"}", 0.0),
-            ("edgeplex_connections", 1.0),
-            (
-                "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
-                1.0,
-            ),
-        ],
-        Duration::from_secs(3),
-    )
-    .await;
+    let freed = t
+        .metrics_reach(
+            &[
+                ("edgeplex_sessions{transport=\"sse\"}", 0.0),
+                ("edgeplex_connections", 1.0),
+                (
+                    "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                    1.0,
+                ),
+            ],
+            Duration::from_secs(3),
+        )
+        .await;
     assert!(
         freed,
         "the stalled stream was dropped within 3 s of the overflow"
@@ -617,18 +599,18 @@ async fn a_stalled_http2_stream_is_reset_alone_and_its_neighbour_keeps_streaming
         let e = next(&mut reader).await;
         assert_eq!(data(&e)["data"]["i"], i, "the reader gets every message");
     }
-    let reset = metrics_reach(
-        &t,
-        &[
-            ("edgeplex_sessions{transport=\"sse\"}", 1.0),
-            (
-                "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
-                1.0,
-            ),
-        ],
-        Duration::from_secs(3),
-    )
-    .await;
+    let reset = t
+        .metrics_reach(
+            &[
+                ("edgeplex_sessions{transport=\"sse\"}", 1.0),
+                (
+                    "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                    1.0,
+                ),
+            ],
+            Duration::from_secs(3),
+        )
+        .await;
     assert!(
         reset,
         "the stalled stream was ended within 3 s of the overflow"

@@ -679,24 +679,6 @@ async fn small_window_subscriber(t: &common::TestEdge, channel: &str) -> Client 
     c
 }
 
-/// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they held.
-async fn metrics_reach(t: &common::TestEdge, want: &[(&str, f64)], bound: Duration) -> bool {
-    let until = tokio::time::Instant::now() + bound;
-    loop {
-        let mut all = true;
-        for (sample, value) in want {
-            all &= t.metric(sample).await == *value;
-        }
-        if all {
-            return true;
-        }
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A subscriber that stops reading is closed when its queue overflows, not when the write the
 /// edge is stuck on gives up (`write_timeout`, 60 s here): its session and connection are freed
 /// within a bound of the overflow. Its full socket cannot take the close frame, so the edge
@@ -719,19 +701,19 @@ async fn a_stalled_reader_is_closed_at_overflow_not_after_the_write_timeout() {
             .await;
         assert_eq!(r["ok"], true);
     }
-    let freed = metrics_reach(
-        &t,
-        &[
-            ("edgeplex_sessions{transport=\"websocket\"}", 1.0),
-            ("edgeplex_connections", 1.0),
-            (
-                "edgeplex_slow_consumer_closes_total{transport=\"websocket\"}",
-                1.0,
-            ),
-        ],
-        Duration::from_secs(3),
-    )
-    .await;
+    let freed = t
+        .metrics_reach(
+            &[
+                ("edgeplex_sessions{transport=\"websocket\"}", 1.0),
+                ("edgeplex_connections", 1.0),
+                (
+                    "edgeplex_slow_consumer_closes_total{transport=\"websocket\"}",
+                    1.0,
+                ),
+            ],
+            Duration::from_secs(3),
+        )
+        .await;
     assert!(
         freed,
         "the stalled session and its connection were freed within 3 s of the overflow"

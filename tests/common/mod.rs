@@ -189,6 +189,25 @@ impl TestEdge {
         panic!("/readyz did not become {want}");
     }
 
+    /// Polls `/metrics` until every `(sample, value)` holds or `bound` passes; true if they
+    /// held.
+    pub async fn metrics_reach(&self, want: &[(&str, f64)], bound: Duration) -> bool {
+        let until = tokio::time::Instant::now() + bound;
+        loop {
+            let mut all = true;
+            for (sample, value) in want {
+                all &= self.metric(sample).await == *value;
+            }
+            if all {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The value of one metric sample line, e.g. `edgeplex_sessions{transport="websocket"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics").await;

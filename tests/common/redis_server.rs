@@ -155,6 +155,30 @@ impl RedisServer {
         self.client().unwrap().get_connection().unwrap()
     }
 
+    /// Subscribers of `channel` by `PUBSUB NUMSUB`: nodes (and backends), not clients.
+    pub fn numsub(&self, channel: &str) -> i64 {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut self.connection())
+            .unwrap();
+        n
+    }
+
+    /// Waits up to 10 s for `PUBSUB NUMSUB channel` to be `want`.
+    pub async fn wait_numsub(&self, channel: &str, want: i64) {
+        for _ in 0..500 {
+            if self.numsub(channel) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "PUBSUB NUMSUB {channel} stayed at {} (want {want})",
+            self.numsub(channel)
+        );
+    }
+
     /// Holds every write command, scripts included (so every publish), for `ms`. Reads and
     /// pub/sub are not held, so edges stay ready.
     pub fn pause_writes(&self, ms: u64) {
