@@ -196,9 +196,9 @@ impl Hub {
     }
 
     /// [`Hub::subscribe`], replaying within `budget` (`None`: no limit but the outbox's). A
-    /// replay cut short with less than enough left is refused with
-    /// [`SubscribeError::ReplayOverBudget`] rather than delivered with a gap: the client may
-    /// retry when it has the budget.
+    /// replay that the budget (not the window's frame count) cut short with less than enough
+    /// left is refused with [`SubscribeError::ReplayOverBudget`] rather than delivered with a
+    /// gap: the client may retry when it has the budget.
     pub async fn subscribe_within(
         &self,
         channel: &Channel,
