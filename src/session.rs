@@ -68,6 +68,15 @@ pub enum PushError {
     Closed,
 }
 
+/// Why [`Outbox::write_within`] gave up on a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStop {
+    /// It took longer than its limit, or the queue overflowed behind it: a slow consumer.
+    Slow,
+    /// The session ended meanwhile.
+    Closed,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStatus {
     Open,
@@ -187,6 +196,26 @@ impl Outbox {
                 return status;
             }
             notified.await;
+        }
+    }
+
+    /// Runs one write to the client for at most `limit`, and only while the outbox is open. A
+    /// client that stopped reading leaves the write stuck on its full socket or stream window
+    /// while the queue behind it overflows; the overflow ends the write at once (a slow
+    /// consumer), not the timeout, so the session and its socket are not held for `limit` more.
+    /// Biased: a write that completes at once (the usual case) never arms the overflow watch.
+    pub async fn write_within<T>(
+        &self,
+        write: impl std::future::Future<Output = T>,
+        limit: std::time::Duration,
+    ) -> Result<T, WriteStop> {
+        tokio::select! {
+            biased;
+            r = tokio::time::timeout(limit, write) => r.map_err(|_| WriteStop::Slow),
+            status = self.ended() => Err(match status {
+                OutboxStatus::Closed => WriteStop::Closed,
+                OutboxStatus::Open | OutboxStatus::Overflowed => WriteStop::Slow,
+            }),
         }
     }
 
@@ -612,7 +641,7 @@ impl Session {
         let settle = |ticket: &SessionTicket, used: usize| match &reservation {
             Some(r) => ticket.settle_replay(r, used),
             None => {
-                let _ = ticket.charge_replay(used);
+                let _ = ticket.charge_bytes(used);
             }
         };
         let hub = &self.env.hub;

@@ -28,7 +28,7 @@ use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::Frame;
 use crate::server::routes::{ConnInfo, ConnSlot, admit_origin, client_of, refusal_response, text};
 use crate::server::{Body, EdgeState, full_body};
-use crate::session::{CloseReason, OutboxStatus, Session, Verdict};
+use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// How long to wait for the client's answer to our close frame before dropping the socket. This
 /// also bounds how long a slow consumer keeps its socket after its queue overflows: a client
@@ -348,34 +348,20 @@ where
     }
 }
 
-/// Runs one write to the client for at most `session.write_timeout`, and only while the outbox
-/// is open. A client that stopped reading leaves the write stuck on its full socket while the
-/// queue behind it overflows; that overflow ends the session at once (1013), instead of when
-/// the write gives up, so the session, its subscriptions and its socket are not held for
-/// `write_timeout` more.
-async fn bounded_write<F>(
-    write: F,
-    outbox: &crate::session::Outbox,
-    limit: Duration,
-) -> Result<(), End>
+/// Runs one write to the client (see [`Outbox::write_within`]), and says how the session ends
+/// when it does not complete.
+async fn bounded_write<F>(write: F, outbox: &Outbox, limit: Duration) -> Result<(), End>
 where
     F: Future<Output = Result<(), WsError>>,
 {
-    // Biased: a write that completes at once (the usual case) never arms the overflow watch.
-    tokio::select! {
-        biased;
-        r = tokio::time::timeout(limit, write) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write failed");
-                Err(End::Gone)
-            }
-            Err(_) => Err(End::Close(CloseReason::SLOW_CONSUMER)),
-        },
-        status = outbox.ended() => Err(match status {
-            OutboxStatus::Closed => End::Gone,
-            OutboxStatus::Open | OutboxStatus::Overflowed => End::Close(CloseReason::SLOW_CONSUMER),
-        }),
+    match outbox.write_within(write, limit).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            Err(End::Gone)
+        }
+        Err(WriteStop::Slow) => Err(End::Close(CloseReason::SLOW_CONSUMER)),
+        Err(WriteStop::Closed) => Err(End::Gone),
     }
 }
 

@@ -35,7 +35,7 @@ use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::server::EdgeState;
 use crate::server::routes::ConnSlot;
-use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict};
+use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// Where WebTransport sessions are opened.
 pub const PATH: &str = "/wt";
@@ -347,22 +347,15 @@ impl Writer<'_> {
                 continue;
             }
             let chunk = buf.split().freeze();
-            // A client that stopped reading leaves the write stuck once its stream window is
-            // full; the queue overflowing behind it ends the session then, not when the write
-            // gives up. Biased: a write that completes at once never arms that watch.
-            tokio::select! {
-                biased;
-                r = tokio::time::timeout(self.cfg.write_timeout, send.write_all(&chunk)) => match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::Gone,
-                    Err(_) => return End::Close(CloseReason::SLOW_CONSUMER),
-                },
-                status = self.outbox.ended() => return match status {
-                    OutboxStatus::Closed => End::Gone,
-                    OutboxStatus::Open | OutboxStatus::Overflowed => {
-                        End::Close(CloseReason::SLOW_CONSUMER)
-                    }
-                },
+            let write = send.write_all(&chunk);
+            match self
+                .outbox
+                .write_within(write, self.cfg.write_timeout)
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(WriteStop::Closed) => return End::Gone,
+                Err(WriteStop::Slow) => return End::Close(CloseReason::SLOW_CONSUMER),
             }
             if buf.capacity() > 64 * 1024 {
                 buf = BytesMut::new();
