@@ -36,6 +36,13 @@ pub struct Policy {
     pub limits: LimitsConfig,
 }
 
+impl Policy {
+    /// `ip` skips the per-IP limits (`admission.exempt`).
+    fn exempts(&self, ip: &IpAddr) -> bool {
+        self.admission.exempt.iter().any(|n| n.contains(ip))
+    }
+}
+
 /// A keyed limiter and the quota it was built with.
 #[derive(Debug)]
 struct Keyed {
@@ -292,9 +299,11 @@ impl SessionTicket {
             .settle_replay(&self.client, reservation, used)
     }
 
-    /// See [`Admission::charge_replay`].
-    pub fn charge_replay(&self, bytes: usize) -> Result<(), Refusal> {
-        self.admission.charge_replay(&self.client, bytes)
+    /// Charges `bytes` to the client's address without a message: what a resume replayed
+    /// when nothing was reserved for it (counted in `dry-run`; nothing in `off` or when
+    /// exempt). See [`Admission::charge_bytes`].
+    pub fn charge_bytes(&self, bytes: usize) -> Result<(), Refusal> {
+        self.admission.charge_bytes(&self.client, bytes)
     }
 
     /// See [`Admission::refuse_replay`].
@@ -415,7 +424,7 @@ impl Admission {
         Client {
             ip,
             key: client_ip::group(ip, a.ipv6_prefix),
-            exempt: a.exempt.iter().any(|n| n.contains(&ip)),
+            exempt: policy.exempts(&ip),
         }
     }
 
@@ -452,7 +461,7 @@ impl Admission {
         let client = Client {
             ip,
             key: client_ip::group(ip, a.ipv6_prefix),
-            exempt: a.exempt.iter().any(|n| n.contains(&ip))
+            exempt: policy.exempts(&ip)
                 || (peer_may_forward && a.trusted_proxies.iter().any(|n| n.contains(&ip))),
         };
         let wide = ip
@@ -553,12 +562,7 @@ impl Admission {
     pub fn charge_message(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
         let policy = self.policy();
         // The policy in force decides, not the one the session was admitted under.
-        if policy
-            .admission
-            .exempt
-            .iter()
-            .any(|n| n.contains(&client.ip))
-        {
+        if policy.exempts(&client.ip) {
             return Ok(());
         }
         let limits = &policy.limits;
@@ -573,12 +577,7 @@ impl Admission {
     /// a body whose message was charged from its request head, before it was read.
     pub fn charge_bytes(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
         let policy = self.policy();
-        if policy
-            .admission
-            .exempt
-            .iter()
-            .any(|n| n.contains(&client.ip))
-        {
+        if policy.exempts(&client.ip) {
             return Ok(());
         }
         self.bytes_of(&policy, client, bytes)
@@ -601,7 +600,7 @@ impl Admission {
     /// once, so sessions of one address resuming together share the budget rather than each
     /// seeing all of it. [`Admission::settle_replay`] gives back what the replay did not use.
     /// `None` when no limit holds a resume back (exempt, the limit `off` or `dry-run`: those
-    /// pay with [`Admission::charge_replay`] after). With nothing left it is refused, counted
+    /// pay with [`Admission::charge_bytes`] after). With nothing left it is refused, counted
     /// and logged, before the resume reads anything.
     pub fn reserve_replay(
         &self,
@@ -610,13 +609,7 @@ impl Admission {
     ) -> Result<Option<ReplayReservation>, Refusal> {
         let policy = self.policy();
         let rule = &policy.limits.ip_bytes;
-        if rule.mode != LimitMode::Enforce
-            || policy
-                .admission
-                .exempt
-                .iter()
-                .any(|n| n.contains(&client.ip))
-        {
+        if rule.mode != LimitMode::Enforce || policy.exempts(&client.ip) {
             return Ok(None);
         }
         let keyed = self.ip_bytes.read().clone();
@@ -644,28 +637,9 @@ impl Admission {
         reservation.keyed.give_back(&client.key, unused as u64);
     }
 
-    /// Charges the `bytes` a resume replayed to `client`'s address under `limits.ip_bytes`
-    /// when nothing was reserved: counted in `dry-run`, nothing in `off` or when exempt.
-    pub fn charge_replay(&self, client: &Client, bytes: usize) -> Result<(), Refusal> {
-        let policy = self.policy();
-        if bytes == 0
-            || policy
-                .admission
-                .exempt
-                .iter()
-                .any(|n| n.contains(&client.ip))
-        {
-            return Ok(());
-        }
-        let byte_budget = self.ip_bytes.read().clone();
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-        self.rate(Limit::ip_bytes, &policy.limits.ip_bytes, client, || {
-            byte_budget.check(&client.key, n)
-        })
-    }
-
     /// Refuses a resume that needs `bytes` (at most the burst) and finds less left under
-    /// `limits.ip_bytes` (only asked when the limit is enforced): counted and logged like any refusal, with the wait until it has them.
+    /// `limits.ip_bytes` (only asked when the limit is enforced): counted and logged like any
+    /// refusal, with the wait until it has them.
     pub fn refuse_replay(&self, client: &Client, bytes: usize) -> Refusal {
         let keyed = self.ip_bytes.read().clone();
         let wait = keyed.wait_for(&client.key, bytes as u64);

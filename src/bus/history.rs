@@ -10,8 +10,8 @@
 //!
 //! Resume rule ([`Replay`]): a client resuming after offset `since` gets the retained messages
 //! after it that fit its [`Window`] (the newest ones; both buses read only those), and a gap
-//! notice unless the history proves nothing was lost and the window reached back to `since`. Histories only lose
-//! messages from the front (trimmed by count or age) or whole (evicted, expired, a restarted
+//! notice unless the history proves nothing was lost and the window reached back to `since`.
+//! Histories only lose messages from the front (trimmed by count or age) or whole (evicted, expired, a restarted
 //! node), so it proves it when its oldest retained message is at or before `since` (and `since`
 //! is before the newest offset), or when `since` is exactly the newest offset. An offset past the
 //! newest proves nothing (another node's run, a clock that went back, or made up).
@@ -122,7 +122,6 @@ impl Replay {
         self
     }
 
-    /// Bytes of message data it carries (what a resume is charged).
     /// What the replay weighs in its [`Window`]'s unit (data plus [`REPLAY_FRAME_BYTES`] a
     /// message): what a resume is charged, so a replay of many small messages is not nearly
     /// free.

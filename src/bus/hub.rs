@@ -25,8 +25,8 @@ pub enum SubscribeError {
     ChannelTableFull(usize),
     #[error("{0}")]
     BusUnavailable(&'static str),
-    /// The replay needs more than the client's budget has left (see [`ReplayBudget`]); `read`
-    /// bytes of it were read (and are owed) before that was known.
+    /// The replay needs more than the client's budget gave it (see [`ReplayBudget`]); `read`
+    /// (in the window's unit) was read before that was known, and is paid for.
     #[error("the replay is over the client's byte budget")]
     ReplayOverBudget { read: usize },
 }
@@ -34,7 +34,7 @@ pub enum SubscribeError {
 /// What a resume may spend of its client's byte budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayBudget {
-    /// Bytes left now: the replay reads no more.
+    /// Bytes the resume took of its client's budget before reading: the replay reads no more.
     pub left: usize,
     /// A replay cut short with less than this left is refused rather than delivered with a gap:
     /// waiting gives the client this much.
@@ -241,10 +241,11 @@ impl Hub {
             Some(since) => match self.replay(channel, since, window).await {
                 Ok(mut r) => {
                     replayed = r.bytes();
-                    // Refused only when the budget did the cutting: a window full in frames
-                    // would be cut the same however long the client waited.
-                    let by_budget = r.entries.len() < window.frames
-                        && budget.is_some_and(|b| b.left < outbox.capacity_bytes() / 2);
+                    // Refused only when the budget did the cutting: it narrowed the window's
+                    // bytes, and the window is not full in frames (which would be cut the same
+                    // however long the client waited).
+                    let by_budget = window.bytes < outbox.capacity_bytes() / 2
+                        && r.entries.len() < window.frames;
                     if r.cut && by_budget && budget.is_some_and(|b| b.left < b.enough) {
                         self.unsubscribe(channel, session);
                         return Err(SubscribeError::ReplayOverBudget { read: replayed });
