@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod metrics;
