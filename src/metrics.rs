@@ -34,10 +34,12 @@ pub enum Limit {
     ip_new_connections,
     ipv6_wide_connections,
     ipv6_wide_new_connections,
+    user_sessions,
+    user_messages,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 12] = [
         Limit::origin,
         Limit::ip_new_sessions,
         Limit::ip_sessions,
@@ -48,6 +50,8 @@ impl Limit {
         Limit::ip_new_connections,
         Limit::ipv6_wide_connections,
         Limit::ipv6_wide_new_connections,
+        Limit::user_sessions,
+        Limit::user_messages,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,8 @@ impl Limit {
             Limit::ip_new_connections => "ip_new_connections",
             Limit::ipv6_wide_connections => "ipv6_wide_connections",
             Limit::ipv6_wide_new_connections => "ipv6_wide_new_connections",
+            Limit::user_sessions => "user_sessions",
+            Limit::user_messages => "user_messages",
         }
     }
 }
@@ -74,6 +80,13 @@ pub enum Decision {
     allowed,
     refused,
     dry_run,
+}
+
+/// A permission check of the channel rules: which operation, and whether it was allowed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PermissionLabels {
+    pub op: &'static str,
+    pub decision: Decision,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,7 +141,9 @@ pub struct Metrics {
     pub redis_history_bytes: Gauge,
     pub redis_history_channels: Gauge,
     pub admission_decisions: Family<DecisionLabels, Counter>,
+    pub permission_checks: Family<PermissionLabels, Counter>,
     pub tracked_addresses: Gauge,
+    pub tracked_users: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
 }
 
@@ -170,7 +185,9 @@ impl Metrics {
             redis_history_bytes: Gauge::default(),
             redis_history_channels: Gauge::default(),
             admission_decisions: Family::default(),
+            permission_checks: Family::default(),
             tracked_addresses: Gauge::default(),
+            tracked_users: Gauge::default(),
             config_reloads: Family::default(),
             registry: Registry::default(),
         };
@@ -321,9 +338,20 @@ impl Metrics {
             m.admission_decisions.clone(),
         );
         registry.register(
+            "permission_checks",
+            "Channel rule checks of subscribes and publishes, by op and decision (allowed, refused)",
+            m.permission_checks.clone(),
+        );
+        registry.register(
             "admission_tracked_addresses",
             "Per-IP limiter entries held now (bounded by admission.max_tracked_addresses per limit)",
             m.tracked_addresses.clone(),
+        );
+        registry.register(
+            "admission_tracked_users",
+            "Per-user limiter entries held now (message budgets in use, users with sessions open; \
+             bounded by admission.max_tracked_addresses and server.max_sessions)",
+            m.tracked_users.clone(),
         );
         registry.register(
             "config_reloads",
@@ -370,6 +398,20 @@ impl Metrics {
 
     pub fn refusal(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn permission(&self, op: crate::auth::Op, allowed: bool) {
+        let decision = if allowed {
+            Decision::allowed
+        } else {
+            Decision::refused
+        };
+        self.permission_checks
+            .get_or_create(&PermissionLabels {
+                op: op.as_str(),
+                decision,
+            })
+            .inc();
     }
 
     pub fn decision(&self, limit: Limit, decision: Decision) {

@@ -36,10 +36,12 @@ pub enum ErrorCode {
     NotSubscribed,
     Unavailable,
     Internal,
+    /// No valid token: a refused `auth` op, or a token that expired.
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
         ErrorCode::TooLarge,
@@ -48,6 +50,7 @@ impl ErrorCode {
         ErrorCode::NotSubscribed,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -117,7 +121,7 @@ impl std::borrow::Borrow<str> for Channel {
     }
 }
 
-fn is_channel_char(c: char) -> bool {
+pub fn is_channel_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '/' | '-')
 }
 
@@ -196,6 +200,11 @@ pub enum ClientFrame<'a> {
     Ping {
         id: Option<u64>,
     },
+    /// Replaces the session's token (same `sub` required).
+    Auth {
+        id: Option<u64>,
+        token: &'a str,
+    },
 }
 
 impl ClientFrame<'_> {
@@ -204,7 +213,8 @@ impl ClientFrame<'_> {
             ClientFrame::Subscribe { id, .. }
             | ClientFrame::Unsubscribe { id, .. }
             | ClientFrame::Publish { id, .. }
-            | ClientFrame::Ping { id } => *id,
+            | ClientFrame::Ping { id }
+            | ClientFrame::Auth { id, .. } => *id,
         }
     }
 
@@ -215,6 +225,7 @@ impl ClientFrame<'_> {
             ClientFrame::Unsubscribe { .. } => "unsubscribe",
             ClientFrame::Publish { .. } => "publish",
             ClientFrame::Ping { .. } => "ping",
+            ClientFrame::Auth { .. } => "auth",
         }
     }
 }
@@ -253,6 +264,8 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     delivery: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -360,13 +373,29 @@ pub fn decode(frame: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
             Ok(ClientFrame::Publish { id, channel, data })
         }
         "ping" => Ok(ClientFrame::Ping { id }),
+        "auth" => {
+            let raw = env
+                .token
+                .ok_or_else(|| DecodeError::bad(id, "`auth` needs field `token`"))?;
+            // A JWT is base64url and dots: a plain JSON string, never one with escapes, so it
+            // is borrowed from the frame as it stands.
+            let token = raw
+                .get()
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .filter(|t| !t.is_empty() && !t.contains('\\'))
+                .ok_or_else(|| {
+                    DecodeError::bad(id, "field `token` must be a non-empty string (a JWT)")
+                })?;
+            Ok(ClientFrame::Auth { id, token })
+        }
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(DecodeError {
                 id,
                 code: ErrorCode::UnknownOp,
                 message: format!(
-                    "unknown op {shown:?}; known ops are subscribe, unsubscribe, publish, ping"
+                    "unknown op {shown:?}; known ops are subscribe, unsubscribe, publish, ping, auth"
                 ),
             })
         }
@@ -703,6 +732,18 @@ pub fn encode_gap(channel: &Channel) -> Frame {
         "{{\"op\":\"gap\",\"channel\":\"{}\"}}",
         channel.as_str()
     ))
+}
+
+/// A notice that is no reply: `{"op":"error","error":{…}}`, with the channel it concerns when
+/// there is one. Sent when the edge withdraws something on its own: a channel whose permission a
+/// reload took away (`forbidden`), a token that expired (`unauthorized`, SSE).
+pub fn encode_notice(channel: Option<&Channel>, code: ErrorCode, message: &str) -> Frame {
+    let error = serde_json::json!({"code": code.as_str(), "message": message});
+    let v = match channel {
+        Some(c) => serde_json::json!({"op": "error", "channel": c.as_str(), "error": error}),
+        None => serde_json::json!({"op": "error", "error": error}),
+    };
+    Frame::from_string(v.to_string())
 }
 
 pub fn encode_welcome(session: &str) -> Frame {

@@ -17,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::admission::{Refusal, SessionTicket, close};
+use crate::auth::{Gate, GateRefusal, Identity, Op};
 use crate::bus::hub::{ReplayBudget, Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
@@ -29,12 +30,19 @@ pub struct SessionEnv {
     pub hub: Arc<Hub>,
     pub config: SessionConfig,
     pub metrics: Arc<Metrics>,
+    /// Who may do what: asked before every subscribe and publish.
+    pub gate: Arc<Gate>,
     node_id: String,
     next_session: AtomicU64,
 }
 
 impl SessionEnv {
-    pub fn new(hub: Arc<Hub>, config: SessionConfig, metrics: Arc<Metrics>) -> SessionEnv {
+    pub fn new(
+        hub: Arc<Hub>,
+        config: SessionConfig,
+        metrics: Arc<Metrics>,
+        gate: Arc<Gate>,
+    ) -> SessionEnv {
         let node_id = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| format!("{:x}", d.as_millis()))
@@ -43,6 +51,7 @@ impl SessionEnv {
             hub,
             config,
             metrics,
+            gate,
             node_id,
             next_session: AtomicU64::new(1),
         }
@@ -318,6 +327,10 @@ impl CloseReason {
         code: close::PROTOCOL_ERROR,
         reason: "protocol error",
     };
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason {
+        code: crate::auth::gate::TOKEN_EXPIRED,
+        reason: "token expired",
+    };
 
     /// Counts the end of a session of `transport`: `session_closes` by reason, and
     /// `slow_consumer_closes` by transport. `None`: the client went away on its own.
@@ -344,6 +357,7 @@ impl CloseReason {
             close::PROTOCOL_ERROR | close::INVALID_PAYLOAD => "protocol_error",
             close::GOING_AWAY if self.reason == Self::IDLE.reason => "idle",
             close::GOING_AWAY => "shutdown",
+            crate::auth::gate::TOKEN_EXPIRED => "token_expired",
             _ => "other",
         }
     }
@@ -390,11 +404,18 @@ pub struct Session {
     ticket: SessionTicket,
     refusals_in_row: u32,
     counters: SessionCounters,
+    /// Who the client is: what the gate decides by.
+    identity: Identity,
 }
 
 impl Session {
     /// Opens a session admitted with `ticket` and queues its welcome frame.
-    pub fn open(env: Arc<SessionEnv>, transport: Transport, ticket: SessionTicket) -> Session {
+    pub fn open(
+        env: Arc<SessionEnv>,
+        transport: Transport,
+        ticket: SessionTicket,
+        identity: Identity,
+    ) -> Session {
         let id = env.next_session.fetch_add(1, Ordering::Relaxed);
         let public_id: Arc<str> = format!("{}-{id}", env.node_id).into();
         let cfg = &env.config;
@@ -416,6 +437,7 @@ impl Session {
             ticket,
             refusals_in_row: 0,
             counters,
+            identity,
             public_id,
             env,
         };
@@ -495,6 +517,61 @@ impl Session {
 
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.len()
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// When the session's token runs out (its `exp` plus the leeway), if it has one: the
+    /// transport closes the session then (4001; SSE: an `unauthorized` notice, then the end).
+    pub fn expires(&self) -> Option<tokio::time::Instant> {
+        let exp = self.identity.expires_at?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let until =
+            std::time::Duration::from_secs(exp).saturating_sub(now) + self.env.gate.leeway();
+        // A deadline beyond a day is re-read after the next frame or reload; tokio's timers
+        // do not take arbitrarily far deadlines.
+        Some(tokio::time::Instant::now() + until.min(std::time::Duration::from_secs(86_400)))
+    }
+
+    /// Changes when the channel rules are reloaded: the transport then calls
+    /// [`Session::revalidate`].
+    pub fn rules_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.env.gate.watch()
+    }
+
+    /// Checks every subscription against the rules in force (after a reload): a channel the
+    /// session may no longer subscribe to is left, with a `forbidden` notice naming it.
+    /// Returns how many were left.
+    pub fn revalidate(&mut self) -> usize {
+        let gate = self.env.gate.clone();
+        let lost: Vec<Channel> = self
+            .subscriptions
+            .iter()
+            .filter(|c| {
+                gate.allowed(Op::Subscribe, c.as_str(), &self.identity)
+                    .is_err()
+            })
+            .cloned()
+            .collect();
+        for channel in &lost {
+            self.subscriptions.remove(channel);
+            self.set_delivery(channel, Delivery::Stream);
+            self.env.hub.unsubscribe(channel, self.id);
+            self.env.metrics.error(ErrorCode::Forbidden);
+            self.reply(protocol::encode_notice(
+                Some(channel),
+                ErrorCode::Forbidden,
+                "unsubscribed: the channel rules no longer allow this channel",
+            ));
+        }
+        if !lost.is_empty() {
+            tracing::info!(session = %self.public_id, channels = lost.len(), "unsubscribed after a rules reload");
+        }
+        lost.len()
     }
 
     /// Handles one complete client frame (a WebSocket text message, a WebTransport line).
@@ -612,6 +689,14 @@ impl Session {
             }
             return Ok(None);
         }
+        if let Err(refusal) = self
+            .env
+            .gate
+            .may_subscribe(&self.identity, channel.as_str())
+            .await
+        {
+            return Err(JoinError::from(refusal));
+        }
         if self.subscriptions.len() >= self.env.config.max_channels {
             return Err(JoinError {
                 code: ErrorCode::TooLarge,
@@ -681,6 +766,14 @@ impl Session {
     async fn execute(&mut self, frame: ClientFrame<'_>) {
         match frame {
             ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
+            ClientFrame::Auth { id, token: _ } => {
+                self.error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "this edge verifies no tokens ([auth] has no keys)",
+                    None,
+                );
+            }
             ClientFrame::Subscribe {
                 id,
                 channel,
@@ -718,13 +811,14 @@ impl Session {
                 }
             }
             ClientFrame::Publish { id, channel, data } => {
-                if !self.env.config.client_publish {
-                    self.error(
-                        id,
-                        ErrorCode::Forbidden,
-                        "clients may not publish on this edge",
-                        None,
-                    );
+                if let Err(refusal) = self
+                    .env
+                    .gate
+                    .may_publish(&self.identity, channel.as_str())
+                    .await
+                {
+                    let code = refusal.error_code();
+                    self.error(id, code, &refusal.message(), refusal.retry_after_ms());
                     return;
                 }
                 // The reply is queued when the bus answers; meanwhile the session goes on
@@ -778,6 +872,24 @@ impl Session {
             retry_after_ms,
         );
         self.reply(frame);
+    }
+}
+
+impl From<GateRefusal> for JoinError {
+    fn from(r: GateRefusal) -> Self {
+        JoinError {
+            code: r.error_code(),
+            message: r.message(),
+            retry_after_ms: r.retry_after_ms(),
+        }
+    }
+}
+
+/// Resolves at `deadline`, or never without one: a session's token expiry in a `select!`.
+pub async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -845,12 +957,13 @@ mod tests {
         let cfg = Config::from_file_config(f).unwrap();
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(bus, 100, metrics.clone()));
+        let gate = Arc::new(Gate::new(&cfg, metrics.clone()));
         let admission = Arc::new(crate::admission::Admission::new(
             cfg.admission,
             cfg.limits,
             metrics.clone(),
         ));
-        let env = Arc::new(SessionEnv::new(hub, cfg.session, metrics));
+        let env = Arc::new(SessionEnv::new(hub, cfg.session, metrics, gate));
         (env, admission)
     }
 
@@ -858,7 +971,12 @@ mod tests {
         let client =
             e.1.client("192.0.2.1".parse().unwrap(), &http::HeaderMap::new());
         let ticket = e.1.admit_session(client).unwrap();
-        Session::open(e.0.clone(), Transport::websocket, ticket)
+        Session::open(
+            e.0.clone(),
+            Transport::websocket,
+            ticket,
+            Identity::default(),
+        )
     }
 
     fn frames(s: &Session) -> Vec<Value> {

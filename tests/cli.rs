@@ -368,7 +368,7 @@ async fn serve_runs_until_sigterm_and_drains_with_1001() {
     );
 }
 
-const RELOADED: &str = "config reloaded: [admission] and [limits] in force";
+const RELOADED: &str = "config reloaded: [admission], [limits] and [[channels]] in force";
 const REJECTED: &str = "config reload rejected; the running policy stays";
 
 fn limits(ip_sessions: u32) -> String {

@@ -303,7 +303,7 @@ async fn publish_preflight_and_errors() {
     let r = c.get(publish_url(&t)).send().await.unwrap();
     assert_eq!(r.status(), 405);
 
-    let closed = start(|f| f.session.client_publish = false).await;
+    let closed = start(|f| common::channel_rules(f, &[("*", "anyone", "nobody")])).await;
     let r = client(&closed, false)
         .post(publish_url(&closed))
         .body(r#"{"channel":"a","data":1}"#)

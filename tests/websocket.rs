@@ -249,8 +249,8 @@ async fn limits_reached_from_the_wire() {
 }
 
 #[tokio::test]
-async fn forbidden_when_clients_may_not_publish() {
-    let t = start(|f| f.session.client_publish = false).await;
+async fn forbidden_when_the_rules_let_no_client_publish() {
+    let t = start(|f| common::channel_rules(f, &[("*", "anyone", "nobody")])).await;
     let mut c = t.connect().await;
     let frame = text(json!({"id": 1, "op": "publish", "channel": "a", "data": 1}));
     expect_error(&mut c, frame, Some(1), "forbidden").await;

@@ -56,6 +56,12 @@ pub fn check_decode(input: &[u8]) {
                         assert_eq!(since.to_string().parse::<Offset>(), Ok(since));
                     }
                 }
+                ClientFrame::Auth { token, .. } => {
+                    // The token is borrowed from the frame unescaped: it is exactly the JSON
+                    // string's value.
+                    let v: Value = serde_json::from_slice(input).expect("decoded, so JSON");
+                    assert_eq!(v["token"].as_str(), Some(token));
+                }
                 ClientFrame::Unsubscribe { .. } | ClientFrame::Ping { .. } => {}
             }
         }

@@ -24,7 +24,7 @@ use http::HeaderMap;
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
-use super::store::BoundedStore;
+use super::store::{BoundedStore, StoreKey, UserKey};
 use super::{Refusal, client_ip};
 use crate::config::{AdmissionConfig, CountRule, LimitMode, LimitsConfig, RateRule};
 use crate::metrics::{Decision, Limit, Metrics};
@@ -45,15 +45,15 @@ impl Policy {
 
 /// A keyed limiter and the quota it was built with.
 #[derive(Debug)]
-struct Keyed {
+struct Keyed<K: StoreKey = IpAddr> {
     quota: Quota,
     started: Instant,
-    store: BoundedStore,
-    limiter: RateLimiter<IpAddr, BoundedStore, MonotonicClock, NoOpMiddleware<Instant>>,
+    store: BoundedStore<K>,
+    limiter: RateLimiter<K, BoundedStore<K>, MonotonicClock, NoOpMiddleware<Instant>>,
 }
 
-impl Keyed {
-    fn new(rule: &RateRule, capacity: usize) -> Keyed {
+impl<K: StoreKey> Keyed<K> {
+    fn new(rule: &RateRule, capacity: usize) -> Keyed<K> {
         let store = BoundedStore::new(capacity);
         let started = Instant::now();
         Keyed {
@@ -65,7 +65,7 @@ impl Keyed {
     }
 
     /// `Err(wait)` when `key` may not spend `n` cells now.
-    fn check(&self, key: &IpAddr, n: u32) -> Result<(), Duration> {
+    fn check(&self, key: &K, n: u32) -> Result<(), Duration> {
         let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         match self.limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
@@ -77,7 +77,7 @@ impl Keyed {
     }
 
     /// How long until `key` may spend `n` cells (at most the burst), without spending them.
-    fn wait_for(&self, key: &IpAddr, n: u64) -> Duration {
+    fn wait_for(&self, key: &K, n: u64) -> Duration {
         let burst = u64::from(self.quota.burst_size().get());
         let need = n.min(burst).saturating_sub(self.available(key));
         let need = u32::try_from(need).unwrap_or(u32::MAX);
@@ -85,7 +85,7 @@ impl Keyed {
     }
 
     /// Spends up to `n` cells of `key` now, as many as it has: how many were taken.
-    fn take_up_to(&self, key: &IpAddr, n: u64) -> u64 {
+    fn take_up_to(&self, key: &K, n: u64) -> u64 {
         // `available` and the spend are two steps; another spender in between makes the spend
         // fail, and the next round sees what is left.
         for _ in 0..4 {
@@ -105,7 +105,7 @@ impl Keyed {
     /// not used up. GCRA keeps one number per key, the theoretical arrival time: spending `n`
     /// moved it `n` replenish intervals on, so giving them back moves it as far back. A time
     /// behind the clock means a full burst, which it never exceeds.
-    fn give_back(&self, key: &IpAddr, n: u64) {
+    fn give_back(&self, key: &K, n: u64) {
         if n == 0 {
             return;
         }
@@ -123,7 +123,7 @@ impl Keyed {
 
     /// Cells `key` may spend right now, for the admin view (governor keeps only the
     /// theoretical arrival time; this turns it back into a budget).
-    fn available(&self, key: &IpAddr) -> u64 {
+    fn available(&self, key: &K) -> u64 {
         let burst = u64::from(self.quota.burst_size().get());
         let Some(tat) = self.store.get(key) else {
             return burst;
@@ -153,16 +153,22 @@ impl Direct {
 
 /// What each key holds open now (sessions, or connections). A key is here only while it holds
 /// one, so the table is bounded by the node's cap on what it counts and needs no eviction.
-#[derive(Debug, Default)]
-struct OpenCounts(Mutex<HashMap<IpAddr, u32>>);
+#[derive(Debug)]
+struct OpenCounts<K = IpAddr>(Mutex<HashMap<K, u32>>);
 
-impl OpenCounts {
-    fn get(&self, key: &IpAddr) -> u32 {
+impl<K> Default for OpenCounts<K> {
+    fn default() -> Self {
+        OpenCounts(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> OpenCounts<K> {
+    fn get(&self, key: &K) -> u32 {
         self.0.lock().get(key).copied().unwrap_or(0)
     }
 
     /// Adds one unless `max` is given and reached; returns the count before.
-    fn add(&self, key: IpAddr, max: Option<u32>) -> Result<u32, u32> {
+    fn add(&self, key: K, max: Option<u32>) -> Result<u32, u32> {
         let mut m = self.0.lock();
         let n = m.entry(key).or_insert(0);
         if max.is_some_and(|max| *n >= max) {
@@ -176,7 +182,7 @@ impl OpenCounts {
         Ok(*n - 1)
     }
 
-    fn remove(&self, key: &IpAddr) {
+    fn remove(&self, key: &K) {
         let mut m = self.0.lock();
         if let Some(n) = m.get_mut(key) {
             *n -= 1;
@@ -254,6 +260,11 @@ pub struct Admission {
     /// Connections open per client key, and per IPv6 wide prefix.
     connections: OpenCounts,
     wide_connections: OpenCounts,
+    /// Per user (`[limits.user_sessions]`, `[limits.user_messages]`): a user has an entry only
+    /// while it holds a session, or while its message budget is spent; both bounded like the
+    /// per-address tables.
+    user_sessions: OpenCounts<UserKey>,
+    user_messages: RwLock<Arc<Keyed<UserKey>>>,
     metrics: Arc<Metrics>,
     log: LogBudget,
 }
@@ -276,6 +287,8 @@ pub struct SessionTicket {
     admission: Arc<Admission>,
     client: Client,
     counted: bool,
+    /// The session's user, once [`Admission::admit_user`] counted it.
+    user: Option<UserKey>,
 }
 
 impl SessionTicket {
@@ -283,9 +296,19 @@ impl SessionTicket {
         &self.client
     }
 
-    /// Charges one client message of `bytes` bytes to the client's address.
+    /// Charges one client message of `bytes` bytes to the client's address, then to its user.
     pub fn charge_message(&self, bytes: usize) -> Result<(), Refusal> {
-        self.admission.charge_message(&self.client, bytes)
+        self.admission.charge_message(&self.client, bytes)?;
+        match &self.user {
+            Some(user) => self.admission.charge_user_message(&self.client, user),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts the session under `user`'s session limit (see [`Admission::admit_user`]).
+    pub fn admit_user(&mut self, user: &str) -> Result<(), Refusal> {
+        let admission = self.admission.clone();
+        admission.admit_user(self, user)
     }
 
     /// See [`Admission::reserve_replay`].
@@ -316,6 +339,9 @@ impl Drop for SessionTicket {
     fn drop(&mut self) {
         if self.counted {
             self.admission.sessions.remove(&self.client.key);
+        }
+        if let Some(user) = &self.user {
+            self.admission.user_sessions.remove(user);
         }
     }
 }
@@ -363,6 +389,8 @@ impl Admission {
             ))),
             connections: OpenCounts::default(),
             wide_connections: OpenCounts::default(),
+            user_sessions: OpenCounts::default(),
+            user_messages: RwLock::new(Arc::new(Keyed::new(&limits.user_messages, cap))),
             policy: RwLock::new(Arc::new(Policy { admission, limits })),
             sessions: OpenCounts::default(),
             metrics,
@@ -406,6 +434,10 @@ impl Admission {
                 *slot.write() = Arc::new(Keyed::new(rule, cap));
                 report.reset.push(name.as_str());
             }
+        }
+        if self.user_messages.read().quota != limits.user_messages.quota() || cap_changed {
+            *self.user_messages.write() = Arc::new(Keyed::new(&limits.user_messages, cap));
+            report.reset.push(Limit::user_messages.as_str());
         }
         if self.new_sessions.read().quota != limits.new_sessions.quota() {
             *self.new_sessions.write() = Arc::new(Direct::new(&limits.new_sessions));
@@ -529,6 +561,7 @@ impl Admission {
             admission: self.clone(),
             client,
             counted: false,
+            user: None,
         };
         if !client.exempt {
             let keyed = self.ip_new_sessions.read().clone();
@@ -571,6 +604,43 @@ impl Admission {
             messages.check(&client.key, 1)
         })?;
         self.bytes_of(&policy, client, bytes)
+    }
+
+    /// Counts a session of `ticket` under its user's `[limits.user_sessions]`, once its user
+    /// is known (a verified token, or the connect hook's answer), before the handshake
+    /// completes. The ticket gives the place back when the session ends. Exemptions are by
+    /// address and do not reach users: an exempt proxy's users are still limited each.
+    pub fn admit_user(&self, ticket: &mut SessionTicket, user: &str) -> Result<(), Refusal> {
+        if ticket.user.is_some() {
+            return Ok(());
+        }
+        let policy = self.policy();
+        let key = UserKey::of(user);
+        let not_exempt = Client {
+            exempt: false,
+            ..ticket.client
+        };
+        self.concurrent(
+            Limit::user_sessions,
+            &self.user_sessions,
+            key,
+            &policy.limits.user_sessions,
+            &not_exempt,
+        )?;
+        ticket.user = Some(key);
+        Ok(())
+    }
+
+    /// Charges one message to `user` (`[limits.user_messages]`), after its address paid.
+    pub fn charge_user_message(&self, client: &Client, user: &UserKey) -> Result<(), Refusal> {
+        let policy = self.policy();
+        let keyed = self.user_messages.read().clone();
+        self.rate(
+            Limit::user_messages,
+            &policy.limits.user_messages,
+            client,
+            || keyed.check(user, 1),
+        )
     }
 
     /// Charges `bytes` bytes to `client`'s address (`limits.ip_bytes`) without a message: for
@@ -673,11 +743,11 @@ impl Admission {
     /// the mode and even when exempt, so that a reload that turns the limit on (or ends an
     /// exemption) sees what is already open. Refuses only in `enforce` for a client that is not
     /// exempt; counts nothing when it refuses.
-    fn concurrent(
+    fn concurrent<K: Copy + Eq + std::hash::Hash>(
         &self,
         limit: Limit,
-        counts: &OpenCounts,
-        key: IpAddr,
+        counts: &OpenCounts<K>,
+        key: K,
         rule: &CountRule,
         client: &Client,
     ) -> Result<(), Refusal> {
@@ -734,6 +804,7 @@ impl Admission {
             let keyed = slot.read().clone();
             keyed.limiter.retain_recent();
         }
+        self.user_messages.read().clone().limiter.retain_recent();
         self.publish_gauges();
     }
 
@@ -760,8 +831,14 @@ impl Admission {
             + self.wide_connections.len()
     }
 
+    /// Users with per-user state now (message budgets spent, sessions open).
+    pub fn tracked_users(&self) -> usize {
+        self.user_messages.read().limiter.len() + self.user_sessions.len()
+    }
+
     fn publish_gauges(&self) {
         self.metrics.tracked_addresses.set(self.tracked() as i64);
+        self.metrics.tracked_users.set(self.tracked_users() as i64);
     }
 
     /// What the edge knows of one address, for the admin API.

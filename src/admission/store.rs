@@ -22,8 +22,53 @@ use parking_lot::Mutex;
 /// Shards keep one lock from serialising every client of the node.
 const SHARDS: usize = 16;
 
-#[derive(Debug, Clone)]
-pub struct BoundedStore(Arc<Inner>);
+/// What a store is keyed by: a client address, or a user. Each is kept as 16 bytes.
+pub trait StoreKey: Copy + Eq + std::hash::Hash + std::fmt::Debug {
+    fn bytes(&self) -> Key;
+}
+
+impl StoreKey for IpAddr {
+    fn bytes(&self) -> Key {
+        key(self)
+    }
+}
+
+/// A user, as the per-user limits key it: 16 bytes of the SHA-256 of its name, so every user
+/// costs the table the same whatever the length of its `sub`. Finding two names with one key
+/// takes about 2^64 tries.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserKey(Key);
+
+impl UserKey {
+    pub fn of(user: &str) -> UserKey {
+        let d = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&d.as_ref()[..16]);
+        UserKey(k)
+    }
+}
+
+impl std::fmt::Debug for UserKey {
+    // The key stands for a user; its bytes say nothing to a reader of the logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserKey(…)")
+    }
+}
+
+impl StoreKey for UserKey {
+    fn bytes(&self) -> Key {
+        self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct BoundedStore<K = IpAddr>(Arc<Inner>, std::marker::PhantomData<fn(K)>);
+
+impl<K> Clone for BoundedStore<K> {
+    fn clone(&self) -> Self {
+        BoundedStore(self.0.clone(), std::marker::PhantomData)
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -44,7 +89,7 @@ struct Shard {
 
 /// An address as 16 bytes (IPv4 mapped into IPv6): `IpAddr` takes 17 and pads the map's entries
 /// to 8 more. Under a spray every byte here is multiplied by the table's capacity.
-type Key = [u8; 16];
+pub type Key = [u8; 16];
 
 fn key(ip: &IpAddr) -> Key {
     match ip {
@@ -86,14 +131,17 @@ impl Slot {
     }
 }
 
-impl BoundedStore {
-    /// Keeps at most about `capacity` addresses (rounded up to a multiple of the shard count).
-    pub fn new(capacity: usize) -> BoundedStore {
-        BoundedStore(Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
-        }))
+impl<K: StoreKey> BoundedStore<K> {
+    /// Keeps at most about `capacity` keys (rounded up to a multiple of the shard count).
+    pub fn new(capacity: usize) -> BoundedStore<K> {
+        BoundedStore(
+            Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                per_shard: capacity.div_ceil(SHARDS).max(1),
+                hasher: RandomState::new(),
+            }),
+            std::marker::PhantomData,
+        )
     }
 
     pub fn capacity(&self) -> usize {
@@ -109,8 +157,8 @@ impl BoundedStore {
     }
 
     /// The stored state of `ip`, for the admin view.
-    pub fn get(&self, ip: &IpAddr) -> Option<Nanos> {
-        let k = key(ip);
+    pub fn get(&self, ip: &K) -> Option<Nanos> {
+        let k = ip.bytes();
         self.shard(&k)
             .lock()
             .map
@@ -140,14 +188,14 @@ impl Shard {
     }
 }
 
-impl StateStore for BoundedStore {
-    type Key = IpAddr;
+impl<K: StoreKey> StateStore for BoundedStore<K> {
+    type Key = K;
 
-    fn measure_and_replace<T, F, E>(&self, ip: &IpAddr, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, ip: &K, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let k = key(ip);
+        let k = ip.bytes();
         let mut shard = self.shard(&k).lock();
         if let Some(slot) = shard.map.get_mut(&k) {
             // A refused address is seen too: its spent budget is what must not be forgotten.
@@ -165,7 +213,7 @@ impl StateStore for BoundedStore {
     }
 }
 
-impl ShrinkableKeyedStateStore<IpAddr> for BoundedStore {
+impl<K: StoreKey> ShrinkableKeyedStateStore<K> for BoundedStore<K> {
     fn retain_recent(&self, drop_below: Nanos) {
         let below = drop_below.as_u64();
         for shard in &self.0.shards {

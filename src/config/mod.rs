@@ -50,6 +50,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    /// `[[channels]]`, compiled; reloadable like `[admission]`.
+    pub channels: std::sync::Arc<crate::auth::Rules>,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
 }
@@ -162,7 +164,6 @@ pub struct SessionConfig {
     pub messages_per_second: u32,
     pub message_burst: u32,
     pub close_after_refusals: u32,
-    pub client_publish: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     /// A write to the client that takes longer than this ends the session: the client has
@@ -302,6 +303,10 @@ pub struct LimitsConfig {
     pub ipv6_wide_connections: CountRule,
     /// New connections per IPv6 `ipv6_wide_prefix`.
     pub ipv6_wide_new_connections: RateRule,
+    /// Sessions open at once per user (a token's `sub`, or the connect hook's `user`).
+    pub user_sessions: CountRule,
+    /// Messages per user, across its sessions.
+    pub user_messages: RateRule,
 }
 
 /// The connection caps of `[limits.ip_connections]` and `[limits.ipv6_wide_connections]` on a
@@ -783,7 +788,6 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             1,
             1_000_000,
         )? as u32,
-        client_publish: ss.client_publish,
         ping_interval,
         idle_timeout,
         write_timeout: min_duration(
@@ -979,6 +983,22 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             li.new_sessions.per_second,
             li.new_sessions.burst,
         )?,
+        user_sessions: CountRule {
+            mode: li.user_sessions.mode,
+            max: range(
+                "limits.user_sessions.max",
+                li.user_sessions.max as usize,
+                1,
+                u32::MAX as usize,
+            )? as u32,
+        },
+        user_messages: rate(
+            "limits.user_messages.per_second",
+            "limits.user_messages.burst",
+            li.user_messages.mode,
+            li.user_messages.per_second,
+            li.user_messages.burst,
+        )?,
     };
     // Every frame the edge reads is charged whole against the byte budget, oversize ones
     // included (their bytes were received): a burst smaller than the largest frame read would
@@ -1009,6 +1029,17 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         level: l.level.clone(),
     };
 
+    let channels =
+        crate::auth::Rules::compile(&file.channels.0).map_err(|(i, why)| ConfigError::Invalid {
+            origin: origin("channels"),
+            key: "channels.match",
+            reason: format!(
+                "rule {} (match = {:?}): {why}",
+                i + 1,
+                file.channels.0[i].pattern
+            ),
+        })?;
+
     Ok(Config {
         server,
         tls,
@@ -1022,6 +1053,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        channels: std::sync::Arc::new(channels),
         effective: file,
     })
 }
@@ -1212,6 +1244,16 @@ impl Config {
             "new sessions on this node",
             &li.new_sessions,
         ));
+        out.push_str(&format!(
+            "  user_sessions: {} open sessions per user — {}\n",
+            li.user_sessions.max,
+            mode(li.user_sessions.mode)
+        ));
+        out.push_str(&rate(
+            "user_messages",
+            "messages per user, across its sessions",
+            &li.user_messages,
+        ));
         // Where an unset cap came from: its share of the node, or (wide only) the per-address
         // cap it may not go below.
         let fl = &self.effective.limits;
@@ -1255,12 +1297,31 @@ impl Config {
             li.ipv6_wide_new_connections.burst,
             mode(li.ipv6_wide_new_connections.mode)
         ));
+        out.push_str(&format!(
+            "channels ({} rules, first match wins; a channel no rule matches is refused):\n",
+            self.channels.len()
+        ));
+        for r in self.channels.source() {
+            out.push_str(&format!(
+                "  {:?}: subscribe {}, publish {}\n",
+                r.pattern,
+                r.subscribe.as_str(),
+                r.publish.as_str()
+            ));
+        }
+        if !self.channels.open_to_anyone().is_empty() {
+            out.push_str(
+                "warning: a rule matching every channel (\"*\") lets clients without a token \
+                 subscribe or publish everywhere; list your channels in [[channels]] (see \
+                 config/examples/) before serving real users\n",
+            );
+        }
         out.push_str(&if self.server.config_watch.is_zero() {
-            "reload: on SIGHUP ([admission] and [limits])\n".to_string()
+            "reload: on SIGHUP ([admission], [limits] and [[channels]])\n".to_string()
         } else {
             format!(
-                "reload: on SIGHUP and when the file changes (checked every {}; [admission] and \
-                 [limits])\n",
+                "reload: on SIGHUP and when the file changes (checked every {}; [admission], \
+                 [limits] and [[channels]])\n",
                 humantime::format_duration(self.server.config_watch)
             )
         });

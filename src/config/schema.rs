@@ -73,6 +73,11 @@ pub const DEFAULT_IPV6_WIDE_CONNECTIONS_SHARE: usize = 4;
 /// few more (preflight, `POST /publish`).
 pub const DEFAULT_IP_NEW_CONNECTIONS: (u32, u32) = (20, 60);
 pub const DEFAULT_IPV6_WIDE_NEW_CONNECTIONS: (u32, u32) = (100, 300);
+/// A user's tabs and devices together: enough for a busy person, not for a botnet on one
+/// account.
+pub const DEFAULT_USER_SESSIONS: u32 = 50;
+/// Twice one session's rate: a user's sessions share it.
+pub const DEFAULT_USER_MESSAGES: (u32, u32) = (100, 200);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +91,24 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    /// `[[channels]]`: who may subscribe and publish where, first match wins.
+    pub channels: ChannelRulesSection,
+}
+
+/// The `[[channels]]` rules as written. Unset: one rule that lets anyone subscribe and publish
+/// on every channel, so a first run needs no token (`check-config` warns that it is open).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct ChannelRulesSection(pub Vec<crate::auth::RuleSection>);
+
+impl Default for ChannelRulesSection {
+    fn default() -> Self {
+        ChannelRulesSection(vec![crate::auth::RuleSection {
+            pattern: "*".into(),
+            subscribe: crate::auth::Access::Anyone,
+            publish: crate::auth::Access::Anyone,
+        }])
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -224,7 +247,6 @@ pub struct SessionSection {
     pub messages_per_second: u32,
     pub message_burst: u32,
     pub close_after_refusals: u32,
-    pub client_publish: bool,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -250,7 +272,6 @@ impl Default for SessionSection {
             messages_per_second: DEFAULT_MESSAGES_PER_SECOND,
             message_burst: DEFAULT_MESSAGE_BURST,
             close_after_refusals: DEFAULT_CLOSE_AFTER_REFUSALS,
-            client_publish: true,
             ping_interval: DEFAULT_PING_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
@@ -352,6 +373,24 @@ rate_limit_section!(
     Ipv6WideNewConnectionsSection,
     DEFAULT_IPV6_WIDE_NEW_CONNECTIONS
 );
+rate_limit_section!(UserMessagesSection, DEFAULT_USER_MESSAGES);
+
+/// `[limits.user_sessions]`: sessions one user (a token's `sub`) holds open at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserSessionsSection {
+    pub mode: LimitMode,
+    pub max: u32,
+}
+
+impl Default for UserSessionsSection {
+    fn default() -> Self {
+        UserSessionsSection {
+            mode: LimitMode::Enforce,
+            max: DEFAULT_USER_SESSIONS,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -391,6 +430,8 @@ pub struct LimitsSection {
     pub ip_new_connections: IpNewConnectionsSection,
     pub ipv6_wide_connections: ConnectionCapSection,
     pub ipv6_wide_new_connections: Ipv6WideNewConnectionsSection,
+    pub user_sessions: UserSessionsSection,
+    pub user_messages: UserMessagesSection,
 }
 
 /// The origins a developer serves pages from locally. A production config lists its own.

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Client, ConnectionTicket, Refusal, SessionTicket};
+use crate::auth::{Gate, GateRefusal, Identity};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
@@ -64,6 +65,8 @@ pub struct EdgeState {
     pub sessions: Arc<SessionEnv>,
     /// Origin rules and limits in force (replaced by a reload).
     pub admission: Arc<Admission>,
+    /// Tokens, channel rules and hooks: who may do what.
+    pub gate: Arc<Gate>,
     /// `Alt-Svc` for TLS responses when WebTransport (HTTP/3) is on.
     pub alt_svc: Option<http::HeaderValue>,
     /// The TLS config new TCP connections get; replaced when certificates are reloaded.
@@ -103,6 +106,24 @@ impl EdgeState {
             .try_acquire_owned()
             .map_err(|_| Refusal::Overloaded)?;
         Ok((ticket, slot))
+    }
+
+    /// Who the client of a session just admitted is, from the token it presents (`None`:
+    /// none), before the handshake completes: the token is verified, its user counted under
+    /// `[limits.user_sessions]` on the session's ticket.
+    pub async fn identify(
+        &self,
+        token: Option<&str>,
+        ticket: &mut SessionTicket,
+    ) -> Result<Identity, GateRefusal> {
+        let identity = self.gate.identify(token)?;
+        if let Some(user) = &identity.user {
+            ticket.admit_user(user).map_err(|r| match r {
+                Refusal::RateLimited { retry_after } => GateRefusal::UserLimit { retry_after },
+                other => GateRefusal::Forbidden(other.message().into()),
+            })?;
+        }
+        Ok(identity)
     }
 
     /// The per-address limits on a public connection just accepted from `peer` (TCP or QUIC),
@@ -221,10 +242,12 @@ impl Edge {
             // need no more deliveries.
             tokio::spawn(r.run(Arc::downgrade(&hub), shutdown.child_token()));
         }
+        let gate = Arc::new(Gate::new(&config, metrics.clone()));
         let sessions = Arc::new(SessionEnv::new(
             hub.clone(),
             config.session.clone(),
             metrics.clone(),
+            gate.clone(),
         ));
         let admission = Arc::new(Admission::new(
             config.admission.clone(),
@@ -266,6 +289,7 @@ impl Edge {
             hub,
             sessions,
             admission,
+            gate,
             alt_svc: config_alt_svc,
             tcp_tls: parking_lot::RwLock::new(tls_config),
             quic: std::sync::OnceLock::new(),

@@ -3,8 +3,9 @@
 //!
 //! The new file is loaded and validated whole first (environment overrides applied, as at start).
 //! When it is invalid, nothing changes and the error names the key and the file. When it is
-//! valid, `[admission]` and `[limits]` take effect at once for every later decision; live
-//! sessions are never dropped, and a limit whose quota did not change keeps its per-IP state.
+//! valid, `[admission]`, `[limits]` and `[[channels]]` take effect at once for every later
+//! decision; live sessions are never dropped (a session that lost a permission leaves that
+//! channel, with a `forbidden` notice), and a limit whose quota did not change keeps its state.
 //! With certificate files (`tls.cert`, `tls.key`), every reload also reads them again, so a
 //! renewed certificate is served to new TCP and QUIC connections alike after a SIGHUP; open
 //! connections keep theirs. Certificates that do not load do not hold the policy back: an
@@ -27,6 +28,8 @@ pub enum ReloadOutcome {
     /// quota changed. `needs_restart`: changed sections that are read only at start.
     Applied {
         reset: Vec<&'static str>,
+        /// The `[[channels]]` rules changed: sessions dropped what they may no longer hold.
+        channels: bool,
         needs_restart: Vec<&'static str>,
         /// The certificate files were read again and are in force for new connections.
         certificates: bool,
@@ -132,6 +135,8 @@ impl ConfigWatch {
             config.admission.clone(),
             config.limits_under(&self.state.config.server),
         );
+        // Sessions check what they hold against the new rules as soon as they are in force.
+        let channels = self.state.gate.reload(config.channels.clone());
         let certificates = match certificates {
             Some(setup) => match self.state.reload_tls(setup) {
                 Ok(()) => true,
@@ -146,11 +151,13 @@ impl ConfigWatch {
         // Sections that need a restart keep comparing against what runs.
         self.applied.admission = new.admission.clone();
         self.applied.limits = new.limits.clone();
+        self.applied.channels = new.channels.clone();
         if certificates {
             self.applied.tls = new.tls.clone();
         }
         Ok(ReloadOutcome::Applied {
             reset: report.reset,
+            channels,
             needs_restart,
             certificates,
             certificate_error,
@@ -168,6 +175,7 @@ impl ConfigWatch {
         match result {
             Ok(ReloadOutcome::Applied {
                 reset,
+                channels,
                 needs_restart,
                 certificates,
                 certificate_error,
@@ -178,9 +186,10 @@ impl ConfigWatch {
                         file = %self.path.display(),
                         why,
                         reset = ?reset,
+                        channels,
                         error,
-                        "config reloaded: [admission] and [limits] in force; the certificate \
-                         files did NOT load, new connections keep the old certificate"
+                        "config reloaded: [admission], [limits] and [[channels]] in force; the \
+                         certificate files did NOT load, new connections keep the old certificate"
                     );
                 } else {
                     count("applied");
@@ -188,8 +197,9 @@ impl ConfigWatch {
                         file = %self.path.display(),
                         why,
                         reset = ?reset,
+                        channels,
                         certificates,
-                        "config reloaded: [admission] and [limits] in force"
+                        "config reloaded: [admission], [limits] and [[channels]] in force"
                     );
                 }
                 if !needs_restart.is_empty() {

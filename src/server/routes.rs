@@ -11,6 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 pub use super::tcp::{Activity, InFlight};
 use super::{Body, EdgeState, full_body};
 use crate::admission::{Client, Refusal};
+use crate::auth::GateRefusal;
 use crate::protocol::{self, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub(super) async fn route(
 
 async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
     match req.uri().path() {
-        "/ws" => crate::transport::websocket::accept(req, state, info),
+        "/ws" => crate::transport::websocket::accept(req, state, info).await,
         "/sse" => crate::transport::sse::accept(req, state, info).await,
         "/publish" => crate::transport::publish::accept(req, state, info).await,
         "/" if req.method() == Method::GET => text(
@@ -215,6 +216,44 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim_start_matches(' ');
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The token a request presents: `Authorization: Bearer <jwt>`, else `?token=<jwt>` (for
+/// EventSource and WebSocket in browsers, which cannot set headers). Never logged.
+pub fn request_token<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    if let Some(t) = bearer_token(headers) {
+        return Some(t.into());
+    }
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+/// Renders a refusal of the gate before a handshake (WebSocket, SSE, `POST /publish`): 401
+/// with `WWW-Authenticate`, 403, 429 or 503 with `Retry-After`, and the protocol's error object.
+/// Counted in `edgeplex_refusals_total` by its reason.
+pub fn gate_refusal_response(refusal: &GateRefusal, state: &EdgeState) -> Response<Body> {
+    state.metrics.refusal(refusal.reason());
+    let retry_ms = refusal.retry_after_ms();
+    let body = protocol::encode_error(None, refusal.error_code(), &refusal.message(), retry_ms);
+    let mut r = json(refusal.http_status(), &body);
+    if let Some(ms) = retry_ms {
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ms.div_ceil(1000).max(1)),
+        );
+    }
+    if matches!(refusal, GateRefusal::Unauthorized(_)) {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"edgeplex\""),
+        );
+    }
+    r
 }
 
 /// Lets a browser page from an allowed `origin` read the response (EventSource, fetch).

@@ -14,10 +14,15 @@ use serde_json::value::RawValue;
 
 use governor::clock::{Clock, DefaultClock};
 
+use crate::admission::store::UserKey;
 use crate::admission::{Client, Refusal};
+use crate::auth::Identity;
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
-use crate::server::routes::{ConnInfo, admit_origin, allow_origin, client_of, json, json_error};
+use crate::server::routes::{
+    ConnInfo, admit_origin, allow_origin, client_of, gate_refusal_response, json, json_error,
+    request_token,
+};
 use crate::server::{Body, EdgeState, full_body};
 
 /// How long browsers may cache a preflight answer.
@@ -51,7 +56,7 @@ pub async fn accept(
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("content-type"),
+                HeaderValue::from_static("content-type, authorization"),
             );
             h.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
@@ -59,11 +64,6 @@ pub async fn accept(
             );
             r
         }
-        Method::POST if !state.config.session.client_publish => json_error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            "clients may not publish on this edge",
-        ),
         Method::POST => {
             let limited = info.publish_budget.as_ref().and_then(|b| b.check().err());
             match limited {
@@ -73,7 +73,18 @@ pub async fn accept(
                 }
                 None => {
                     let client = client_of(&state, &info, req.headers());
-                    publish_body(req, &state, Some(&client)).await
+                    let token = request_token(req.headers(), req.uri().query());
+                    match state.gate.identify(token.as_deref()) {
+                        Ok(identity) => {
+                            drop(token);
+                            let caller = Caller {
+                                client: &client,
+                                identity: &identity,
+                            };
+                            publish_body(req, &state, Some(caller)).await
+                        }
+                        Err(refusal) => gate_refusal_response(&refusal, &state),
+                    }
                 }
             }
         }
@@ -92,9 +103,17 @@ pub async fn accept(
     resp
 }
 
-/// Reads, checks and publishes one request's body; the caller has done authorization. A
-/// `client`'s address is charged the message and its bytes (`limits.ip_messages`,
-/// `limits.ip_bytes`), as a WebSocket message would be; the admin API passes none.
+/// A client publishing over HTTP: who it is and where it comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub client: &'a Client,
+    pub identity: &'a Identity,
+}
+
+/// Reads, checks and publishes one request's body. A client `caller` is charged the message
+/// and its bytes (`limits.ip_messages`, `limits.ip_bytes`, and `limits.user_messages` for a
+/// user), as a WebSocket message would be, and needs the channel rules' leave; the admin API
+/// passes none (a backend may publish anywhere).
 ///
 /// Everything that can refuse from the request head does so before the body is read: a body
 /// declared over the cap, and an address over its message budget. The client controls when the
@@ -103,8 +122,9 @@ pub async fn accept(
 pub async fn publish_body(
     req: Request<Incoming>,
     state: &EdgeState,
-    client: Option<&Client>,
+    caller: Option<Caller<'_>>,
 ) -> Response<Body> {
+    let client = caller.map(|c| c.client);
     let limit = state.config.session.max_message_bytes;
     let declared = req
         .headers()
@@ -116,6 +136,18 @@ pub async fn publish_body(
     }
     if let Some(client) = client
         && let Err(Refusal::RateLimited { retry_after }) = state.admission.charge_message(client, 0)
+    {
+        return rate_limited(state, retry_after);
+    }
+    if let Some(Caller {
+        client,
+        identity: Identity {
+            user: Some(user), ..
+        },
+    }) = caller
+        && let Err(Refusal::RateLimited { retry_after }) = state
+            .admission
+            .charge_user_message(client, &UserKey::of(user))
     {
         return rate_limited(state, retry_after);
     }
@@ -156,6 +188,15 @@ pub async fn publish_body(
     };
     if let Err(e) = protocol::check_data(parsed.data) {
         return bad_request(state, &format!("field `data`: {e}"));
+    }
+    if let Some(caller) = caller
+        && let Err(refusal) = state
+            .gate
+            .may_publish(caller.identity, channel.as_str())
+            .await
+    {
+        state.metrics.error(refusal.error_code());
+        return gate_refusal_response(&refusal, state);
     }
     match state.hub.publish(&channel, parsed.data).await {
         Ok(()) => json(StatusCode::OK, &protocol::encode_ok(None)),

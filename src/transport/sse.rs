@@ -34,12 +34,13 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Refusal;
+use crate::auth::GateRefusal;
 use crate::bus::hub::Start;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
-    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, json_error,
-    refusal_response, stream_kill, text,
+    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, gate_refusal_response,
+    json_error, refusal_response, request_token, stream_kill, text,
 };
 use crate::server::{Body, EdgeState};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
@@ -73,12 +74,21 @@ pub async fn accept(
         return refusal_response(&Refusal::TooLarge, &state);
     }
     let client = client_of(&state, &info, req.headers());
-    let (ticket, slot) = match state.admit_session(client) {
+    let (mut ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
+    let token = request_token(req.headers(), req.uri().query());
+    let identity = match state.identify(token.as_deref(), &mut ticket).await {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            tracing::info!(peer = %info.peer, reason = refusal.reason(), "sse refused");
+            return gate_refusal_response(&refusal, &state);
+        }
+    };
+    drop(token);
 
-    let mut session = Session::open(state.sessions.clone(), Transport::sse, ticket);
+    let mut session = Session::open(state.sessions.clone(), Transport::sse, ticket, identity);
     // A position that does not name every channel (an id from another URL, a hand-made
     // `since`) cannot be trusted for any of them: each channel starts afresh behind a gap.
     let mismatch = resume.as_ref().is_some_and(|r| r.is_empty());
@@ -97,6 +107,10 @@ pub async fn accept(
                 Start::Oldest => None,
                 Start::Newest | Start::Live => newest,
             }),
+            Err(e) if e.code == ErrorCode::Forbidden => {
+                tracing::info!(peer = %info.peer, error = %e.message, "sse refused: forbidden");
+                return gate_refusal_response(&GateRefusal::Forbidden(e.message), &state);
+            }
             Err(e) => {
                 let refusal = match e.code {
                     ErrorCode::TooLarge => Refusal::TooLarge,
@@ -129,6 +143,8 @@ pub async fn accept(
         transport: Transport::sse,
     };
     let events = EventStream {
+        expires: session.expires(),
+        rules: session.rules_watch(),
         outbox: session.outbox().clone(),
         session,
         first: Some(first.freeze()),
@@ -281,6 +297,10 @@ async fn watch_for_stall(outbox: Arc<Outbox>, kill: CancellationToken, write_tim
 /// The open stream: owns the session (dropping it unsubscribes) and every slot it holds.
 struct EventStream {
     session: Session,
+    /// When the token runs out: the stream then ends after an `unauthorized` notice.
+    expires: Option<Instant>,
+    /// Changes when the channel rules are reloaded.
+    rules: tokio::sync::watch::Receiver<u64>,
     outbox: Arc<Outbox>,
     first: Option<Bytes>,
     heartbeat: Interval,
@@ -339,6 +359,20 @@ impl EventStream {
                     return Some(chunk);
                 }
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
+                () = crate::session::until(self.expires) => {
+                    let notice = protocol::encode_notice(
+                        None,
+                        ErrorCode::Unauthorized,
+                        "token expired; reconnect with a new token and Last-Event-ID",
+                    );
+                    self.state.metrics.error(ErrorCode::Unauthorized);
+                    self.count_end(Some(CloseReason::TOKEN_EXPIRED));
+                    return Some(notice.sse_event());
+                }
+                Ok(()) = self.rules.changed() => {
+                    // The notices go out through the outbox, in order with the pushes.
+                    self.session.revalidate();
+                }
             }
         }
     }

@@ -26,7 +26,10 @@ use crate::admission::SessionTicket;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::Frame;
-use crate::server::routes::{ConnInfo, ConnSlot, admit_origin, client_of, refusal_response, text};
+use crate::server::routes::{
+    ConnInfo, ConnSlot, admit_origin, client_of, gate_refusal_response, refusal_response,
+    request_token, text,
+};
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
@@ -49,7 +52,11 @@ pub fn ws_config(cfg: &SessionConfig) -> WebSocketConfig {
 
 /// Answers `GET /ws`: checks the handshake and admission, then upgrades and runs the session in
 /// its own task.
-pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
+pub async fn accept(
+    req: Request<Incoming>,
+    state: Arc<EdgeState>,
+    info: ConnInfo,
+) -> Response<Body> {
     if req.method() != Method::GET {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -73,16 +80,25 @@ pub fn accept(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> 
         return refused;
     }
     let client = client_of(&state, &info, req.headers());
-    let (ticket, slot) = match state.admit_session(client) {
+    let (mut ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
+    let token = request_token(req.headers(), req.uri().query());
+    let identity = match state.identify(token.as_deref(), &mut ticket).await {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            tracing::info!(peer = %info.peer, reason = refusal.reason(), "websocket refused");
+            return gate_refusal_response(&refusal, &state);
+        }
+    };
+    drop(token);
 
     let on_upgrade = hyper::upgrade::on(req);
     state.tasks.spawn(serve(
         on_upgrade,
         state.clone(),
-        ticket,
+        (ticket, identity),
         (slot, info.permit),
         info.peer,
         info.tls,
@@ -161,7 +177,8 @@ const BATCH_KEEP_CAPACITY: usize = 64;
 fn serve(
     on_upgrade: hyper::upgrade::OnUpgrade,
     state: Arc<EdgeState>,
-    ticket: SessionTicket,
+    // Who the session is: its place under the limits and its identity.
+    (ticket, identity): (SessionTicket, crate::auth::Identity),
     // Held for the session's life: its place under the session cap and the connection cap.
     slots: (OwnedSemaphorePermit, Option<Arc<ConnSlot>>),
     peer: std::net::SocketAddr,
@@ -185,7 +202,12 @@ fn serve(
         )
         .await;
         let (mut sink, mut stream) = ws.split();
-        let mut session = Session::open(state.sessions.clone(), Transport::websocket, ticket);
+        let mut session = Session::open(
+            state.sessions.clone(),
+            Transport::websocket,
+            ticket,
+            identity,
+        );
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),
@@ -371,8 +393,18 @@ async fn read_half<S>(stream: &mut Stream<S>, session: &mut Session, cfg: &Sessi
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let mut rules = session.rules_watch();
     loop {
-        let Ok(msg) = tokio::time::timeout(cfg.idle_timeout, stream.next()).await else {
+        let expires = session.expires();
+        let read = tokio::select! {
+            read = tokio::time::timeout(cfg.idle_timeout, stream.next()) => read,
+            () = crate::session::until(expires) => return End::Close(CloseReason::TOKEN_EXPIRED),
+            Ok(()) = rules.changed() => {
+                session.revalidate();
+                continue;
+            }
+        };
+        let Ok(msg) = read else {
             return End::Close(CloseReason::IDLE);
         };
         let verdict = match msg {

@@ -30,7 +30,6 @@ use wtransport::endpoint::{IncomingSession, SessionRequest};
 use wtransport::quinn::{TransportConfig, VarInt as QuicVarInt};
 use wtransport::{Connection, Endpoint, RecvStream, SendStream, ServerConfig, VarInt};
 
-use crate::admission::Refusal;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::server::EdgeState;
@@ -145,7 +144,7 @@ fn handle(
         let _conn = &conn;
         let peer = incoming.remote_address();
         let deadline = state.config.server.handshake_timeout;
-        let (connection, ticket, slot, client) = {
+        let (connection, ticket, slot, client, identity) = {
             let request = match tokio::time::timeout(deadline, incoming).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
@@ -166,19 +165,38 @@ fn handle(
                 .admission
                 .check_origin(request.origin(), "webtransport")
                 .and_then(|()| state.admit_session(client));
-            let (ticket, slot) = match admitted {
+            let (mut ticket, slot) = match admitted {
                 Ok(a) => a,
-                Err(refusal) => return Box::pin(refuse(request, &refusal, &state, peer)).await,
+                Err(refusal) => {
+                    let status = refusal.webtransport_connect_status();
+                    return Box::pin(refuse(request, refusal.reason(), status, &state, peer)).await;
+                }
+            };
+            let identity = {
+                let token = connect_token(&request);
+                match Box::pin(state.identify(token.as_deref(), &mut ticket)).await {
+                    Ok(identity) => identity,
+                    Err(refusal) => {
+                        let status = refusal.webtransport_connect_status();
+                        let reason = refusal.reason();
+                        return Box::pin(refuse(request, reason, status, &state, peer)).await;
+                    }
+                }
             };
             match Box::pin(request.accept()).await {
-                Ok(c) => (c, ticket, slot, client),
+                Ok(c) => (c, ticket, slot, client, identity),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "webtransport accept failed");
                     return;
                 }
             }
         };
-        let session = Session::open(state.sessions.clone(), Transport::webtransport, ticket);
+        let session = Session::open(
+            state.sessions.clone(),
+            Transport::webtransport,
+            ticket,
+            identity,
+        );
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),
@@ -191,15 +209,36 @@ fn handle(
     }
 }
 
-async fn refuse(request: SessionRequest, refusal: &Refusal, state: &EdgeState, peer: SocketAddr) {
-    state.metrics.refusal(refusal.reason());
-    let status = refusal.webtransport_connect_status();
-    tracing::info!(%peer, reason = refusal.reason(), status = status.as_u16(), "webtransport refused");
+/// Answers a refused CONNECT (403 or 429: all wtransport can send) and counts it.
+async fn refuse(
+    request: SessionRequest,
+    reason: &'static str,
+    status: http::StatusCode,
+    state: &EdgeState,
+    peer: SocketAddr,
+) {
+    state.metrics.refusal(reason);
+    tracing::info!(%peer, reason, status = status.as_u16(), "webtransport refused");
     if status == http::StatusCode::FORBIDDEN {
         request.forbidden().await;
     } else {
         request.too_many_requests().await;
     }
+}
+
+/// The token a CONNECT presents: `Authorization: Bearer`, else `?token=` on the path (browsers
+/// cannot set headers on a WebTransport CONNECT).
+fn connect_token(request: &SessionRequest) -> Option<String> {
+    let mut headers = HeaderMap::new();
+    if let Some(v) = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| http::HeaderValue::from_str(v).ok())
+    {
+        headers.insert(http::header::AUTHORIZATION, v);
+    }
+    let query = request.path().split_once('?').map(|(_, q)| q);
+    crate::server::routes::request_token(&headers, query).map(std::borrow::Cow::into_owned)
 }
 
 /// Why a half of the session loop ended.
@@ -371,8 +410,18 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
     // little, and no session holds it before its first line.
     let mut line = BytesMut::new();
     let mut chunk = vec![0u8; cfg.read_buffer_bytes];
+    let mut rules = session.rules_watch();
     loop {
-        let n = match recv.read(&mut chunk).await {
+        let expires = session.expires();
+        let read = tokio::select! {
+            read = recv.read(&mut chunk) => read,
+            () = crate::session::until(expires) => return End::Close(CloseReason::TOKEN_EXPIRED),
+            Ok(()) = rules.changed() => {
+                session.revalidate();
+                continue;
+            }
+        };
+        let n = match read {
             Ok(Some(n)) => n,
             Ok(None) | Err(_) => return End::Gone,
         };

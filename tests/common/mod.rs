@@ -81,12 +81,19 @@ pub async fn start(edit: impl FnOnce(&mut FileConfig)) -> TestEdge {
     edit(&mut f);
     let config = Config::from_file_config(f).expect("test config is valid");
     let edge = Edge::start(config).await.expect("edge starts");
-    let dev = edge.dev_cert().expect("dev certificate").clone();
-    let tls = Arc::new(client_tls(&dev.der, &[b"http/1.1"]));
-    TestEdge {
-        edge,
-        tls,
-        _dir: dir,
+    TestEdge::from_edge(edge, dir)
+}
+
+impl TestEdge {
+    /// Wraps an edge started from a file in `dir` (a dev certificate, as `start` makes).
+    pub fn from_edge(edge: Edge, dir: tempfile::TempDir) -> TestEdge {
+        let dev = edge.dev_cert().expect("dev certificate").clone();
+        let tls = Arc::new(client_tls(&dev.der, &[b"http/1.1"]));
+        TestEdge {
+            edge,
+            tls,
+            _dir: dir,
+        }
     }
 }
 
@@ -295,4 +302,22 @@ impl Client {
 
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)
+}
+
+/// Sets `[[channels]]`: `(match, subscribe, publish)` per rule, accesses as in the config file.
+#[allow(dead_code)]
+pub fn channel_rules(f: &mut FileConfig, rules: &[(&str, &str, &str)]) {
+    let access = |a: &str| -> edgeplex::auth::Access {
+        serde_json::from_value(serde_json::Value::String(a.into())).expect("an access name")
+    };
+    f.channels = edgeplex::config::schema::ChannelRulesSection(
+        rules
+            .iter()
+            .map(|(m, s, p)| edgeplex::auth::RuleSection {
+                pattern: (*m).into(),
+                subscribe: access(s),
+                publish: access(p),
+            })
+            .collect(),
+    );
 }

@@ -1,0 +1,187 @@
+//! The gate: the one place that says whether a session may open, subscribe or publish. It asks,
+//! in this order, the token (who), the channel rules (what the edge allows), then the backend
+//! hooks (what the service allows); a later step can only narrow an earlier one.
+//!
+//! It owns the rules in force and their reload, and tells sessions when the rules changed so
+//! they drop what they may no longer hold. It does not touch sessions, sockets or the bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use super::{Denied, Identity, Op, Rules};
+use crate::admission::close;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocol::ErrorCode;
+
+/// Why the gate refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateRefusal {
+    /// No valid token where one is needed: a bad, expired or missing token. The reason is a
+    /// stable label (never the token).
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    /// The rules or a hook do not allow it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A hook could not be asked and `hooks.failure = "deny"`, or too many are in flight.
+    #[error("unavailable: the service that decides could not be asked")]
+    Unavailable { retry_after_ms: u64 },
+    /// The user holds `[limits.user_sessions]` sessions already.
+    #[error("rate limited: the user holds as many sessions as allowed")]
+    UserLimit { retry_after: Duration },
+}
+
+impl GateRefusal {
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            GateRefusal::Unauthorized(_) => ErrorCode::Unauthorized,
+            GateRefusal::Forbidden(_) => ErrorCode::Forbidden,
+            GateRefusal::Unavailable { .. } => ErrorCode::Unavailable,
+            GateRefusal::UserLimit { .. } => ErrorCode::RateLimited,
+        }
+    }
+
+    /// Before a handshake (WebSocket, SSE, `POST /publish`).
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            GateRefusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GateRefusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            GateRefusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GateRefusal::UserLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// A WebTransport CONNECT can only be answered 403, 404 or 429.
+    pub fn webtransport_connect_status(&self) -> StatusCode {
+        match self {
+            GateRefusal::Unauthorized(_) | GateRefusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            GateRefusal::Unavailable { .. } | GateRefusal::UserLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            GateRefusal::Unavailable { retry_after_ms } => Some(*retry_after_ms),
+            GateRefusal::UserLimit { retry_after } => Some((retry_after.as_millis() as u64).max(1)),
+            _ => None,
+        }
+    }
+
+    /// The label of `edgeplex_refusals_total` for a refused handshake.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GateRefusal::Unauthorized(_) => "unauthorized",
+            GateRefusal::Forbidden(_) => "forbidden",
+            GateRefusal::Unavailable { .. } => "hook_unavailable",
+            GateRefusal::UserLimit { .. } => "user_sessions",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            GateRefusal::Unauthorized(why) => format!("token refused: {why}"),
+            GateRefusal::Forbidden(why) => why.clone(),
+            GateRefusal::Unavailable { .. } => {
+                "the service that decides could not be asked; try again later".into()
+            }
+            GateRefusal::UserLimit { .. } => {
+                "this user holds as many sessions as allowed; try again later".into()
+            }
+        }
+    }
+}
+
+impl From<Denied> for GateRefusal {
+    fn from(d: Denied) -> Self {
+        GateRefusal::Forbidden(d.to_string())
+    }
+}
+
+/// The close code of a session whose token expired (design.md: 4001, on WebSocket and as the
+/// WebTransport application error code).
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+const _: () = assert!(TOKEN_EXPIRED != close::POLICY);
+
+/// The node's gate.
+#[derive(Debug)]
+pub struct Gate {
+    rules: RwLock<Arc<Rules>>,
+    /// Bumped when the rules change; sessions watch it to drop what they lost.
+    generation: watch::Sender<u64>,
+    /// How long past its `exp` a token still counts (`auth.leeway`).
+    leeway: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Gate {
+        Gate {
+            rules: RwLock::new(config.channels.clone()),
+            generation: watch::Sender::new(0),
+            leeway: Duration::from_secs(30),
+            metrics,
+        }
+    }
+
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().clone()
+    }
+
+    /// Puts new rules in force; says whether they differ. Open sessions learn it through
+    /// [`Gate::watch`] and check what they hold against them.
+    pub fn reload(&self, rules: Arc<Rules>) -> bool {
+        if *self.rules.read().as_ref() == *rules {
+            return false;
+        }
+        *self.rules.write() = rules;
+        self.generation.send_modify(|g| *g += 1);
+        true
+    }
+
+    /// Changes when the rules do.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Who presents `token` (`None`: no token). Refused: a token that does not verify, or no
+    /// token where `auth.anonymous` is off.
+    pub fn identify(&self, token: Option<&str>) -> Result<Identity, GateRefusal> {
+        match token {
+            None => Ok(Identity::default()),
+            Some(_) => Err(GateRefusal::Unauthorized("no_keys")),
+        }
+    }
+
+    /// The rules' answer alone, without hooks: what a reload re-checks.
+    pub fn allowed(&self, op: Op, channel: &str, who: &Identity) -> Result<(), Denied> {
+        self.rules.read().check(op, channel, who)
+    }
+
+    /// May `who` subscribe to `channel`?
+    pub async fn may_subscribe(&self, who: &Identity, channel: &str) -> Result<(), GateRefusal> {
+        self.decide(Op::Subscribe, channel, who)
+    }
+
+    /// May `who` publish on `channel`?
+    pub async fn may_publish(&self, who: &Identity, channel: &str) -> Result<(), GateRefusal> {
+        self.decide(Op::Publish, channel, who)
+    }
+
+    fn decide(&self, op: Op, channel: &str, who: &Identity) -> Result<(), GateRefusal> {
+        let result = self.allowed(op, channel, who);
+        self.metrics.permission(op, result.is_ok());
+        Ok(result?)
+    }
+}
