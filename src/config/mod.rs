@@ -5,6 +5,7 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
+pub mod auth;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
+pub use auth::{AuthConfig, JwksSource};
 pub use schema::{FileConfig, LimitMode, LogFormat};
 
 /// Prefix of environment overrides; `__` separates section and key.
@@ -50,6 +52,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    /// Token keys and required claims (`[auth]`).
+    pub auth: AuthConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
 }
@@ -1008,6 +1012,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         format: l.format,
         level: l.level.clone(),
     };
+    let auth = auth::validate(&file.auth, origin)?;
 
     Ok(Config {
         server,
@@ -1022,6 +1027,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        auth,
         effective: file,
     })
 }
@@ -1100,6 +1106,7 @@ impl Config {
                 crate::bus::redis::INGEST_QUEUE_BYTES >> 20,
             ),
         });
+        out.push_str(&self.auth.describe());
         out.push_str(if self.admin.api_key.is_some() {
             "backend publish API: POST /v1/publish on the admin listener (bearer key)\n"
         } else {
