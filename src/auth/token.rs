@@ -753,3 +753,698 @@ fn jwk_key(jwk: &RawJwk) -> Option<Key> {
     }
     Some(key)
 }
+
+/// Tokens here are minted by `jwt-simple` (pure Rust; a dev-dependency that shares no code with
+/// `jsonwebtoken` or ring): its keys are generated per run, except the RSA one, read from
+/// `tests/fixtures/auth/rsa-test-only.key.pem` (made with the `openssl` CLI) because RSA key
+/// generation in a debug build takes too long. Tokens the library will not mint (`alg: none`,
+/// a public key used as an HMAC secret by hand) are assembled from base64 parts.
+#[cfg(test)]
+mod tests {
+    use super::{Claims, KeySet, MAX_TOKEN_BYTES, TokenError, Verifier, parse_jwks};
+    use crate::config::{AuthConfig, JwksSource};
+    use base64::Engine;
+    use jwt_simple::prelude::{
+        Duration as JsDuration, ECDSAP256KeyPairLike, ECDSAP256PublicKeyLike, ECDSAP384KeyPairLike,
+        ECDSAP384PublicKeyLike, ES256KeyPair, ES384KeyPair, Ed25519KeyPair, EdDSAKeyPairLike,
+        HS256Key, JWTClaims, MACLike, PS256KeyPair, RS256KeyPair, RSAKeyPairLike, UnixTimeStamp,
+    };
+    use serde::Serialize;
+    use std::io::Write;
+    use std::time::Duration;
+
+    const NOW: u64 = 1_800_000_000;
+    const SECRET: &str = "an-hmac-secret-of-at-least-32-bytes!";
+    const RSA_KEY: &str = include_str!("../../tests/fixtures/auth/rsa-test-only.key.pem");
+
+    #[derive(Serialize)]
+    struct Extra {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channels: Option<serde_json::Value>,
+    }
+
+    fn claims(exp: Option<u64>) -> JWTClaims<Extra> {
+        let mut c = jwt_simple::prelude::Claims::with_custom_claims(
+            Extra { channels: None },
+            JsDuration::from_secs(60),
+        );
+        c.expires_at = exp.map(UnixTimeStamp::from_secs);
+        c.invalid_before = None;
+        c.issued_at = None;
+        c.with_subject("alice")
+    }
+
+    fn valid() -> JWTClaims<Extra> {
+        claims(Some(NOW + 600))
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Keys of every family, made once per test (cheap but for RSA, which is read).
+    struct Keys {
+        rsa: RS256KeyPair,
+        ps: PS256KeyPair,
+        es256: ES256KeyPair,
+        es384: ES384KeyPair,
+        ed: Ed25519KeyPair,
+        hs: HS256Key,
+    }
+
+    fn keys() -> Keys {
+        Keys {
+            rsa: RS256KeyPair::from_pem(RSA_KEY).unwrap(),
+            ps: PS256KeyPair::from_pem(RSA_KEY).unwrap(),
+            es256: ES256KeyPair::generate(),
+            es384: ES384KeyPair::generate(),
+            ed: Ed25519KeyPair::generate(),
+            hs: HS256Key::from_bytes(SECRET.as_bytes()),
+        }
+    }
+
+    impl Keys {
+        fn rsa_pem(&self) -> String {
+            self.rsa.public_key().to_pem().unwrap()
+        }
+        fn es256_pem(&self) -> String {
+            self.es256.public_key().to_pem().unwrap()
+        }
+        fn es384_pem(&self) -> String {
+            self.es384.public_key().to_pem().unwrap()
+        }
+        fn ed_pem(&self) -> String {
+            self.ed.public_key().to_pem()
+        }
+        fn all_pem(&self) -> String {
+            [
+                self.rsa_pem(),
+                self.es256_pem(),
+                self.es384_pem(),
+                self.ed_pem(),
+            ]
+            .join("\n")
+        }
+        /// A JWKS of every public key, each with a kid named after its family.
+        fn jwks(&self) -> String {
+            let rsa = self.rsa.public_key().to_components();
+            let p256 = self.es256.public_key().public_key().to_bytes_uncompressed();
+            let p384 = self.es384.public_key().public_key().to_bytes_uncompressed();
+            let ed = self.ed.public_key().to_bytes();
+            serde_json::json!({"keys": [
+                {"kty": "RSA", "kid": "rsa", "use": "sig", "n": b64(&rsa.n), "e": b64(&rsa.e)},
+                {"kty": "EC", "kid": "p256", "crv": "P-256", "alg": "ES256",
+                 "x": b64(&p256[1..33]), "y": b64(&p256[33..])},
+                {"kty": "EC", "kid": "p384", "crv": "P-384",
+                 "x": b64(&p384[1..49]), "y": b64(&p384[49..])},
+                {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": b64(&ed)},
+            ]})
+            .to_string()
+        }
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            leeway: Duration::from_secs(30),
+            ..AuthConfig::default()
+        }
+    }
+
+    fn with_pem(pem: &str) -> (Verifier, tempfile::NamedTempFile) {
+        let f = file(pem);
+        let v = Verifier::new(&AuthConfig {
+            public_keys: Some(f.path().to_owned()),
+            ..config()
+        })
+        .unwrap();
+        (v, f)
+    }
+
+    fn with_jwks(jwks: &str) -> (Verifier, tempfile::NamedTempFile) {
+        let f = file(jwks);
+        let v = Verifier::new(&AuthConfig {
+            jwks: Some(JwksSource::File(f.path().to_owned())),
+            ..config()
+        })
+        .unwrap();
+        (v, f)
+    }
+
+    fn with_secret() -> Verifier {
+        Verifier::new(&AuthConfig {
+            hmac_secret: Some(SECRET.into()),
+            ..config()
+        })
+        .unwrap()
+    }
+
+    /// A token from raw JSON parts, signed (or not) by `sign`.
+    fn assemble(header: &str, claims: &str, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+        let msg = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+        let sig = sign(msg.as_bytes());
+        format!("{msg}.{}", b64(&sig))
+    }
+
+    fn hmac_with(secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        move |msg| ring::hmac::sign(&key, msg).as_ref().to_vec()
+    }
+
+    fn refused(v: &Verifier, token: &str) -> TokenError {
+        let e = v.verify_at(token, NOW).unwrap_err();
+        // No part of the token in what is shown or counted.
+        for part in token.split('.').filter(|p| p.len() >= 8) {
+            assert!(!e.to_string().contains(part), "{e}");
+        }
+        e
+    }
+
+    fn accepted(v: &Verifier, token: &str) -> Claims {
+        v.verify_at(token, NOW).unwrap()
+    }
+
+    #[test]
+    fn every_algorithm_verifies_from_pem() {
+        let k = keys();
+        let (v, _f) = with_pem(&k.all_pem());
+        let tokens = [
+            k.rsa.sign(valid()).unwrap(),
+            k.ps.sign(valid()).unwrap(),
+            k.es256.sign(valid()).unwrap(),
+            k.es384.sign(valid()).unwrap(),
+            k.ed.sign(valid()).unwrap(),
+        ];
+        for t in &tokens {
+            let c = accepted(&v, t);
+            assert_eq!(c.sub.as_deref(), Some("alice"));
+            assert_eq!(c.exp, NOW + 600);
+        }
+        let c = accepted(&with_secret(), &k.hs.authenticate(valid()).unwrap());
+        assert_eq!(c.sub.as_deref(), Some("alice"));
+        // A kid is only a label when no JWKS is configured.
+        let kid = ES256KeyPair::from_bytes(&k.es256.to_bytes())
+            .unwrap()
+            .with_key_id("whatever");
+        accepted(&v, &kid.sign(valid()).unwrap());
+    }
+
+    #[test]
+    fn every_algorithm_verifies_from_jwks_by_kid() {
+        let k = keys();
+        let (v, _f) = with_jwks(&k.jwks());
+        let rsa = RS256KeyPair::from_pem(RSA_KEY).unwrap().with_key_id("rsa");
+        let ps = PS256KeyPair::from_pem(RSA_KEY).unwrap().with_key_id("rsa");
+        let es256 = ES256KeyPair::from_bytes(&k.es256.to_bytes())
+            .unwrap()
+            .with_key_id("p256");
+        let es384 = ES384KeyPair::from_bytes(&k.es384.to_bytes())
+            .unwrap()
+            .with_key_id("p384");
+        let ed = Ed25519KeyPair::from_bytes(&k.ed.to_bytes())
+            .unwrap()
+            .with_key_id("ed");
+        for t in [
+            rsa.sign(valid()).unwrap(),
+            ps.sign(valid()).unwrap(),
+            es256.sign(valid()).unwrap(),
+            es384.sign(valid()).unwrap(),
+            ed.sign(valid()).unwrap(),
+        ] {
+            accepted(&v, &t);
+        }
+        // No kid: the set's one key of the family is tried.
+        accepted(&v, &k.ed.sign(valid()).unwrap());
+    }
+
+    #[test]
+    fn time_claims_with_leeway() {
+        let k = keys();
+        let v = with_secret();
+        let sign = |c| k.hs.authenticate(c).unwrap();
+        // exp 20s ago: within the 30s leeway.
+        accepted(&v, &sign(claims(Some(NOW - 20))));
+        let e = refused(&v, &sign(claims(Some(NOW - 31))));
+        assert_eq!(e.reason(), "expired");
+        let e = refused(&v, &sign(claims(Some(NOW - 30))));
+        assert_eq!(e.reason(), "expired");
+        let e = refused(&v, &sign(claims(None)));
+        assert_eq!(e.reason(), "missing_exp");
+        let mut early = valid();
+        early.invalid_before = Some(UnixTimeStamp::from_secs(NOW + 20));
+        accepted(&v, &sign(early));
+        let mut future = valid();
+        future.invalid_before = Some(UnixTimeStamp::from_secs(NOW + 31));
+        assert_eq!(refused(&v, &sign(future)).reason(), "not_yet_valid");
+        // A fractional exp is a NumericDate too; a string is not.
+        let t = assemble(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"exp":{}.5}}"#, NOW + 5),
+            hmac_with(SECRET.as_bytes()),
+        );
+        assert_eq!(accepted(&v, &t).exp, NOW + 5);
+        let t = assemble(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"exp":"{}"}}"#, NOW + 5),
+            hmac_with(SECRET.as_bytes()),
+        );
+        assert_eq!(refused(&v, &t).reason(), "malformed");
+    }
+
+    #[test]
+    fn audience_and_issuer_when_configured() {
+        let k = keys();
+        let v = Verifier::new(&AuthConfig {
+            hmac_secret: Some(SECRET.into()),
+            audience: Some("edge".into()),
+            issuer: Some("https://idp.example".into()),
+            ..config()
+        })
+        .unwrap();
+        let sign = |c| k.hs.authenticate(c).unwrap();
+        let good = || {
+            valid()
+                .with_audience("edge")
+                .with_issuer("https://idp.example")
+        };
+        accepted(&v, &sign(good()));
+        let many = valid()
+            .with_audiences(["other", "edge"].into_iter().collect())
+            .with_issuer("https://idp.example");
+        accepted(&v, &sign(many));
+        let wrong_aud = valid()
+            .with_audience("other")
+            .with_issuer("https://idp.example");
+        assert_eq!(refused(&v, &sign(wrong_aud)).reason(), "bad_audience");
+        let no_aud = valid().with_issuer("https://idp.example");
+        assert_eq!(refused(&v, &sign(no_aud)).reason(), "bad_audience");
+        let wrong_iss = valid().with_audience("edge").with_issuer("https://evil");
+        assert_eq!(refused(&v, &sign(wrong_iss)).reason(), "bad_issuer");
+        let no_iss = valid().with_audience("edge");
+        assert_eq!(refused(&v, &sign(no_iss)).reason(), "bad_issuer");
+        // Not configured: not checked.
+        accepted(&with_secret(), &sign(valid().with_audience("anything")));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let v = with_secret();
+        let body = format!(r#"{{"sub":"alice","exp":{}}}"#, NOW + 600);
+        for alg in ["none", "None", "NONE", "nOnE", "", "HS1", "RS1"] {
+            let header = format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#);
+            for sign in [|_: &[u8]| Vec::new(), |_: &[u8]| b"x".to_vec()] {
+                let t = assemble(&header, &body, sign);
+                assert_eq!(refused(&v, &t).reason(), "algorithm", "{alg}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_public_key_used_as_an_hmac_secret_is_refused() {
+        let k = keys();
+        let (pem_only, _f) = with_pem(&k.all_pem());
+        let both = {
+            let f = file(&k.all_pem());
+            let v = Verifier::new(&AuthConfig {
+                hmac_secret: Some(SECRET.into()),
+                public_keys: Some(f.path().to_owned()),
+                ..config()
+            })
+            .unwrap();
+            (v, f)
+        };
+        let (jwks, _g) = with_jwks(&k.jwks());
+        for pem in [k.rsa_pem(), k.es256_pem(), k.es384_pem(), k.ed_pem()] {
+            // Minted by the independent library, with the PEM text as its HMAC key.
+            let forged = HS256Key::from_bytes(pem.as_bytes())
+                .authenticate(valid())
+                .unwrap();
+            assert_eq!(refused(&pem_only, &forged).reason(), "algorithm");
+            assert_eq!(refused(&both.0, &forged).reason(), "bad_signature");
+            assert_eq!(refused(&jwks, &forged).reason(), "algorithm");
+        }
+        // The same through a kid that names a public key.
+        let rsa = k.rsa.public_key().to_components();
+        for secret in [rsa.n.as_slice(), k.rsa_pem().as_bytes()] {
+            let forged = HS256Key::from_bytes(secret)
+                .with_key_id("rsa")
+                .authenticate(valid())
+                .unwrap();
+            assert_eq!(refused(&jwks, &forged).reason(), "algorithm");
+        }
+    }
+
+    #[test]
+    fn kids_must_be_known_and_of_the_tokens_family() {
+        let k = keys();
+        let (v, _f) = with_jwks(&k.jwks());
+        let unknown = ES256KeyPair::from_bytes(&k.es256.to_bytes())
+            .unwrap()
+            .with_key_id("gone");
+        assert_eq!(
+            refused(&v, &unknown.sign(valid()).unwrap()).reason(),
+            "unknown_kid"
+        );
+        // An RS256 token whose kid names the EC key.
+        let crossed = RS256KeyPair::from_pem(RSA_KEY).unwrap().with_key_id("p256");
+        assert_eq!(
+            refused(&v, &crossed.sign(valid()).unwrap()).reason(),
+            "algorithm"
+        );
+        // The p256 entry says alg ES256; P-256 can do nothing else anyway. The RSA entry has no
+        // alg: RS256 and PS256 both verified above. An entry pinned to RS256 refuses PS256.
+        let rsa = k.rsa.public_key().to_components();
+        let pinned = serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "rsa", "alg": "RS256", "n": b64(&rsa.n), "e": b64(&rsa.e)}
+        ]})
+        .to_string();
+        let (v, _g) = with_jwks(&pinned);
+        let ps = PS256KeyPair::from_pem(RSA_KEY).unwrap().with_key_id("rsa");
+        assert_eq!(
+            refused(&v, &ps.sign(valid()).unwrap()).reason(),
+            "algorithm"
+        );
+        let rs = RS256KeyPair::from_pem(RSA_KEY).unwrap().with_key_id("rsa");
+        accepted(&v, &rs.sign(valid()).unwrap());
+    }
+
+    #[test]
+    fn bad_signatures_are_refused() {
+        let k = keys();
+        let (v, _f) = with_pem(&k.all_pem());
+        for t in [
+            ES256KeyPair::generate().sign(valid()).unwrap(),
+            ES384KeyPair::generate().sign(valid()).unwrap(),
+            Ed25519KeyPair::generate().sign(valid()).unwrap(),
+        ] {
+            assert_eq!(refused(&v, &t).reason(), "bad_signature");
+        }
+        let t = HS256Key::from_bytes(b"another-secret-of-at-least-32-bytes")
+            .authenticate(valid())
+            .unwrap();
+        assert_eq!(refused(&with_secret(), &t).reason(), "bad_signature");
+        // Claims swapped under a good signature.
+        let good = k.ed.sign(valid()).unwrap();
+        let other = k.ed.sign(claims(Some(NOW + 9999))).unwrap();
+        let parts: Vec<&str> = good.split('.').collect();
+        let other_parts: Vec<&str> = other.split('.').collect();
+        let swapped = format!("{}.{}.{}", parts[0], other_parts[1], parts[2]);
+        assert_eq!(refused(&v, &swapped).reason(), "bad_signature");
+    }
+
+    #[test]
+    fn garbage_and_oversize_are_refused() {
+        let k = keys();
+        let v = with_secret();
+        let good = k.hs.authenticate(valid()).unwrap();
+        for t in [
+            "",
+            ".",
+            "..",
+            "a.b.c",
+            "a.b.c.d",
+            "not a token",
+            &good[..good.len() / 2],
+            &good[..good.rfind('.').unwrap()],
+            &format!("{good}.extra"),
+            &format!("{good}!"),
+        ] {
+            let e = refused(&v, t);
+            assert!(
+                matches!(e.reason(), "malformed" | "bad_signature"),
+                "{t:?}: {e}"
+            );
+        }
+        let huge = format!(
+            "{}.{}.sig",
+            b64(br#"{"alg":"HS256"}"#),
+            "A".repeat(MAX_TOKEN_BYTES)
+        );
+        assert_eq!(refused(&v, &huge).reason(), "too_long");
+        assert_eq!(
+            refused(&v, &"x".repeat(MAX_TOKEN_BYTES + 1)).reason(),
+            "too_long"
+        );
+        // A good signature over claims that are not an object.
+        let t = assemble(r#"{"alg":"HS256"}"#, "[1,2]", hmac_with(SECRET.as_bytes()));
+        assert_eq!(refused(&v, &t).reason(), "malformed");
+        // Unknown critical header extensions are refused.
+        let t = assemble(
+            r#"{"alg":"HS256","crit":["exp2"],"exp2":1}"#,
+            &format!(r#"{{"exp":{}}}"#, NOW + 5),
+            hmac_with(SECRET.as_bytes()),
+        );
+        assert!(v.verify_at(&t, NOW).is_err());
+    }
+
+    #[test]
+    fn no_keys_refuses_everything() {
+        let v = Verifier::new(&config()).unwrap();
+        assert!(!v.has_keys());
+        let t = keys().hs.authenticate(valid()).unwrap();
+        assert_eq!(refused(&v, &t).reason(), "no_keys");
+    }
+
+    #[test]
+    fn subject_and_channels_claims() {
+        let v = with_secret();
+        let sign =
+            |claims: &str| assemble(r#"{"alg":"HS256"}"#, claims, hmac_with(SECRET.as_bytes()));
+        let exp = NOW + 60;
+        let c = accepted(
+            &v,
+            &sign(&format!(
+                r#"{{"exp":{exp},"channels":{{"subscribe":["chat:*","prices"],"publish":["chat:1"]}}}}"#
+            )),
+        );
+        assert_eq!(c.sub, None);
+        let grants = c.channels.unwrap();
+        assert_eq!(grants.subscribe, ["chat:*", "prices"]);
+        assert_eq!(grants.publish, ["chat:1"]);
+        for bad in [
+            r#"{"subscribe":["chat *"]}"#,
+            r#"{"publish":["*chat"]}"#,
+            r#"{"subscribe":[""]}"#,
+            r#"{"subscribe":"chat:*"}"#,
+            r#"{"subscribe":[1]}"#,
+        ] {
+            let e = refused(&v, &sign(&format!(r#"{{"exp":{exp},"channels":{bad}}}"#)));
+            assert_eq!(e.reason(), "malformed", "{bad}");
+        }
+        let many: Vec<String> = (0..257).map(|i| format!("c{i}")).collect();
+        let e = refused(
+            &v,
+            &sign(&format!(
+                r#"{{"exp":{exp},"channels":{{"subscribe":{}}}}}"#,
+                serde_json::to_string(&many).unwrap()
+            )),
+        );
+        assert_eq!(e.reason(), "malformed");
+        for sub in [
+            "\"a\\nb\"",
+            "\"\"",
+            &format!("\"{}\"", "u".repeat(257)),
+            "42",
+        ] {
+            let e = refused(&v, &sign(&format!(r#"{{"exp":{exp},"sub":{sub}}}"#)));
+            assert_eq!(e.reason(), "malformed", "{sub}");
+        }
+        let c = accepted(
+            &v,
+            &sign(&format!(r#"{{"exp":{exp},"sub":"{}"}}"#, "u".repeat(256))),
+        );
+        assert_eq!(c.sub.map(|s| s.len()), Some(256));
+    }
+
+    #[test]
+    fn set_jwks_replaces_the_set() {
+        let k = keys();
+        let (v, _f) = with_jwks(&k.jwks());
+        let old = Ed25519KeyPair::from_bytes(&k.ed.to_bytes())
+            .unwrap()
+            .with_key_id("ed");
+        let old_token = old.sign(valid()).unwrap();
+        accepted(&v, &old_token);
+        let next = Ed25519KeyPair::generate().with_key_id("ed-2");
+        let set = parse_jwks(
+            serde_json::json!({"keys": [
+                {"kty": "OKP", "kid": "ed-2", "crv": "Ed25519",
+                 "x": b64(&next.public_key().to_bytes())}
+            ]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        v.set_jwks(set);
+        assert_eq!(refused(&v, &old_token).reason(), "unknown_kid");
+        accepted(&v, &next.sign(valid()).unwrap());
+    }
+
+    #[test]
+    fn a_jwks_url_starts_empty() {
+        let v = Verifier::new(&AuthConfig {
+            jwks: Some(JwksSource::Url("https://idp.example/jwks".into())),
+            ..config()
+        })
+        .unwrap();
+        assert!(v.has_keys());
+        let t = ES256KeyPair::generate()
+            .with_key_id("k")
+            .sign(valid())
+            .unwrap();
+        assert_eq!(refused(&v, &t).reason(), "unknown_kid");
+        let t = ES256KeyPair::generate().sign(valid()).unwrap();
+        assert_eq!(refused(&v, &t).reason(), "algorithm");
+    }
+
+    #[test]
+    fn jwks_parsing_skips_and_counts() {
+        let k = keys();
+        let ed = b64(&k.ed.public_key().to_bytes());
+        let json = serde_json::json!({"keys": [
+            {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": ed},
+            {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": ed},
+            {"kty": "oct", "kid": "h", "k": b64(SECRET.as_bytes())},
+            {"kty": "OKP", "kid": "enc", "use": "enc", "crv": "Ed25519", "x": ed},
+            {"kty": "OKP", "kid": "x448", "crv": "Ed448", "x": ed},
+            {"kty": "OKP", "kid": "short", "crv": "Ed25519", "x": b64(b"short")},
+            {"kty": "OKP", "kid": "wrong-alg", "alg": "RS256", "crv": "Ed25519", "x": ed},
+            {"kty": "RSA", "kid": "rsa-no-n", "e": "AQAB"},
+            {"kty": "EC", "kid": "k1", "crv": "secp256k1", "x": ed, "y": ed},
+            {"kty": "XYZ"},
+            "not an object",
+        ]});
+        let set = parse_jwks(json.to_string().as_bytes()).unwrap();
+        assert_eq!((set.len(), set.skipped()), (1, 10));
+        for bad in [
+            &b"{}"[..],
+            b"[]",
+            b"not json",
+            br#"{"keys": []}"#,
+            br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#,
+        ] {
+            let e = parse_jwks(bad).unwrap_err();
+            assert!(e.to_string().starts_with("JWKS:"), "{e}");
+        }
+        let too_many: Vec<_> = (0..65)
+            .map(|i| serde_json::json!({"kty": "OKP", "kid": format!("k{i}"), "crv": "Ed25519", "x": ed}))
+            .collect();
+        assert!(parse_jwks(serde_json::json!({"keys": too_many}).to_string().as_bytes()).is_err());
+        let e = parse_jwks(b"{}")
+            .unwrap_err()
+            .with_origin("https://idp.example/jwks");
+        assert!(
+            e.to_string().starts_with("https://idp.example/jwks:"),
+            "{e}"
+        );
+        assert!(KeySet::default().is_empty());
+    }
+
+    #[test]
+    fn pem_files_that_do_not_fit_are_named() {
+        let fixture = |name: &str| {
+            std::fs::read_to_string(format!(
+                "{}/tests/fixtures/auth/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+        };
+        for (text, expect) in [
+            (fixture("rsa1024.pub.pem"), "1024 bits"),
+            (fixture("p521.pub.pem"), "P-256 and P-384"),
+            (fixture("cert.pem"), "certificates are not read"),
+            (fixture("rsa-test-only.key.pem"), "private key"),
+            ("no pem here".to_string(), "no PEM block"),
+            (fixture("ed25519.pub.pem").repeat(9), "at most 8"),
+        ] {
+            let f = file(&text);
+            let e = super::read_public_keys(f.path()).unwrap_err().to_string();
+            assert!(e.contains(expect), "{e}");
+            assert!(e.contains(&f.path().display().to_string()), "{e}");
+            assert!(!e.contains("MII"), "{e}");
+        }
+        let f = file(&(fixture("ed25519.pub.pem") + &fixture("rsa.pub.pem")));
+        assert_eq!(super::read_public_keys(f.path()).unwrap(), 2);
+        let e = super::read_public_keys(std::path::Path::new("/nonexistent/keys.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/keys.pem"), "{e}");
+    }
+
+    /// Mutated and random tokens: refused or accepted, never a panic.
+    #[test]
+    fn nothing_panics_on_mutated_tokens() {
+        let k = keys();
+        let f = file(&k.all_pem());
+        let g = file(&k.jwks());
+        let v = Verifier::new(&AuthConfig {
+            hmac_secret: Some(SECRET.into()),
+            public_keys: Some(f.path().to_owned()),
+            jwks: Some(JwksSource::File(g.path().to_owned())),
+            audience: Some("edge".into()),
+            ..config()
+        })
+        .unwrap();
+        let seeds = [
+            k.hs.authenticate(valid()).unwrap(),
+            k.es256.sign(valid()).unwrap(),
+            k.ed.sign(valid()).unwrap(),
+            k.rsa.sign(valid()).unwrap(),
+            assemble(r#"{"alg":"none"}"#, "{}", |_| Vec::new()),
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"AZaz09-_.=+/ {}\"\\\x00\xff";
+        for seed in &seeds {
+            for _ in 0..300 {
+                let mut bytes = seed.as_bytes().to_vec();
+                for _ in 0..=(next() % 4) {
+                    let i = (next() as usize) % bytes.len();
+                    match next() % 3 {
+                        0 => bytes[i] = alphabet[(next() as usize) % alphabet.len()],
+                        1 => {
+                            bytes.remove(i);
+                        }
+                        _ => bytes.insert(i, alphabet[(next() as usize) % alphabet.len()]),
+                    }
+                    if bytes.is_empty() {
+                        break;
+                    }
+                }
+                let t = String::from_utf8_lossy(&bytes);
+                let _ = v.verify_at(&t, NOW);
+                let _ = v.verify_at(&t, u64::MAX);
+                let _ = v.verify_at(&t, 0);
+            }
+        }
+        for _ in 0..500 {
+            let len = (next() % 300) as usize;
+            let t: String = (0..len)
+                .map(|_| alphabet[(next() as usize) % alphabet.len()] as char)
+                .collect();
+            let _ = v.verify_at(&t, NOW);
+        }
+        // Extreme claim values under a good signature.
+        for body in [
+            r#"{"exp":18446744073709551615,"nbf":18446744073709551615}"#,
+            r#"{"exp":1e308}"#,
+            r#"{"exp":-1}"#,
+            r#"{"exp":null,"aud":[[]]}"#,
+            r#"{"exp":1,"aud":{"a":1}}"#,
+        ] {
+            let t = assemble(r#"{"alg":"HS256"}"#, body, hmac_with(SECRET.as_bytes()));
+            let _ = v.verify_at(&t, NOW);
+            let _ = v.verify_at(&t, u64::MAX);
+        }
+    }
+}
