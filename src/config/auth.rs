@@ -363,4 +363,108 @@ mod tests {
         assert!(!format!("{c:?}").contains("very-secret"));
         assert!(!c.describe().contains("very-secret"));
     }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn parse(toml: &str) -> Result<super::super::Config, ConfigError> {
+        super::super::Config::from_toml_str(toml, "test.toml")
+    }
+
+    #[test]
+    fn each_bad_value_is_named() {
+        let cases = [
+            ("hmac_secret = \"short\"", "auth.hmac_secret", "at least 32"),
+            (
+                "public_keys = \"/nonexistent/keys.pem\"",
+                "auth.public_keys",
+                "/nonexistent/keys.pem",
+            ),
+            (
+                &format!("public_keys = \"{}\"", fixture("p521.pub.pem")),
+                "auth.public_keys",
+                "p521.pub.pem",
+            ),
+            (
+                &format!("public_keys = \"{}\"", fixture("cert.pem")),
+                "auth.public_keys",
+                "certificates are not read",
+            ),
+            (
+                "jwks = \"http://idp.example.com/jwks\"",
+                "auth.jwks",
+                "https://",
+            ),
+            (
+                "jwks = \"ftp://idp.example.com/jwks\"",
+                "auth.jwks",
+                "https://",
+            ),
+            (
+                "jwks = \"/nonexistent/jwks.json\"",
+                "auth.jwks",
+                "/nonexistent/jwks.json",
+            ),
+            (
+                &format!("jwks = \"{}\"", fixture("rsa.pub.pem")),
+                "auth.jwks",
+                "not a JWKS",
+            ),
+            ("jwks_refresh = \"5s\"", "auth.jwks_refresh", "10s to 24h"),
+            (
+                "jwks_refresh = \"2days\"",
+                "auth.jwks_refresh",
+                "10s to 24h",
+            ),
+            ("leeway = \"11m\"", "auth.leeway", "at most 10m"),
+            (
+                "anonymous = false",
+                "auth.anonymous",
+                "no client could ever connect",
+            ),
+            ("audience = \" edge\"", "auth.audience", "whitespace"),
+            ("issuer = \"idp\\n\"", "auth.issuer", "control"),
+        ];
+        for (line, key, reason) in cases {
+            let toml = format!("[auth]\n{line}\n");
+            let e = parse(&toml).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+            assert!(e.contains(reason), "{toml}: {e}");
+            assert!(e.contains("test.toml"), "{toml}: {e}");
+        }
+        let e = parse("[auth]\nhmac_secret = \"0123456789\"\n")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("0123456789"), "{e}");
+        let e = parse("[auth]\njwks_url = \"x\"\n")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allowed keys here are"), "{e}");
+    }
+
+    #[test]
+    fn good_sources_are_taken() {
+        let c = parse(&format!(
+            "[auth]\npublic_keys = \"{}\"\njwks = \"https://idp.example/jwks\"\n\
+             anonymous = false\naudience = \"edge\"\n",
+            fixture("ed25519.pub.pem")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.auth.jwks,
+            Some(JwksSource::Url("https://idp.example/jwks".into()))
+        );
+        assert!(!c.auth.anonymous && c.auth.has_key_source());
+        assert!(
+            c.summary().contains("auth: token keys: public keys from"),
+            "{}",
+            c.summary()
+        );
+        let c = parse("[auth]\n").unwrap();
+        assert_eq!(c.auth, AuthConfig::default());
+        assert!(c.summary().contains("sessions without a token allowed"));
+    }
 }
