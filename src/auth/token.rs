@@ -1203,6 +1203,13 @@ mod tests {
     }
 
     #[test]
+    fn a_verifier_is_shared_across_tasks() {
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<Verifier>();
+        shared::<std::sync::Arc<Verifier>>();
+    }
+
+    #[test]
     fn no_keys_refuses_everything() {
         let v = Verifier::new(&config()).unwrap();
         assert!(!v.has_keys());

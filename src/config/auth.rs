@@ -362,6 +362,20 @@ mod tests {
         let c = validate(&s, &|_| "test".into()).unwrap();
         assert!(!format!("{c:?}").contains("very-secret"));
         assert!(!c.describe().contains("very-secret"));
+        // What check-config prints: the summary and the effective config.
+        let full = super::super::Config::from_toml_str(
+            "[auth]\nhmac_secret = \"a-very-secret-value-that-is-long-enough\"\n",
+            "test.toml",
+        )
+        .unwrap();
+        let printed = toml::to_string_pretty(&full.effective).unwrap();
+        assert!(
+            printed.contains("hmac_secret = \"<redacted>\""),
+            "{printed}"
+        );
+        for out in [printed, full.summary(), format!("{full:?}")] {
+            assert!(!out.contains("very-secret"), "{out}");
+        }
     }
 
     fn fixture(name: &str) -> String {
