@@ -64,7 +64,10 @@ fn main() {
                 let _ = black_box(set.check(Op::Subscribe, black_box(&channel), &who));
             }
             let ns = start.elapsed().as_nanos() as f64 / f64::from(iters);
-            println!("{n:>7} {:>28} {iters:>12} {ns:>10.1}", format!("{what} ({channel})"));
+            println!(
+                "{n:>7} {:>28} {iters:>12} {ns:>10.1}",
+                format!("{what} ({channel})")
+            );
         }
     }
 }

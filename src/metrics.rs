@@ -82,6 +82,12 @@ pub enum Decision {
     dry_run,
 }
 
+/// The outcome of a check, as a stable label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// A permission check of the channel rules: which operation, and whether it was allowed.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PermissionLabels {
@@ -142,6 +148,7 @@ pub struct Metrics {
     pub redis_history_channels: Gauge,
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub permission_checks: Family<PermissionLabels, Counter>,
+    pub tokens: Family<ResultLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub tracked_users: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -186,6 +193,7 @@ impl Metrics {
             redis_history_channels: Gauge::default(),
             admission_decisions: Family::default(),
             permission_checks: Family::default(),
+            tokens: Family::default(),
             tracked_addresses: Gauge::default(),
             tracked_users: Gauge::default(),
             config_reloads: Family::default(),
@@ -338,6 +346,12 @@ impl Metrics {
             m.admission_decisions.clone(),
         );
         registry.register(
+            "tokens",
+            "Tokens checked, by result: valid, or why one was refused (expired, bad_signature, \
+             unknown_kid, algorithm, malformed, missing, no_keys, …)",
+            m.tokens.clone(),
+        );
+        registry.register(
             "permission_checks",
             "Channel rule checks of subscribes and publishes, by op and decision (allowed, refused)",
             m.permission_checks.clone(),
@@ -398,6 +412,10 @@ impl Metrics {
 
     pub fn refusal(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn token(&self, result: &'static str) {
+        self.tokens.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn permission(&self, op: crate::auth::Op, allowed: bool) {

@@ -766,13 +766,26 @@ impl Session {
     async fn execute(&mut self, frame: ClientFrame<'_>) {
         match frame {
             ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
-            ClientFrame::Auth { id, token: _ } => {
-                self.error(
-                    id,
-                    ErrorCode::Unauthorized,
-                    "this edge verifies no tokens ([auth] has no keys)",
-                    None,
-                );
+            ClientFrame::Auth { id, token } => {
+                let gate = self.env.gate.clone();
+                match gate.identify(Some(token)) {
+                    Ok(new) if new.user == self.identity.user => {
+                        // The new token's grants replace the old: what they no longer cover
+                        // is left, with a notice, before the reply.
+                        self.identity = new;
+                        self.revalidate();
+                        self.reply(protocol::encode_ok(id));
+                    }
+                    Ok(_) => self.error(
+                        id,
+                        ErrorCode::Unauthorized,
+                        "the new token is for another user (sub); open a new session for it",
+                        None,
+                    ),
+                    Err(refusal) => {
+                        self.error(id, ErrorCode::Unauthorized, &refusal.message(), None);
+                    }
+                }
             }
             ClientFrame::Subscribe {
                 id,
@@ -957,7 +970,7 @@ mod tests {
         let cfg = Config::from_file_config(f).unwrap();
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(bus, 100, metrics.clone()));
-        let gate = Arc::new(Gate::new(&cfg, metrics.clone()));
+        let gate = Arc::new(Gate::new(&cfg, metrics.clone()).unwrap());
         let admission = Arc::new(crate::admission::Admission::new(
             cfg.admission,
             cfg.limits,

@@ -12,6 +12,7 @@ use http::StatusCode;
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
+use super::token::{KeyError, Verifier};
 use super::{Denied, Identity, Op, Rules};
 use crate::admission::close;
 use crate::config::Config;
@@ -118,17 +119,34 @@ pub struct Gate {
     generation: watch::Sender<u64>,
     /// How long past its `exp` a token still counts (`auth.leeway`).
     leeway: Duration,
+    /// Verifies tokens; `None` when `[auth]` names no key (then every token is refused).
+    verifier: Option<Arc<Verifier>>,
+    /// A session without a token may open (`auth.anonymous`).
+    anonymous: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Gate {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Gate {
-        Gate {
+    /// Reads the token keys `[auth]` names (its files were checked by validation already).
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Gate, KeyError> {
+        let verifier = if config.auth.has_key_source() {
+            Some(Arc::new(Verifier::new(&config.auth)?))
+        } else {
+            None
+        };
+        Ok(Gate {
             rules: RwLock::new(config.channels.clone()),
             generation: watch::Sender::new(0),
-            leeway: Duration::from_secs(30),
+            leeway: config.auth.leeway,
+            verifier,
+            anonymous: config.auth.anonymous,
             metrics,
-        }
+        })
+    }
+
+    /// The token verifier, for the JWKS refresher.
+    pub fn verifier(&self) -> Option<&Arc<Verifier>> {
+        self.verifier.as_ref()
     }
 
     pub fn leeway(&self) -> Duration {
@@ -158,10 +176,27 @@ impl Gate {
     /// Who presents `token` (`None`: no token). Refused: a token that does not verify, or no
     /// token where `auth.anonymous` is off.
     pub fn identify(&self, token: Option<&str>) -> Result<Identity, GateRefusal> {
-        match token {
-            None => Ok(Identity::default()),
-            Some(_) => Err(GateRefusal::Unauthorized("no_keys")),
-        }
+        let result = match (token, &self.verifier) {
+            (None, _) if self.anonymous => return Ok(Identity::default()),
+            (None, _) => Err(GateRefusal::Unauthorized("missing")),
+            (Some(_), None) => Err(GateRefusal::Unauthorized("no_keys")),
+            (Some(token), Some(v)) => v
+                .verify(token)
+                .map(|claims| Identity {
+                    user: claims.sub.map(Arc::from),
+                    authenticated: true,
+                    grants: claims.channels.map(Arc::new),
+                    expires_at: Some(claims.exp),
+                })
+                .map_err(|e| GateRefusal::Unauthorized(e.reason())),
+        };
+        let label = match &result {
+            Ok(_) => "valid",
+            Err(GateRefusal::Unauthorized(reason)) => reason,
+            Err(_) => "other",
+        };
+        self.metrics.token(label);
+        result
     }
 
     /// The rules' answer alone, without hooks: what a reload re-checks.

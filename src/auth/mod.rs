@@ -1,13 +1,16 @@
 //! Identity and permissions: who a session's client is (a verified token, or what the connect
 //! hook said) and what it may do on which channel.
 //!
-//! It owns token verification ([`token`]), the channel rules of `[[channels]]` ([`rules`]), and
-//! the [`Identity`] a session carries. It decides; it never touches a socket, a session or the
-//! bus. Transports ask it before a handshake completes and the session before each subscribe and
-//! publish; `hooks` may only narrow what it allows.
+//! It owns token verification ([`token`], on the ring crypto of [`ring_provider`]), the channel
+//! rules of `[[channels]]` ([`rules`]), the [`Identity`] a session carries, and the [`gate`]
+//! that asks token, rules and hooks in that order. It decides; it never touches a socket, a
+//! session or the bus. Transports ask it before a handshake completes and the session before
+//! each subscribe and publish; hooks may only narrow what the rules allow.
 
 pub mod gate;
+pub mod ring_provider;
 pub mod rules;
+pub mod token;
 
 use std::sync::Arc;
 
@@ -58,10 +61,81 @@ pub fn grants_allow(grants: Option<&ChannelGrants>, op: Op, channel: &str) -> bo
     })
 }
 
-/// Checks one grant entry (a claim's or a hook's): a channel name, or a prefix ending in `*`.
-pub fn check_grant(pattern: &str) -> bool {
-    let body = pattern.strip_suffix('*').unwrap_or(pattern);
-    (!body.is_empty() || pattern == "*")
-        && body.len() <= crate::protocol::MAX_CHANNEL_LEN
-        && body.chars().all(crate::protocol::is_channel_char)
+// Checking grants that came from outside (a token's claim, a hook's answer).
+
+/// Patterns one list of a [`ChannelGrants`] may hold; a claim is client-visible input and each
+/// pattern costs a comparison on every subscribe and publish.
+pub const MAX_GRANTS_PER_LIST: usize = 256;
+
+/// Why a [`ChannelGrants`] from outside was refused. Names the list, never the pattern (it is
+/// input the edge did not choose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("the {0} list has more than {MAX_GRANTS_PER_LIST} patterns")]
+    TooMany(&'static str),
+    #[error("the {0} list has an entry that is neither a channel name nor a prefix ending in `*`")]
+    BadPattern(&'static str),
+}
+
+impl ChannelGrants {
+    /// Checks every entry is a channel name or a prefix of one followed by `*` (`*` alone: every
+    /// channel), and that no list is longer than [`MAX_GRANTS_PER_LIST`].
+    pub fn check(&self) -> Result<(), GrantError> {
+        for (name, list) in [("subscribe", &self.subscribe), ("publish", &self.publish)] {
+            if list.len() > MAX_GRANTS_PER_LIST {
+                return Err(GrantError::TooMany(name));
+            }
+            if !list.iter().all(|p| is_grant_pattern(p)) {
+                return Err(GrantError::BadPattern(name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A channel name, or a prefix of one (possibly empty) followed by one `*`.
+pub fn is_grant_pattern(pattern: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some("") => true,
+        // The prefix itself is a valid channel name: same characters, same length cap.
+        Some(prefix) => crate::protocol::Channel::new(prefix).is_ok(),
+        None => crate::protocol::Channel::new(pattern).is_ok(),
+    }
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        for ok in ["*", "chat:*", "prices", "user:42:inbox", "a/b-c_d.e@f:*"] {
+            assert!(is_grant_pattern(ok), "{ok}");
+        }
+        for bad in [
+            "", "**", "chat:**", "*chat", "ch*at", "chat *", "chat\n", "é*",
+        ] {
+            assert!(!is_grant_pattern(bad), "{bad:?}");
+        }
+        assert!(!is_grant_pattern(&"a".repeat(10_000)));
+    }
+
+    #[test]
+    fn lists_are_capped() {
+        let g = ChannelGrants {
+            subscribe: vec!["a".into(); MAX_GRANTS_PER_LIST],
+            publish: vec![],
+        };
+        assert_eq!(g.check(), Ok(()));
+        let g = ChannelGrants {
+            subscribe: vec![],
+            publish: vec!["a".into(); MAX_GRANTS_PER_LIST + 1],
+        };
+        assert_eq!(g.check(), Err(GrantError::TooMany("publish")));
+        let g = ChannelGrants {
+            subscribe: vec!["ok".into(), "not ok".into()],
+            publish: vec![],
+        };
+        assert_eq!(g.check(), Err(GrantError::BadPattern("subscribe")));
+    }
 }

@@ -5,6 +5,7 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
+pub mod auth;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
+pub use auth::{AuthConfig, JwksSource};
 pub use schema::{FileConfig, LimitMode, LogFormat};
 
 /// Prefix of environment overrides; `__` separates section and key.
@@ -52,6 +54,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[[channels]]`, compiled; reloadable like `[admission]`.
     pub channels: std::sync::Arc<crate::auth::Rules>,
+    /// Token keys and required claims (`[auth]`).
+    pub auth: AuthConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
 }
@@ -1028,6 +1032,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         format: l.format,
         level: l.level.clone(),
     };
+    let auth = auth::validate(&file.auth, origin)?;
 
     let channels =
         crate::auth::Rules::compile(&file.channels.0).map_err(|(i, why)| ConfigError::Invalid {
@@ -1054,6 +1059,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         },
         log,
         channels: std::sync::Arc::new(channels),
+        auth,
         effective: file,
     })
 }
@@ -1132,6 +1138,7 @@ impl Config {
                 crate::bus::redis::INGEST_QUEUE_BYTES >> 20,
             ),
         });
+        out.push_str(&self.auth.describe());
         out.push_str(if self.admin.api_key.is_some() {
             "backend publish API: POST /v1/publish on the admin listener (bearer key)\n"
         } else {

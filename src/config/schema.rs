@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// `[auth]` lives in its own file with its validation.
+pub use super::auth::AuthSection;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -91,6 +94,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    pub auth: AuthSection,
     /// `[[channels]]`: who may subscribe and publish where, first match wins.
     pub channels: ChannelRulesSection,
 }

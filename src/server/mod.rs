@@ -54,6 +54,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Redis(#[from] RedisConfigError),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::token::KeyError),
 }
 
 /// Node-wide state shared by every connection and session.
@@ -242,7 +244,7 @@ impl Edge {
             // need no more deliveries.
             tokio::spawn(r.run(Arc::downgrade(&hub), shutdown.child_token()));
         }
-        let gate = Arc::new(Gate::new(&config, metrics.clone()));
+        let gate = Arc::new(Gate::new(&config, metrics.clone())?);
         let sessions = Arc::new(SessionEnv::new(
             hub.clone(),
             config.session.clone(),
