@@ -5,6 +5,7 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
+pub mod hooks;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
+pub use hooks::{HookFailure, HooksConfig};
 pub use schema::{FileConfig, LimitMode, LogFormat};
 
 /// Prefix of environment overrides; `__` separates section and key.
@@ -50,6 +52,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    pub hooks: HooksConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
 }
@@ -1009,6 +1012,8 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         level: l.level.clone(),
     };
 
+    let hooks = hooks::validate(&file.hooks, session.max_message_bytes, &invalid)?;
+
     Ok(Config {
         server,
         tls,
@@ -1022,6 +1027,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        hooks,
         effective: file,
     })
 }
@@ -1255,6 +1261,7 @@ impl Config {
             li.ipv6_wide_new_connections.burst,
             mode(li.ipv6_wide_new_connections.mode)
         ));
+        out.push_str(&self.hooks.describe());
         out.push_str(&if self.server.config_watch.is_zero() {
             "reload: on SIGHUP ([admission] and [limits])\n".to_string()
         } else {
@@ -1321,6 +1328,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.shutdown_grace"), "{e}");
+    }
+
+    #[test]
+    fn hooks_failure_mode_names_what_is_allowed() {
+        let e = parse("[hooks]\nfailure = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hooks.failure") && e.contains("deny") && e.contains("allow"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn summary_says_which_hooks_are_on() {
+        let s = parse("[hooks]\nurl = \"http://127.0.0.1:9000/app\"\nconnect = true\n")
+            .unwrap()
+            .summary();
+        assert!(
+            s.contains("hooks: POST http://127.0.0.1:9000/app/<hook> for connect;"),
+            "{s}"
+        );
+        assert!(parse("").unwrap().summary().contains("hooks: off"));
     }
 
     #[test]
@@ -1396,6 +1426,9 @@ mod tests {
                 "[limits.ip_new_connections]\nburst = 0\n",
                 "limits.ip_new_connections.burst",
             ),
+            ("[hooks]\nconnect = true\n", "hooks.connect"),
+            ("[hooks]\nurl = \"ws://app/\"\n", "hooks.url"),
+            ("[hooks]\nmax_in_flight = 0\n", "hooks.max_in_flight"),
         ];
         for (toml, key) in cases {
             let e = parse(toml).unwrap_err();

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::hooks::HooksSection;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -86,6 +88,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    pub hooks: HooksSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
