@@ -110,6 +110,15 @@ pub enum HookName {
     disconnect,
 }
 
+impl HookName {
+    pub const ALL: [HookName; 4] = [
+        HookName::connect,
+        HookName::subscribe,
+        HookName::publish,
+        HookName::disconnect,
+    ];
+}
+
 /// How a hook call ended. `failure`: the service did not give a valid 2xx answer in time (the
 /// step then follows `hooks.failure`); `overloaded`: not sent, `hooks.max_in_flight` were out.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -119,6 +128,15 @@ pub enum HookOutcome {
     deny,
     failure,
     overloaded,
+}
+
+impl HookOutcome {
+    pub const ALL: [HookOutcome; 4] = [
+        HookOutcome::allow,
+        HookOutcome::deny,
+        HookOutcome::failure,
+        HookOutcome::overloaded,
+    ];
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -414,18 +432,8 @@ impl Metrics {
             "Disconnect hook calls dropped because their queue was full",
             m.hook_disconnects_dropped.clone(),
         );
-        for hook in [
-            HookName::connect,
-            HookName::subscribe,
-            HookName::publish,
-            HookName::disconnect,
-        ] {
-            for outcome in [
-                HookOutcome::allow,
-                HookOutcome::deny,
-                HookOutcome::failure,
-                HookOutcome::overloaded,
-            ] {
+        for hook in HookName::ALL {
+            for outcome in HookOutcome::ALL {
                 let _ = m
                     .hook_calls
                     .get_or_create(&HookOutcomeLabels { hook, outcome });
