@@ -8,6 +8,8 @@
 //! - [`session`]: what a client frame means, per-session queue and budget.
 //! - [`bus`]: the hub (local fan-out) and the bus backends (embedded; Redis to come).
 //! - [`protocol`]: the JSON frames, decoded and encoded; pure and fuzzed.
+//! - [`hooks`]: asks the existing service before a step (connect, subscribe, publish), over
+//!   [`outbound`], the one HTTP(S) client the edge calls out with.
 //! - [`config`], [`tls`], [`metrics`], [`admin`], [`telemetry`]: operator-facing plumbing.
 
 pub mod admin;
@@ -15,7 +17,9 @@ pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod hooks;
 pub mod metrics;
+pub mod outbound;
 pub mod protocol;
 pub mod server;
 pub mod session;

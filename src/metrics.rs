@@ -8,6 +8,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::protocol::ErrorCode;
@@ -116,6 +117,77 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+// --- backend hooks ---
+
+/// A backend hook, as named in `[hooks]` and in the service's URL.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HookName {
+    connect,
+    subscribe,
+    publish,
+    disconnect,
+}
+
+impl HookName {
+    pub const ALL: [HookName; 4] = [
+        HookName::connect,
+        HookName::subscribe,
+        HookName::publish,
+        HookName::disconnect,
+    ];
+}
+
+/// How a hook call ended. `failure`: the service did not give a valid 2xx answer in time (the
+/// step then follows `hooks.failure`); `overloaded`: not sent, `hooks.max_in_flight` were out.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HookOutcome {
+    allow,
+    deny,
+    failure,
+    overloaded,
+}
+
+impl HookOutcome {
+    pub const ALL: [HookOutcome; 4] = [
+        HookOutcome::allow,
+        HookOutcome::deny,
+        HookOutcome::failure,
+        HookOutcome::overloaded,
+    ];
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub hook: HookName,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookOutcomeLabels {
+    pub hook: HookName,
+    pub outcome: HookOutcome,
+}
+
+/// Why a hook call failed: `timeout`, `unreachable` (connect, TLS or send), `status` (non-2xx)
+/// or `answer` (too large, not the JSON expected, a user that is not allowed).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookFailureLabels {
+    pub hook: HookName,
+    pub reason: &'static str,
+}
+
+/// 100 µs (a local service) to 5 s (past any sane `hooks.timeout` default).
+const HOOK_DURATION_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+fn hook_duration_histogram() -> Histogram {
+    Histogram::new(HOOK_DURATION_BUCKETS)
+}
+
+pub type HookDurations = Family<HookLabels, Histogram, fn() -> Histogram>;
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -152,6 +224,10 @@ pub struct Metrics {
     pub tracked_addresses: Gauge,
     pub tracked_users: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
+    pub hook_calls: Family<HookOutcomeLabels, Counter>,
+    pub hook_failures: Family<HookFailureLabels, Counter>,
+    pub hook_duration: HookDurations,
+    pub hook_disconnects_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -197,6 +273,10 @@ impl Metrics {
             tracked_addresses: Gauge::default(),
             tracked_users: Gauge::default(),
             config_reloads: Family::default(),
+            hook_calls: Family::default(),
+            hook_failures: Family::default(),
+            hook_duration: Family::new_with_constructor(hook_duration_histogram),
+            hook_disconnects_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions open now", m.sessions.clone());
@@ -372,6 +452,35 @@ impl Metrics {
             "Config reloads, by result (applied, rejected)",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "hook_calls",
+            "Backend hook calls by hook and outcome (allow, deny, failure: no valid 2xx answer \
+             in time, overloaded: not sent because hooks.max_in_flight were out)",
+            m.hook_calls.clone(),
+        );
+        registry.register(
+            "hook_failures",
+            "Backend hook calls that failed, by hook and reason (timeout, unreachable, status, \
+             answer)",
+            m.hook_failures.clone(),
+        );
+        registry.register(
+            "hook_duration_seconds",
+            "Backend hook calls from send to whole answer (or failure), by hook",
+            m.hook_duration.clone(),
+        );
+        registry.register(
+            "hook_disconnects_dropped",
+            "Disconnect hook calls dropped because their queue was full",
+            m.hook_disconnects_dropped.clone(),
+        );
+        for hook in HookName::ALL {
+            for outcome in HookOutcome::ALL {
+                let _ = m
+                    .hook_calls
+                    .get_or_create(&HookOutcomeLabels { hook, outcome });
+            }
+        }
         for limit in Limit::ALL {
             for decision in [Decision::allowed, Decision::refused, Decision::dry_run] {
                 let _ = m

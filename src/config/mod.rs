@@ -5,6 +5,7 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
+pub mod hooks;
 pub mod auth;
 pub mod schema;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
+pub use hooks::{HookFailure, HooksConfig};
 pub use auth::{AuthConfig, JwksSource};
 pub use schema::{FileConfig, LimitMode, LogFormat};
 
@@ -52,6 +54,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    pub hooks: HooksConfig,
     /// `[[channels]]`, compiled; reloadable like `[admission]`.
     pub channels: std::sync::Arc<crate::auth::Rules>,
     /// Token keys and required claims (`[auth]`).
@@ -1045,6 +1048,8 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ),
         })?;
 
+    let hooks = hooks::validate(&file.hooks, session.max_message_bytes, &invalid)?;
+
     Ok(Config {
         server,
         tls,
@@ -1058,6 +1063,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        hooks,
         channels: std::sync::Arc::new(channels),
         auth,
         effective: file,
@@ -1304,6 +1310,7 @@ impl Config {
             li.ipv6_wide_new_connections.burst,
             mode(li.ipv6_wide_new_connections.mode)
         ));
+        out.push_str(&self.hooks.describe());
         out.push_str(&format!(
             "channels ({} rules, first match wins; a channel no rule matches is refused):\n",
             self.channels.len()
@@ -1392,6 +1399,29 @@ mod tests {
     }
 
     #[test]
+    fn hooks_failure_mode_names_what_is_allowed() {
+        let e = parse("[hooks]\nfailure = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hooks.failure") && e.contains("deny") && e.contains("allow"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn summary_says_which_hooks_are_on() {
+        let s = parse("[hooks]\nurl = \"http://127.0.0.1:9000/app\"\nconnect = true\n")
+            .unwrap()
+            .summary();
+        assert!(
+            s.contains("hooks: POST http://127.0.0.1:9000/app/<hook> for connect;"),
+            "{s}"
+        );
+        assert!(parse("").unwrap().summary().contains("hooks: off"));
+    }
+
+    #[test]
     fn summary_explains_the_redis_subscriber_limits() {
         let s = parse("[bus]\nredis_url = \"redis://127.0.0.1:6379\"\n")
             .unwrap()
@@ -1464,6 +1494,9 @@ mod tests {
                 "[limits.ip_new_connections]\nburst = 0\n",
                 "limits.ip_new_connections.burst",
             ),
+            ("[hooks]\nconnect = true\n", "hooks.connect"),
+            ("[hooks]\nurl = \"ws://app/\"\n", "hooks.url"),
+            ("[hooks]\nmax_in_flight = 0\n", "hooks.max_in_flight"),
         ];
         for (toml, key) in cases {
             let e = parse(toml).unwrap_err();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::hooks::HooksSection;
 /// `[auth]` lives in its own file with its validation.
 pub use super::auth::AuthSection;
 
@@ -94,6 +95,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    pub hooks: HooksSection,
     pub auth: AuthSection,
     /// `[[channels]]`: who may subscribe and publish where, first match wins.
     pub channels: ChannelRulesSection,
