@@ -5,6 +5,7 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
+pub mod demo;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    pub demo: demo::DemoConfig,
     /// The file as loaded, environment overrides applied: what `check-config` prints.
     pub effective: FileConfig,
 }
@@ -1022,6 +1024,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        demo: file.demo.validate(),
         effective: file,
     })
 }
@@ -1050,6 +1053,9 @@ impl Config {
             "WebTransport: off\n".to_string()
         });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
+        if self.demo.enabled {
+            out.push_str("demo page at / (built on /edgeplex.js)\n");
+        }
         out.push_str(&match s.admin_listen {
             Some(a) => format!(
                 "admin listener {a} (at most {} connections)\n",

@@ -86,6 +86,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    pub demo: super::demo::DemoSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
