@@ -168,7 +168,7 @@ class Client extends Emitter {
   close() {
     this._setState("closed");
     for (const t of Object.values(this._timers)) this._env.clearTimeout(t);
-    this._drop(null);
+    this._drop();
     for (const r of this._waiting) r.fail(CLOSED);
     this._waiting = [];
   }
@@ -187,7 +187,7 @@ class Client extends Emitter {
     }, ms);
   }
 
-  // --- connecting -------------------------------------------------------------------------
+  // --- connecting
 
   /** Tries transport `i` of the list (or the kept one) with a fresh token. */
   async _open(i) {
@@ -247,7 +247,7 @@ class Client extends Emitter {
 
   /** The open connection went away: fail what waits on it, then reconnect on the same transport. */
   _dropped(code) {
-    this._drop(code);
+    this._drop();
     this._setState("reconnecting");
     this._retry(code);
   }
@@ -284,7 +284,7 @@ class Client extends Emitter {
     this._scheduleRefresh();
   }
 
-  // --- frames -----------------------------------------------------------------------------
+  // --- frames
 
   _frame(conn, f) {
     if (f.op === "welcome") {
@@ -331,7 +331,7 @@ class Client extends Emitter {
     });
   }
 
-  // --- subscriptions ----------------------------------------------------------------------
+  // --- subscriptions
 
   /** (Re)subscribes on the open WebSocket or WebTransport connection, from the last offset. */
   _join(sub) {
@@ -372,7 +372,7 @@ class Client extends Emitter {
     if (this.state === "open") this._request({ op: "unsubscribe", channel: sub.channel }).catch(() => {});
   }
 
-  // --- SSE --------------------------------------------------------------------------------
+  // --- SSE
 
   /** One EventSource carries every channel: a change of the set reopens it with the position. */
   _sseChanged() {
@@ -418,7 +418,7 @@ class Client extends Emitter {
     return body;
   }
 
-  // --- tokens -----------------------------------------------------------------------------
+  // --- tokens
 
   /** The token to connect with: the held one while it has time left, else a new one. */
   async _freshToken() {
@@ -458,9 +458,9 @@ class Client extends Emitter {
   }
 }
 
-// --- transports ---------------------------------------------------------------------------
-// Each opens one connection and reports frames and its end to `h`; it resolves to
-// {send, close} or throws when it cannot start. A connection counts as open at the welcome.
+// --- transports
+// Each opens one connection, hands `h.use` its {send, close}, reports frames and its end to `h`,
+// and throws when it cannot start. A connection counts as open at the welcome.
 
 const tokenQuery = (token, sep = "?") => (token ? sep + "token=" + encodeURIComponent(token) : "");
 
