@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests, the fuzz
-# regression inputs, and a build of the benchmarks and fuzz targets. Installs what the tests need
-# (redis-server, chromium, g++) and fails loudly when it cannot.
+# regression inputs, a build of the benchmarks and fuzz targets, and the JavaScript client's unit
+# tests. Installs what the tests need (redis-server, chromium, nodejs, g++) and fails loudly when
+# it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,12 +12,14 @@ die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 
 # What the suite needs beyond Rust: redis-server (tests that need Redis start their own on a free
-# port; they never use a running one), Debian's chromium (tests/browser.rs drives a real
-# EventSource headless) and a C++ compiler (libFuzzer, built by the fuzz check).
+# port; they never use a running one), Debian's chromium (tests/browser.rs and
+# tests/browser_client.rs drive it headless), Node.js (the unit tests of clients/js/edgeplex.js)
+# and a C++ compiler (libFuzzer, built by the fuzz check).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [ -n "${EDGEPLEX_CHROMIUM:-}" ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v c++ >/dev/null || missing+=(g++)
+command -v node >/dev/null || missing+=(nodejs)
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -27,6 +30,11 @@ fi
 redis-server --version >/dev/null || die "redis-server is installed but does not run"
 "${EDGEPLEX_CHROMIUM:-/usr/bin/chromium}" --headless=new --no-sandbox --version >/dev/null 2>&1 \
     || die "chromium is installed but does not run"
+
+node --version >/dev/null || die "node is installed but does not run"
+
+say "node --test clients/js/test/ (the browser client's unit tests; no network)"
+node --test clients/js/test/
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

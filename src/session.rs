@@ -597,7 +597,8 @@ impl Session {
             }
         }
         // An oversize frame is refused unread: parsing it only to find its id would let a client
-        // spend the edge's CPU on bytes it is refused for.
+        // spend the edge's CPU on bytes it is refused for. Its id is peeked at (a bounded look),
+        // so a client that writes the id first can still match the refusal to its request.
         let oversize = frame.len() > self.env.config.max_message_bytes;
         let decoded = if oversize {
             None
@@ -613,7 +614,7 @@ impl Session {
                     frame.len(),
                     self.env.config.max_message_bytes
                 );
-                self.error(None, ErrorCode::TooLarge, &msg, None);
+                self.error(protocol::peek_id(frame), ErrorCode::TooLarge, &msg, None);
             }
             Some(Err(e)) => self.error(e.id, e.code, &e.message, None),
             Some(Ok(frame)) => self.execute(frame).await,

@@ -211,10 +211,16 @@ async fn limits_reached_from_the_wire() {
     })
     .await;
     let mut c = t.connect().await;
-    // too_large: a message over max_message_bytes is refused unread (so the reply has no id),
-    // and the session goes on.
+    // too_large: a message over max_message_bytes is refused unread (so the reply has no id
+    // when the id lies past what `peek_id` looks at), and the session goes on.
     let big = json!({"id": 1, "op": "publish", "channel": "a", "data": "x".repeat(2000)});
     expect_error(&mut c, text(big), None, "too_large").await;
+    // An id written first is peeked at, so the refusal can be matched (edgeplex.js does this).
+    let big = format!(
+        r#"{{"id":9,"op":"publish","channel":"a","data":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    expect_error(&mut c, Message::text(big), Some(9), "too_large").await;
     // too_large: more channels than a session may hold.
     c.subscribe(2, "a").await;
     c.subscribe(3, "b").await;
@@ -239,7 +245,7 @@ async fn limits_reached_from_the_wire() {
     d.subscribe(3, "a").await;
     assert_eq!(
         t.metric("edgeplex_errors_total{code=\"too_large\"}").await,
-        2.0
+        3.0
     );
     assert_eq!(
         t.metric("edgeplex_errors_total{code=\"unavailable\"}")

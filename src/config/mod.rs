@@ -5,8 +5,9 @@
 //! This module owns the meaning of every config key. It does not open sockets or read
 //! certificates; the server and the TLS module do that with the validated [`Config`].
 
-pub mod hooks;
 pub mod auth;
+pub mod demo;
+pub mod hooks;
 pub mod schema;
 
 use std::net::SocketAddr;
@@ -16,8 +17,8 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
-pub use hooks::{HookFailure, HooksConfig};
 pub use auth::{AuthConfig, JwksSource};
+pub use hooks::{HookFailure, HooksConfig};
 pub use schema::{FileConfig, LimitMode, LogFormat};
 
 /// Prefix of environment overrides; `__` separates section and key.
@@ -54,6 +55,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub webtransport: WebTransportConfig,
     pub log: LogConfig,
+    pub demo: demo::DemoConfig,
     pub hooks: HooksConfig,
     /// `[[channels]]`, compiled; reloadable like `[admission]`.
     pub channels: std::sync::Arc<crate::auth::Rules>,
@@ -1063,6 +1065,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             validate_address: file.webtransport.validate_address,
         },
         log,
+        demo: file.demo.validate(),
         hooks,
         channels: std::sync::Arc::new(channels),
         auth,
@@ -1094,6 +1097,9 @@ impl Config {
             "WebTransport: off\n".to_string()
         });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
+        if self.demo.enabled {
+            out.push_str("demo page at / (built on /edgeplex.js)\n");
+        }
         out.push_str(&match s.admin_listen {
             Some(a) => format!(
                 "admin listener {a} (at most {} connections)\n",

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::hooks::HooksSection;
 /// `[auth]` lives in its own file with its validation.
 pub use super::auth::AuthSection;
+pub use super::hooks::HooksSection;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -95,6 +95,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub webtransport: WebTransportSection,
     pub log: LogSection,
+    pub demo: super::demo::DemoSection,
     pub hooks: HooksSection,
     pub auth: AuthSection,
     /// `[[channels]]`: who may subscribe and publish where, first match wins.

@@ -5,6 +5,7 @@
 //! tracking) and the listener lifecycle. Protocol meaning lives in `session`, wire adaptation in
 //! `transport`, policy in `admission`.
 
+pub mod assets;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod routes;

@@ -136,6 +136,8 @@ async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -
         "/ws" => crate::transport::websocket::accept(req, state, info).await,
         "/sse" => crate::transport::sse::accept(req, state, info).await,
         "/publish" => crate::transport::publish::accept(req, state, info).await,
+        "/edgeplex.js" => super::assets::serve(&req, &super::assets::CLIENT_JS),
+        "/" if state.config.demo.enabled => super::assets::serve(&req, &super::assets::DEMO_HTML),
         "/" if req.method() == Method::GET => text(
             StatusCode::OK,
             concat!(

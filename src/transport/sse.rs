@@ -13,7 +13,10 @@
 //! where each channel was. The welcome event carries the starting position, read from each
 //! channel's history at the switch-over to live, so a client that got nothing but the welcome
 //! still resumes exactly. EventSource sends the last id back as `Last-Event-ID` by itself; a
-//! client may also pass it as `?since=`.
+//! client may also pass it as `?since=`. In a `since` an empty entry names a channel the client
+//! adds with this request (a client changes its set by reopening the stream, as
+//! `clients/js/edgeplex.js` does): that channel starts from now, as a first subscribe, while the
+//! others resume.
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
 //! resumes), or at shutdown. A client that stops reading altogether is cut off by a watcher the
@@ -95,8 +98,9 @@ pub async fn accept(
     let mut positions = Vec::with_capacity(channels.len());
     for (i, channel) in channels.iter().enumerate() {
         let (start, first) = match resume.as_ref().and_then(|r| r.get(i)) {
-            Some(Some(since)) => (Start::After(*since), Vec::new()),
-            Some(None) => (Start::Oldest, Vec::new()),
+            Some(Resume::After(since)) => (Start::After(*since), Vec::new()),
+            Some(Resume::NoHistory) => (Start::Oldest, Vec::new()),
+            Some(Resume::New) => (Start::Newest, Vec::new()),
             None if mismatch => (Start::Newest, vec![protocol::encode_gap(channel)]),
             None => (Start::Newest, Vec::new()),
         };
@@ -192,17 +196,28 @@ pub async fn accept(
 }
 
 /// A stream's position: per channel, in URL order, the offset it got to (`None`: no history).
-/// Empty when the client's position did not name every channel.
 type Positions = Vec<Option<Offset>>;
 
 /// The position entry of a channel that had no history.
 const NO_HISTORY: &str = "-";
 
-fn parse_positions(s: &str) -> Result<Positions, OffsetError> {
+/// Where a client says it is on one channel when it opens a stream: one entry of its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// The offset of the last message it got.
+    After(Offset),
+    /// `-`: it saw the channel when the channel had no history.
+    NoHistory,
+    /// Empty: it adds the channel with this request, so it wants what comes from now on.
+    New,
+}
+
+fn parse_positions(s: &str) -> Result<Vec<Resume>, OffsetError> {
     s.split(',')
         .map(|p| match p {
-            NO_HISTORY => Ok(None),
-            p => p.parse().map(Some),
+            NO_HISTORY => Ok(Resume::NoHistory),
+            "" => Ok(Resume::New),
+            p => p.parse().map(Resume::After),
         })
         .collect()
 }
@@ -227,7 +242,7 @@ fn put_id(buf: &mut BytesMut, positions: &[Option<Offset>]) {
 fn parse_request(
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(Vec<Channel>, Option<Positions>), String> {
+) -> Result<(Vec<Channel>, Option<Vec<Resume>>), String> {
     let mut channels: Vec<Channel> = Vec::new();
     let mut since = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -434,5 +449,33 @@ impl Drop for EventStream {
             };
             self.count_end(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_names_each_channel_and_an_empty_entry_is_a_channel_added_now() {
+        let (channels, resume) = parse_request(
+            Some("channel=a&channel=b&channel=c&since=1-2,,-"),
+            &HeaderMap::new(),
+        )
+        .unwrap();
+        assert_eq!(channels.len(), 3);
+        let at = Offset { epoch: 1, seq: 2 };
+        assert_eq!(
+            resume.unwrap(),
+            [Resume::After(at), Resume::New, Resume::NoHistory]
+        );
+        // Last-Event-ID wins; a count that differs from the channels' names none of them.
+        let mut h = HeaderMap::new();
+        h.insert("last-event-id", HeaderValue::from_static("1-2,-"));
+        let (_, resume) = parse_request(Some("channel=a&channel=b&since=,"), &h).unwrap();
+        assert_eq!(resume.unwrap(), [Resume::After(at), Resume::NoHistory]);
+        let (_, resume) = parse_request(Some("channel=a&since=1-2,"), &HeaderMap::new()).unwrap();
+        assert!(resume.unwrap().is_empty());
+        assert!(parse_request(Some("channel=a&since=x"), &HeaderMap::new()).is_err());
     }
 }
