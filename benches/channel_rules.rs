@@ -34,6 +34,7 @@ fn main() {
         user: Some(Arc::from("alice")),
         authenticated: true,
         grants: None,
+        hook_grants: None,
         expires_at: None,
     };
     println!("channel rule checks (subscribe), one thread");

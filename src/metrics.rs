@@ -21,6 +21,16 @@ pub enum Transport {
     webtransport,
 }
 
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::websocket => "websocket",
+            Transport::sse => "sse",
+            Transport::webtransport => "webtransport",
+        }
+    }
+}
+
 /// An admission check, as named in the config (`[limits.<name>]`) and in metrics.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -221,6 +231,7 @@ pub struct Metrics {
     pub admission_decisions: Family<DecisionLabels, Counter>,
     pub permission_checks: Family<PermissionLabels, Counter>,
     pub tokens: Family<ResultLabels, Counter>,
+    pub jwks_fetches: Family<ResultLabels, Counter>,
     pub tracked_addresses: Gauge,
     pub tracked_users: Gauge,
     pub config_reloads: Family<ReasonLabels, Counter>,
@@ -270,6 +281,7 @@ impl Metrics {
             admission_decisions: Family::default(),
             permission_checks: Family::default(),
             tokens: Family::default(),
+            jwks_fetches: Family::default(),
             tracked_addresses: Gauge::default(),
             tracked_users: Gauge::default(),
             config_reloads: Family::default(),
@@ -432,6 +444,12 @@ impl Metrics {
             m.tokens.clone(),
         );
         registry.register(
+            "jwks_fetches",
+            "Fetches of the auth.jwks URL, by result (ok; failed: unreachable or non-2xx; \
+             invalid: no usable key). The last good key set stays in force after a failure.",
+            m.jwks_fetches.clone(),
+        );
+        registry.register(
             "permission_checks",
             "Channel rule checks of subscribes and publishes, by op and decision (allowed, refused)",
             m.permission_checks.clone(),
@@ -521,6 +539,12 @@ impl Metrics {
 
     pub fn refusal(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn jwks_fetch(&self, result: &'static str) {
+        self.jwks_fetches
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn token(&self, result: &'static str) {

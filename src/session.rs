@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::admission::{Refusal, SessionTicket, close};
-use crate::auth::{Gate, GateRefusal, Identity, Op};
+use crate::auth::{Asker, Gate, GateRefusal, Identity, Op};
 use crate::bus::hub::{ReplayBudget, Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
@@ -406,18 +406,56 @@ pub struct Session {
     counters: SessionCounters,
     /// Who the client is: what the gate decides by.
     identity: Identity,
+    /// The page's origin, for the hooks.
+    origin: Option<Arc<str>>,
+}
+
+/// A session's id, known before its handshake completes so that the connect hook can name it.
+#[derive(Debug, Clone)]
+pub struct SessionId {
+    id: u64,
+    public: Arc<str>,
+}
+
+impl SessionId {
+    /// What clients, logs and hooks see.
+    pub fn public(&self) -> &str {
+        &self.public
+    }
+}
+
+impl SessionEnv {
+    pub fn new_id(&self) -> SessionId {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        SessionId {
+            id,
+            public: format!("{}-{id}", self.node_id).into(),
+        }
+    }
+}
+
+/// A session that passed admission and the gate, about to open.
+#[derive(Debug)]
+pub struct Admitted {
+    pub id: SessionId,
+    /// Its place under the per-address (and per-user) limits.
+    pub ticket: SessionTicket,
+    pub identity: Identity,
+    pub origin: Option<Arc<str>>,
 }
 
 impl Session {
-    /// Opens a session admitted with `ticket` and queues its welcome frame.
-    pub fn open(
-        env: Arc<SessionEnv>,
-        transport: Transport,
-        ticket: SessionTicket,
-        identity: Identity,
-    ) -> Session {
-        let id = env.next_session.fetch_add(1, Ordering::Relaxed);
-        let public_id: Arc<str> = format!("{}-{id}", env.node_id).into();
+    /// Opens an admitted session and queues its welcome frame.
+    pub fn open(env: Arc<SessionEnv>, transport: Transport, admitted: Admitted) -> Session {
+        let Admitted {
+            id: SessionId {
+                id,
+                public: public_id,
+            },
+            ticket,
+            identity,
+            origin,
+        } = admitted;
         let cfg = &env.config;
         let labels = TransportLabels { transport };
         env.metrics.sessions.get_or_create(&labels).inc();
@@ -438,6 +476,7 @@ impl Session {
             refusals_in_row: 0,
             counters,
             identity,
+            origin,
             public_id,
             env,
         };
@@ -521,6 +560,16 @@ impl Session {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The session as the hooks are told of it.
+    fn asker(&self) -> Asker<'_> {
+        Asker {
+            session: &self.public_id,
+            transport: self.transport.as_str(),
+            client: self.ticket.client().ip,
+            origin: self.origin.as_deref(),
+        }
     }
 
     /// When the session's token runs out (its `exp` plus the leeway), if it has one: the
@@ -693,7 +742,7 @@ impl Session {
         if let Err(refusal) = self
             .env
             .gate
-            .may_subscribe(&self.identity, channel.as_str())
+            .may_subscribe(&self.identity, channel.as_str(), self.asker())
             .await
         {
             return Err(JoinError::from(refusal));
@@ -825,16 +874,20 @@ impl Session {
                 }
             }
             ClientFrame::Publish { id, channel, data } => {
-                if let Err(refusal) = self
-                    .env
-                    .gate
-                    .may_publish(&self.identity, channel.as_str())
+                let gate = self.env.gate.clone();
+                let replaced = match gate
+                    .may_publish(&self.identity, channel.as_str(), data, self.asker())
                     .await
                 {
-                    let code = refusal.error_code();
-                    self.error(id, code, &refusal.message(), refusal.retry_after_ms());
-                    return;
-                }
+                    Ok(replaced) => replaced,
+                    Err(refusal) => {
+                        let code = refusal.error_code();
+                        self.error(id, code, &refusal.message(), refusal.retry_after_ms());
+                        return;
+                    }
+                };
+                // The publish hook may have replaced the message.
+                let data = replaced.as_deref().unwrap_or(data);
                 // The reply is queued when the bus answers; meanwhile the session goes on
                 // reading, so a client's publishes are pipelined (their replies keep its order).
                 let slots = self
@@ -938,6 +991,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.outbox.close();
         self.leave_channels();
+        self.env.gate.disconnected(&self.identity, self.asker());
         self.env
             .metrics
             .sessions
@@ -984,13 +1038,13 @@ mod tests {
     fn open(e: &(Arc<SessionEnv>, Arc<crate::admission::Admission>)) -> Session {
         let client =
             e.1.client("192.0.2.1".parse().unwrap(), &http::HeaderMap::new());
-        let ticket = e.1.admit_session(client).unwrap();
-        Session::open(
-            e.0.clone(),
-            Transport::websocket,
-            ticket,
-            Identity::default(),
-        )
+        let admitted = Admitted {
+            id: e.0.new_id(),
+            ticket: e.1.admit_session(client).unwrap(),
+            identity: Identity::default(),
+            origin: None,
+        };
+        Session::open(e.0.clone(), Transport::websocket, admitted)
     }
 
     fn frames(s: &Session) -> Vec<Value> {

@@ -5,18 +5,22 @@
 //! It owns the rules in force and their reload, and tells sessions when the rules changed so
 //! they drop what they may no longer hold. It does not touch sessions, sockets or the bus.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use parking_lot::RwLock;
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::token::{KeyError, Verifier};
 use super::{Denied, Identity, Op, Rules};
 use crate::admission::close;
 use crate::config::Config;
+use crate::hooks::{Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use crate::metrics::Metrics;
+use crate::outbound::OutboundError;
 use crate::protocol::ErrorCode;
 
 /// Why the gate refused.
@@ -123,12 +127,33 @@ pub struct Gate {
     verifier: Option<Arc<Verifier>>,
     /// A session without a token may open (`auth.anonymous`).
     anonymous: bool,
+    /// The existing service's say (`[hooks]`); `None` when no hook is on.
+    hooks: Option<Arc<Hooks>>,
     metrics: Arc<Metrics>,
+}
+
+/// Who is asking, as the hooks are told.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub session: &'a str,
+    /// "websocket", "sse", "webtransport", or "publish" for a stateless `POST /publish`.
+    pub transport: &'static str,
+    pub client: IpAddr,
+    pub origin: Option<&'a str>,
+}
+
+/// Why a gate could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("auth: {0}")]
+    Keys(#[from] KeyError),
+    #[error("hooks: {0}")]
+    Hooks(#[from] OutboundError),
 }
 
 impl Gate {
     /// Reads the token keys `[auth]` names (its files were checked by validation already).
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Gate, KeyError> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Gate, GateError> {
         let verifier = if config.auth.has_key_source() {
             Some(Arc::new(Verifier::new(&config.auth)?))
         } else {
@@ -140,6 +165,7 @@ impl Gate {
             leeway: config.auth.leeway,
             verifier,
             anonymous: config.auth.anonymous,
+            hooks: Hooks::new(&config.hooks, metrics.clone())?,
             metrics,
         })
     }
@@ -186,6 +212,7 @@ impl Gate {
                     user: claims.sub.map(Arc::from),
                     authenticated: true,
                     grants: claims.channels.map(Arc::new),
+                    hook_grants: None,
                     expires_at: Some(claims.exp),
                 })
                 .map_err(|e| GateRefusal::Unauthorized(e.reason())),
@@ -204,19 +231,112 @@ impl Gate {
         self.rules.read().check(op, channel, who)
     }
 
-    /// May `who` subscribe to `channel`?
-    pub async fn may_subscribe(&self, who: &Identity, channel: &str) -> Result<(), GateRefusal> {
-        self.decide(Op::Subscribe, channel, who)
+    /// The connect hook's say on a session about to open (or a stateless publish), with the
+    /// request's `headers` (cookies): it may name the user (a cookie-session app needs no
+    /// tokens) and grant channels. A user it names must be the token's, when there is one.
+    pub async fn connect(
+        &self,
+        mut who: Identity,
+        asker: Asker<'_>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, GateRefusal> {
+        let Some(hooks) = self.hooks.as_ref().filter(|h| h.wants(Hook::Connect)) else {
+            return Ok(who);
+        };
+        let req = HookRequest {
+            headers: Some(headers),
+            ..request(asker, &who, None, None)
+        };
+        let allow = verdict(hooks.call(Hook::Connect, &req).await)?;
+        if let Some(user) = allow.user {
+            match &who.user {
+                Some(token_user) if **token_user != *user => {
+                    return Err(GateRefusal::Forbidden(
+                        "the connect hook named another user than the token's".into(),
+                    ));
+                }
+                _ => who.user = Some(user.into()),
+            }
+        }
+        if let Some(grants) = allow.channels {
+            who.hook_grants = Some(Arc::new(grants));
+        }
+        Ok(who)
     }
 
-    /// May `who` publish on `channel`?
-    pub async fn may_publish(&self, who: &Identity, channel: &str) -> Result<(), GateRefusal> {
-        self.decide(Op::Publish, channel, who)
+    /// May `who` subscribe to `channel`? The rules, then the subscribe hook.
+    pub async fn may_subscribe(
+        &self,
+        who: &Identity,
+        channel: &str,
+        asker: Asker<'_>,
+    ) -> Result<(), GateRefusal> {
+        self.decide(Op::Subscribe, channel, who)?;
+        if let Some(hooks) = self.hooks.as_ref().filter(|h| h.wants(Hook::Subscribe)) {
+            let req = request(asker, who, Some(channel), None);
+            verdict(hooks.call(Hook::Subscribe, &req).await)?;
+        }
+        Ok(())
+    }
+
+    /// May `who` publish `data` on `channel`? The rules, then the publish hook, whose answer
+    /// may replace the data (`Some`: publish that instead).
+    pub async fn may_publish(
+        &self,
+        who: &Identity,
+        channel: &str,
+        data: &RawValue,
+        asker: Asker<'_>,
+    ) -> Result<Option<Box<RawValue>>, GateRefusal> {
+        self.decide(Op::Publish, channel, who)?;
+        match self.hooks.as_ref().filter(|h| h.wants(Hook::Publish)) {
+            Some(hooks) => {
+                let req = request(asker, who, Some(channel), Some(data));
+                Ok(verdict(hooks.call(Hook::Publish, &req).await)?.data)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Tells the service a session ended (fire-and-forget; never waits).
+    pub fn disconnected(&self, who: &Identity, asker: Asker<'_>) {
+        if let Some(hooks) = self.hooks.as_ref().filter(|h| h.wants(Hook::Disconnect)) {
+            hooks.disconnected(&request(asker, who, None, None));
+        }
     }
 
     fn decide(&self, op: Op, channel: &str, who: &Identity) -> Result<(), GateRefusal> {
         let result = self.allowed(op, channel, who);
         self.metrics.permission(op, result.is_ok());
         Ok(result?)
+    }
+}
+
+fn request<'a>(
+    asker: Asker<'a>,
+    who: &'a Identity,
+    channel: Option<&'a str>,
+    data: Option<&'a RawValue>,
+) -> HookRequest<'a> {
+    HookRequest {
+        session: asker.session,
+        transport: asker.transport,
+        client: asker.client,
+        origin: asker.origin,
+        user: who.user.as_deref(),
+        channel,
+        data,
+        headers: None,
+    }
+}
+
+/// A hook's answer as the gate's: a denial is `forbidden` with the service's reason.
+fn verdict(v: HookVerdict) -> Result<HookAllow, GateRefusal> {
+    match v {
+        HookVerdict::Allow(allow) => Ok(allow),
+        HookVerdict::Deny { reason } => Err(GateRefusal::Forbidden(reason)),
+        HookVerdict::Unavailable { retry_after_ms } => {
+            Err(GateRefusal::Unavailable { retry_after_ms })
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! each subscribe and publish; hooks may only narrow what the rules allow.
 
 pub mod gate;
+pub mod jwks;
 pub mod ring_provider;
 pub mod rules;
 pub mod token;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-pub use gate::{Gate, GateRefusal};
+pub use gate::{Asker, Gate, GateError, GateRefusal};
 pub use rules::{Access, Denied, Op, RuleSection, Rules};
 
 /// The channels a token's `channels` claim (or the connect hook's answer) lets its holder use.
@@ -35,8 +36,11 @@ pub struct Identity {
     pub user: Option<Arc<str>>,
     /// A valid token was presented (with or without `sub`).
     pub authenticated: bool,
-    /// What the token's `channels` claim or the connect hook's `channels` grant.
+    /// What the token's `channels` claim grants.
     pub grants: Option<Arc<ChannelGrants>>,
+    /// What the connect hook's `channels` grant. With a claim too, a channel needs both: the
+    /// hook narrows, never widens.
+    pub hook_grants: Option<Arc<ChannelGrants>>,
     /// The token's `exp` (Unix seconds), before the leeway.
     pub expires_at: Option<u64>,
 }
@@ -45,6 +49,14 @@ impl Identity {
     /// A valid token, or a user the connect hook vouched for.
     pub fn is_authenticated(&self) -> bool {
         self.authenticated || self.user.is_some()
+    }
+    /// Does a `claim` rule let this identity do `op` on `channel`? Only what its grants list:
+    /// the claim's and the connect hook's, each where present, and at least one of them.
+    pub fn granted(&self, op: Op, channel: &str) -> bool {
+        let (claim, hook) = (self.grants.as_deref(), self.hook_grants.as_deref());
+        (claim.is_some() || hook.is_some())
+            && claim.is_none_or(|g| grants_allow(Some(g), op, channel))
+            && hook.is_none_or(|g| grants_allow(Some(g), op, channel))
     }
 }
 

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Identity, grants_allow};
+use super::Identity;
 
 /// Who may do an operation on the channels a rule matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -280,7 +280,7 @@ impl Rules {
             Access::Anyone => Ok(()),
             Access::Authenticated if who.is_authenticated() => Ok(()),
             Access::Authenticated => Err(Denied::NeedsUser),
-            Access::Claim if grants_allow(who.grants.as_deref(), op, channel) => Ok(()),
+            Access::Claim if who.granted(op, channel) => Ok(()),
             Access::Claim => Err(Denied::NotGranted),
             Access::Nobody => Err(Denied::Nobody),
         }
@@ -323,6 +323,7 @@ mod tests {
             user: Some(sub.into()),
             authenticated: true,
             grants: grants.map(Arc::new),
+            hook_grants: None,
             expires_at: None,
         }
     }

@@ -26,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Client, ConnectionTicket, Refusal, SessionTicket};
-use crate::auth::{Gate, GateRefusal, Identity};
+use crate::auth::{Asker, Gate, GateRefusal};
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::SessionEnv;
+use crate::session::{Admitted, SessionEnv};
 use crate::tls::{self, DevCert, TlsError};
 
 /// Response body of every route: boxed so that streaming routes (SSE) and fixed ones share a type.
@@ -55,8 +55,19 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Redis(#[from] RedisConfigError),
-    #[error("auth: {0}")]
-    Auth(#[from] crate::auth::token::KeyError),
+    #[error(transparent)]
+    Gate(#[from] crate::auth::GateError),
+}
+
+/// What a handshake shows the gate.
+#[derive(Debug, Clone, Copy)]
+pub struct Handshake<'a> {
+    pub transport: crate::metrics::Transport,
+    /// The token presented (`Authorization: Bearer`, or `?token=`).
+    pub token: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    /// The request's headers: the connect hook is passed `hooks.forward_headers` of them.
+    pub headers: &'a http::HeaderMap,
 }
 
 /// Node-wide state shared by every connection and session.
@@ -111,22 +122,35 @@ impl EdgeState {
         Ok((ticket, slot))
     }
 
-    /// Who the client of a session just admitted is, from the token it presents (`None`:
-    /// none), before the handshake completes: the token is verified, its user counted under
-    /// `[limits.user_sessions]` on the session's ticket.
-    pub async fn identify(
+    /// The gate's part of opening a session admitted with `ticket`, before its handshake
+    /// completes: the token is verified, the connect hook asked, and the user (the token's or
+    /// the hook's) counted under `[limits.user_sessions]` on the ticket.
+    pub async fn admit(
         &self,
-        token: Option<&str>,
-        ticket: &mut SessionTicket,
-    ) -> Result<Identity, GateRefusal> {
-        let identity = self.gate.identify(token)?;
+        mut ticket: SessionTicket,
+        hs: Handshake<'_>,
+    ) -> Result<Admitted, GateRefusal> {
+        let id = self.sessions.new_id();
+        let identity = self.gate.identify(hs.token)?;
+        let asker = Asker {
+            session: id.public(),
+            transport: hs.transport.as_str(),
+            client: ticket.client().ip,
+            origin: hs.origin,
+        };
+        let identity = self.gate.connect(identity, asker, hs.headers).await?;
         if let Some(user) = &identity.user {
             ticket.admit_user(user).map_err(|r| match r {
                 Refusal::RateLimited { retry_after } => GateRefusal::UserLimit { retry_after },
                 other => GateRefusal::Forbidden(other.message().into()),
             })?;
         }
-        Ok(identity)
+        Ok(Admitted {
+            id,
+            ticket,
+            identity,
+            origin: hs.origin.map(Arc::from),
+        })
     }
 
     /// The per-address limits on a public connection just accepted from `peer` (TCP or QUIC),
@@ -246,6 +270,20 @@ impl Edge {
             tokio::spawn(r.run(Arc::downgrade(&hub), shutdown.child_token()));
         }
         let gate = Arc::new(Gate::new(&config, metrics.clone())?);
+        if let (Some(crate::config::auth::JwksSource::Url(url)), Some(verifier)) =
+            (&config.auth.jwks, gate.verifier())
+        {
+            let outbound =
+                crate::outbound::Outbound::new(None).map_err(crate::auth::GateError::from)?;
+            tokio::spawn(crate::auth::jwks::refresh(
+                url.clone(),
+                config.auth.jwks_refresh,
+                verifier.clone(),
+                outbound,
+                metrics.clone(),
+                shutdown.child_token(),
+            ));
+        }
         let sessions = Arc::new(SessionEnv::new(
             hub.clone(),
             config.session.clone(),

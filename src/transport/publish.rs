@@ -16,7 +16,7 @@ use governor::clock::{Clock, DefaultClock};
 
 use crate::admission::store::UserKey;
 use crate::admission::{Client, Refusal};
-use crate::auth::Identity;
+use crate::auth::{Asker, Identity};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
 use crate::server::routes::{
@@ -74,12 +74,26 @@ pub async fn accept(
                 None => {
                     let client = client_of(&state, &info, req.headers());
                     let token = request_token(req.headers(), req.uri().query());
-                    match state.gate.identify(token.as_deref()) {
+                    // A stateless publish is a session of one message: the token and the
+                    // connect hook (cookies) say who it is, as at a handshake.
+                    let id = state.sessions.new_id();
+                    let asker = Asker {
+                        session: id.public(),
+                        transport: "publish",
+                        client: client.ip,
+                        origin: origin.as_deref(),
+                    };
+                    let who = match state.gate.identify(token.as_deref()) {
+                        Ok(who) => state.gate.connect(who, asker, req.headers()).await,
+                        Err(refusal) => Err(refusal),
+                    };
+                    drop(token);
+                    match who {
                         Ok(identity) => {
-                            drop(token);
                             let caller = Caller {
                                 client: &client,
                                 identity: &identity,
+                                asker,
                             };
                             publish_body(req, &state, Some(caller)).await
                         }
@@ -108,6 +122,7 @@ pub async fn accept(
 pub struct Caller<'a> {
     pub client: &'a Client,
     pub identity: &'a Identity,
+    pub asker: Asker<'a>,
 }
 
 /// Reads, checks and publishes one request's body. A client `caller` is charged the message
@@ -144,6 +159,7 @@ pub async fn publish_body(
         identity: Identity {
             user: Some(user), ..
         },
+        ..
     }) = caller
         && let Err(Refusal::RateLimited { retry_after }) = state
             .admission
@@ -189,16 +205,26 @@ pub async fn publish_body(
     if let Err(e) = protocol::check_data(parsed.data) {
         return bad_request(state, &format!("field `data`: {e}"));
     }
-    if let Some(caller) = caller
-        && let Err(refusal) = state
+    let mut data = parsed.data;
+    let replaced;
+    if let Some(caller) = caller {
+        match state
             .gate
-            .may_publish(caller.identity, channel.as_str())
+            .may_publish(caller.identity, channel.as_str(), data, caller.asker)
             .await
-    {
-        state.metrics.error(refusal.error_code());
-        return gate_refusal_response(&refusal, state);
+        {
+            Ok(r) => {
+                // The publish hook may have replaced the message.
+                replaced = r;
+                data = replaced.as_deref().unwrap_or(data);
+            }
+            Err(refusal) => {
+                state.metrics.error(refusal.error_code());
+                return gate_refusal_response(&refusal, state);
+            }
+        }
     }
-    match state.hub.publish(&channel, parsed.data).await {
+    match state.hub.publish(&channel, data).await {
         Ok(()) => json(StatusCode::OK, &protocol::encode_ok(None)),
         Err(BusError::Unavailable(why)) => {
             state.metrics.error(ErrorCode::Unavailable);

@@ -45,7 +45,7 @@ use crate::server::routes::{
     ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, gate_refusal_response,
     json_error, refusal_response, request_token, stream_kill, text,
 };
-use crate::server::{Body, EdgeState};
+use crate::server::{Body, EdgeState, Handshake};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
@@ -77,13 +77,19 @@ pub async fn accept(
         return refusal_response(&Refusal::TooLarge, &state);
     }
     let client = client_of(&state, &info, req.headers());
-    let (mut ticket, slot) = match state.admit_session(client) {
+    let (ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
     let token = request_token(req.headers(), req.uri().query());
-    let identity = match state.identify(token.as_deref(), &mut ticket).await {
-        Ok(identity) => identity,
+    let handshake = Handshake {
+        transport: Transport::sse,
+        token: token.as_deref(),
+        origin: origin.as_deref(),
+        headers: req.headers(),
+    };
+    let admitted = match state.admit(ticket, handshake).await {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(peer = %info.peer, reason = refusal.reason(), "sse refused");
             return gate_refusal_response(&refusal, &state);
@@ -91,7 +97,7 @@ pub async fn accept(
     };
     drop(token);
 
-    let mut session = Session::open(state.sessions.clone(), Transport::sse, ticket, identity);
+    let mut session = Session::open(state.sessions.clone(), Transport::sse, admitted);
     // A position that does not name every channel (an id from another URL, a hand-made
     // `since`) cannot be trusted for any of them: each channel starts afresh behind a gap.
     let mismatch = resume.as_ref().is_some_and(|r| r.is_empty());

@@ -22,7 +22,6 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use crate::admission::SessionTicket;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::Frame;
@@ -30,8 +29,8 @@ use crate::server::routes::{
     ConnInfo, ConnSlot, admit_origin, client_of, gate_refusal_response, refusal_response,
     request_token, text,
 };
-use crate::server::{Body, EdgeState, full_body};
-use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
+use crate::server::{Body, EdgeState, Handshake, full_body};
+use crate::session::{Admitted, CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// How long to wait for the client's answer to our close frame before dropping the socket. This
 /// also bounds how long a slow consumer keeps its socket after its queue overflows: a client
@@ -76,17 +75,24 @@ pub async fn accept(
         Ok(key) => key,
         Err(resp) => return resp,
     };
-    if let Err(refused) = admit_origin(req.headers(), &state, &info, "websocket") {
-        return refused;
-    }
+    let origin = match admit_origin(req.headers(), &state, &info, "websocket") {
+        Ok(origin) => origin,
+        Err(refused) => return refused,
+    };
     let client = client_of(&state, &info, req.headers());
-    let (mut ticket, slot) = match state.admit_session(client) {
+    let (ticket, slot) = match state.admit_session(client) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal_response(&refusal, &state),
     };
     let token = request_token(req.headers(), req.uri().query());
-    let identity = match state.identify(token.as_deref(), &mut ticket).await {
-        Ok(identity) => identity,
+    let handshake = Handshake {
+        transport: Transport::websocket,
+        token: token.as_deref(),
+        origin: origin.as_deref(),
+        headers: req.headers(),
+    };
+    let admitted = match state.admit(ticket, handshake).await {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(peer = %info.peer, reason = refusal.reason(), "websocket refused");
             return gate_refusal_response(&refusal, &state);
@@ -98,7 +104,7 @@ pub async fn accept(
     state.tasks.spawn(serve(
         on_upgrade,
         state.clone(),
-        (ticket, identity),
+        admitted,
         (slot, info.permit),
         info.peer,
         info.tls,
@@ -177,8 +183,7 @@ const BATCH_KEEP_CAPACITY: usize = 64;
 fn serve(
     on_upgrade: hyper::upgrade::OnUpgrade,
     state: Arc<EdgeState>,
-    // Who the session is: its place under the limits and its identity.
-    (ticket, identity): (SessionTicket, crate::auth::Identity),
+    admitted: Admitted,
     // Held for the session's life: its place under the session cap and the connection cap.
     slots: (OwnedSemaphorePermit, Option<Arc<ConnSlot>>),
     peer: std::net::SocketAddr,
@@ -202,12 +207,7 @@ fn serve(
         )
         .await;
         let (mut sink, mut stream) = ws.split();
-        let mut session = Session::open(
-            state.sessions.clone(),
-            Transport::websocket,
-            ticket,
-            identity,
-        );
+        let mut session = Session::open(state.sessions.clone(), Transport::websocket, admitted);
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),

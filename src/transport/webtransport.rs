@@ -32,8 +32,9 @@ use wtransport::{Connection, Endpoint, RecvStream, SendStream, ServerConfig, Var
 
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::EdgeState;
 use crate::server::routes::ConnSlot;
+use crate::server::routes::request_token;
+use crate::server::{EdgeState, Handshake};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// Where WebTransport sessions are opened.
@@ -144,7 +145,7 @@ fn handle(
         let _conn = &conn;
         let peer = incoming.remote_address();
         let deadline = state.config.server.handshake_timeout;
-        let (connection, ticket, slot, client, identity) = {
+        let (connection, admitted, slot, client) = {
             let request = match tokio::time::timeout(deadline, incoming).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
@@ -165,17 +166,25 @@ fn handle(
                 .admission
                 .check_origin(request.origin(), "webtransport")
                 .and_then(|()| state.admit_session(client));
-            let (mut ticket, slot) = match admitted {
+            let (ticket, slot) = match admitted {
                 Ok(a) => a,
                 Err(refusal) => {
                     let status = refusal.webtransport_connect_status();
                     return Box::pin(refuse(request, refusal.reason(), status, &state, peer)).await;
                 }
             };
-            let identity = {
-                let token = connect_token(&request);
-                match Box::pin(state.identify(token.as_deref(), &mut ticket)).await {
-                    Ok(identity) => identity,
+            let admitted = {
+                let headers = connect_headers(&request);
+                let token = request_token(&headers, request.path().split_once('?').map(|q| q.1))
+                    .map(std::borrow::Cow::into_owned);
+                let handshake = Handshake {
+                    transport: Transport::webtransport,
+                    token: token.as_deref(),
+                    origin: request.origin(),
+                    headers: &headers,
+                };
+                match Box::pin(state.admit(ticket, handshake)).await {
+                    Ok(admitted) => admitted,
                     Err(refusal) => {
                         let status = refusal.webtransport_connect_status();
                         let reason = refusal.reason();
@@ -184,19 +193,14 @@ fn handle(
                 }
             };
             match Box::pin(request.accept()).await {
-                Ok(c) => (c, ticket, slot, client, identity),
+                Ok(c) => (c, admitted, slot, client),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "webtransport accept failed");
                     return;
                 }
             }
         };
-        let session = Session::open(
-            state.sessions.clone(),
-            Transport::webtransport,
-            ticket,
-            identity,
-        );
+        let session = Session::open(state.sessions.clone(), Transport::webtransport, admitted);
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),
@@ -226,19 +230,18 @@ async fn refuse(
     }
 }
 
-/// The token a CONNECT presents: `Authorization: Bearer`, else `?token=` on the path (browsers
-/// cannot set headers on a WebTransport CONNECT).
-fn connect_token(request: &SessionRequest) -> Option<String> {
-    let mut headers = HeaderMap::new();
-    if let Some(v) = request
+/// A CONNECT's headers as an HTTP header map (wtransport hands them over as strings), for the
+/// token and the connect hook. A token may also come as `?token=` on the path: browsers cannot
+/// set headers on a WebTransport CONNECT.
+fn connect_headers(request: &SessionRequest) -> HeaderMap {
+    request
         .headers()
-        .get("authorization")
-        .and_then(|v| http::HeaderValue::from_str(v).ok())
-    {
-        headers.insert(http::header::AUTHORIZATION, v);
-    }
-    let query = request.path().split_once('?').map(|(_, q)| q);
-    crate::server::routes::request_token(&headers, query).map(std::borrow::Cow::into_owned)
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = http::HeaderName::from_bytes(k.as_bytes()).ok()?;
+            Some((name, http::HeaderValue::from_str(v).ok()?))
+        })
+        .collect()
 }
 
 /// Why a half of the session loop ended.
