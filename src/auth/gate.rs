@@ -340,3 +340,32 @@ fn verdict(v: HookVerdict) -> Result<HookAllow, GateRefusal> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_table() {
+        let unauthorized = GateRefusal::Unauthorized("expired");
+        assert_eq!(unauthorized.http_status(), 401);
+        assert_eq!(unauthorized.webtransport_connect_status(), 403);
+        assert_eq!(unauthorized.error_code(), ErrorCode::Unauthorized);
+        let forbidden = GateRefusal::Forbidden("no".into());
+        assert_eq!(forbidden.http_status(), 403);
+        assert_eq!(forbidden.webtransport_connect_status(), 403);
+        let down = GateRefusal::Unavailable {
+            retry_after_ms: 1000,
+        };
+        assert_eq!(down.http_status(), 503);
+        assert_eq!(down.webtransport_connect_status(), 429);
+        assert_eq!(down.retry_after_ms(), Some(1000));
+        let user = GateRefusal::UserLimit {
+            retry_after: Duration::from_millis(1),
+        };
+        assert_eq!(user.http_status(), 429);
+        assert_eq!(user.error_code(), ErrorCode::RateLimited);
+        // The token never reaches a refusal's text: only the reason label does.
+        assert!(!unauthorized.message().contains('.'));
+    }
+}

@@ -7,6 +7,7 @@ pub mod browser;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;
+pub mod wt_client;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,7 +146,16 @@ impl TestEdge {
         &self,
         headers: &[(&str, &str)],
     ) -> Result<Ws, tungstenite::Error> {
-        let mut req = format!("wss://localhost:{}/ws", self.edge.tls_addr().port())
+        self.try_connect_path("/ws", headers).await
+    }
+
+    /// A WebSocket handshake on `path` (`/ws`, or `/ws?token=…`) with extra `headers`.
+    pub async fn try_connect_path(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tungstenite::Error> {
+        let mut req = format!("wss://localhost:{}{path}", self.edge.tls_addr().port())
             .into_client_request()
             .unwrap();
         for (k, v) in headers {
@@ -163,6 +173,13 @@ impl TestEdge {
     /// Connects and reads the welcome frame.
     pub async fn connect(&self) -> Client {
         let ws = self.try_connect(None).await.expect("websocket handshake");
+        Client::welcomed(ws).await
+    }
+}
+
+impl Client {
+    /// A client on an open WebSocket, once its welcome frame is read.
+    pub async fn welcomed(ws: Ws) -> Client {
         let mut c = Client {
             ws,
             welcome: Value::Null,
@@ -172,7 +189,9 @@ impl TestEdge {
         assert_eq!(c.welcome["op"], "welcome", "first frame is the welcome");
         c
     }
+}
 
+impl TestEdge {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.edge.admin_addr().unwrap(), path)
     }
