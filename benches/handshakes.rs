@@ -7,7 +7,9 @@
 //! load-generator processes (default 2), `CONCURRENCY` handshakes in flight per load generator
 //! (default 32), `SOURCES` 127.0.x.y source addresses each (default 16), `EDGES` (default 1),
 //! `RESUME=1` to allow TLS session resumption (what returning clients get), `UPGRADE=0` to stop
-//! after the TLS handshake, `PLAIN=1` to add a row over plain TCP for comparison.
+//! after the TLS handshake, `PLAIN=1` to add a row over plain TCP for comparison, `TOKEN=0` to
+//! skip the row whose sessions each present an ES256 token (`?token=`, verified by the edge
+//! against `auth.public_keys`, with `auth.anonymous = false`).
 //!
 //! Each handshake leaves a socket in TIME_WAIT on its source address for a minute; the
 //! source addresses keep the ephemeral ports from running out on long runs.
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use jwt_simple::prelude::{Claims, Duration as JsDuration, ECDSAP256KeyPairLike, ES256KeyPair};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use support::{EdgeProc, Worker, cpu_of, env, new_histogram, share, source, tcp_from};
@@ -44,6 +47,12 @@ async fn handshaker() {
     let secs: f64 = var("HS_SECS").parse().unwrap();
     let index: u64 = var("HS_INDEX").parse().unwrap();
     let sources: u64 = var("HS_SOURCES").parse().unwrap();
+    let token = var("HS_TOKEN");
+    let query = if token.is_empty() {
+        String::new()
+    } else {
+        format!("?token={token}")
+    };
     let connector = support::tls_connector(&var("HS_CA"), var("HS_RESUME") == "1");
     let mut control = support::Control::new();
     control.reply("ready");
@@ -55,7 +64,7 @@ async fn handshaker() {
     let mut tasks = Vec::new();
     for lane in 0..conc {
         let (ok, failed, hist, stop) = (ok.clone(), failed.clone(), hist.clone(), stop.clone());
-        let (addrs, connector) = (addrs.clone(), connector.clone());
+        let (addrs, connector, query) = (addrs.clone(), connector.clone(), query.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = lane;
             while !stop.load(Ordering::Relaxed) {
@@ -64,7 +73,7 @@ async fn handshaker() {
                 n += conc;
                 let start = Instant::now();
                 let url = format!(
-                    "{}://localhost:{}/ws",
+                    "{}://localhost:{}/ws{query}",
                     if tls { "wss" } else { "ws" },
                     addr.port()
                 );
@@ -121,10 +130,27 @@ fn main() {
     let edges = env("EDGES", 1).max(1);
     let resume = env("RESUME", 0) == 1;
     let upgrade_too = env("UPGRADE", 1) == 1;
-    let mut rows = vec![true];
-    if env("PLAIN", 0) == 1 {
-        rows.push(false);
+    // (TLS, with a token)
+    let mut rows = vec![(true, false)];
+    if env("TOKEN", 1) == 1 && upgrade_too {
+        rows.push((true, true));
     }
+    if env("PLAIN", 0) == 1 {
+        rows.push((false, false));
+    }
+    // One ES256 key and one token for the whole run: what is measured is the edge's check.
+    let key = ES256KeyPair::generate();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys_pem = keys_dir.path().join("keys.pem");
+    std::fs::write(&keys_pem, key.public_key().to_pem().unwrap()).unwrap();
+    let token = key
+        .sign(Claims::create(JsDuration::from_hours(2)).with_subject("bench-user"))
+        .unwrap();
+    let auth = format!(
+        "[auth]\npublic_keys = \"{}\"\nanonymous = false\n\
+         [limits.user_sessions]\nmode = \"off\"\n[limits.user_messages]\nmode = \"off\"\n",
+        keys_pem.display()
+    );
     println!(
         "handshakes: {edges} edge process(es), {loadgens} load generator(s) x {conc} in flight, \
          {secs} s per row, TLS resumption {}, WebSocket upgrade {}",
@@ -143,9 +169,10 @@ fn main() {
         "edge",
         "loadgen"
     );
-    for tls in rows {
+    for (tls, with_token) in rows {
+        let extra = if with_token { auth.as_str() } else { "" };
         let served: Vec<EdgeProc> = (0..edges)
-            .map(|_| EdgeProc::start(conc * loadgens + 1000, None))
+            .map(|_| EdgeProc::start_with(conc * loadgens + 1000, None, extra))
             .collect();
         let edge_pids: Vec<u32> = served.iter().map(|e| e.pid()).collect();
         let addrs: Vec<String> = served
@@ -166,6 +193,14 @@ fn main() {
                         ("HS_SECS", secs.to_string()),
                         ("HS_INDEX", g.to_string()),
                         ("HS_SOURCES", sources.to_string()),
+                        (
+                            "HS_TOKEN",
+                            if with_token {
+                                token.clone()
+                            } else {
+                                String::new()
+                            },
+                        ),
                     ],
                 )
             })
@@ -193,7 +228,11 @@ fn main() {
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         println!(
             "{:>10} {:>10} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>9.2} {:>8.0}% {:>8.0}%",
-            if tls { "TLS" } else { "plain" },
+            match (tls, with_token) {
+                (true, false) => "TLS",
+                (true, true) => "TLS+ES256",
+                (false, _) => "plain",
+            },
             ok,
             failed,
             ok as f64 / secs,

@@ -267,7 +267,10 @@ async fn publish_preflight_and_errors() {
         "https://app.example.com"
     );
     assert_eq!(r.headers()["access-control-allow-methods"], "POST");
-    assert_eq!(r.headers()["access-control-allow-headers"], "content-type");
+    assert_eq!(
+        r.headers()["access-control-allow-headers"],
+        "content-type, authorization"
+    );
     let r = c
         .request(reqwest::Method::OPTIONS, publish_url(&t))
         .header("origin", "https://evil.example.com")

@@ -158,6 +158,11 @@ impl EdgeProc {
     /// Starts an edge sized for `sessions`, on the embedded bus or the Redis bus at `redis_url`,
     /// and waits until it serves (and, with Redis, until its bus is connected).
     pub fn start(sessions: u64, redis_url: Option<&str>) -> EdgeProc {
+        Self::start_with(sessions, redis_url, "")
+    }
+
+    /// [`EdgeProc::start`] with `extra` TOML appended to its config (sections of its own).
+    pub fn start_with(sessions: u64, redis_url: Option<&str>, extra: &str) -> EdgeProc {
         let dir = tempfile::tempdir().unwrap();
         let plain_port = free_port();
         let admin_port = free_port();
@@ -171,7 +176,7 @@ impl EdgeProc {
              [session]\nmessages_per_second = 1000000\nmessage_burst = 1000000\n\
              [bus]\nredis_url = \"{}\"\n\
              [admission]\nexempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
-             burst = 1000000\n[log]\nlevel = \"warn\"\n",
+             burst = 1000000\n[log]\nlevel = \"warn\"\n{extra}",
             pem.display(),
             redis_url.unwrap_or(""),
             n = sessions + 100,
