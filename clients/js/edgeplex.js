@@ -293,8 +293,17 @@ class Client extends Emitter {
     }
     if (f.op === "message") return this._subs.get(f.channel)?._deliver(f);
     if (f.op === "gap") return this._subs.get(f.channel)?._emit("gap");
-    // SSE's last event when the token expired: reconnect with a new one.
-    if (f.op === "error") return this._conn === conn && this._dropped(4001);
+    if (f.op === "error") {
+      // A channel the edge took away (rules reloaded, narrower token): the subscription ends.
+      const sub = f.channel != null && this._subs.get(f.channel);
+      if (sub) {
+        this._subs.delete(f.channel);
+        return sub._emit("error", f.error);
+      }
+      // SSE's last event when the token expired: reconnect with a new one.
+      if (f.channel == null) return this._conn === conn && this._dropped(4001);
+      return;
+    }
     if (f.id != null) {
       const r = this._pending.get(f.id);
       if (!r) return;

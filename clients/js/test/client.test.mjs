@@ -248,6 +248,23 @@ test("a subscribe refused with retry_after_ms is retried after it; forbidden end
   client.subscribe("b", () => {}); // the refused one is gone
 });
 
+test("a channel the edge takes away ends that subscription only, without reconnecting", async () => {
+  const { ws, client } = await openWs();
+  const got = [];
+  client.subscribe("keep", (d) => got.push(d));
+  const lost = client.subscribe("lose", (d) => got.push(d));
+  let err;
+  lost.on("error", (e) => (err = e));
+  await flush();
+  ws.recv({ op: "error", channel: "lose", error: { code: "forbidden", message: "rules reloaded" } });
+  assert.equal(err.code, "forbidden");
+  assert.equal(client.state, "open", "a channel notice is not a dropped connection");
+  ws.recv({ op: "message", channel: "lose", offset: "1-1", data: "late" });
+  ws.recv({ op: "message", channel: "keep", offset: "1-1", data: "kept" });
+  assert.deepEqual(got, ["kept"]);
+  client.subscribe("lose", () => {}); // gone, so it may be asked for again
+});
+
 test("unsubscribe sends unsubscribe and stops delivery", async () => {
   const { ws, client } = await openWs();
   const got = [];
