@@ -629,3 +629,106 @@ mod tokens {
         );
     }
 }
+
+/// A JWKS served over HTTP by the test (loopback `http://` is allowed for this): the edge
+/// fetches it at start, keeps refetching while the provider is down (from 1 s, doubling), and
+/// accepts tokens of its keys once a fetch succeeds.
+mod jwks_url {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use base64::Engine;
+    use jwt_simple::prelude::{ECDSAP256KeyPairLike, ECDSAP256PublicKeyLike, ES256KeyPair};
+    use parking_lot::Mutex;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::common::{Client, start};
+    use super::tokens::claims;
+
+    /// Serves `body` (`None`: answers 503) to every request.
+    async fn provider(body: Arc<Mutex<Option<String>>>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.lock().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let answer = match body {
+                        Some(b) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\nconnection: close\r\n\r\n{b}",
+                            b.len()
+                        ),
+                        None => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
+                                 connection: close\r\n\r\n"
+                            .to_string(),
+                    };
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn jwk(key: &ES256KeyPair, kid: &str) -> serde_json::Value {
+        let point = key.public_key().public_key().to_bytes_uncompressed();
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "kid": kid,
+               "x": b(&point[1..33]), "y": b(&point[33..65])})
+    }
+
+    #[tokio::test]
+    async fn a_jwks_url_is_fetched_and_refetched_until_the_provider_answers() {
+        let body = Arc::new(Mutex::new(None));
+        let addr = provider(body.clone()).await;
+        let t = start(|f| {
+            f.auth.jwks = format!("http://127.0.0.1:{}/jwks", addr.port());
+            f.auth.anonymous = false;
+        })
+        .await;
+        let key = ES256KeyPair::generate().with_key_id("k1");
+        let token = key.sign(claims("alice", 600, None)).unwrap();
+        let path = format!("/ws?token={token}");
+        // The provider is down: no key set yet, the token cannot be checked.
+        assert!(t.try_connect_path(&path, &[]).await.is_err());
+        *body.lock() = Some(json!({"keys": [jwk(&key, "k1")]}).to_string());
+        let mut opened = None;
+        for _ in 0..100 {
+            if let Ok(ws) = t.try_connect_path(&path, &[]).await {
+                opened = Some(ws);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ws = opened.expect("the key set was fetched once the provider answered");
+        Client::welcomed(ws).await;
+        assert!(
+            t.metric("edgeplex_jwks_fetches_total{result=\"failed\"}")
+                .await
+                >= 1.0
+        );
+        assert!(t.metric("edgeplex_jwks_fetches_total{result=\"ok\"}").await >= 1.0);
+        // A kid the set does not hold is refused (as were the tries before the set came).
+        let before = t
+            .metric("edgeplex_tokens_total{result=\"unknown_kid\"}")
+            .await;
+        let other = ES256KeyPair::generate().with_key_id("k2");
+        let token = other.sign(claims("alice", 600, None)).unwrap();
+        assert!(
+            t.try_connect_path(&format!("/ws?token={token}"), &[])
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            t.metric("edgeplex_tokens_total{result=\"unknown_kid\"}")
+                .await,
+            before + 1.0
+        );
+    }
+}

@@ -1054,6 +1054,70 @@ mod tests {
     }
 
     #[test]
+    fn per_user_limits_follow_the_user_across_addresses_in_every_mode() {
+        let a = admission(|f| {
+            f.limits.user_sessions.max = 2;
+            f.limits.user_messages.per_second = 1;
+            f.limits.user_messages.burst = 3;
+        });
+        let from = |ip: &str| a.admit_session(client(&a, ip)).unwrap();
+        let mut t1 = from("192.0.2.1");
+        let mut t2 = from("198.51.100.7");
+        let mut t3 = from("203.0.113.9");
+        t1.admit_user("alice").unwrap();
+        t2.admit_user("alice").unwrap();
+        assert!(matches!(
+            t3.admit_user("alice"),
+            Err(Refusal::RateLimited { .. })
+        ));
+        t3.admit_user("bob").unwrap();
+        // The message budget is alice's, whichever address spends it.
+        let spent: Vec<bool> = [&t1, &t2, &t1, &t2]
+            .iter()
+            .map(|t| t.charge_message(1).is_ok())
+            .collect();
+        assert_eq!(spent, [true, true, true, false]);
+        assert!(t3.charge_message(1).is_ok(), "bob has his own");
+        drop(t1);
+        let mut t4 = from("192.0.2.2");
+        t4.admit_user("alice").unwrap();
+        assert_eq!(a.user_sessions.len(), 2, "alice and bob");
+
+        // Dry-run counts and lets through; off does not even count.
+        let d = admission(|f| {
+            f.limits.user_sessions.max = 1;
+            f.limits.user_sessions.mode = LimitMode::DryRun;
+        });
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut t = d.admit_session(client(&d, "192.0.2.1")).unwrap();
+            t.admit_user("carol").unwrap();
+            held.push(t);
+        }
+        let m = d.metrics.render();
+        assert!(
+            m.contains(
+                r#"edgeplex_admission_decisions_total{limit="user_sessions",decision="dry_run"} 2"#
+            ),
+            "{m}"
+        );
+        drop(held);
+        assert_eq!(d.user_sessions.len(), 0, "places come back in dry-run too");
+    }
+
+    #[test]
+    fn the_per_user_message_table_is_bounded_under_a_spray_of_users() {
+        let a = admission(|f| f.admission.max_tracked_addresses = 1024);
+        let c = client(&a, "192.0.2.1");
+        for i in 0..20_000 {
+            let _ = a.charge_user_message(&c, &UserKey::of(&format!("user-{i}")));
+        }
+        let held = a.user_messages.read().limiter.len();
+        assert!(held <= 1024, "{held} users tracked past the cap");
+        assert!(held >= 900, "the table is used: {held}");
+    }
+
+    #[test]
     fn messages_and_bytes_are_charged_across_sessions_of_one_address() {
         let a = admission(|f| {
             f.limits.ip_messages.per_second = 1;

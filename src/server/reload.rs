@@ -126,6 +126,11 @@ impl ConfigWatch {
             ("admin", new.admin != old.admin),
             ("session", new.session != old.session),
             ("log", new.log != old.log),
+            // Keys and hooks are read at start: a key rotation goes through the JWKS URL,
+            // which is refetched on its own.
+            ("auth", new.auth != old.auth),
+            ("hooks", new.hooks != old.hooks),
+            ("demo", new.demo != old.demo),
         ] {
             if changed {
                 needs_restart.push(name);
