@@ -359,6 +359,9 @@ async fn no_token_reaches_the_log(format: &str) {
     if format == "json" {
         for line in output.iter().filter(|l| l.starts_with('{')) {
             let _: Value = serde_json::from_str(line).unwrap();
+            // One `message` key, the event's: a field of that name would be a second one, and
+            // a log pipeline would read it instead of the event's text.
+            assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
         }
         assert!(output.iter().filter(|l| l.starts_with('{')).count() > 20);
     }
