@@ -983,7 +983,9 @@ fn error_frame(
     retry_after_ms: Option<u64>,
 ) -> Frame {
     metrics.error(code);
-    tracing::debug!(%session, %code, message, "error reply");
+    // Not a field named `message`: the JSON log writes the event's own text under that key, and a
+    // second `message` key made the line a duplicate-key object whose readers kept this one.
+    tracing::debug!(%session, %code, detail = message, "error reply");
     protocol::encode_error(id, code, message, retry_after_ms)
 }
 

@@ -78,7 +78,62 @@ fn the_worked_examples_are_valid_configs() {
             n += 1;
         }
     }
-    assert_eq!(n, 3, "public-chat, trading-feed, lockdown");
+    assert_eq!(
+        n, 5,
+        "public-chat, trading-feed, lockdown, cookie-session-app, jwt-jwks"
+    );
+}
+
+/// The identity examples say what their comments promise, and neither is left open.
+#[test]
+fn the_identity_examples_lock_channels_down() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let no_cert = [("EDGEPLEX__TLS__CERT", ""), ("EDGEPLEX__TLS__KEY", "")];
+    let check = |name: &str, lines: &[&str]| {
+        let path = format!("{examples}/{name}");
+        let (code, out, err) = run(&["check-config", &path], &no_cert);
+        assert_eq!(code, 0, "{name}: {err}");
+        for line in lines {
+            assert!(out.contains(line), "{name}: {line:?} not in\n{out}");
+        }
+        assert!(
+            !format!("{out}{err}").contains("lets clients without a token"),
+            "{name} is open: {err}"
+        );
+    };
+    check(
+        "cookie-session-app.toml",
+        &[
+            "hooks: POST https://app.internal/edgeplex/<hook> for connect, disconnect (after, \
+             fire-and-forget); timeout 1s, at most 256 in flight; when the service cannot \
+             answer: refuse (unavailable); connect receives headers: cookie",
+            "origins: https://app.example.com; requests without Origin refused",
+            "user_sessions: 20 open sessions per user",
+            "channels (5 rules, first match wins; a channel no rule matches is refused):\n  \
+             \"user:{sub}:*\": subscribe authenticated, publish authenticated\n  \
+             \"user:*\": subscribe nobody, publish nobody\n  \
+             \"room:*\": subscribe authenticated, publish claim\n  \
+             \"announcements\": subscribe anyone, publish nobody\n  \
+             \"*\": subscribe nobody, publish nobody\n",
+        ],
+    );
+    // The JWKS URL is not fetched by check-config (idp.example.com does not exist).
+    check(
+        "jwt-jwks.toml",
+        &[
+            "auth: token keys: JWKS from https://idp.example.com/.well-known/jwks.json \
+             (refetched every 5m, last good set kept); audience edgeplex; issuer \
+             https://idp.example.com/; leeway 30s; sessions without a token refused",
+            "hooks: off",
+            "user_sessions: 10 open sessions per user",
+            "user_messages: 10 messages per user, across its sessions/s, burst 30",
+            "channels (4 rules, first match wins; a channel no rule matches is refused):\n  \
+             \"user:{sub}:*\": subscribe authenticated, publish authenticated\n  \
+             \"paid:*\": subscribe claim, publish nobody\n  \
+             \"free:*\": subscribe authenticated, publish nobody\n  \
+             \"*\": subscribe nobody, publish nobody\n",
+        ],
+    );
 }
 
 #[test]
