@@ -74,7 +74,9 @@ pub enum Denied {
     NoRule,
     #[error("this channel needs a token")]
     NeedsUser,
-    #[error("the token does not grant this channel")]
+    #[error(
+        "this channel is not among those granted (the token's channels claim, or the connect hook's channels)"
+    )]
     NotGranted,
     #[error("clients may not do this on this channel")]
     Nobody,
