@@ -9,10 +9,12 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 pub use super::tcp::{Activity, InFlight};
-use super::{Body, EdgeState, full_body};
+use super::{Body, EdgeState, Handshake, full_body};
 use crate::admission::{Client, Refusal};
 use crate::auth::GateRefusal;
+use crate::metrics::Transport;
 use crate::protocol::{self, ErrorCode};
+use crate::session::Admitted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
@@ -218,6 +220,39 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim_start_matches(' ');
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Admits a session over HTTP whose origin was checked (`origin`): the address's and node's
+/// limits, then the gate (token, connect hook, user limits). `Err` is the counted and logged
+/// refusal to send back before the handshake. The session's slot under `server.max_sessions`
+/// comes with it.
+#[allow(clippy::result_large_err)]
+pub async fn admit_http_session(
+    req: &Request<Incoming>,
+    state: &EdgeState,
+    info: &ConnInfo,
+    transport: Transport,
+    origin: Option<&str>,
+) -> Result<(Admitted, OwnedSemaphorePermit), Response<Body>> {
+    let client = client_of(state, info, req.headers());
+    let (ticket, slot) = state
+        .admit_session(client)
+        .map_err(|refusal| refusal_response(&refusal, state))?;
+    let token = request_token(req.headers(), req.uri().query());
+    let handshake = Handshake {
+        transport,
+        token: token.as_deref(),
+        origin,
+        headers: req.headers(),
+    };
+    match state.admit(ticket, handshake).await {
+        Ok(admitted) => Ok((admitted, slot)),
+        Err(refusal) => {
+            let transport = transport.as_str();
+            tracing::info!(peer = %info.peer, transport, reason = refusal.reason(), "refused");
+            Err(gate_refusal_response(&refusal, state))
+        }
+    }
 }
 
 /// The token a request presents: `Authorization: Bearer <jwt>`, else `?token=<jwt>` (for

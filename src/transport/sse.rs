@@ -42,10 +42,10 @@ use crate::bus::hub::Start;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
 use crate::server::routes::{
-    ConnInfo, ConnSlot, InFlight, admit_origin, allow_origin, client_of, gate_refusal_response,
-    json_error, refusal_response, request_token, stream_kill, text,
+    ConnInfo, ConnSlot, InFlight, admit_http_session, admit_origin, allow_origin,
+    gate_refusal_response, json_error, refusal_response, stream_kill, text,
 };
-use crate::server::{Body, EdgeState, Handshake};
+use crate::server::{Body, EdgeState};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
@@ -76,26 +76,12 @@ pub async fn accept(
     if channels.len() > state.config.session.max_channels {
         return refusal_response(&Refusal::TooLarge, &state);
     }
-    let client = client_of(&state, &info, req.headers());
-    let (ticket, slot) = match state.admit_session(client) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal_response(&refusal, &state),
-    };
-    let token = request_token(req.headers(), req.uri().query());
-    let handshake = Handshake {
-        transport: Transport::sse,
-        token: token.as_deref(),
-        origin: origin.as_deref(),
-        headers: req.headers(),
-    };
-    let admitted = match state.admit(ticket, handshake).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(peer = %info.peer, reason = refusal.reason(), "sse refused");
-            return gate_refusal_response(&refusal, &state);
-        }
-    };
-    drop(token);
+    let (admitted, slot) =
+        match admit_http_session(&req, &state, &info, Transport::sse, origin.as_deref()).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
+        };
+    let client = *admitted.ticket.client();
 
     let mut session = Session::open(state.sessions.clone(), Transport::sse, admitted);
     // A position that does not name every channel (an id from another URL, a hand-made

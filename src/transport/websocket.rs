@@ -25,11 +25,8 @@ use tracing::Instrument;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::Frame;
-use crate::server::routes::{
-    ConnInfo, ConnSlot, admit_origin, client_of, gate_refusal_response, refusal_response,
-    request_token, text,
-};
-use crate::server::{Body, EdgeState, Handshake, full_body};
+use crate::server::routes::{ConnInfo, ConnSlot, admit_http_session, admit_origin, text};
+use crate::server::{Body, EdgeState, full_body};
 use crate::session::{Admitted, CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// How long to wait for the client's answer to our close frame before dropping the socket. This
@@ -79,26 +76,19 @@ pub async fn accept(
         Ok(origin) => origin,
         Err(refused) => return refused,
     };
-    let client = client_of(&state, &info, req.headers());
-    let (ticket, slot) = match state.admit_session(client) {
+    let (admitted, slot) = match admit_http_session(
+        &req,
+        &state,
+        &info,
+        Transport::websocket,
+        origin.as_deref(),
+    )
+    .await
+    {
         Ok(admitted) => admitted,
-        Err(refusal) => return refusal_response(&refusal, &state),
+        Err(refused) => return refused,
     };
-    let token = request_token(req.headers(), req.uri().query());
-    let handshake = Handshake {
-        transport: Transport::websocket,
-        token: token.as_deref(),
-        origin: origin.as_deref(),
-        headers: req.headers(),
-    };
-    let admitted = match state.admit(ticket, handshake).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(peer = %info.peer, reason = refusal.reason(), "websocket refused");
-            return gate_refusal_response(&refusal, &state);
-        }
-    };
-    drop(token);
+    let client = *admitted.ticket.client();
 
     let on_upgrade = hyper::upgrade::on(req);
     state.tasks.spawn(serve(
