@@ -1,6 +1,7 @@
 //! `clients/js/edgeplex.js`, as the edge serves it at `GET /edgeplex.js`, in a real browser
 //! (Debian's headless Chromium) against real edges: each transport end to end, the fallback when
-//! WebTransport is refused, publish rejection codes, and resume across two cuts of a relay the
+//! WebTransport is refused, publish rejection codes, a token from the app's `token()` on every
+//! transport (with the channel rules it unlocks), and resume across two cuts of a relay the
 //! test controls, with exactly the published sequence received. The page comes from its own
 //! loopback origin and imports the module cross-origin, as a site would.
 //!
@@ -85,9 +86,25 @@ try {
   results.rate_sse = await burst(bs);
   bs.close();
 
-  // Edge C lets no client publish.
-  for (const t of ["websocket", "sse"]) {
-    const c = connect("EDGE_C", { transports: [t] });
+  // Edge C needs a token (the page's token() hands one out) and lets a user publish on its
+  // own channels only.
+  for (const t of ["webtransport", "websocket", "sse"]) {
+    let asked = 0;
+    const token = async () => { asked++; return "TOKEN"; };
+    const c = connect("EDGE_C", { transports: [t], token, serverCertificateHashes: hash("HASH_C") });
+    const got = [];
+    let subscribed = false;
+    c.subscribe("user:alice:feed", (d) => got.push(d)).on("subscribed", () => (subscribed = true));
+    await until(() => subscribed, t + " subscribed with a token");
+    const own = await outcome(c.publish("user:alice:feed", 7));
+    await until(() => got.length >= 1, t + " its own message");
+    results["tokens_" + t] = {
+      transport: c.transport,
+      asked: asked > 0,
+      own,
+      got,
+      other: await outcome(c.publish("user:bob:feed", 1)),
+    };
     results["forbidden_" + t] = await outcome(c.publish("c", 1));
     c.close();
   }
@@ -97,6 +114,9 @@ try {
 }
 </script>
 "#;
+
+/// Edge C's token secret: the page's `token()` hands out an HS256 token signed with it.
+const SECRET: &str = "the-browser-test-secret-of-32-bytes-at-least";
 
 fn allow_page(f: &mut edgeplex::config::FileConfig, page_port: u16) {
     f.admission.allowed_origins = vec![format!("http://localhost:{page_port}")];
@@ -130,9 +150,23 @@ async fn the_client_module_works_on_every_transport_falls_back_and_reports_refus
     .await;
     let c = start(|f| {
         allow_page(f, page_port);
-        common::channel_rules(f, &[("*", "anyone", "nobody")]);
+        f.auth.hmac_secret = SECRET.into();
+        f.auth.anonymous = false;
+        common::channel_rules(
+            f,
+            &[
+                ("user:{sub}:*", "authenticated", "authenticated"),
+                ("*", "anyone", "nobody"),
+            ],
+        );
     })
     .await;
+    let token = {
+        use jwt_simple::prelude::{Claims, Duration as JsDuration, HS256Key, MACLike};
+        HS256Key::from_bytes(SECRET.as_bytes())
+            .authenticate(Claims::create(JsDuration::from_hours(1)).with_subject("alice"))
+            .unwrap()
+    };
     for t in [&a, &b] {
         assert_eq!(
             t.edge.quic_addr().map(|q| q.port()),
@@ -145,7 +179,9 @@ async fn the_client_module_works_on_every_transport_falls_back_and_reports_refus
         .replace("EDGE_B", &base(&b))
         .replace("EDGE_C", &base(&c))
         .replace("HASH_A", &a.edge.dev_cert().unwrap().sha256_hex)
-        .replace("HASH_B", &b.edge.dev_cert().unwrap().sha256_hex);
+        .replace("HASH_B", &b.edge.dev_cert().unwrap().sha256_hex)
+        .replace("HASH_C", &c.edge.dev_cert().unwrap().sha256_hex)
+        .replace("TOKEN", &token);
     let (tx, mut seen) = watch::channel(Vec::new());
     tokio::spawn(page_server(page_listener, page, tx));
     let started = tokio::time::Instant::now();
@@ -181,8 +217,15 @@ async fn the_client_module_works_on_every_transport_falls_back_and_reports_refus
             "{k}: refused with rate_limited and retry_after_ms: {r}"
         );
     }
-    assert_eq!(r["forbidden_websocket"], "forbidden", "{r}");
-    assert_eq!(r["forbidden_sse"], "forbidden", "{r}");
+    for t in ["webtransport", "websocket", "sse"] {
+        let k = format!("tokens_{t}");
+        assert_eq!(
+            r[&k],
+            json!({"transport": t, "asked": true, "own": "ok", "got": [7], "other": "forbidden"}),
+            "{r}"
+        );
+        assert_eq!(r[format!("forbidden_{t}")], "forbidden", "{r}");
+    }
 }
 
 /// Two clients, one on WebSocket and one on SSE, both through the relay; they report every
