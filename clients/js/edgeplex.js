@@ -10,6 +10,7 @@ const TRY_LATER_MS = 1000; // least wait after close 1013 ("try again later")
 const RECENT = 64; // offsets remembered per subscription to drop a redelivered message
 const OPEN_TIMEOUT_MS = 5000; // a transport that has not welcomed us by then cannot open (UDP blocked)
 const REQUEST_TIMEOUT_MS = 10000;
+const MAX_TIMER_MS = 2 ** 31 - 1;
 const MIN_TOKEN_LIFE_MS = 5000; // a token closer than this to exp is not used to connect
 const CLOSED = { code: "closed", message: "the client was closed" };
 
@@ -153,7 +154,6 @@ class Client extends Emitter {
   publish(channel, data) {
     if (this.transport === "sse") return this._post(channel, data);
     if (this.transport) return this._request({ op: "publish", channel, data });
-    // Which wire carries it is known only once a transport has opened.
     return this._whenOpen().then(() => this.publish(channel, data));
   }
 
@@ -294,7 +294,7 @@ class Client extends Emitter {
     if (f.op === "message") return this._subs.get(f.channel)?._deliver(f);
     if (f.op === "gap") return this._subs.get(f.channel)?._emit("gap");
     if (f.op === "error") {
-      // A channel the edge took away (rules reloaded, narrower token): the subscription ends.
+      // A channel the edge took away (rules reloaded, narrower token).
       const sub = f.channel != null && this._subs.get(f.channel);
       if (sub) {
         this._subs.delete(f.channel);
@@ -406,12 +406,15 @@ class Client extends Emitter {
 
   async _post(channel, data) {
     if (this.state !== "open") await this._whenOpen();
-    const q = this._token ? "?token=" + encodeURIComponent(this._token) : "";
+    // A header, not ?token=: proxies log URLs.
+    const token = await this._freshToken().catch(() => null);
+    const headers = { "content-type": "application/json" };
+    if (token) headers.authorization = "Bearer " + token;
     let res;
     try {
-      res = await this._env.fetch(this._url.publish + q, {
+      res = await this._env.fetch(this._url.publish, {
         method: "POST",
-        headers: { "content-type": "application/json" },
+        headers,
         body: JSON.stringify({ channel, data }),
       });
     } catch (e) {
@@ -442,10 +445,12 @@ class Client extends Emitter {
   _scheduleRefresh() {
     const exp = this._token && tokenExpiry(this._token);
     if (exp == null) return;
-    // Replaced when a quarter of its life is left (at most 30 s before exp), so a slow token()
-    // or a slow reply still lands before the edge closes the session.
+    // Replaced with a quarter of its life left (at most 30 s), so a slow token() still lands.
     const left = exp - this._env.now();
-    this._timer("refresh", Math.max(0, left - Math.min(30000, left / 4)), async () => {
+    const due = Math.max(0, left - Math.min(30000, left / 4));
+    // setTimeout fires at once past 2^31-1 ms: wait in steps.
+    if (due > MAX_TIMER_MS) return this._timer("refresh", MAX_TIMER_MS, () => this._scheduleRefresh());
+    this._timer("refresh", due, async () => {
       const conn = this._conn;
       let token;
       try {

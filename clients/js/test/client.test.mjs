@@ -357,6 +357,31 @@ test("tokens: asked at connect, passed as ?token=, replaced with op auth before 
   assert.equal(n, 4);
 });
 
+test("a POST publish carries the token in Authorization, never in the URL", async () => {
+  const env = fakeEnv();
+  const token = async () => jwt({ sub: "u", exp: (env.now() + 600000) / 1000 });
+  const client = connect(URL_, { transports: ["sse"], _env: env, token });
+  await flush();
+  await client.publish("a", 1);
+  assert.equal(env.posts[0].url, "https://edge.test:8443/publish");
+  assert.match(env.posts[0].init.headers.authorization, /^Bearer [\w-]+\.[\w-]+\./);
+});
+
+test("a token valid for months is refreshed before exp, not in a loop", async () => {
+  const env = fakeEnv();
+  let n = 0;
+  const days = 60;
+  const token = async () => jwt({ sub: "u", exp: (env.now() + days * 86400000) / 1000, n: ++n });
+  connect(URL_, { transports: ["websocket"], _env: env, token });
+  await flush();
+  env.sockets[0].welcome();
+  await flush();
+  await env.advance(30 * 86400000);
+  assert.equal(n, 1, "no refresh while the token has weeks left");
+  await env.advance(days * 86400000 - 30 * 86400000 - 30000);
+  assert.equal(n, 2, "refreshed 30 s before exp");
+});
+
 test("tokens on SSE go in the URL, and a refresh reopens the stream with the position", async () => {
   const env = fakeEnv();
   let n = 0;

@@ -9,6 +9,8 @@ export function fakeEnv({ webtransport = false, random = () => 0.5 } = {}) {
   const env = { t: 0, timers: [], sockets: [], sources: [], wts: [], posts: [], random };
   env.now = () => env.t;
   env.setTimeout = (fn, ms) => {
+    // As in browsers and Node: a delay past 2^31-1 ms fires at once.
+    if (ms > 2 ** 31 - 1) ms = 1;
     const timer = { fn, at: env.t + (ms || 0) };
     env.timers.push(timer);
     return timer;
