@@ -36,6 +36,7 @@ fn main() {
         grants: None,
         hook_grants: None,
         expires_at: None,
+        user_from_token: true,
     };
     println!("channel rule checks (subscribe), one thread");
     println!(

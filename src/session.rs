@@ -818,15 +818,18 @@ impl Session {
             ClientFrame::Ping { id } => self.reply(protocol::encode_ok(id)),
             ClientFrame::Auth { id, token } => {
                 let gate = self.env.gate.clone();
-                match gate.identify(Some(token)) {
-                    Ok(new) if new.user == self.identity.user => {
-                        // The new token's grants replace the old: what they no longer cover
-                        // is left, with a notice, before the reply.
+                match gate
+                    .identify(Some(token))
+                    .map(|t| self.identity.refreshed(t))
+                {
+                    Ok(Some(new)) => {
+                        // The new claim replaces the old: what it no longer covers is left,
+                        // with a notice, before the reply.
                         self.identity = new;
                         self.revalidate();
                         self.reply(protocol::encode_ok(id));
                     }
-                    Ok(_) => self.error(
+                    Ok(None) => self.error(
                         id,
                         ErrorCode::Unauthorized,
                         "the new token is for another user (sub); open a new session for it",

@@ -214,6 +214,7 @@ impl Gate {
                     grants: claims.channels.map(Arc::new),
                     hook_grants: None,
                     expires_at: Some(claims.exp),
+                    user_from_token: true,
                 })
                 .map_err(|e| GateRefusal::Unauthorized(e.reason())),
         };

@@ -43,6 +43,8 @@ pub struct Identity {
     pub hook_grants: Option<Arc<ChannelGrants>>,
     /// The token's `exp` (Unix seconds), before the leeway.
     pub expires_at: Option<u64>,
+    /// `user` is the token's `sub` (not a user the connect hook named).
+    pub user_from_token: bool,
 }
 
 impl Identity {
@@ -50,6 +52,26 @@ impl Identity {
     pub fn is_authenticated(&self) -> bool {
         self.authenticated || self.user.is_some()
     }
+    /// The identity after an in-band `auth` op presented `token` (verified): the token's claim
+    /// and expiry replace the old ones; the user and what the connect hook granted stay, since
+    /// the hook is not asked again and may only narrow. `None`: the token is for another user
+    /// than the session's (a `sub` must match the session's token's, or the user the hook
+    /// named; a token without `sub` may only replace one without).
+    pub fn refreshed(&self, token: Identity) -> Option<Identity> {
+        let same_user = match (&token.user, self.user_from_token) {
+            (Some(sub), _) => self.user.as_deref() == Some(&**sub),
+            (None, from_token) => !from_token,
+        };
+        same_user.then(|| Identity {
+            user: self.user.clone(),
+            authenticated: true,
+            grants: token.grants,
+            hook_grants: self.hook_grants.clone(),
+            expires_at: token.expires_at,
+            user_from_token: self.user_from_token || token.user_from_token,
+        })
+    }
+
     /// Does a `claim` rule let this identity do `op` on `channel`? Only what its grants list:
     /// the claim's and the connect hook's, each where present, and at least one of them.
     pub fn granted(&self, op: Op, channel: &str) -> bool {
@@ -130,6 +152,52 @@ mod grant_tests {
             assert!(!is_grant_pattern(bad), "{bad:?}");
         }
         assert!(!is_grant_pattern(&"a".repeat(10_000)));
+    }
+
+    #[test]
+    fn an_in_band_token_replaces_the_claim_but_keeps_the_hooks_narrowing_and_the_user() {
+        let grants = |s: &[&str]| {
+            Some(Arc::new(ChannelGrants {
+                subscribe: s.iter().map(|p| p.to_string()).collect(),
+                publish: vec![],
+            }))
+        };
+        let token = |sub: Option<&str>, claim: &[&str], exp: u64| Identity {
+            user: sub.map(Arc::from),
+            authenticated: true,
+            grants: grants(claim),
+            hook_grants: None,
+            expires_at: Some(exp),
+            user_from_token: sub.is_some(),
+        };
+        // Token alice with paid:*, narrowed by the connect hook to paid:gold.
+        let session = Identity {
+            hook_grants: grants(&["paid:gold"]),
+            ..token(Some("alice"), &["paid:*"], 10)
+        };
+        assert!(!session.granted(Op::Subscribe, "paid:silver"));
+        let again = session
+            .refreshed(token(Some("alice"), &["paid:*"], 20))
+            .expect("same user");
+        assert!(!again.granted(Op::Subscribe, "paid:silver"), "still narrowed");
+        assert!(again.granted(Op::Subscribe, "paid:gold"));
+        assert_eq!(again.expires_at, Some(20));
+        // Another user, or no user where the token named one: refused.
+        assert!(session.refreshed(token(Some("bob"), &[], 20)).is_none());
+        assert!(session.refreshed(token(None, &[], 20)).is_none());
+        // A cookie session (the hook named bob) may take bob's token, or one without sub.
+        let cookie = Identity {
+            user: Some("bob".into()),
+            hook_grants: grants(&["room:1"]),
+            ..Identity::default()
+        };
+        let t = cookie.refreshed(token(None, &["room:*"], 30)).unwrap();
+        assert_eq!(t.user.as_deref(), Some("bob"));
+        assert!(t.granted(Op::Subscribe, "room:1") && !t.granted(Op::Subscribe, "room:2"));
+        assert!(cookie.refreshed(token(Some("bob"), &[], 30)).is_some());
+        assert!(cookie.refreshed(token(Some("eve"), &[], 30)).is_none());
+        // An anonymous session cannot become a user in band.
+        assert!(Identity::default().refreshed(token(Some("eve"), &[], 30)).is_none());
     }
 
     #[test]

@@ -107,6 +107,12 @@ impl Rule {
                 let Some(user) = user.filter(|u| !u.is_empty()) else {
                     return false;
                 };
+                // Exactly the user, not a prefix of another's: the character that ends
+                // `{sub}` in the pattern may not occur in the user, so alice's
+                // `user:{sub}:*` never reaches `user:alice:bob:…`, user "alice:bob"'s.
+                if after.chars().next().is_some_and(|end| user.contains(end)) {
+                    return false;
+                }
                 let Some(rest) = rest.strip_prefix(user) else {
                     return false;
                 };
@@ -179,6 +185,13 @@ fn parse(pattern: &str) -> Result<Parsed, String> {
                  optionally holding {{sub}} once and ending in *"
             ));
         }
+    }
+    if prefix && after_sub == Some("") {
+        return Err(
+            "{sub}* would let a user reach the channels of every user whose name it starts; \
+             end {sub} with a delimiter (user:{sub}:*) or end the pattern with it"
+                .into(),
+        );
     }
     if !prefix && after_sub.is_none() && head.is_empty() {
         return Err("a pattern may not be empty".into());
@@ -327,6 +340,7 @@ mod tests {
             grants: grants.map(Arc::new),
             hook_grants: None,
             expires_at: None,
+            user_from_token: true,
         }
     }
 
@@ -354,6 +368,7 @@ mod tests {
             "é",
             "a**",
             "{su",
+            "user:{sub}*",
         ] {
             assert!(check_pattern(bad).is_err(), "{bad}");
         }
@@ -435,6 +450,32 @@ mod tests {
             rules.check(Op::Subscribe, "x:bob", &user("eve", None)),
             Err(Denied::Nobody)
         );
+    }
+
+    #[test]
+    fn sub_is_exactly_the_user_never_a_prefix_of_another() {
+        let rules = Rules::compile(&[
+            rule("user:{sub}:*", Anyone, Anyone),
+            rule("mail/{sub}", Anyone, Anyone),
+            rule("*", Nobody, Nobody),
+        ])
+        .unwrap();
+        let s = |c: &str, u: &str| rules.check(Op::Subscribe, c, &user(u, None));
+        // "alice" may not reach the channels of the user "alice:bob".
+        assert_eq!(s("user:alice:bob:inbox", "alice:bob"), Err(Denied::Nobody));
+        assert_eq!(s("user:alice:inbox", "alice"), Ok(()));
+        assert_eq!(
+            s("user:alice:bob:inbox", "alice"),
+            Ok(()),
+            "alice's own sub-channel"
+        );
+        // A user holding the delimiter matches no {sub} rule delimited by it.
+        assert_eq!(s("user:a:b:x", "a:b"), Err(Denied::Nobody));
+        // {sub} at the end is exact.
+        assert_eq!(s("mail/al", "al"), Ok(()));
+        assert_eq!(s("mail/alice", "al"), Err(Denied::Nobody));
+        // E-mail addresses as users work where the delimiter is not in them.
+        assert_eq!(s("user:a@b.example:x", "a@b.example"), Ok(()));
     }
 
     #[test]
