@@ -41,8 +41,6 @@ pub const DISCONNECT_CONCURRENCY: usize = 16;
 pub const MAX_USER_BYTES: usize = 256;
 /// A deny `reason` longer than this is cut: it goes back to the client and into logs.
 pub const MAX_REASON_BYTES: usize = 256;
-/// Patterns per list of a connect answer's `channels`, at most.
-pub const MAX_GRANTS: usize = 1024;
 /// A failure warning per hook at most this often; every failure is counted.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -606,17 +604,10 @@ fn check_user(user: &str) -> Result<(), Failure> {
 }
 
 fn check_grants(g: &ChannelGrants) -> Result<(), Failure> {
-    // A pattern is a channel name or a prefix of one followed by `*`.
-    let max_pattern = crate::protocol::MAX_CHANNEL_LEN + 1;
-    for list in [&g.subscribe, &g.publish] {
-        if list.len() > MAX_GRANTS || list.iter().any(|p| p.is_empty() || p.len() > max_pattern) {
-            return Err(Failure::Answer(format!(
-                "\"channels\" lists must hold at most {MAX_GRANTS} patterns of 1 to \
-                 {max_pattern} bytes"
-            )));
-        }
-    }
-    Ok(())
+    // The same rules as a token's claim: names or prefixes of them followed by `*`, at most
+    // MAX_GRANTS_PER_LIST per list. A bad pattern is the service's bug: a failure, not ignored.
+    g.check()
+        .map_err(|e| Failure::Answer(format!("\"channels\": {e}")))
 }
 
 /// A deny reason fit to show a client and to log: control characters replaced, at most
@@ -729,9 +720,12 @@ mod tests {
         assert!(allow(Hook::Connect, &long).is_err());
         let many = format!(
             r#"{{"allow":true,"channels":{{"publish":[{}]}}}}"#,
-            vec!["\"a\""; MAX_GRANTS + 1].join(",")
+            vec!["\"a\""; crate::auth::MAX_GRANTS_PER_LIST + 1].join(",")
         );
         assert!(allow(Hook::Connect, &many).is_err());
+        // A pattern a claim could not hold either.
+        let bad = r#"{"allow":true,"channels":{"subscribe":["room:*:x"]}}"#;
+        assert!(allow(Hook::Connect, bad).is_err());
         let reason = allow(
             Hook::Subscribe,
             &format!(r#"{{"allow":false,"reason":"no\n{}"}}"#, "é".repeat(300)),

@@ -289,6 +289,8 @@ pub struct JoinError {
     pub code: ErrorCode,
     pub message: String,
     pub retry_after_ms: Option<u64>,
+    /// The gate refused (rules or a hook), not the bus or a limit: how an HTTP route says it.
+    pub gate: Option<GateRefusal>,
 }
 
 /// How a transport must close the wire.
@@ -444,6 +446,20 @@ pub struct Admitted {
     pub origin: Option<Arc<str>>,
 }
 
+impl Admitted {
+    /// The session will not open after all (its upgrade or accept failed): a service that heard
+    /// of it at connect hears that it ended, so connects and disconnects pair up.
+    pub fn abandon(self, gate: &Gate, transport: Transport) {
+        let asker = Asker {
+            session: self.id.public(),
+            transport: transport.as_str(),
+            client: self.ticket.client().ip,
+            origin: self.origin.as_deref(),
+        };
+        gate.disconnected(&self.identity, asker);
+    }
+}
+
 impl Session {
     /// Opens an admitted session and queues its welcome frame.
     pub fn open(env: Arc<SessionEnv>, transport: Transport, admitted: Admitted) -> Session {
@@ -590,6 +606,18 @@ impl Session {
     /// [`Session::revalidate`].
     pub fn rules_watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.env.gate.watch()
+    }
+
+    /// The session's token ran out (its `exp` plus the leeway): what a transport checks when
+    /// the deadline of [`Session::expires`] fires, since that one is capped at a day.
+    pub fn token_expired(&self) -> bool {
+        let Some(exp) = self.identity.expires_at else {
+            return false;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now >= std::time::Duration::from_secs(exp) + self.env.gate.leeway()
     }
 
     /// Checks every subscription against the rules in force (after a reload): a channel the
@@ -755,6 +783,7 @@ impl Session {
                     self.env.config.max_channels
                 ),
                 retry_after_ms: None,
+                gate: None,
             });
         }
         // A resume's replay is paid from the address's byte budget: what it may read is taken
@@ -800,6 +829,7 @@ impl Session {
                     code: ErrorCode::Unavailable,
                     message: e.to_string(),
                     retry_after_ms: None,
+                    gate: None,
                 })
             }
             Err(SubscribeError::BusUnavailable(why)) => {
@@ -808,6 +838,7 @@ impl Session {
                     code: ErrorCode::Unavailable,
                     message: why.to_string(),
                     retry_after_ms: Some(1000),
+                    gate: None,
                 })
             }
         }
@@ -951,6 +982,7 @@ impl From<GateRefusal> for JoinError {
             code: r.error_code(),
             message: r.message(),
             retry_after_ms: r.retry_after_ms(),
+            gate: Some(r),
         }
     }
 }
@@ -973,6 +1005,7 @@ fn replay_refused(refusal: &Refusal) -> JoinError {
         code: ErrorCode::RateLimited,
         message: "the replay is over this address's byte budget; retry later".into(),
         retry_after_ms: Some((wait.as_millis() as u64).max(1)),
+        gate: None,
     }
 }
 

@@ -570,6 +570,36 @@ mod tokens {
         );
     }
 
+    /// A POST over its address's message budget is refused before its token is checked: a
+    /// flood of forged tokens buys no signature checks past the budget.
+    #[tokio::test]
+    async fn a_publish_over_the_address_budget_is_refused_before_its_token_is_read() {
+        let t = hs_edge(|f| {
+            f.limits.ip_messages.per_second = 1;
+            f.limits.ip_messages.burst = 2;
+        })
+        .await;
+        let port = t.edge.tls_addr().port();
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let r = client(&t, false)
+                .post(format!("https://localhost:{port}/publish"))
+                .header("authorization", "Bearer forged.token.here")
+                .body(r#"{"channel":"a","data":1}"#)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        assert_eq!(statuses, [401, 401, 429, 429]);
+        assert_eq!(
+            t.metric("edgeplex_tokens_total{result=\"malformed\"}")
+                .await,
+            2.0,
+            "only the requests within the budget had their token read"
+        );
+    }
+
     #[tokio::test]
     async fn per_user_limits_hold_across_sessions_and_addresses_do_not_matter() {
         let t = hs_edge(|f| {

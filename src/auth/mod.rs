@@ -179,7 +179,10 @@ mod grant_tests {
         let again = session
             .refreshed(token(Some("alice"), &["paid:*"], 20))
             .expect("same user");
-        assert!(!again.granted(Op::Subscribe, "paid:silver"), "still narrowed");
+        assert!(
+            !again.granted(Op::Subscribe, "paid:silver"),
+            "still narrowed"
+        );
         assert!(again.granted(Op::Subscribe, "paid:gold"));
         assert_eq!(again.expires_at, Some(20));
         // Another user, or no user where the token named one: refused.
@@ -197,7 +200,11 @@ mod grant_tests {
         assert!(cookie.refreshed(token(Some("bob"), &[], 30)).is_some());
         assert!(cookie.refreshed(token(Some("eve"), &[], 30)).is_none());
         // An anonymous session cannot become a user in band.
-        assert!(Identity::default().refreshed(token(Some("eve"), &[], 30)).is_none());
+        assert!(
+            Identity::default()
+                .refreshed(token(Some("eve"), &[], 30))
+                .is_none()
+        );
     }
 
     #[test]

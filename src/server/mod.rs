@@ -132,6 +132,16 @@ impl EdgeState {
     ) -> Result<Admitted, GateRefusal> {
         let id = self.sessions.new_id();
         let identity = self.gate.identify(hs.token)?;
+        let user_limit = |ticket: &mut SessionTicket, user: &str| {
+            ticket.admit_user(user).map_err(|r| match r {
+                Refusal::RateLimited { retry_after } => GateRefusal::UserLimit { retry_after },
+                other => GateRefusal::Forbidden(other.message().into()),
+            })
+        };
+        // A token's user meets its limit before the hook is asked: a refusal costs no call.
+        if let Some(user) = &identity.user {
+            user_limit(&mut ticket, user)?;
+        }
         let asker = Asker {
             session: id.public(),
             transport: hs.transport.as_str(),
@@ -139,11 +149,15 @@ impl EdgeState {
             origin: hs.origin,
         };
         let identity = self.gate.connect(identity, asker, hs.headers).await?;
-        if let Some(user) = &identity.user {
-            ticket.admit_user(user).map_err(|r| match r {
-                Refusal::RateLimited { retry_after } => GateRefusal::UserLimit { retry_after },
-                other => GateRefusal::Forbidden(other.message().into()),
-            })?;
+        if let Some(user) = identity
+            .user
+            .as_deref()
+            .filter(|_| !identity.user_from_token)
+            && let Err(refusal) = user_limit(&mut ticket, user)
+        {
+            // The service heard of the session at connect: it hears that it did not open.
+            self.gate.disconnected(&identity, asker);
+            return Err(refusal);
         }
         Ok(Admitted {
             id,

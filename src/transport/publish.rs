@@ -73,31 +73,9 @@ pub async fn accept(
                 }
                 None => {
                     let client = client_of(&state, &info, req.headers());
-                    let token = request_token(req.headers(), req.uri().query());
-                    // A stateless publish is a session of one message: the token and the
-                    // connect hook (cookies) say who it is, as at a handshake.
-                    let id = state.sessions.new_id();
-                    let asker = Asker {
-                        session: id.public(),
-                        transport: "publish",
-                        client: client.ip,
-                        origin: origin.as_deref(),
-                    };
-                    let who = match state.gate.identify(token.as_deref()) {
-                        Ok(who) => state.gate.connect(who, asker, req.headers()).await,
-                        Err(refusal) => Err(refusal),
-                    };
-                    drop(token);
-                    match who {
-                        Ok(identity) => {
-                            let caller = Caller {
-                                client: &client,
-                                identity: &identity,
-                                asker,
-                            };
-                            publish_body(req, &state, Some(caller)).await
-                        }
-                        Err(refusal) => gate_refusal_response(&refusal, &state),
+                    match check_head(&req, &state, Some(&client)) {
+                        Ok(()) => publish_as(req, &state, &client, origin.as_deref()).await,
+                        Err(refused) => refused,
                     }
                 }
             }
@@ -117,6 +95,41 @@ pub async fn accept(
     resp
 }
 
+/// A client's `POST /publish` past its request head's checks: a stateless publish is a session
+/// of one message, so the token and the connect hook (cookies) say who it is, as at a handshake;
+/// then the body.
+async fn publish_as(
+    req: Request<Incoming>,
+    state: &EdgeState,
+    client: &Client,
+    origin: Option<&str>,
+) -> Response<Body> {
+    let token = request_token(req.headers(), req.uri().query());
+    let id = state.sessions.new_id();
+    let asker = Asker {
+        session: id.public(),
+        transport: "publish",
+        client: client.ip,
+        origin,
+    };
+    let who = match state.gate.identify(token.as_deref()) {
+        Ok(who) => state.gate.connect(who, asker, req.headers()).await,
+        Err(refusal) => Err(refusal),
+    };
+    drop(token);
+    match who {
+        Ok(identity) => {
+            let caller = Caller {
+                client,
+                identity: &identity,
+                asker,
+            };
+            publish_body(req, state, Some(caller)).await
+        }
+        Err(refusal) => gate_refusal_response(&refusal, state),
+    }
+}
+
 /// A client publishing over HTTP: who it is and where it comes from.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
@@ -125,13 +138,13 @@ pub struct Caller<'a> {
     pub asker: Asker<'a>,
 }
 
-/// Reads, checks and publishes one request's body. A client `caller` is charged the message
-/// and its bytes (`limits.ip_messages`, `limits.ip_bytes`, and `limits.user_messages` for a
-/// user), as a WebSocket message would be, and needs the channel rules' leave; the admin API
-/// passes none (a backend may publish anywhere).
+/// Reads, checks and publishes one request's body. A client `caller` (whose address paid the
+/// message in [`check_head`]) is charged its bytes (`limits.ip_bytes`) and, for a user, the
+/// message (`limits.user_messages`), as a WebSocket message would be, and needs the channel
+/// rules' (and the publish hook's) leave; the admin API passes none (a backend may publish
+/// anywhere).
 ///
-/// Everything that can refuse from the request head does so before the body is read: a body
-/// declared over the cap, and an address over its message budget. The client controls when the
+/// A body declared over the cap is refused before it is read. The client controls when the
 /// body arrives, so its read has a deadline of its own (`server.body_timeout`), whole, not per
 /// read: a trickle is cut off like a stall.
 pub async fn publish_body(
@@ -141,18 +154,8 @@ pub async fn publish_body(
 ) -> Response<Body> {
     let client = caller.map(|c| c.client);
     let limit = state.config.session.max_message_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large(state, limit);
-    }
-    if let Some(client) = client
-        && let Err(Refusal::RateLimited { retry_after }) = state.admission.charge_message(client, 0)
-    {
-        return rate_limited(state, retry_after);
+    if let Err(refused) = check_head(&req, state, None) {
+        return refused;
     }
     if let Some(Caller {
         client,
@@ -234,6 +237,33 @@ pub async fn publish_body(
             r
         }
     }
+}
+
+/// What refuses a publish from its request head, before anything costs more: a body declared
+/// over the cap, and (for a client) its address over its message budget, which it is charged
+/// here. The token and the connect hook come after, so a client over its budget buys no
+/// signature check and no hook call.
+#[allow(clippy::result_large_err)]
+fn check_head(
+    req: &Request<Incoming>,
+    state: &EdgeState,
+    client: Option<&Client>,
+) -> Result<(), Response<Body>> {
+    let limit = state.config.session.max_message_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(state, limit));
+    }
+    if let Some(client) = client
+        && let Err(Refusal::RateLimited { retry_after }) = state.admission.charge_message(client, 0)
+    {
+        return Err(rate_limited(state, retry_after));
+    }
+    Ok(())
 }
 
 /// 429 with `Retry-After` (whole seconds, rounded up) and the protocol's `retry_after_ms`.

@@ -37,7 +37,6 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Refusal;
-use crate::auth::GateRefusal;
 use crate::bus::hub::Start;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
@@ -46,7 +45,7 @@ use crate::server::routes::{
     gate_refusal_response, json_error, refusal_response, stream_kill, text,
 };
 use crate::server::{Body, EdgeState};
-use crate::session::{CloseReason, Outbox, OutboxStatus, Session};
+use crate::session::{CloseReason, JoinError, Outbox, OutboxStatus, Session};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
@@ -84,6 +83,9 @@ pub async fn accept(
     let client = *admitted.ticket.client();
 
     let mut session = Session::open(state.sessions.clone(), Transport::sse, admitted);
+    // Watched from before the joins: a reload while they run (each may ask a hook) still
+    // reaches this stream.
+    let rules = session.rules_watch();
     // A position that does not name every channel (an id from another URL, a hand-made
     // `since`) cannot be trusted for any of them: each channel starts afresh behind a gap.
     let mismatch = resume.as_ref().is_some_and(|r| r.is_empty());
@@ -103,9 +105,12 @@ pub async fn accept(
                 Start::Oldest => None,
                 Start::Newest | Start::Live => newest,
             }),
-            Err(e) if e.code == ErrorCode::Forbidden => {
-                tracing::info!(peer = %info.peer, error = %e.message, "sse refused: forbidden");
-                return gate_refusal_response(&GateRefusal::Forbidden(e.message), &state);
+            Err(JoinError {
+                gate: Some(refusal),
+                ..
+            }) => {
+                tracing::info!(peer = %info.peer, reason = refusal.reason(), "sse refused");
+                return gate_refusal_response(&refusal, &state);
             }
             Err(e) => {
                 let refusal = match e.code {
@@ -140,7 +145,7 @@ pub async fn accept(
     };
     let events = EventStream {
         expires: session.expires(),
-        rules: session.rules_watch(),
+        rules,
         outbox: session.outbox().clone(),
         session,
         first: Some(first.freeze()),
@@ -338,6 +343,27 @@ impl EventStream {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.end(Some(CloseReason::SHUTDOWN)),
+                // Before the outbox: a busy channel keeps it ready, and would otherwise starve
+                // these two.
+                () = crate::session::until(self.expires) => {
+                    if !self.session.token_expired() {
+                        // A deadline capped at a day, or a clock step: look again.
+                        self.expires = self.session.expires();
+                        continue;
+                    }
+                    let notice = protocol::encode_notice(
+                        None,
+                        ErrorCode::Unauthorized,
+                        "token expired; reconnect with a new token and Last-Event-ID",
+                    );
+                    self.state.metrics.error(ErrorCode::Unauthorized);
+                    self.count_end(Some(CloseReason::TOKEN_EXPIRED));
+                    return Some(notice.sse_event());
+                }
+                Ok(()) = self.rules.changed() => {
+                    // The notices go out through the outbox, in order with the pushes.
+                    self.session.revalidate();
+                }
                 _ = self.outbox.ready() => {
                     match self.outbox.drain(&mut self.batch) {
                         OutboxStatus::Open => {}
@@ -366,20 +392,6 @@ impl EventStream {
                     return Some(chunk);
                 }
                 _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
-                () = crate::session::until(self.expires) => {
-                    let notice = protocol::encode_notice(
-                        None,
-                        ErrorCode::Unauthorized,
-                        "token expired; reconnect with a new token and Last-Event-ID",
-                    );
-                    self.state.metrics.error(ErrorCode::Unauthorized);
-                    self.count_end(Some(CloseReason::TOKEN_EXPIRED));
-                    return Some(notice.sse_event());
-                }
-                Ok(()) = self.rules.changed() => {
-                    // The notices go out through the outbox, in order with the pushes.
-                    self.session.revalidate();
-                }
             }
         }
     }

@@ -187,6 +187,7 @@ fn serve(
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "websocket upgrade failed");
+                admitted.abandon(&state.gate, Transport::websocket);
                 return;
             }
         };
@@ -388,7 +389,13 @@ where
         let expires = session.expires();
         let read = tokio::select! {
             read = tokio::time::timeout(cfg.idle_timeout, stream.next()) => read,
-            () = crate::session::until(expires) => return End::Close(CloseReason::TOKEN_EXPIRED),
+            () = crate::session::until(expires) => {
+                if session.token_expired() {
+                    return End::Close(CloseReason::TOKEN_EXPIRED);
+                }
+                // A deadline capped at a day, or a clock step: look again.
+                continue;
+            }
             Ok(()) = rules.changed() => {
                 session.revalidate();
                 continue;

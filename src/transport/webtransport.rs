@@ -196,6 +196,7 @@ fn handle(
                 Ok(c) => (c, admitted, slot, client),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "webtransport accept failed");
+                    admitted.abandon(&state.gate, Transport::webtransport);
                     return;
                 }
             }
@@ -418,7 +419,13 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
         let expires = session.expires();
         let read = tokio::select! {
             read = recv.read(&mut chunk) => read,
-            () = crate::session::until(expires) => return End::Close(CloseReason::TOKEN_EXPIRED),
+            () = crate::session::until(expires) => {
+                if session.token_expired() {
+                    return End::Close(CloseReason::TOKEN_EXPIRED);
+                }
+                // A deadline capped at a day, or a clock step: look again.
+                continue;
+            }
             Ok(()) = rules.changed() => {
                 session.revalidate();
                 continue;
