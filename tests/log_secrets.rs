@@ -322,12 +322,19 @@ async fn no_token_reaches_the_log(format: &str) {
     ];
     a.ws.close(None).await.unwrap();
     b.ws.close(None).await.unwrap();
-    ids.push("websocket refused".into());
-    ids.push("sse refused".into());
+    ids.push("session refused".into());
     served.wait_for(&ids).await;
 
     let output = served.stop();
     let text = output.join("\n");
+    for transport in ["websocket", "sse"] {
+        assert!(
+            output
+                .iter()
+                .any(|l| l.contains("session refused") && l.contains(transport)),
+            "no refusal of a {transport} session in the log:\n{text}"
+        );
+    }
     let mut secrets = vec![("hmac secret", secret.clone())];
     for (what, t) in [
         ("bearer on /ws", &header_ws),

@@ -249,7 +249,7 @@ pub async fn admit_http_session(
         Ok(admitted) => Ok((admitted, slot)),
         Err(refusal) => {
             let transport = transport.as_str();
-            tracing::info!(peer = %info.peer, transport, reason = refusal.reason(), "refused");
+            tracing::info!(peer = %info.peer, transport, reason = refusal.reason(), "session refused");
             Err(gate_refusal_response(&refusal, state))
         }
     }
