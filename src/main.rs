@@ -95,8 +95,22 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         }
         println!("edgeplex listening on wss://{}/ws", edge.tls_addr());
         let watch = ConfigWatch::new(path.to_owned(), edge.state().clone());
-        run_until_signal(watch, edge.state().config.server.config_watch).await?;
-        let report = edge.shutdown().await;
+        let mut signals = Signals::new()?;
+        run_until_signal(&mut signals, watch, edge.state().config.server.config_watch).await;
+        // The load balancer is told at once (`/readyz` 503) and given the drain delay to stop
+        // sending clients; a second signal means the operator will not wait for it.
+        edge.begin_drain();
+        let delay = edge.state().config.server.drain_delay;
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                why = signals.stop() => {
+                    tracing::info!("{why} again: ending the drain delay early");
+                }
+            }
+        }
+        let grace = edge.state().config.server.shutdown_grace;
+        let report = edge.shutdown_within(grace).await;
         if !report.clean {
             tracing::warn!("some sessions outlived the grace period");
         }
@@ -104,14 +118,36 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
+/// The signals `serve` answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT; its name.
+    async fn stop(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Serves until SIGTERM or SIGINT; meanwhile reloads the config on SIGHUP and, every `watch`
 /// (unless zero), when the file changed. A failed reload is logged by the watch and changes
 /// nothing.
-async fn run_until_signal(mut watch: ConfigWatch, every: Duration) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+async fn run_until_signal(signals: &mut Signals, mut watch: ConfigWatch, every: Duration) {
     let mut tick = tokio::time::interval(if every.is_zero() {
         Duration::from_secs(3600)
     } else {
@@ -120,15 +156,15 @@ async fn run_until_signal(mut watch: ConfigWatch, every: Duration) -> anyhow::Re
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = term.recv() => {
+            _ = signals.term.recv() => {
                 tracing::info!("SIGTERM: draining");
-                return Ok(());
+                return;
             }
-            _ = int.recv() => {
+            _ = signals.int.recv() => {
                 tracing::info!("SIGINT: draining");
-                return Ok(());
+                return;
             }
-            _ = hup.recv() => {
+            _ = signals.hup.recv() => {
                 let _ = watch.reload("SIGHUP");
             }
             _ = tick.tick(), if !every.is_zero() => {

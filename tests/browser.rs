@@ -1,5 +1,6 @@
-//! A real browser against a real edge: Debian's Chromium, headless, with EventSource and with
-//! WebTransport (`serverCertificateHashes`, the printed SHA-256 of the dev certificate).
+//! A real browser against a real edge: Debian's Chromium, headless, with EventSource, with
+//! WebTransport (`serverCertificateHashes`, the printed SHA-256 of the dev certificate), and with
+//! a WebSocket that rides its HTTP/2 connection (RFC 8441).
 //!
 //! The page is served from its own origin (plain HTTP on another loopback port), so the stream is
 //! a cross-origin EventSource and passes the edge's origin check and CORS echo, as in production.
@@ -210,4 +211,51 @@ async fn a_browser_webtransport_session_trusts_the_printed_hash_and_gets_datagra
     })
     .await;
     assert!(s.iter().all(|e| e["op"] != "error"), "{s:?}");
+}
+
+const WS_PAGE: &str = r#"<!doctype html>
+<title>edgeplex WebSocket over HTTP/2 test</title>
+<script>
+const seen = [];
+const report = () => fetch("/report", { method: "POST", body: JSON.stringify(seen) });
+// An HTTP/2 connection to the edge first: Chromium opens a WebSocket as a stream of one it
+// already holds, when that connection's SETTINGS allow extended CONNECT.
+// With credentials, as a WebSocket is sent: Chromium keeps connections with and without them
+// apart. `no-cors`: only the connection matters here, not the response.
+fetch("EDGE/edgeplex.js", { mode: "no-cors", credentials: "include" }).then((r) => {
+  seen.push({ op: "fetched", type: r.type });
+  const ws = new WebSocket("WSS/ws");
+  ws.onmessage = (e) => { seen.push(JSON.parse(e.data)); report(); };
+  ws.onerror = () => { seen.push({ op: "error" }); report(); };
+}, (e) => { seen.push({ op: "fetch failed", why: String(e) }); report(); });
+</script>
+"#;
+
+/// Chromium opens its WebSocket as a stream of the HTTP/2 connection it already holds to the
+/// edge (RFC 8441): once the session is open, the edge counts one connection, not two.
+#[tokio::test]
+async fn chromium_opens_a_websocket_over_its_http2_connection() {
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = page_listener.local_addr().unwrap().port();
+    let t = start(|f| {
+        f.admission.allowed_origins = vec![format!("http://localhost:{page_port}")];
+    })
+    .await;
+    let port = t.edge.tls_addr().port();
+    let page = WS_PAGE
+        .replace("EDGE", &format!("https://localhost:{port}"))
+        .replace("WSS", &format!("wss://localhost:{port}"));
+    let (tx, mut seen) = watch::channel(Vec::new());
+    tokio::spawn(page_server(page_listener, page, tx));
+    let _browser = Browser::open(&format!("http://localhost:{page_port}/"));
+    let s = wait_for(&mut seen, "the welcome frame", |s| {
+        s.iter().any(|e| e["op"] == "welcome" || e["op"] == "error")
+    })
+    .await;
+    assert!(s.iter().any(|e| e["op"] == "welcome"), "{s:?}");
+    assert_eq!(
+        t.metric("edgeplex_connections ").await,
+        1.0,
+        "the WebSocket shares the HTTP/2 connection of the fetch: {s:?}"
+    );
 }

@@ -511,6 +511,8 @@ fn check_config_explains_the_limits_at_accept() {
         "admin listener 127.0.0.1:9090 (at most 64 connections)",
         "deadlines a client controls: TLS and request head 10s, request body 10s (408), idle \
          HTTP connection 1m",
+        "shutdown (SIGTERM): sessions closed with 1001 at once, then up to 10s for them to end \
+         (no drain window: server.drain_delay = 0s)",
     ] {
         assert!(out.contains(line), "{line:?} not in\n{out}");
     }
@@ -549,4 +551,122 @@ fn the_container_image_keeps_the_admin_listener_on_loopback() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("TLS listener 0.0.0.0:8443"), "{out}");
     assert!(out.contains("admin listener 127.0.0.1:9090"), "{out}");
+}
+
+impl Served {
+    /// The admin listener's address, from the start-up log line.
+    async fn admin_addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_log("edgeplex listening", 1).await;
+        let admin = line["admin"].as_str().expect("an admin field");
+        admin
+            .strip_prefix("Some(")
+            .and_then(|a| a.strip_suffix(')'))
+            .unwrap_or(admin)
+            .parse()
+            .unwrap_or_else(|e| panic!("{admin}: {e}"))
+    }
+}
+
+/// `server.drain_delay` as a load balancer needs it, with the real binary and a real SIGTERM:
+/// `/readyz` turns 503 at once while `/healthz` stays 200 and a new WebSocket still opens (the
+/// balancer's straggler); only after the delay does every session close with 1001: WebSocket
+/// (close frame), SSE (the stream ends), WebTransport (application close 1001 with its reason,
+/// not the endpoint's code 0); then the process exits 0 within its grace.
+#[tokio::test]
+async fn sigterm_drains_for_the_delay_then_closes_every_transport_with_1001() {
+    const DELAY: Duration = Duration::from_secs(1);
+    edgeplex::tls::install_crypto_provider();
+    let served = Served::start("drain_delay = \"1s\"", "");
+    let admin = served.admin_addr().await;
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://{admin}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(status("/readyz").await, 200);
+
+    let mut ws = served.connect().await;
+    let sse = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_der(&served.cert()).unwrap())
+        .resolve("localhost", served.addr)
+        .http1_only()
+        .build()
+        .unwrap();
+    let resp = sse
+        .get(format!(
+            "https://localhost:{}/sse?channel=demo",
+            served.addr.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream();
+    assert!(events.next().await.is_some(), "the welcome event");
+    let wt_config = common::wt_client::client_config_for(served.sha.as_deref().unwrap());
+    let wt = common::wt_client::try_open_url(
+        wtransport::Endpoint::client(wt_config).unwrap(),
+        &format!("https://127.0.0.1:{}/wt", served.addr.port()),
+        None,
+    )
+    .await
+    .expect("a WebTransport session");
+
+    served.signal("-TERM");
+    let signalled = std::time::Instant::now();
+    // Not ready at once, so the balancer stops sending; still alive, so nothing restarts it.
+    let mut ready = status("/readyz").await;
+    while ready == 200 && signalled.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ready = status("/readyz").await;
+    }
+    assert_eq!(ready, 503, "/readyz answers 503 right after SIGTERM");
+    assert_eq!(status("/healthz").await, 200);
+    // A straggler the balancer sent before it noticed is still served, on a new connection.
+    let mut late = served.connect().await;
+    let r = late.request(json!({"id": 1, "op": "ping"})).await;
+    assert_eq!(r["ok"], true);
+    assert!(
+        signalled.elapsed() < DELAY,
+        "the straggler was served within the delay"
+    );
+
+    let (code, reason, _) = ws.until_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "edge shutting down"));
+    assert!(
+        signalled.elapsed() >= DELAY - Duration::from_millis(50),
+        "sessions are closed only after the drain delay ({:?})",
+        signalled.elapsed()
+    );
+    assert_eq!(late.until_close().await.0, 1001);
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(chunk) = events.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the SSE stream ends");
+    assert_eq!(wt.closed().await, (1001, "edge shutting down".to_string()));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut served = served;
+    let exit = loop {
+        if let Some(s) = served.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edge exits within its grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "clean exit after the drain: {exit:?}");
 }

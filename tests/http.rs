@@ -32,13 +32,15 @@ async fn http2_and_http1_share_the_tls_listener() {
         .unwrap();
     let r = h1.get(&url).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
-    // WebSocket over HTTP/2 is not offered; the answer says what to do instead.
+    // Over HTTP/2 a WebSocket opens with an extended CONNECT (tests/websocket_h2.rs); a GET
+    // is told which method to use.
     let r = h2
         .get(format!("https://localhost:{}/ws", t.edge.tls_addr().port()))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 505);
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "CONNECT");
 }
 
 #[tokio::test]

@@ -24,6 +24,10 @@ pub use schema::{FileConfig, LimitMode, LogFormat};
 /// Prefix of environment overrides; `__` separates section and key.
 pub const ENV_PREFIX: &str = "EDGEPLEX__";
 
+/// `server.drain_delay` at most: the longest deregistration delay load balancers offer (AWS
+/// target groups: 3600 s). A node that waits longer is a node an orchestrator kills first.
+pub const MAX_DRAIN_DELAY: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read the config file: {source}")]
@@ -84,6 +88,10 @@ pub struct ServerConfig {
     /// A request body (`POST /publish`, the admin API) must arrive whole within this of its
     /// head; the body read is otherwise the one wait a client controls that nothing else ends.
     pub body_timeout: Duration,
+    /// After SIGTERM, how long `/readyz` answers 503 while the listeners still accept (the load
+    /// balancer's deregistration time), before sessions are closed with 1001.
+    pub drain_delay: Duration,
+    /// After the drain delay, how long connections and sessions have to end.
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes; zero: only on SIGHUP.
     pub config_watch: Duration,
@@ -550,6 +558,20 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             ))
         }
     };
+    let max_duration = |key: &'static str, v: Duration, hi: Duration| {
+        if v <= hi {
+            Ok(v)
+        } else {
+            Err(invalid(
+                key,
+                format!(
+                    "{} is too long; at most {}",
+                    humantime::format_duration(v),
+                    humantime::format_duration(hi)
+                ),
+            ))
+        }
+    };
 
     let s = &file.server;
     let server = ServerConfig {
@@ -582,6 +604,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             s.body_timeout,
             Duration::from_millis(100),
         )?,
+        drain_delay: max_duration("server.drain_delay", s.drain_delay, MAX_DRAIN_DELAY)?,
         shutdown_grace: min_duration("server.shutdown_grace", s.shutdown_grace, Duration::ZERO)?,
         proxy_protocol: s.proxy_protocol,
         config_watch: if s.config_watch.is_zero() {
@@ -1180,6 +1203,20 @@ impl Config {
             humantime::format_duration(s.body_timeout),
             humantime::format_duration(s.http_idle_timeout),
         ));
+        out.push_str(&if s.drain_delay.is_zero() {
+            format!(
+                "shutdown (SIGTERM): sessions closed with 1001 at once, then up to {} for them \
+                 to end (no drain window: server.drain_delay = 0s)\n",
+                humantime::format_duration(s.shutdown_grace),
+            )
+        } else {
+            format!(
+                "shutdown (SIGTERM): /readyz 503 and still accepting for {} (server.drain_delay), \
+                 then sessions closed with 1001, then up to {} for them to end\n",
+                humantime::format_duration(s.drain_delay),
+                humantime::format_duration(s.shutdown_grace),
+            )
+        });
         out.push_str(&format!("origins: {}\n", self.admission.origins.describe()));
         for (route, rules) in &self.admission.routes {
             out.push_str(&format!("  origins for {route}: {}\n", rules.describe()));
@@ -1402,6 +1439,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.shutdown_grace"), "{e}");
+    }
+
+    #[test]
+    fn drain_delay_is_read_and_bounded() {
+        let c = Config::from_file_config(FileConfig::default()).unwrap();
+        assert_eq!(c.server.drain_delay, Duration::ZERO, "no window by default");
+        let c = parse("[server]\ndrain_delay = \"30s\"\n").unwrap();
+        assert_eq!(c.server.drain_delay, Duration::from_secs(30));
+        assert!(
+            c.summary()
+                .contains("/readyz 503 and still accepting for 30s (server.drain_delay)"),
+            "{}",
+            c.summary()
+        );
+        let e = parse("[server]\ndrain_delay = \"2h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.drain_delay") && e.contains("at most 1h"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// No drain window unless asked for: without a load balancer to deregister from, a SIGTERM
+/// closes sessions at once.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONFIG_WATCH: Duration = Duration::from_secs(2);
 pub const DEFAULT_DEV_CERT_PATH: &str = "edgeplex-dev-cert.pem";
@@ -152,6 +155,8 @@ pub struct ServerSection {
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub config_watch: Duration,
@@ -172,6 +177,7 @@ impl Default for ServerSection {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            drain_delay: DEFAULT_DRAIN_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             config_watch: DEFAULT_CONFIG_WATCH,
             proxy_protocol: false,

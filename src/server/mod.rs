@@ -87,8 +87,11 @@ pub struct EdgeState {
     tcp_tls: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
     /// The QUIC endpoint, for reloading its certificate with the TCP one.
     quic: std::sync::OnceLock<crate::transport::webtransport::QuicEndpoint>,
-    /// Cancelled when shutdown starts: listeners stop accepting, sessions close with 1001.
+    /// Cancelled when the drain delay is over: listeners stop accepting, sessions close with
+    /// 1001.
     pub shutdown: CancellationToken,
+    /// Set at SIGTERM, before `shutdown`: `/readyz` answers 503 so load balancers stop sending
+    /// new clients, while those they still send (during `server.drain_delay`) are served.
     draining: AtomicBool,
     /// Every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -99,18 +102,21 @@ pub struct EdgeState {
 }
 
 impl EdgeState {
+    /// Shutdown has begun: the node is not ready, though it may still accept (the drain delay).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Admission of one more session from `client` (its origin already checked): refused while
-    /// draining, past the node-wide and per-IP limits, or at `server.max_sessions`. The session
-    /// holds both parts for its life.
+    /// Admission of one more session from `client` (its origin already checked): refused once
+    /// sessions are being closed, past the node-wide and per-IP limits, or at
+    /// `server.max_sessions`. During the drain delay sessions are still admitted: they are the
+    /// load balancer's stragglers, and refusing them would fail clients the balancer has not yet
+    /// moved. The session holds both parts for its life.
     pub fn admit_session(
         &self,
         client: Client,
     ) -> Result<(SessionTicket, OwnedSemaphorePermit), Refusal> {
-        if self.is_draining() {
+        if self.shutdown.is_cancelled() {
             return Err(Refusal::Draining);
         }
         let ticket = self.admission.admit_session(client)?;
@@ -366,10 +372,13 @@ impl Edge {
             let _ = state.quic.set(crate::transport::webtransport::QuicEndpoint(
                 endpoint.clone(),
             ));
-            tokio::spawn(crate::transport::webtransport::accept_loop(
-                endpoint,
-                state.clone(),
-            ));
+            // Tracked: shutdown waits for it to close the endpoint after the sessions' 1001s.
+            state
+                .tasks
+                .spawn(crate::transport::webtransport::accept_loop(
+                    endpoint,
+                    state.clone(),
+                ));
             Some(addr)
         } else {
             None
@@ -436,13 +445,30 @@ impl Edge {
         &self.state
     }
 
-    /// Stops accepting, tells every session to close with 1001, and waits up to
-    /// `server.shutdown_grace` for connections and sessions to end.
+    /// The first step of a shutdown: `/readyz` answers 503 from now on, while listeners and
+    /// sessions go on as before. [`Edge::shutdown`] does it too; call it alone to wait out the
+    /// drain delay yourself (the binary does, so that a second signal can end it).
+    pub fn begin_drain(&self) {
+        if !self.state.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                drain_delay = ?self.state.config.server.drain_delay,
+                "draining: /readyz answers 503; still accepting for server.drain_delay"
+            );
+        }
+    }
+
+    /// The whole shutdown: [`Edge::begin_drain`], `server.drain_delay` of accepting as usual,
+    /// then [`Edge::shutdown_within`] `server.shutdown_grace`.
     pub async fn shutdown(self) -> ShutdownReport {
+        self.begin_drain();
+        tokio::time::sleep(self.state.config.server.drain_delay).await;
         let grace = self.state.config.server.shutdown_grace;
         self.shutdown_within(grace).await
     }
 
+    /// Stops accepting, tells every session to close with 1001, and waits up to `grace` for
+    /// connections and sessions to end. No drain delay: whatever was owed to the load balancer
+    /// has been waited for already.
     pub async fn shutdown_within(self, grace: Duration) -> ShutdownReport {
         let state = &self.state;
         state.draining.store(true, Ordering::Release);

@@ -53,6 +53,10 @@ tokio::task_local! {
 /// resets that stream (RST_STREAM, CANCEL) while the connection's other streams go on: hyper
 /// polls a body only when the client has window for it, so a stalled stream cannot be ended
 /// from inside its body. HTTP/1.1 requests run in their connection's task, outside it.
+///
+/// A stream upgraded by an extended CONNECT (a WebSocket over HTTP/2) is written by a task
+/// hyper spawns from the stream's own task; it gets a child of the stream's token, so the same
+/// [`stream_kill`] ends it too (it may be waiting for window the client never gives).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StreamExec;
 
@@ -61,7 +65,9 @@ where
     F: Future + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let kill = tokio_util::sync::CancellationToken::new();
+        let kill = STREAM_KILL
+            .try_with(tokio_util::sync::CancellationToken::child_token)
+            .unwrap_or_default();
         let ended = kill.clone();
         tokio::spawn(STREAM_KILL.scope(kill, async move {
             tokio::select! {
@@ -134,6 +140,14 @@ pub(super) async fn route(
 }
 
 async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
+    // A 2xx answer to a CONNECT turns the stream (or the HTTP/1.1 connection) into a tunnel:
+    // only the WebSocket route may give one, so every other route is spared from knowing it.
+    if req.method() == Method::CONNECT && req.uri().path() != "/ws" {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT opens a WebSocket (HTTP/2, :protocol = websocket) at /ws only\n",
+        );
+    }
     match req.uri().path() {
         "/ws" => crate::transport::websocket::accept(req, state, info).await,
         "/sse" => crate::transport::sse::accept(req, state, info).await,

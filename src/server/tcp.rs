@@ -205,6 +205,11 @@ async fn serve_http<IO>(
         .timer(TokioTimer::new())
         .max_header_list_size(s.max_header_bytes as u32)
         .max_concurrent_streams(100);
+    if kind == Listener::Public {
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): browsers then open WebSockets as
+        // streams of this connection (extended CONNECT to /ws), over TLS and over h2c alike.
+        builder.http2().enable_connect_protocol();
+    }
     builder
         .http2()
         // Pings find dead peers; the idle check below closes live but unused connections.

@@ -1,7 +1,17 @@
-//! WebSocket (RFC 6455) over HTTP/1.1 upgrade: adapts a tungstenite stream to a [`Session`].
+//! WebSocket (RFC 6455): adapts a tungstenite stream to a [`Session`], opened either by an
+//! HTTP/1.1 upgrade (`GET /ws`, 101) or, on an HTTP/2 connection, by an extended CONNECT
+//! (RFC 8441: `:protocol = websocket` on `/ws`, 200), which makes the WebSocket one stream of a
+//! connection other streams share.
 //!
-//! This file owns the WebSocket handshake checks and the wire loop (text frames in, outbox frames
-//! out, pings, close codes). Admission policy, protocol meaning and fan-out are not here.
+//! This file owns the two handshakes' checks and the wire loop (text frames in, outbox frames
+//! out, pings, close codes), which both share: after its handshake a session runs the same way on
+//! either. Admission policy, protocol meaning and fan-out are not here.
+//!
+//! Over HTTP/2 a stream that stops reading must not cost the others: hyper writes the upgraded
+//! stream only as its own flow-control window allows (one write queued at most), so a stalled
+//! client blocks only its writes, which `session.write_timeout` turns into a 1013 close; if the
+//! close cannot get through either, that stream alone is reset (RST_STREAM, see
+//! [`stream_kill`]), never the connection.
 //!
 //! Binary frames are not part of the protocol: each gets a `bad_request` error reply and the
 //! session goes on.
@@ -25,7 +35,9 @@ use tracing::Instrument;
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
 use crate::protocol::Frame;
-use crate::server::routes::{ConnInfo, ConnSlot, admit_http_session, admit_origin, text};
+use crate::server::routes::{
+    ConnInfo, ConnSlot, InFlight, admit_http_session, admit_origin, stream_kill, text,
+};
 use crate::server::{Body, EdgeState, full_body};
 use crate::session::{Admitted, CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
@@ -46,30 +58,42 @@ pub fn ws_config(cfg: &SessionConfig) -> WebSocketConfig {
         .max_frame_size(Some(cfg.close_message_bytes))
 }
 
-/// Answers `GET /ws`: checks the handshake and admission, then upgrades and runs the session in
-/// its own task.
+/// How a client asked for its WebSocket.
+enum Opening {
+    /// `GET` with `Upgrade: websocket`: answered 101 with this `Sec-WebSocket-Accept`.
+    Http1 { accept_key: String },
+    /// `CONNECT` with `:protocol = websocket` (RFC 8441): answered 200; there is no key.
+    Http2,
+}
+
+/// What a WebSocket on an HTTP/2 stream holds besides its IO, since its connection is shared.
+struct OnStream {
+    /// Resets this stream alone, for a close that could not get through.
+    kill: Option<tokio_util::sync::CancellationToken>,
+    /// Keeps the connection from looking idle (and being shut) while the WebSocket is open:
+    /// its request ended with the 200.
+    _in_flight: Option<InFlight>,
+}
+
+/// What a session holds for its life besides its IO.
+struct Holds {
+    /// Its place under the session cap.
+    _session: OwnedSemaphorePermit,
+    /// Its connection's place under the connection caps.
+    _conn: Option<Arc<ConnSlot>>,
+    /// Over HTTP/2, what the shared connection needs of it.
+    on_stream: Option<OnStream>,
+}
+
+/// Answers `/ws`: checks the handshake (HTTP/1.1 upgrade or HTTP/2 extended CONNECT) and
+/// admission, then runs the session on the upgraded IO in its own task.
 pub async fn accept(
     req: Request<Incoming>,
     state: Arc<EdgeState>,
     info: ConnInfo,
 ) -> Response<Body> {
-    if req.method() != Method::GET {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use GET to open a WebSocket\n",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        return r;
-    }
-    if req.version() != Version::HTTP_11 {
-        return text(
-            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            "WebSocket needs HTTP/1.1 here; open /ws over an HTTP/1.1 connection\n",
-        );
-    }
-    let key = match check_handshake(req.headers()) {
-        Ok(key) => key,
+    let opening = match check_request(&req) {
+        Ok(opening) => opening,
         Err(resp) => return resp,
     };
     let origin = match admit_origin(req.headers(), &state, &info, "websocket") {
@@ -89,33 +113,77 @@ pub async fn accept(
         Err(refused) => return refused,
     };
     let client = *admitted.ticket.client();
+    let on_stream = match opening {
+        Opening::Http1 { .. } => None,
+        Opening::Http2 => Some(OnStream {
+            // The handler runs in the stream's task (see `StreamExec`), so this is its token.
+            kill: stream_kill(),
+            _in_flight: info.activity.as_ref().map(|a| a.begin()),
+        }),
+    };
 
     let on_upgrade = hyper::upgrade::on(req);
     state.tasks.spawn(serve(
         on_upgrade,
         state.clone(),
         admitted,
-        (slot, info.permit),
+        Holds {
+            _session: slot,
+            _conn: info.permit,
+            on_stream,
+        },
         info.peer,
         info.tls,
         client.ip,
     ));
 
     let mut resp = Response::new(full_body(bytes::Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&key).unwrap_or_else(|_| HeaderValue::from_static("")),
-    );
+    match opening {
+        Opening::Http1 { accept_key } => {
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&accept_key).unwrap_or_else(|_| HeaderValue::from_static("")),
+            );
+        }
+        // RFC 8441 §5: a 2xx opens the stream as the WebSocket; no key, no upgrade headers.
+        Opening::Http2 => *resp.status_mut() = StatusCode::OK,
+    }
     resp
+}
+
+/// Which handshake the request is, by HTTP version and method, and its checks.
+#[allow(clippy::result_large_err)]
+fn check_request(req: &Request<Incoming>) -> Result<Opening, Response<Body>> {
+    let not_allowed = |allow: &'static str, msg: &'static str| {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, msg);
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        r
+    };
+    match (req.version(), req.method()) {
+        (Version::HTTP_11, &Method::GET) => {
+            check_http1(req.headers()).map(|accept_key| Opening::Http1 { accept_key })
+        }
+        (Version::HTTP_11, _) => Err(not_allowed("GET", "use GET to open a WebSocket\n")),
+        (Version::HTTP_2, &Method::CONNECT) => check_http2(req).map(|()| Opening::Http2),
+        (Version::HTTP_2, _) => Err(not_allowed(
+            "CONNECT",
+            "over HTTP/2 a WebSocket opens with CONNECT and :protocol = websocket (RFC 8441)\n",
+        )),
+        _ => Err(text(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "WebSocket needs HTTP/1.1 (Upgrade) or HTTP/2 (extended CONNECT) here\n",
+        )),
+    }
 }
 
 /// RFC 6455 §4.2.1 checks. Returns the `Sec-WebSocket-Accept` value.
 #[allow(clippy::result_large_err)]
-fn check_handshake(h: &HeaderMap) -> Result<String, Response<Body>> {
+fn check_http1(h: &HeaderMap) -> Result<String, Response<Body>> {
     let has_token = |name: header::HeaderName, token: &str| {
         h.get_all(name).iter().any(|v| {
             v.to_str()
@@ -132,7 +200,7 @@ fn check_handshake(h: &HeaderMap) -> Result<String, Response<Body>> {
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return Err(r);
     }
-    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if !is_version_13(h) {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
             "unsupported WebSocket version; this edge speaks version 13\n",
@@ -152,6 +220,36 @@ fn check_handshake(h: &HeaderMap) -> Result<String, Response<Body>> {
     }
 }
 
+/// RFC 8441 §4-5 checks of an extended CONNECT: `:protocol = websocket` and version 13. There
+/// is no key (the stream itself proves the server took it) and no `Upgrade` header; a wrong
+/// version is a 400 that names the right one, since HTTP/2 has no 426 upgrade to offer.
+#[allow(clippy::result_large_err)]
+fn check_http2(req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let protocol = req.extensions().get::<hyper::ext::Protocol>();
+    if !protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "this endpoint speaks WebSocket: send CONNECT with :protocol = websocket\n",
+        ));
+    }
+    if !is_version_13(req.headers()) {
+        let mut r = text(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version; this edge speaks version 13\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    Ok(())
+}
+
+fn is_version_13(h: &HeaderMap) -> bool {
+    h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) == Some(b"13")
+}
+
 /// Why a half of the wire loop ended.
 enum End {
     /// We close the session with this code.
@@ -163,7 +261,8 @@ enum End {
 /// Keep the drained-batch vector small between bursts.
 const BATCH_KEEP_CAPACITY: usize = 64;
 
-/// The session task: waits for the upgrade, then runs the session and its close.
+/// The session task: waits for the upgrade (HTTP/1.1 or an HTTP/2 stream, `on_stream`), then
+/// runs the session and its close.
 ///
 /// This future is what every idle session keeps alive, so each large value in it (the WebSocket,
 /// the session) is created here and lent to what runs it, and is held once. For the same reason
@@ -174,15 +273,14 @@ fn serve(
     on_upgrade: hyper::upgrade::OnUpgrade,
     state: Arc<EdgeState>,
     admitted: Admitted,
-    // Held for the session's life: its place under the session cap and the connection cap.
-    slots: (OwnedSemaphorePermit, Option<Arc<ConnSlot>>),
+    holds: Holds,
     peer: std::net::SocketAddr,
     tls: bool,
     client_ip: std::net::IpAddr,
 ) -> impl Future<Output = ()> + Send {
     async move {
         // Named so the block owns them: they are released when the session ends.
-        let _slots = &slots;
+        let holds = &holds;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -223,7 +321,18 @@ fn serve(
         // The session leaves the hub before the close handshake, so nothing more is queued
         // for it.
         drop(session);
-        close(sink, stream, end, owed).instrument(span).await;
+        let closed = close(sink, stream, end, owed).instrument(span).await;
+        // On HTTP/1.1 dropping the socket ends everything. An HTTP/2 stream whose close did not
+        // get through has a write waiting for window in hyper's task: reset the stream, or it
+        // would linger, and hold one of the connection's streams, until the connection ends.
+        if let Some(OnStream {
+            kill: Some(kill), ..
+        }) = &holds.on_stream
+            && !closed
+        {
+            tracing::debug!(%peer, "resetting the HTTP/2 stream of a WebSocket that did not close");
+            kill.cancel();
+        }
     }
 }
 
@@ -264,12 +373,13 @@ where
     end
 }
 
-/// Sends what is owed and the close frame, and waits (bounded) for the client's answer.
-async fn close<S>(mut sink: Sink<S>, mut stream: Stream<S>, end: End, owed: Vec<Frame>)
+/// Sends what is owed and the close frame, and waits (bounded) for the client's answer. False
+/// when the bound ran out first.
+async fn close<S>(mut sink: Sink<S>, mut stream: Stream<S>, end: End, owed: Vec<Frame>) -> bool
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+    tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
         match end {
             End::Close(reason) => {
                 tracing::info!(
@@ -302,7 +412,8 @@ where
             }
         }
     })
-    .await;
+    .await
+    .is_ok()
 }
 
 /// Writes what the outbox holds (one flush per wake-up) and pings on the interval.

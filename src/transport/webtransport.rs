@@ -96,9 +96,16 @@ pub fn bind(
     Endpoint::server(server_config(addr, tls, cfg)?)
 }
 
-/// Accepts sessions until shutdown, then closes the endpoint.
+/// How long the endpoint is given, once closed, to send the last close frames before the process
+/// may exit. The sessions' own closes went out before it (see [`accept_loop`]).
+const ENDPOINT_CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Accepts sessions until shutdown, then waits for them to close (each with 1001 and its reason)
+/// and only then closes the endpoint: closing it first would close every connection with code 0
+/// before a session could say why.
 pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>) {
     let validate = state.config.webtransport.validate_address;
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let incoming = tokio::select! {
             _ = state.shutdown.cancelled() => break,
@@ -125,9 +132,15 @@ pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>)
         };
         let slot = ConnSlot::new(permit, state.metrics.connections.clone()).with_address(address);
         let st = state.clone();
-        state.tasks.spawn(handle(incoming, st, slot));
+        state
+            .tasks
+            .spawn(connections.track_future(handle(incoming, st, slot)));
     }
+    connections.close();
+    let grace = state.config.server.shutdown_grace;
+    let _ = tokio::time::timeout(grace, connections.wait()).await;
     endpoint.close(VarInt::from_u32(0), b"edge shutting down");
+    let _ = tokio::time::timeout(ENDPOINT_CLOSE_FLUSH, endpoint.wait_idle()).await;
 }
 
 /// One QUIC connection from handshake to close. This future is what every open session keeps,
@@ -146,7 +159,13 @@ fn handle(
         let peer = incoming.remote_address();
         let deadline = state.config.server.handshake_timeout;
         let (connection, admitted, slot, client) = {
-            let request = match tokio::time::timeout(deadline, incoming).await {
+            // A handshake still under way at shutdown has no session to close with 1001: it is
+            // dropped, so the endpoint's close does not wait for it.
+            let handshake = tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                r = tokio::time::timeout(deadline, incoming) => r,
+            };
+            let request = match handshake {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "webtransport handshake failed");

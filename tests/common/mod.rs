@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod h2_client;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;
@@ -116,8 +117,10 @@ pub fn client_tls(
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
-pub struct Client {
-    pub ws: Ws,
+/// A WebSocket client; `S` is its IO: TLS over TCP (HTTP/1.1 upgrade) by default, or an HTTP/2
+/// stream ([`h2_client::H2Io`]).
+pub struct Client<S = TlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
     pub welcome: Value,
     /// Pushes that arrived while [`Client::request`] waited for its reply; `recv` returns them
     /// first, in order.
@@ -177,9 +180,12 @@ impl TestEdge {
     }
 }
 
-impl Client {
+impl<S> Client<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     /// A client on an open WebSocket, once its welcome frame is read.
-    pub async fn welcomed(ws: Ws) -> Client {
+    pub async fn welcomed(ws: WebSocketStream<S>) -> Client<S> {
         let mut c = Client {
             ws,
             welcome: Value::Null,
@@ -244,7 +250,10 @@ impl TestEdge {
     }
 }
 
-impl Client {
+impl<S> Client<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     pub async fn send(&mut self, v: Value) {
         self.ws.send(Message::text(v.to_string())).await.unwrap();
     }

@@ -28,7 +28,11 @@ pub fn client_endpoint(t: &TestEdge) -> Endpoint<Client> {
 }
 
 pub fn client_config(t: &TestEdge) -> ClientConfig {
-    let hex = &t.edge.dev_cert().unwrap().sha256_hex;
+    client_config_for(&t.edge.dev_cert().unwrap().sha256_hex)
+}
+
+/// A client trusting the certificate whose SHA-256 is `hex` (as `edgeplex serve` prints it).
+pub fn client_config_for(hex: &str) -> ClientConfig {
     let bytes: Vec<u8> = (0..32)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect();
@@ -54,7 +58,17 @@ pub async fn try_open_path(
     path: &str,
     origin: Option<&str>,
 ) -> Result<Wt, String> {
-    let mut options = ConnectOptions::builder(url(t, path));
+    try_open_url(endpoint, &url(t, path), origin).await
+}
+
+/// Opens a session at `url` (`https://127.0.0.1:<port>/wt`): CONNECT, the stream, and the
+/// welcome.
+pub async fn try_open_url(
+    endpoint: Endpoint<Client>,
+    url: &str,
+    origin: Option<&str>,
+) -> Result<Wt, String> {
+    let mut options = ConnectOptions::builder(url);
     if let Some(o) = origin {
         options = options.add_header("origin", o);
     }
