@@ -2,139 +2,25 @@
 //! HTTP/1.1, and over TLS with a certificate made here): what the edge sends, how it reads the
 //! answers, and what it does when the service lies, stalls, floods or is gone.
 
-use std::convert::Infallible;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::hook_service::{Service, answer};
 use edgeplex::config::{Config, HooksConfig};
 use edgeplex::hooks::{DISCONNECT_QUEUE, Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use edgeplex::metrics::Metrics;
-use futures_util::future::BoxFuture;
-use http::{HeaderMap, Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::HeaderMap;
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// One request as the service received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    headers: HeaderMap,
-    body: Value,
-}
-
-type Handler = Arc<dyn Fn(Seen) -> BoxFuture<'static, (u16, String)> + Send + Sync>;
-
-fn answer(status: u16, body: Value) -> BoxFuture<'static, (u16, String)> {
-    Box::pin(async move { (status, body.to_string()) })
-}
-
-/// A hook service: counts the TCP connections it accepts and keeps every request it got.
-struct Service {
-    url: String,
-    accepts: Arc<AtomicUsize>,
-    seen: Arc<parking_lot::Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Service {
-    async fn start(
-        handler: impl Fn(Seen) -> BoxFuture<'static, (u16, String)> + Send + Sync + 'static,
-    ) -> Service {
-        Service::start_on(None, Arc::new(handler)).await
-    }
-
-    async fn start_on(tls: Option<tokio_rustls::TlsAcceptor>, handler: Handler) -> Service {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepts = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let (a, s) = (accepts.clone(), seen.clone());
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                a.fetch_add(1, Ordering::SeqCst);
-                let (handler, seen, tls) = (handler.clone(), s.clone(), tls.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (handler, seen) = (handler.clone(), seen.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let bytes = body.collect().await.unwrap().to_bytes();
-                            let got = Seen {
-                                path: parts.uri.path().to_string(),
-                                headers: parts.headers,
-                                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                            };
-                            seen.lock().push(got.clone());
-                            let (status, text) = handler(got).await;
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(text)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                        Some(tls) => {
-                            if let Ok(stream) = tls.accept(stream).await {
-                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        Service {
-            url: format!("{scheme}://{addr}/app"),
-            accepts,
-            seen,
-            task,
-        }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().clone()
-    }
-
-    async fn wait_seen(&self, n: usize) -> Vec<Seen> {
-        let deadline = Instant::now() + WAIT;
-        while self.seen.lock().len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "the service got {:?}",
-                self.seen()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.seen()
-    }
-}
 
 /// `[hooks]` with every hook on at `url`, plus `extra` lines, through the real config loader.
 fn config(url: &str, extra: &str) -> HooksConfig {

@@ -5,118 +5,20 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::hook_service::{self, Seen, Service};
 use common::{Client, TestEdge, channel_rules, sse_client, start};
 use edgeplex::config::{FileConfig, HookFailure};
 use futures_util::future::BoxFuture;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite;
 
-/// One request as the service received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    body: Value,
-}
-
-type Handler = Arc<dyn Fn(&Seen) -> BoxFuture<'static, (u16, Value)> + Send + Sync>;
-
-fn answer(body: Value) -> BoxFuture<'static, (u16, Value)> {
-    Box::pin(async move { (200, body) })
-}
-
-/// The existing service: answers `/connect`, `/subscribe`, `/publish` and `/disconnect` with
-/// what the test's handler says, and keeps every request.
-struct Service {
-    url: String,
-    seen: Arc<parking_lot::Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Service {
-    async fn start(
-        handler: impl Fn(&Seen) -> BoxFuture<'static, (u16, Value)> + Send + Sync + 'static,
-    ) -> Service {
-        let handler: Handler = Arc::new(handler);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (handler, seen) = (handler.clone(), s.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (handler, seen) = (handler.clone(), seen.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let bytes = body.collect().await.unwrap().to_bytes();
-                            let got = Seen {
-                                path: parts.uri.path().to_string(),
-                                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                            };
-                            seen.lock().push(got.clone());
-                            let (status, body) = handler(&got).await;
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body.to_string())))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Service {
-            url: format!("http://{addr}"),
-            seen,
-            task,
-        }
-    }
-
-    /// The requests received on `path` so far.
-    fn on(&self, path: &str) -> Vec<Value> {
-        self.seen
-            .lock()
-            .iter()
-            .filter(|s| s.path == path)
-            .map(|s| s.body.clone())
-            .collect()
-    }
-
-    /// Waits until `path` got `n` requests; returns them.
-    async fn wait_on(&self, path: &str, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + common::TIMEOUT;
-        loop {
-            let got = self.on(path);
-            if got.len() >= n {
-                return got;
-            }
-            assert!(Instant::now() < deadline, "{path}: {:?}", self.seen.lock());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+/// A 200 answer with `body`.
+fn answer(body: Value) -> BoxFuture<'static, (u16, String)> {
+    hook_service::answer(200, body)
 }
 
 /// An address where nothing listens.
@@ -162,8 +64,8 @@ async fn edge(base: &str, on: &[&str], edit: impl FnOnce(&mut FileConfig)) -> Te
 
 /// A connect hook as a cookie-session app writes it: `session=alice` is alice, who has bought
 /// the gold plan; anything else has no session.
-fn cookie_app(seen: &Seen) -> BoxFuture<'static, (u16, Value)> {
-    match seen.path.as_str() {
+fn cookie_app(seen: Seen) -> BoxFuture<'static, (u16, String)> {
+    match seen.hook() {
         "/connect" if seen.body["headers"]["cookie"] == "session=alice" => answer(
             json!({"allow": true, "user": "alice", "channels": {"subscribe": ["paid:gold"]}}),
         ),
@@ -389,7 +291,7 @@ async fn unanswering_service(slow: bool) -> (String, Option<Service>) {
         let service = Service::start(|_| {
             Box::pin(async {
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                (200, json!({"allow": true, "user": "late"}))
+                (200, json!({"allow": true, "user": "late"}).to_string())
             })
         })
         .await;
