@@ -608,6 +608,30 @@ impl Session {
         self.env.gate.watch()
     }
 
+    /// Waits for what the session must act on besides its client, for a transport's read loop
+    /// to `select!` on next to its reads: the token running out (`Some`: close with that), or a
+    /// reload of the rules (`None`, once the lost channels are left with their notices).
+    /// `rules` comes from [`Session::rules_watch`], taken when the session opened.
+    pub async fn identity_changed(
+        &mut self,
+        rules: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Option<CloseReason> {
+        loop {
+            tokio::select! {
+                () = until(self.expires()) => {
+                    if self.token_expired() {
+                        return Some(CloseReason::TOKEN_EXPIRED);
+                    }
+                    // A deadline capped at a day, or a clock step: look again.
+                }
+                Ok(()) = rules.changed() => {
+                    self.revalidate();
+                    return None;
+                }
+            }
+        }
+    }
+
     /// The session's token ran out (its `exp` plus the leeway): what a transport checks when
     /// the deadline of [`Session::expires`] fires, since that one is capped at a day.
     pub fn token_expired(&self) -> bool {

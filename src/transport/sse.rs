@@ -144,7 +144,6 @@ pub async fn accept(
         transport: Transport::sse,
     };
     let events = EventStream {
-        expires: session.expires(),
         rules,
         outbox: session.outbox().clone(),
         session,
@@ -309,8 +308,6 @@ async fn watch_for_stall(outbox: Arc<Outbox>, kill: CancellationToken, write_tim
 /// The open stream: owns the session (dropping it unsubscribes) and every slot it holds.
 struct EventStream {
     session: Session,
-    /// When the token runs out: the stream then ends after an `unauthorized` notice.
-    expires: Option<Instant>,
     /// Changes when the channel rules are reloaded.
     rules: tokio::sync::watch::Receiver<u64>,
     outbox: Arc<Outbox>,
@@ -344,25 +341,17 @@ impl EventStream {
                 biased;
                 _ = self.shutdown.cancelled() => return self.end(Some(CloseReason::SHUTDOWN)),
                 // Before the outbox: a busy channel keeps it ready, and would otherwise starve
-                // these two.
-                () = crate::session::until(self.expires) => {
-                    if !self.session.token_expired() {
-                        // A deadline capped at a day, or a clock step: look again.
-                        self.expires = self.session.expires();
-                        continue;
-                    }
+                // the token's expiry and the rules' reloads.
+                closed = self.session.identity_changed(&mut self.rules) => {
+                    let Some(reason) = closed else { continue };
                     let notice = protocol::encode_notice(
                         None,
                         ErrorCode::Unauthorized,
                         "token expired; reconnect with a new token and Last-Event-ID",
                     );
                     self.state.metrics.error(ErrorCode::Unauthorized);
-                    self.count_end(Some(CloseReason::TOKEN_EXPIRED));
+                    self.count_end(Some(reason));
                     return Some(notice.sse_event());
-                }
-                Ok(()) = self.rules.changed() => {
-                    // The notices go out through the outbox, in order with the pushes.
-                    self.session.revalidate();
                 }
                 _ = self.outbox.ready() => {
                     match self.outbox.drain(&mut self.batch) {

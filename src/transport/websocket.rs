@@ -497,20 +497,12 @@ where
 {
     let mut rules = session.rules_watch();
     loop {
-        let expires = session.expires();
         let read = tokio::select! {
             read = tokio::time::timeout(cfg.idle_timeout, stream.next()) => read,
-            () = crate::session::until(expires) => {
-                if session.token_expired() {
-                    return End::Close(CloseReason::TOKEN_EXPIRED);
-                }
-                // A deadline capped at a day, or a clock step: look again.
-                continue;
-            }
-            Ok(()) = rules.changed() => {
-                session.revalidate();
-                continue;
-            }
+            closed = session.identity_changed(&mut rules) => match closed {
+                Some(reason) => return End::Close(reason),
+                None => continue,
+            },
         };
         let Ok(msg) = read else {
             return End::Close(CloseReason::IDLE);

@@ -435,20 +435,12 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
     let mut chunk = vec![0u8; cfg.read_buffer_bytes];
     let mut rules = session.rules_watch();
     loop {
-        let expires = session.expires();
         let read = tokio::select! {
             read = recv.read(&mut chunk) => read,
-            () = crate::session::until(expires) => {
-                if session.token_expired() {
-                    return End::Close(CloseReason::TOKEN_EXPIRED);
-                }
-                // A deadline capped at a day, or a clock step: look again.
-                continue;
-            }
-            Ok(()) = rules.changed() => {
-                session.revalidate();
-                continue;
-            }
+            closed = session.identity_changed(&mut rules) => match closed {
+                Some(reason) => return End::Close(reason),
+                None => continue,
+            },
         };
         let n = match read {
             Ok(Some(n)) => n,
