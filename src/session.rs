@@ -1012,7 +1012,7 @@ impl From<GateRefusal> for JoinError {
 }
 
 /// Resolves at `deadline`, or never without one: a session's token expiry in a `select!`.
-pub async fn until(deadline: Option<tokio::time::Instant>) {
+async fn until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
