@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod h2_client;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;

@@ -26,7 +26,8 @@ pub(super) const HISTORY_EVICTIONS_PER_PUBLISH: usize = 64;
 /// channel name holds `#`, so no stream key is `#total`). ARGV: data, history_len, history_ttl
 /// (ms), pub/sub channel, history_ttl_unsubscribed (ms), history_bytes, [`HISTORY_ENTRY_BYTES`],
 /// [`HISTORY_CHANNEL_BYTES`], [`HISTORY_TRIM_SLACK`], history_channel_bytes,
-/// [`HISTORY_EVICTIONS_PER_PUBLISH`]. Returns the stream id, the channels evicted, the bytes all
+/// [`HISTORY_EVICTIONS_PER_PUBLISH`], and the publish command (`SPUBLISH` under Redis Cluster;
+/// `PUBLISH` when absent). Returns the stream id, the channels evicted, the bytes all
 /// histories then hold, and how many channels they are (-1 when this publish took none out of
 /// the index, to spare the count).
 ///
@@ -60,7 +61,7 @@ local cap, most = tonumber(ARGV[10]), tonumber(ARGV[11])
 local function ms(id) return tonumber(string.match(id, '^%d+')) end
 local n = redis.call('XLEN', stream)
 local id = redis.call('XADD', stream, '*', 'd', data)
-local heard = redis.call('PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. data .. '}')
+local heard = redis.call(ARGV[12] or 'PUBLISH', ARGV[4], '{"$edgeplex":"' .. id .. '","data":' .. data .. '}')
 -- An entry's data in Redis's allocations: an eighth more, the spacing of jemalloc's classes.
 local delta = #data + math.floor(#data / 8) + per_entry
 -- The id's time is Redis's clock, the one that runs the key's expiry. The index holds the exact

@@ -66,8 +66,9 @@
 //!
 //! This module does not know about sessions or transports; it talks to the hub only. It owns the
 //! bus's state and settings; [`history`] holds the scripts and the keys they touch, [`publish`]
-//! the publish pipeline, [`subscriber`] the subscriber connection and its ingest queue. The
-//! cluster bus ([`cluster`]) reuses the scripts, the ingest pump and the backoff.
+//! the publish pipeline, [`subscriber`] the subscriber connection and its ingest queue, and
+//! [`cluster`] the Redis Cluster mode (`bus.redis_cluster`), which reuses the scripts, the publish
+//! queue, the ingest pump and the backoff.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -86,6 +87,7 @@ use super::{BusError, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Channel, Offset};
 
+pub mod cluster;
 mod history;
 mod publish;
 mod subscriber;
@@ -137,7 +139,10 @@ const SERVER_TOO_OLD: u8 = 2;
 
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// One Redis; under Redis Cluster, the first seed (asked for its version).
     pub url: String,
+    /// Redis Cluster seed URLs (`bus.redis_cluster`); empty for one Redis.
+    pub cluster: Vec<String>,
     /// PEM CA for a `rediss://` server, instead of the system's roots.
     pub ca: Option<std::path::PathBuf>,
     pub prefix: String,
@@ -159,6 +164,8 @@ pub struct RedisSettings {
 
 pub struct RedisBus {
     client: redis::Client,
+    /// Redis Cluster mode (see [`cluster`]); `None` for one Redis.
+    cluster: Option<cluster::Cluster>,
     settings: RedisSettings,
     publisher: ConnectionManager,
     script: redis::Script,
@@ -234,8 +241,17 @@ impl RedisBus {
                 RedisConfigError(format!("cannot prepare the connection ({:?})", e.kind()))
             })?;
         let (publish_tx, publish_rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+        let cluster = match settings.cluster.is_empty() {
+            true => None,
+            false => Some(
+                cluster::Cluster::new(&settings.cluster, settings.timeout).map_err(|e| {
+                    RedisConfigError(format!("not usable Redis Cluster seeds ({:?})", e.kind()))
+                })?,
+            ),
+        };
         Ok(RedisBus {
             client,
+            cluster,
             publisher,
             script: redis::Script::new(PUBLISH_LUA),
             replay_script: redis::Script::new(REPLAY_LUA),
@@ -320,8 +336,26 @@ impl RedisBus {
         }
     }
 
+    /// The Redis name of `channel`: pub/sub channel and stream key (`<prefix>C`), or under
+    /// Redis Cluster shard channel and stream key (`<prefix>{C}`).
     fn key(&self, channel: &Channel) -> String {
-        format!("{}{}", self.settings.prefix, channel.as_str())
+        match self.cluster {
+            Some(_) => cluster::cluster_key(&self.settings.prefix, channel),
+            None => format!("{}{}", self.settings.prefix, channel.as_str()),
+        }
+    }
+
+    /// The edge channel name inside a Redis channel name, if it is one of ours.
+    fn channel_name<'a>(&self, full: &'a str) -> Option<&'a str> {
+        let name = full.strip_prefix(self.settings.prefix.as_str())?;
+        match self.cluster {
+            Some(_) => name.strip_prefix('{')?.strip_suffix('}'),
+            None => Some(name),
+        }
+    }
+
+    fn channel_of(&self, full: &str) -> Option<Channel> {
+        self.channel_name(full).and_then(|n| Channel::new(n).ok())
     }
 
     /// Publishes through the script and waits for Redis's answer, the offset it assigned. The
@@ -343,13 +377,26 @@ impl RedisBus {
         } else {
             window
         };
-        let mut conn = self.publisher.clone();
         let mut call = self.replay_script.key(self.key(channel));
         call.arg(since.to_string())
             .arg(window.frames)
             .arg(window.bytes)
             .arg(REPLAY_FRAME_BYTES);
-        let query = call.invoke_async::<ReplayReply>(&mut conn);
+        let query = async {
+            match &self.cluster {
+                // Routed by the stream key to its slot's master.
+                Some(cl) => match cl.conn() {
+                    Some(mut conn) => call.invoke_async::<ReplayReply>(&mut conn).await,
+                    None => Err(redis::RedisError::from(std::io::Error::other(
+                        "not connected",
+                    ))),
+                },
+                None => {
+                    let mut conn = self.publisher.clone();
+                    call.invoke_async::<ReplayReply>(&mut conn).await
+                }
+            }
+        };
         let (first, last, cut, newest_first) =
             match tokio::time::timeout(self.settings.timeout, query).await {
                 Ok(Ok(r)) => r,
@@ -374,6 +421,7 @@ impl RedisBus {
     pub(crate) fn stalled_for_tests() -> Arc<RedisBus> {
         let settings = RedisSettings {
             url: "redis://127.0.0.1:1/".into(),
+            cluster: Vec::new(),
             ca: None,
             prefix: "t:".into(),
             history_len: 10,

@@ -8,12 +8,12 @@ pub type PublishDone = Box<dyn FnOnce(Result<Offset, BusError>) + Send + Sync>;
 
 /// A publish waiting for the pipeline.
 pub(super) struct PublishJob {
-    key: String,
-    data: String,
+    pub(super) key: String,
+    pub(super) data: String,
     done: PublishDone,
     /// Queued at most `bus.redis_timeout` ago when sent; older, it is answered `unavailable`
     /// unsent, so a publish waits at most twice that in all.
-    deadline: tokio::time::Instant,
+    pub(super) deadline: tokio::time::Instant,
     /// The job's share of [`PUBLISH_QUEUE_BYTES`], given back when it is answered.
     _bytes: tokio::sync::OwnedSemaphorePermit,
     /// Counts the job in `redis_publish_queued` until it is answered or dropped.
@@ -113,7 +113,10 @@ impl RedisBus {
                 // Refused here rather than by the caller, so the refusal keeps its place.
                 vec![Err(BusError::Unavailable("Redis is unreachable")); batch.len()]
             } else {
-                self.send_batch(&batch).await
+                match self.cluster {
+                    Some(_) => self.send_batch_cluster(&batch).await,
+                    None => self.send_batch(&batch).await,
+                }
             };
             for (job, result) in batch.drain(..).zip(results) {
                 answer(job, result);
@@ -212,7 +215,10 @@ impl RedisBus {
     /// Counts the failures among `outcomes` in `edgeplex_redis_publish_errors_total` (Redis
     /// refused or did not answer in time; a refusal while Redis is known down is not counted,
     /// as before the pipeline).
-    fn counted(&self, outcomes: Vec<Result<Offset, BusError>>) -> Vec<Result<Offset, BusError>> {
+    pub(super) fn counted(
+        &self,
+        outcomes: Vec<Result<Offset, BusError>>,
+    ) -> Vec<Result<Offset, BusError>> {
         for o in &outcomes {
             if o.is_err() {
                 self.publish_errors.inc();

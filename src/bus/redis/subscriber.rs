@@ -27,6 +27,9 @@ impl RedisBus {
     /// once when it is: no lock is held across a round trip. Otherwise the channel joins the
     /// next SUBSCRIBE, which carries every channel asked for meanwhile.
     pub async fn ensure_subscribed(&self, channel: &Channel) -> Result<(), BusError> {
+        if self.cluster.is_some() {
+            return self.ensure_subscribed_cluster(channel).await;
+        }
         let answer = {
             let mut st = self.subs.lock();
             if st.active.contains(channel) {
@@ -52,6 +55,9 @@ impl RedisBus {
     /// The hub dropped its last local subscriber of `channel`: it is unsubscribed after
     /// [`UNSUBSCRIBE_DELAY`], with whatever else was dropped meanwhile, unless joined again.
     pub fn channel_dropped(&self, channel: &Channel) {
+        if self.cluster.is_some() {
+            return self.channel_dropped_cluster(channel);
+        }
         {
             // Recorded even while disconnected (a new connection starts afresh from the
             // table): the cap bounds it either way.
@@ -302,7 +308,7 @@ impl RedisBus {
         }
     }
 
-    async fn timed<T>(
+    pub(super) async fn timed<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> redis::RedisResult<T> {
@@ -317,14 +323,11 @@ impl RedisBus {
 
     /// Delivers what the pump queued: a message, or the gap notice of a channel that lost
     /// messages at the ingest cap, in its place in that channel's order.
-    fn ingest(&self, hub: &Hub, item: &Ingest) {
+    pub(super) fn ingest(&self, hub: &Hub, item: &Ingest) {
         match item {
             Ingest::Msg(msg) => self.deliver(hub, msg),
             Ingest::Gap(name) => {
-                if let Some(channel) = name
-                    .strip_prefix(self.settings.prefix.as_str())
-                    .and_then(|n| Channel::new(n).ok())
-                {
+                if let Some(channel) = self.channel_of(name) {
                     hub.gap_all(&[channel]);
                 }
             }
@@ -336,10 +339,8 @@ impl RedisBus {
 
     /// Turns one pub/sub message into a hub dispatch.
     fn deliver(&self, hub: &Hub, msg: &redis::Msg) {
-        let Some(name) = msg
-            .get_channel_name()
-            .strip_prefix(self.settings.prefix.as_str())
-        else {
+        let full = msg.get_channel_name();
+        let Some(name) = self.channel_name(full) else {
             return;
         };
         let Ok(channel) = Channel::new(name) else {
@@ -378,6 +379,9 @@ impl RedisBus {
     /// delivers from the queue and never waits on Redis; the command task subscribes,
     /// unsubscribes and pings. Whichever finds the connection lost cancels `lost`.
     pub async fn run(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        if self.cluster.is_some() {
+            return self.run_cluster(hub, stop).await;
+        }
         let mut backoff = Backoff::default();
         let mut ever_connected = false;
         let mut logged_down = false;
@@ -511,7 +515,7 @@ pub(super) struct IngestRoom {
 
 impl IngestRoom {
     /// The delivery loop took `item`; `left` items remain in a queue of `cap`.
-    fn taken(&self, item: &Ingest, left: usize, cap: usize, max_bytes: usize) {
+    pub(super) fn taken(&self, item: &Ingest, left: usize, cap: usize, max_bytes: usize) {
         let n = item.bytes();
         let bytes = self.bytes.fetch_sub(n, Ordering::SeqCst) - n;
         // SeqCst with the pump's store of `waiting` and its look at the queue: one of the two
@@ -532,9 +536,9 @@ pub(super) fn has_room(queued: usize, cap: usize, bytes: usize, max_bytes: usize
 /// What the pump counts.
 pub(super) struct IngestStats {
     /// Losses begun (the queue was full and had been taking everything).
-    overflows: Counter,
+    pub(super) overflows: Counter,
     /// Messages dropped.
-    dropped: Counter,
+    pub(super) dropped: Counter,
 }
 
 /// Channels that lost messages and whose gap notices wait for room, in the order they lost
@@ -705,7 +709,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The next pause, drawn by `unit` in [0, 1); the cap doubles for the one after.
-    fn next(&mut self, unit: f64) -> Duration {
+    pub(super) fn next(&mut self, unit: f64) -> Duration {
         let pause = reconnect_pause(self.cap, unit);
         self.cap = (self.cap * 2).min(RECONNECT_MAX);
         pause
