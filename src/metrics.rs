@@ -93,6 +93,13 @@ pub enum Decision {
     dry_run,
 }
 
+/// A Redis Cluster master, by the address the cluster gives for it (`host:port`). The cluster's
+/// own topology names them, never a client; [`crate::bus::redis`] caps how many it labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
 /// The outcome of a check, as a stable label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -218,6 +225,10 @@ pub struct Metrics {
     pub redis_subscriptions: Gauge,
     pub redis_publish_errors: Counter,
     pub redis_reconnects: Counter,
+    pub redis_cluster_connected: Family<NodeLabels, Gauge>,
+    pub redis_cluster_subscriptions: Family<NodeLabels, Gauge>,
+    pub redis_cluster_publish_errors: Family<NodeLabels, Counter>,
+    pub redis_cluster_reconnects: Family<NodeLabels, Counter>,
     pub redis_bad_payloads: Counter,
     pub redis_publish_queued: Gauge,
     pub redis_publish_pipelines: Counter,
@@ -268,6 +279,10 @@ impl Metrics {
             redis_subscriptions: Gauge::default(),
             redis_publish_errors: Counter::default(),
             redis_reconnects: Counter::default(),
+            redis_cluster_connected: Family::default(),
+            redis_cluster_subscriptions: Family::default(),
+            redis_cluster_publish_errors: Family::default(),
+            redis_cluster_reconnects: Family::default(),
             redis_bad_payloads: Counter::default(),
             redis_publish_queued: Gauge::default(),
             redis_publish_pipelines: Counter::default(),
@@ -372,6 +387,26 @@ impl Metrics {
             "redis_reconnects",
             "Times the Redis subscriber connection came back after a loss",
             m.redis_reconnects.clone(),
+        );
+        registry.register(
+            "redis_cluster_connected",
+            "Redis Cluster: 1 while this node's connection to the master answers",
+            m.redis_cluster_connected.clone(),
+        );
+        registry.register(
+            "redis_cluster_subscriptions",
+            "Redis Cluster: shard channels this node is subscribed to on the master",
+            m.redis_cluster_subscriptions.clone(),
+        );
+        registry.register(
+            "redis_cluster_publish_errors",
+            "Redis Cluster: publishes the master refused or did not answer in time",
+            m.redis_cluster_publish_errors.clone(),
+        );
+        registry.register(
+            "redis_cluster_reconnects",
+            "Redis Cluster: times this node's connection to the master was made again",
+            m.redis_cluster_reconnects.clone(),
         );
         registry.register(
             "redis_bad_payloads",

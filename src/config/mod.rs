@@ -114,6 +114,9 @@ pub enum TlsConfig {
 #[derive(Clone)]
 pub struct BusConfig {
     pub redis_url: Option<String>,
+    /// Redis Cluster seed URLs (sharded pub/sub, see [`crate::bus::redis::cluster`]); empty
+    /// unless set, and then `redis_url` is `None`.
+    pub redis_cluster: Vec<String>,
     /// PEM file of the CA that signed a `rediss://` server's certificate, instead of the
     /// system's roots.
     pub redis_ca: Option<PathBuf>,
@@ -144,6 +147,7 @@ impl std::fmt::Debug for BusConfig {
         // The Redis URL may carry a password.
         f.debug_struct("BusConfig")
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_cluster", &self.redis_cluster.len())
             .field("redis_ca", &self.redis_ca)
             .field("channel_prefix", &self.channel_prefix)
             .field("history_len", &self.history_len)
@@ -674,6 +678,15 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     } else {
         Some(b.redis_url.clone())
     };
+    let redis_cluster =
+        redis_cluster_seeds(b, redis_url.is_some()).map_err(|(k, why)| invalid(k, why))?;
+    if !redis_cluster.is_empty() && b.channel_prefix.contains(['{', '}']) {
+        // `<prefix>{C}` must hash on C: a brace in the prefix would make its own hash tag.
+        return Err(invalid(
+            "bus.channel_prefix",
+            "must not hold { or } with bus.redis_cluster (Redis Cluster hash tags)".into(),
+        ));
+    }
     if b.channel_prefix.len() > 64 || b.channel_prefix.chars().any(|c| c.is_whitespace()) {
         return Err(invalid(
             "bus.channel_prefix",
@@ -708,6 +721,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
     };
     let bus = BusConfig {
         redis_url,
+        redis_cluster,
         redis_ca,
         channel_prefix: b.channel_prefix.clone(),
         history_len: range("bus.history_len", b.history_len, 1, 10_000_000)?,
@@ -1384,6 +1398,51 @@ impl Config {
         });
         out
     }
+}
+
+/// `bus.redis_cluster`: seed URLs, each `redis://` or `rediss://`, not with `bus.redis_url`.
+/// A refusal is the key and why.
+fn redis_cluster_seeds(
+    b: &schema::BusSection,
+    has_url: bool,
+) -> Result<Vec<String>, (&'static str, String)> {
+    let invalid = |key: &'static str, reason: String| (key, reason);
+    if b.redis_cluster.is_empty() {
+        return Ok(Vec::new());
+    }
+    if has_url {
+        return Err(invalid(
+            "bus.redis_cluster",
+            "is set together with bus.redis_url; set one: a single Redis or the cluster's seeds"
+                .into(),
+        ));
+    }
+    if b.redis_cluster.len() > 64 {
+        return Err(invalid(
+            "bus.redis_cluster",
+            "lists more than 64 seeds; a few masters are enough to find the rest".into(),
+        ));
+    }
+    for (i, url) in b.redis_cluster.iter().enumerate() {
+        // The URL itself is not echoed: it may hold a password.
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(invalid(
+                "bus.redis_cluster",
+                format!("seed {i} must start with redis:// or rediss://"),
+            ));
+        }
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            return Err(invalid(
+                "bus.redis_cluster",
+                format!(
+                    "seed {i} is not a usable Redis URL ({:?}); the form is \
+                     redis[s]://[user[:password]@]host[:port]",
+                    e.kind()
+                ),
+            ));
+        }
+    }
+    Ok(b.redis_cluster.clone())
 }
 
 #[cfg(test)]

@@ -207,6 +207,8 @@ impl Default for TlsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct BusSection {
     pub redis_url: String,
+    /// Redis Cluster seed URLs; `[]` for the embedded bus or one Redis.
+    pub redis_cluster: Vec<String>,
     pub redis_ca: String,
     pub channel_prefix: String,
     pub history_len: usize,
@@ -228,6 +230,7 @@ impl Default for BusSection {
     fn default() -> Self {
         BusSection {
             redis_url: String::new(),
+            redis_cluster: Vec::new(),
             redis_ca: String::new(),
             channel_prefix: DEFAULT_CHANNEL_PREFIX.into(),
             history_len: DEFAULT_HISTORY_LEN,

@@ -250,11 +250,14 @@ impl Edge {
         } = tls::server_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let redis = match &config.bus.redis_url {
+        let redis_url =
+            (config.bus.redis_url.clone()).or_else(|| config.bus.redis_cluster.first().cloned());
+        let redis = match redis_url {
             None => None,
             Some(url) => Some(Arc::new(RedisBus::new(
                 RedisSettings {
-                    url: url.clone(),
+                    url,
+                    cluster: config.bus.redis_cluster.clone(),
                     ca: config.bus.redis_ca.clone(),
                     prefix: config.bus.channel_prefix.clone(),
                     history_len: config.bus.history_len,

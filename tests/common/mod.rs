@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod h2_client;
 pub mod hook_service;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;

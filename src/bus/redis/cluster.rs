@@ -1,0 +1,883 @@
+//! Redis Cluster mode of the Redis bus (`bus.redis_cluster`): sharded pub/sub and per-slot
+//! history keys.
+//!
+//! Channel `C` is the shard channel `<prefix>{C}` and its history the stream with the same name:
+//! the hash tag puts both in one slot, so the publish script (the same one as for one Redis,
+//! told to `SPUBLISH`) stays atomic. The history budget cannot be global in a cluster (a script
+//! touches one slot), so its index and size keys are per slot, `<prefix>{<tag>}#history` and
+//! `…#history-bytes`, where `<tag>` is a short string that hashes to the channel's slot (see
+//! [`slot_tag`]); each slot is given [`slot_budget`].
+//!
+//! One `redis::cluster_async::ClusterConnection` (RESP3, push messages) carries everything: it
+//! holds one multiplexed connection per master, routes each command by slot and follows MOVED.
+//! Publishes are grouped per master and sent as one pipeline each, all at once. Subscriptions
+//! are `SSUBSCRIBE`s, one per channel (a shard subscribe names channels of one slot only), one at
+//! a time with the unsubscribes so that a drop and a join of the same channel cannot cross.
+//!
+//! A subscription can be lost three ways, and each one ends in a resubscribe and a `gap` to that
+//! channel's subscribers, never to the others:
+//! - the slot moved or its master failed over: Redis sends an unsolicited `sunsubscribe`; the
+//!   channel is subscribed again at once (the MOVED answer refreshes the client's slot map);
+//! - the connection to a master was made again (redis-rs resubscribes on its own: an
+//!   `ssubscribe` confirmation nobody asked for is such a return);
+//! - anything else: a reconciliation pass every `bus.redis_ping_interval` reads the topology
+//!   (`CLUSTER SLOTS`) and asks each master about this node's connection (`CLIENT INFO`: its id
+//!   and `ssub`, the shard channels it holds). A channel whose master changed, whose
+//!   connection's id changed, or on a master holding fewer subscriptions than this node expects
+//!   there, is subscribed again. The pass is also what `/readyz` means: the cluster answered it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::OnceLock;
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{PushInfo, PushKind, Value};
+
+use super::*;
+use crate::metrics::NodeLabels;
+
+/// Slots in a Redis Cluster.
+const SLOTS: usize = 16384;
+/// `bus.history_bytes` is divided by this for one slot's budget: it is what a few hundred busy
+/// slots hold together, about what one Redis was given. A whole-cluster bound would leave
+/// 4 KiB per slot at the default, less than one stream.
+pub const CLUSTER_SLOT_BUDGET_SHARE: usize = 256;
+/// Masters labelled in the per-master metrics, at most: the topology names them, but a cluster
+/// that churns addresses must not grow the families without bound.
+const NODE_LABELS_CAP: usize = 64;
+
+/// What one slot's histories may hold: `bus.history_bytes / 256`, and at least one channel's.
+pub fn slot_budget(history_bytes: usize, history_channel_bytes: usize) -> usize {
+    (history_bytes / CLUSTER_SLOT_BUDGET_SHARE).max(history_channel_bytes)
+}
+
+/// The slot of `key`, as Redis Cluster computes it: CRC16-XMODEM of the hash tag (the bytes
+/// between the first `{` and the next `}`, when not empty) or of the whole key.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&c| c == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&c| c == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= (byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS as u16
+}
+
+/// A short hash tag for each slot (the first number, in base 36, that hashes there): the history
+/// index of slot `s` is `<prefix>{<slot_tag(s)>}#history`, in slot `s`.
+pub fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); SLOTS];
+        let mut left = SLOTS;
+        let mut n: u64 = 0;
+        while left > 0 {
+            let tag = base36(n);
+            let s = key_slot(tag.as_bytes()) as usize;
+            if tags[s].is_empty() {
+                tags[s] = tag;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[slot as usize % SLOTS]
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Subscriptions in cluster mode. Every set holds channels of the hub's (capped) table, or
+/// channels on their way out of it, so none grows past that.
+#[derive(Debug, Default)]
+struct Subs {
+    /// Subscribed (confirmed once) and wanted.
+    active: HashSet<Channel>,
+    /// Our own SSUBSCRIBEs whose confirmation push has not come yet.
+    asking: HashMap<Channel, u32>,
+    /// Our own SUNSUBSCRIBEs whose confirmation push has not come yet.
+    leaving: HashMap<Channel, u32>,
+    /// The master each active channel was on at the last pass.
+    home: HashMap<Channel, String>,
+    /// Redis dropped them (slot moved, failover): subscribe again and send a gap.
+    moved: HashSet<Channel>,
+    /// redis-rs subscribed them again on its own after a reconnect: send a gap.
+    regained: HashSet<Channel>,
+    /// The hub dropped their last subscriber; at most [`DROPPED_CAP`].
+    dropped: HashSet<Channel>,
+    resync: bool,
+}
+
+/// The cluster's masters as the last pass saw them.
+#[derive(Debug, Default)]
+struct Topology {
+    /// Slot ranges (inclusive) and the master's `host:port`.
+    ranges: Vec<(u16, u16, String)>,
+    /// Each master's id for this node's connection (`CLIENT INFO`), to see reconnects.
+    client_ids: HashMap<String, u64>,
+}
+
+impl Topology {
+    fn master_of(&self, slot: u16) -> Option<&str> {
+        self.ranges
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, m)| m.as_str())
+    }
+}
+
+pub(super) struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: parking_lot::Mutex<Option<ClusterConnection>>,
+    pushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PushInfo>>>,
+    subs: parking_lot::Mutex<Subs>,
+    topology: parking_lot::Mutex<Topology>,
+    /// Serialises SSUBSCRIBE and SUNSUBSCRIBE, so a drop and a join of one channel keep order.
+    order: tokio::sync::Mutex<()>,
+    /// Something needs a pass now (a connection dropped, Redis dropped a subscription).
+    urgent: Notify,
+    /// The hub dropped a channel.
+    changed: Notify,
+    hub: OnceLock<Weak<Hub>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    pub(super) fn new(seeds: &[String], timeout: Duration) -> Result<Cluster, redis::RedisError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // redis-rs's own push channel is unbounded too; the pump drains it into the capped
+        // ingest queue at once, so it stays near empty (as with one Redis).
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()?;
+        Ok(Cluster {
+            client,
+            conn: parking_lot::Mutex::new(None),
+            pushes: parking_lot::Mutex::new(Some(rx)),
+            subs: parking_lot::Mutex::new(Subs::default()),
+            topology: parking_lot::Mutex::new(Topology::default()),
+            order: tokio::sync::Mutex::new(()),
+            urgent: Notify::new(),
+            changed: Notify::new(),
+            hub: OnceLock::new(),
+        })
+    }
+
+    pub(super) fn conn(&self) -> Option<ClusterConnection> {
+        self.conn.lock().clone()
+    }
+}
+
+/// `<prefix>{C}`: the shard channel and the history stream.
+pub(super) fn cluster_key(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}{{{}}}", channel.as_str())
+}
+
+fn addr_label(addr: &str) -> NodeLabels {
+    NodeLabels {
+        node: addr.to_owned(),
+    }
+}
+
+impl RedisBus {
+    fn cl(&self) -> &Cluster {
+        self.cluster.as_ref().expect("cluster mode")
+    }
+
+    /// Whether a per-master metric may carry `addr` (see [`NODE_LABELS_CAP`]).
+    fn labelled(&self, addr: &str) -> bool {
+        let t = self.cl().topology.lock();
+        t.client_ids.contains_key(addr) || t.client_ids.len() < NODE_LABELS_CAP
+    }
+
+    /// One pipeline per master (as the last pass saw the slots), all sent at once; each routed
+    /// by the slot of its first publish, so a slot map that moved meanwhile costs the publishes
+    /// of the moved slots an `unavailable`, never a wrong delivery.
+    pub(super) async fn send_batch_cluster(
+        &self,
+        batch: &[PublishJob],
+    ) -> Vec<Result<Offset, BusError>> {
+        let now = tokio::time::Instant::now();
+        let mut outcomes: Vec<Option<Result<Offset, BusError>>> = batch
+            .iter()
+            .map(|job| {
+                (job.deadline <= now)
+                    .then_some(Err(BusError::Unavailable("publish to Redis timed out")))
+            })
+            .collect();
+        let Some(conn) = self.cl().conn() else {
+            return self.counted(fill(outcomes, "Redis Cluster is unreachable"));
+        };
+        let mut groups: BTreeMap<String, Vec<(usize, u16)>> = BTreeMap::new();
+        {
+            let t = self.cl().topology.lock();
+            for (i, job) in batch.iter().enumerate() {
+                if outcomes[i].is_some() {
+                    continue;
+                }
+                let slot = key_slot(job.key.as_bytes());
+                let group = match t.master_of(slot) {
+                    Some(m) => m.to_owned(),
+                    None => format!("slot {slot}"),
+                };
+                groups.entry(group).or_default().push((i, slot));
+            }
+        }
+        let budget = slot_budget(
+            self.settings.history_bytes,
+            self.settings.history_channel_bytes,
+        );
+        let calls = groups.into_iter().map(|(master, jobs)| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA);
+            for &(i, slot) in &jobs {
+                let job = &batch[i];
+                let tag = slot_tag(slot);
+                let prefix = &self.settings.prefix;
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(3)
+                    .arg(&job.key)
+                    .arg(format!("{prefix}{{{tag}}}#history"))
+                    .arg(format!("{prefix}{{{tag}}}#history-bytes"))
+                    .arg(&job.data)
+                    .arg(self.settings.history_len)
+                    .arg(self.settings.history_ttl.as_millis() as u64)
+                    .arg(&job.key)
+                    .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
+                    .arg(budget)
+                    .arg(HISTORY_ENTRY_BYTES)
+                    .arg(HISTORY_CHANNEL_BYTES)
+                    .arg(HISTORY_TRIM_SLACK)
+                    .arg(self.settings.history_channel_bytes)
+                    .arg(HISTORY_EVICTIONS_PER_PUBLISH)
+                    .arg("SPUBLISH");
+            }
+            let route =
+                SingleNodeRoutingInfo::SpecificNode(Route::new(jobs[0].1, SlotAddr::Master));
+            let mut conn = conn.clone();
+            let n = jobs.len();
+            let timeout = self.settings.timeout;
+            async move {
+                let call = conn.route_pipeline(pipe, 1, n, route);
+                let r = match tokio::time::timeout(timeout, call).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                (master, jobs, r)
+            }
+        });
+        self.metrics.redis_publish_pipelines.inc();
+        let mut urgent = false;
+        for (master, jobs, replies) in futures_util::future::join_all(calls).await {
+            let mut failed = 0;
+            match replies {
+                Ok(replies) if replies.len() == jobs.len() => {
+                    for (&(i, _), reply) in jobs.iter().zip(replies) {
+                        outcomes[i] = Some(match redis::from_redis_value::<PublishReply>(reply) {
+                            Ok((id, evicted, _bytes, _channels)) => {
+                                self.metrics.redis_history_evictions.inc_by(evicted);
+                                id.parse().map_err(|_| {
+                                    BusError::Unavailable("Redis answered with an unexpected id")
+                                })
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                urgent |= e.to_string().contains("MOVED");
+                                tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
+                                Err(BusError::Unavailable("publish to Redis failed"))
+                            }
+                        });
+                    }
+                }
+                Ok(_) => {
+                    failed = jobs.len();
+                    tracing::error!("Redis answered a pipeline with the wrong number of replies");
+                }
+                Err(e) => {
+                    failed = jobs.len();
+                    urgent = true;
+                    tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
+                }
+            }
+            if failed > 0 && self.labelled(&master) {
+                self.metrics
+                    .redis_cluster_publish_errors
+                    .get_or_create(&addr_label(&master))
+                    .inc_by(failed as u64);
+            }
+        }
+        if urgent {
+            // The topology may have changed under us: look again now, not at the next tick.
+            self.cl().urgent.notify_one();
+        }
+        self.counted(fill(outcomes, "publish to Redis failed"))
+    }
+
+    /// Cluster mode of [`RedisBus::ensure_subscribed`]: one SSUBSCRIBE, in order with the
+    /// unsubscribes.
+    pub(super) async fn ensure_subscribed_cluster(
+        &self,
+        channel: &Channel,
+    ) -> Result<(), BusError> {
+        let cl = self.cl();
+        if cl.subs.lock().active.contains(channel) {
+            return Ok(());
+        }
+        if !self.is_ready() {
+            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+        }
+        let Some(mut conn) = cl.conn() else {
+            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+        };
+        let _order = cl.order.lock().await;
+        if cl.subs.lock().active.contains(channel) {
+            return Ok(());
+        }
+        let key = self.key(channel);
+        *cl.subs.lock().asking.entry(channel.clone()).or_default() += 1;
+        match self.timed(conn.ssubscribe(&key)).await {
+            Ok(()) => {
+                let home = cl
+                    .topology
+                    .lock()
+                    .master_of(key_slot(key.as_bytes()))
+                    .map(str::to_owned);
+                let mut st = cl.subs.lock();
+                st.active.insert(channel.clone());
+                if let Some(home) = home {
+                    st.home.insert(channel.clone(), home);
+                }
+                self.subscriptions_gauge.set(st.active.len() as i64);
+            }
+            Err(e) => {
+                // A late confirmation then counts as one redis-rs sent on its own: a spurious
+                // gap at worst, never a missed one.
+                let mut st = cl.subs.lock();
+                unmark(&mut st.asking, channel);
+                tracing::warn!(error = %e, %channel, "SSUBSCRIBE failed");
+                return Err(BusError::Unavailable("cannot subscribe in Redis"));
+            }
+        }
+        drop(_order);
+        // Abandoned while the SSUBSCRIBE was on its way: it leaves with the next round.
+        let orphan = cl
+            .hub
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|h| h.subscriber_count(channel.as_str()) == 0);
+        if orphan {
+            self.channel_dropped_cluster(channel);
+        }
+        Ok(())
+    }
+
+    pub(super) fn channel_dropped_cluster(&self, channel: &Channel) {
+        let cl = self.cl();
+        {
+            let mut st = cl.subs.lock();
+            if st.resync {
+            } else if st.dropped.len() >= DROPPED_CAP {
+                st.dropped = HashSet::new();
+                st.resync = true;
+                self.metrics.redis_resyncs.inc();
+            } else {
+                st.dropped.insert(channel.clone());
+            }
+        }
+        cl.changed.notify_one();
+    }
+
+    /// SUNSUBSCRIBEs what the hub dropped and no longer holds. A channel leaves `active` before
+    /// the hub is asked, so a join after the question subscribes it again after this.
+    async fn unsubscribe_dropped_cluster(&self, hub: &Hub) {
+        let cl = self.cl();
+        let Some(mut conn) = cl.conn() else { return };
+        let _order = cl.order.lock().await;
+        let candidates: Vec<Channel> = {
+            let mut st = cl.subs.lock();
+            let dropped = std::mem::take(&mut st.dropped);
+            if std::mem::take(&mut st.resync) {
+                let table: HashSet<Channel> = hub.channel_names().into_iter().collect();
+                st.active.difference(&table).cloned().collect()
+            } else {
+                dropped.into_iter().collect()
+            }
+        };
+        for channel in candidates {
+            if !cl.subs.lock().active.remove(&channel) {
+                continue;
+            }
+            if hub.subscriber_count(channel.as_str()) > 0 {
+                cl.subs.lock().active.insert(channel);
+                continue;
+            }
+            {
+                let mut st = cl.subs.lock();
+                st.home.remove(&channel);
+                *st.leaving.entry(channel.clone()).or_default() += 1;
+            }
+            if let Err(e) = self.timed(conn.sunsubscribe(self.key(&channel))).await {
+                // The master is gone or moved: nothing is left to unsubscribe there.
+                unmark(&mut cl.subs.lock().leaving, &channel);
+                tracing::debug!(error = %e, %channel, "SUNSUBSCRIBE failed");
+            }
+        }
+        self.subscriptions_gauge
+            .set(cl.subs.lock().active.len() as i64);
+    }
+
+    /// A push that is not a message: a confirmation of ours, or Redis (or redis-rs) changing a
+    /// subscription on its own. Runs on the pump, so it only records and wakes the pass.
+    fn on_push(&self, push: &PushInfo) {
+        let cl = self.cl();
+        let name = match push.data.first() {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok(),
+            _ => None,
+        };
+        let channel = name.and_then(|n| self.channel_of(n));
+        match (&push.kind, channel) {
+            (PushKind::SSubscribe, Some(c)) => {
+                let mut st = cl.subs.lock();
+                if st.asking.contains_key(&c) {
+                    unmark(&mut st.asking, &c);
+                } else if st.active.contains(&c) {
+                    st.regained.insert(c);
+                    drop(st);
+                    cl.urgent.notify_one();
+                }
+            }
+            (PushKind::SUnsubscribe, Some(c)) => {
+                let mut st = cl.subs.lock();
+                if st.leaving.contains_key(&c) {
+                    unmark(&mut st.leaving, &c);
+                } else if st.active.contains(&c) {
+                    tracing::info!(channel = %c, "Redis dropped a shard subscription (slot moved or failover); subscribing again");
+                    st.moved.insert(c);
+                    drop(st);
+                    cl.urgent.notify_one();
+                }
+            }
+            (PushKind::Disconnection, _) => cl.urgent.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// The reconciliation pass (see the module docs). `Err` when the cluster did not answer.
+    async fn pass(&self, hub: &Hub) -> Result<(), redis::RedisError> {
+        let cl = self.cl();
+        let Some(mut conn) = cl.conn() else {
+            return Ok(());
+        };
+        // Any node will do, and one that just died is not the cluster: try a few.
+        let mut slots = None;
+        for _ in 0..3 {
+            let q = conn.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            );
+            match self.timed(q).await {
+                Ok(v) => {
+                    slots = Some(v);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "CLUSTER SLOTS failed"),
+            }
+        }
+        let Some(slots) = slots else {
+            return Err(redis::RedisError::from(std::io::Error::other(
+                "no node answered CLUSTER SLOTS",
+            )));
+        };
+        let ranges = parse_slots(slots);
+        if ranges.is_empty() {
+            return Err(redis::RedisError::from(std::io::Error::other(
+                "CLUSTER SLOTS named no master",
+            )));
+        }
+        let masters: HashSet<String> = ranges.iter().map(|r| r.2.clone()).collect();
+        let old_ids = {
+            let mut t = cl.topology.lock();
+            t.ranges = ranges;
+            t.client_ids.clone()
+        };
+        // Where each active channel lives now.
+        let placed: Vec<(Channel, Option<String>)> = {
+            let active: Vec<Channel> = cl.subs.lock().active.iter().cloned().collect();
+            let t = cl.topology.lock();
+            active
+                .into_iter()
+                .map(|c| {
+                    let m = t
+                        .master_of(key_slot(self.key(&c).as_bytes()))
+                        .map(str::to_owned);
+                    (c, m)
+                })
+                .collect()
+        };
+        let mut by_master: HashMap<String, Vec<Channel>> = HashMap::new();
+        for (c, m) in &placed {
+            if let Some(m) = m {
+                by_master.entry(m.clone()).or_default().push(c.clone());
+            }
+        }
+        let mut again: HashSet<Channel> = HashSet::new();
+        {
+            // Channels whose master changed since the last pass (failover, slot moved).
+            let st = cl.subs.lock();
+            for (c, m) in &placed {
+                if let (Some(m), Some(home)) = (m, st.home.get(c))
+                    && home != m
+                {
+                    again.insert(c.clone());
+                }
+            }
+        }
+        let mut ids = HashMap::new();
+        for master in &masters {
+            let Some((host, port)) = master.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let q = conn.route_command(
+                redis::cmd("CLIENT").arg("INFO").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                }),
+            );
+            let labelled = ids.len() < NODE_LABELS_CAP;
+            let label = addr_label(master);
+            let info = match self.timed(q).await {
+                Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+                Ok(Value::VerbatimString { text, .. }) => text,
+                Ok(Value::SimpleString(s)) => s,
+                Ok(_) | Err(_) => {
+                    if labelled {
+                        self.metrics
+                            .redis_cluster_connected
+                            .get_or_create(&label)
+                            .set(0);
+                    }
+                    continue;
+                }
+            };
+            let field = |k: &str| {
+                info.split_whitespace()
+                    .find_map(|f| f.strip_prefix(k))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            let (id, ssub) = (field("id=").unwrap_or(0), field("ssub=").unwrap_or(0));
+            let expected = by_master.get(master).map_or(0, Vec::len) as u64;
+            let reconnected = old_ids.get(master).is_some_and(|&old| old != id);
+            if labelled {
+                self.metrics
+                    .redis_cluster_connected
+                    .get_or_create(&label)
+                    .set(1);
+                self.metrics
+                    .redis_cluster_subscriptions
+                    .get_or_create(&label)
+                    .set(ssub as i64);
+                if reconnected {
+                    self.metrics
+                        .redis_cluster_reconnects
+                        .get_or_create(&label)
+                        .inc();
+                }
+            }
+            if reconnected || ssub < expected {
+                again.extend(by_master.get(master).into_iter().flatten().cloned());
+            }
+            ids.insert(master.clone(), id);
+        }
+        {
+            let mut t = cl.topology.lock();
+            t.client_ids = ids;
+        }
+        let (moved, regained) = {
+            let mut st = cl.subs.lock();
+            (
+                std::mem::take(&mut st.moved),
+                std::mem::take(&mut st.regained),
+            )
+        };
+        again.extend(moved);
+        self.resubscribe(hub, &mut conn, again.iter()).await;
+        // Everything that was interrupted, once; `regained` were subscribed again by redis-rs.
+        let gaps: Vec<Channel> = again.union(&regained).cloned().collect();
+        if !gaps.is_empty() {
+            let notified = hub.gap_all(&gaps);
+            self.reconnects.inc();
+            tracing::info!(
+                channels = gaps.len(),
+                notified,
+                "shard subscriptions restored after an interruption; gap notices sent"
+            );
+        }
+        {
+            let t = cl.topology.lock();
+            let mut st = cl.subs.lock();
+            let active: Vec<Channel> = st.active.iter().cloned().collect();
+            for c in active {
+                if let Some(m) = t.master_of(key_slot(self.key(&c).as_bytes())) {
+                    st.home.insert(c, m.to_owned());
+                }
+            }
+            self.subscriptions_gauge.set(st.active.len() as i64);
+        }
+        Ok(())
+    }
+
+    /// SSUBSCRIBEs `channels` again (those the hub still holds); one that fails stays active
+    /// with its old home, so the next pass tries it again.
+    async fn resubscribe<'a>(
+        &self,
+        hub: &Hub,
+        conn: &mut ClusterConnection,
+        channels: impl Iterator<Item = &'a Channel>,
+    ) {
+        let cl = self.cl();
+        let _order = cl.order.lock().await;
+        for c in channels {
+            if hub.subscriber_count(c.as_str()) == 0 || !cl.subs.lock().active.contains(c) {
+                continue;
+            }
+            *cl.subs.lock().asking.entry(c.clone()).or_default() += 1;
+            if let Err(e) = self.timed(conn.ssubscribe(self.key(c))).await {
+                let mut st = cl.subs.lock();
+                unmark(&mut st.asking, c);
+                // Not placed: the next pass sees it where it is and tries again.
+                st.home.insert(c.clone(), String::new());
+                tracing::warn!(error = %e, channel = %c, "SSUBSCRIBE again failed; retrying at the next pass");
+            }
+        }
+    }
+
+    /// Cluster mode of [`RedisBus::run`]: connect (with backoff until the cluster first
+    /// answers), then deliver what the pump queues while the maintenance task runs the passes
+    /// and the unsubscribes. The cluster connection reconnects to each master by itself.
+    pub(super) async fn run_cluster(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        let cl = self.cl();
+        let _ = cl.hub.set(hub.clone());
+        let Some(pushes) = cl.pushes.lock().take() else {
+            return;
+        };
+        let mut backoff = Backoff::default();
+        let mut logged = false;
+        let conn = loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.timed(cl.client.get_async_connection()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    if !logged {
+                        tracing::warn!(error = %e, "cannot reach Redis Cluster; retrying with backoff");
+                        logged = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next(random_unit())) => {}
+            }
+        };
+        *cl.conn.lock() = Some(conn);
+        let (tx, mut ingest) = tokio::sync::mpsc::channel(self.settings.ingest_queue);
+        let room = Arc::new(IngestRoom::default());
+        let pump_task = tokio::spawn({
+            let (bus, room, stop) = (self.clone(), room.clone(), stop.clone());
+            let stats = IngestStats {
+                overflows: self.metrics.redis_ingest_overflows.clone(),
+                dropped: self.metrics.redis_ingest_dropped.clone(),
+            };
+            async move {
+                let messages = futures_util::stream::unfold(pushes, |mut rx| async {
+                    rx.recv().await.map(|p| (p, rx))
+                })
+                .filter_map(|p| {
+                    let msg = if p.kind == PushKind::SMessage {
+                        redis::Msg::from_push_info(p)
+                    } else {
+                        bus.on_push(&p);
+                        None
+                    };
+                    std::future::ready(msg)
+                });
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = pump(Box::pin(messages), tx, &room, INGEST_QUEUE_BYTES, INGEST_LOST_CAP, &stats) => {}
+                }
+            }
+        });
+        let maintenance = tokio::spawn(self.clone().maintain(hub.clone(), stop.clone()));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                item = ingest.recv() => {
+                    let Some(item) = item else { break };
+                    room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
+                    match hub.upgrade() {
+                        Some(h) => self.ingest(&h, &item),
+                        None => break,
+                    }
+                }
+            }
+        }
+        pump_task.abort();
+        maintenance.abort();
+    }
+
+    /// Passes every `bus.redis_ping_interval` and whenever something asks for one; the
+    /// unsubscribes [`UNSUBSCRIBE_DELAY`] after a drop. Readiness follows the passes.
+    async fn maintain(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        let cl = self.cl();
+        let every = self.settings.ping_interval;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unsubscribe_at: Option<tokio::time::Instant> = None;
+        let mut was_ready = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = cl.urgent.notified() => {
+                    // Let a burst of pushes (a whole slot's channels) arrive first.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = cl.changed.notified() => {
+                    unsubscribe_at.get_or_insert(tokio::time::Instant::now() + UNSUBSCRIBE_DELAY);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(unsubscribe_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if unsubscribe_at.is_some() =>
+                {
+                    unsubscribe_at = None;
+                    let Some(h) = hub.upgrade() else { return };
+                    self.unsubscribe_dropped_cluster(&h).await;
+                    continue;
+                }
+            }
+            let Some(h) = hub.upgrade() else { return };
+            match self.pass(&h).await {
+                Ok(()) => {
+                    if !was_ready {
+                        tracing::info!("connected to Redis Cluster");
+                    }
+                    was_ready = true;
+                    self.connected.store(true, Ordering::Release);
+                    self.connected_gauge.set(1);
+                }
+                Err(e) => {
+                    if was_ready {
+                        tracing::warn!(error = %e, "Redis Cluster does not answer");
+                    }
+                    was_ready = false;
+                    self.connected.store(false, Ordering::Release);
+                    self.connected_gauge.set(0);
+                    self.metrics.redis_ping_failures.inc();
+                }
+            }
+        }
+    }
+}
+
+fn unmark(marks: &mut HashMap<Channel, u32>, channel: &Channel) {
+    if let Some(n) = marks.get_mut(channel) {
+        *n -= 1;
+        if *n == 0 {
+            marks.remove(channel);
+        }
+    }
+}
+
+/// `CLUSTER SLOTS`: `[[start, end, [host, port, id, …], replicas…], …]` → ranges and masters.
+fn parse_slots(v: Value) -> Vec<(u16, u16, String)> {
+    let Value::Array(rows) = v else {
+        return Vec::new();
+    };
+    let int = |v: &Value| match v {
+        Value::Int(i) => u16::try_from(*i).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    rows.iter()
+        .filter_map(|row| {
+            let Value::Array(f) = row else { return None };
+            let (a, b) = (int(f.first()?)?, int(f.get(1)?)?);
+            let Value::Array(m) = f.get(2)? else {
+                return None;
+            };
+            let (host, port) = (text(m.first()?)?, int(m.get(1)?)?);
+            Some((a, b, format!("{host}:{port}")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Known values from `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"edgeplex:{foo}"), 12182);
+        assert_eq!(key_slot(b"{}foo"), key_slot(b"{}foo"));
+        assert_eq!(key_slot(b"123456789"), 0x31c3);
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_that_hashes_to_it() {
+        for s in [0u16, 1, 5000, 12182, 16383] {
+            let tag = slot_tag(s);
+            assert_eq!(
+                key_slot(format!("edgeplex:{{{tag}}}#history").as_bytes()),
+                s
+            );
+            assert!(tag.len() <= 4);
+        }
+    }
+
+    #[test]
+    fn the_slot_budget_is_a_share_and_at_least_one_channel() {
+        assert_eq!(slot_budget(64 << 20, 1 << 20), 1 << 20);
+        assert_eq!(slot_budget(1 << 30, 1 << 20), 4 << 20);
+    }
+}

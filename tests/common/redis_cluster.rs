@@ -1,0 +1,290 @@
+//! A real Redis Cluster per test: three masters and three replicas (`redis-server
+//! --cluster-enabled yes`) on free loopback ports in a temp dir, joined by `redis-cli --cluster
+//! create … --cluster-replicas 1`. A node can be killed (`kill -9`) so its replica takes over,
+//! and a slot can be moved between masters. Everything is killed on drop.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a node may be silent before the others fail it over: short, so a failover test
+/// takes seconds.
+const NODE_TIMEOUT_MS: u64 = 1000;
+
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// CRC16-XMODEM of the key's hash tag (or the whole key), as Redis Cluster computes slots.
+pub fn slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b.iter().position(|&c| c == b'{').and_then(|open| {
+        let close = b[open + 1..].iter().position(|&c| c == b'}')?;
+        (close > 0).then(|| &b[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(b) {
+        crc ^= (byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for &port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                // Replicas in sync at once: a replica that never synced cannot take over.
+                .args(["--repl-diskless-sync-delay", "0"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed");
+            children.push(Some(child));
+        }
+        let c = RedisCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for &port in &c.ports {
+            c.wait_until(Duration::from_secs(10), || {
+                cli(port, &["PING"]).trim() == "PONG"
+            });
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        c.wait_ok();
+        // Every replica has its master's data (else it would not be promoted when the test
+        // kills that master).
+        for &port in &c.ports {
+            c.wait_until(Duration::from_secs(30), || {
+                let info = cli(port, &["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+        }
+        c
+    }
+
+    fn wait_until(&self, bound: Duration, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < bound,
+                "Redis Cluster did not settle: {}",
+                cli(self.live_ports()[0], &["CLUSTER", "NODES"])
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every live node says `cluster_state:ok` and agrees on three masters holding all slots.
+    pub fn wait_ok(&self) {
+        self.wait_until(Duration::from_secs(30), || {
+            self.live_ports().iter().all(|&p| {
+                let info = cli(p, &["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            }) && self.masters().len() == 3
+        });
+    }
+
+    /// After [`RedisCluster::kill`] of a master: waits until a replica took its slots.
+    pub fn wait_failover(&self, dead: u16) {
+        let start = Instant::now();
+        let mut forced = false;
+        self.wait_until(Duration::from_secs(30), || {
+            if !forced && start.elapsed() > Duration::from_secs(8) {
+                // The automatic failover did not happen (a replica that judged its data too
+                // old): make the replica take over, as an operator would.
+                forced = true;
+                for p in self.live_ports() {
+                    if cli(p, &["INFO", "replication"]).contains(&format!("master_port:{dead}")) {
+                        cli(p, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+                    }
+                }
+            }
+            let m = self.masters();
+            m.len() == 3
+                && !m.contains(&dead)
+                && self.live_ports().iter().all(|&p| {
+                    let info = cli(p, &["CLUSTER", "INFO"]);
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                })
+        });
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .zip(&self.children)
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Seed URLs for `bus.redis_cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// The live masters' ports, as a live node sees them.
+    pub fn masters(&self) -> Vec<u16> {
+        let Some(&p) = self.live_ports().first() else {
+            return Vec::new();
+        };
+        cli(p, &["CLUSTER", "NODES"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail") && l.contains("connected"))
+            .filter(|l| l.split(' ').count() > 8)
+            .filter_map(|l| {
+                let addr = l.split(' ').nth(1)?;
+                addr.split('@').next()?.rsplit(':').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// The port of the master that serves `slot` now.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        let p = self.live_ports()[0];
+        for l in cli(p, &["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (a, b) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap_or(u16::MAX), b.parse().unwrap_or(0)),
+                    None => {
+                        let s = range.parse().unwrap_or(u16::MAX);
+                        (s, s)
+                    }
+                };
+                if (a..=b).contains(&slot) {
+                    return f[1]
+                        .split('@')
+                        .next()
+                        .unwrap()
+                        .rsplit(':')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                }
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    fn node_id(&self, port: u16) -> String {
+        cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// `kill -9` the node on `port`; its replica is promoted within a few node timeouts.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).unwrap();
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Moves `slot` to the master on `to` with its keys (what `redis-cli --cluster reshard` does
+    /// for each slot: IMPORTING / MIGRATING, MIGRATE the keys, SETSLOT NODE on both).
+    pub fn move_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of(slot);
+        assert_ne!(from, to);
+        let (src, dst) = (self.node_id(from), self.node_id(to));
+        let s = slot.to_string();
+        cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src]);
+        cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst]);
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec![
+                "MIGRATE".to_string(),
+                "127.0.0.1".into(),
+                to.to_string(),
+                "".into(),
+                "0".into(),
+                "5000".into(),
+                "KEYS".into(),
+            ];
+            args.extend(keys.iter().map(|k| k.to_string()));
+            let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+            cli(from, &args);
+        }
+        for p in self.live_ports() {
+            cli(p, &["CLUSTER", "SETSLOT", &s, "NODE", &dst]);
+        }
+    }
+
+    /// `SPUBLISH` from a backend, on whichever master serves the channel.
+    pub fn spublish(&self, channel: &str, payload: &str) -> String {
+        let port = self.master_of(slot(channel));
+        cli(port, &["SPUBLISH", channel, payload])
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
