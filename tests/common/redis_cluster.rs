@@ -15,14 +15,25 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
     _dir: tempfile::TempDir,
+    /// Held until the cluster is dropped (see [`ONE_AT_A_TIME`]).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
+/// A port that is free, and whose cluster bus port (the port + 10000) is free too.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = l.local_addr().expect("a bound port").port();
+        if port <= 55535 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
 }
+
+/// One cluster at a time in a test binary: six servers starting at once per test, on ports
+/// picked by binding and releasing, race for the same ports under load, and two clusters
+/// settling together on two cores can outwait the bounds below.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -57,6 +68,8 @@ pub fn slot(key: &str) -> u16 {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        // A test that failed holding the lock poisons it; the next cluster is still good.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
         let mut children = Vec::new();
@@ -83,6 +96,7 @@ impl RedisCluster {
             ports,
             children,
             _dir: dir,
+            _turn: turn,
         };
         for &port in &c.ports {
             c.wait_until(Duration::from_secs(10), || {
