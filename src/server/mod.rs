@@ -81,7 +81,8 @@ pub struct EdgeState {
     pub admission: Arc<Admission>,
     /// Tokens, channel rules and hooks: who may do what.
     pub gate: Arc<Gate>,
-    /// `Alt-Svc` for TLS responses when WebTransport (HTTP/3) is on.
+    /// `Alt-Svc` for TLS responses: set only when the UDP port serves every HTTP/3 request
+    /// the TLS listener does, not merely WebTransport's CONNECT (today: never).
     pub alt_svc: Option<http::HeaderValue>,
     /// The TLS config new TCP connections get; replaced when certificates are reloaded.
     tcp_tls: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
@@ -329,12 +330,11 @@ impl Edge {
         let plain_addr = plain_listener.as_ref().map(local);
         let admin_addr = admin_listener.as_ref().map(local);
 
-        // Browsers learn of HTTP/3 on the same port from this; a day is what they cache.
-        let config_alt_svc = config
-            .webtransport
-            .enabled
-            .then(|| http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", tls_addr.port())))
-            .and_then(Result::ok);
+        // Browsers take `Alt-Svc: h3` as a promise that every request may go over HTTP/3 on
+        // that port. The UDP port runs wtransport, which answers WebTransport's CONNECT only
+        // and refuses every other request (see `transport::webtransport`), so nothing is
+        // advertised until the port serves plain HTTP/3 requests too.
+        let config_alt_svc: Option<http::HeaderValue> = None;
         let state = Arc::new(EdgeState {
             connection_slots: Arc::new(Semaphore::new(s.max_connections)),
             session_slots: Arc::new(Semaphore::new(s.max_sessions)),

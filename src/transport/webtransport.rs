@@ -13,6 +13,17 @@
 //! with `"delivery":"datagram"` go as datagrams when they fit. Protocol meaning is `session`'s,
 //! policy `admission`'s.
 //!
+//! wtransport serves WebTransport and nothing else of HTTP/3: its connection driver reads the
+//! first HEADERS frame of every request stream and stops any stream whose method is not CONNECT
+//! with H3_REQUEST_REJECTED (wtransport 0.7.2, `driver/mod.rs`, `handle_bi_h3_stream`), and the
+//! request never reaches the API. A plain `GET /sse` on this port therefore gets an empty,
+//! stopped stream, and the connection then ends as a WebTransport handshake that never came.
+//! Splitting connections in front of it is no way out: the driver accepts the connection's
+//! streams itself (quinn hands each stream out once, so a demultiplexer could not peek at the
+//! first request and give the stream back), and a browser may send its requests and its
+//! CONNECT on one connection. Until this port serves plain requests (h3 with h3-quinn, with
+//! WebTransport moved onto h3-webtransport), TCP responses carry no `Alt-Svc`.
+//!
 //! wtransport answers a refused CONNECT only with 403, 404 or 429: origin is 403, every other
 //! refusal (limits, draining, session cap, dead bus) is 429 and its real reason is logged and
 //! counted. After the CONNECT the session closes with the application error codes of the
