@@ -195,17 +195,17 @@ async fn connect_refusals_for_origin_and_per_ip_limits() {
 }
 
 #[tokio::test]
-async fn shutdown_closes_sessions_with_1001_and_tcp_does_not_advertise_http3() {
+async fn shutdown_closes_sessions_with_1001_and_tcp_advertises_http3() {
     let t = start(|_| {}).await;
     let r = sse_client::client(&t, false)
         .get(format!("https://localhost:{}/", t.edge.tls_addr().port()))
         .send()
         .await
         .unwrap();
-    // The UDP port answers WebTransport's CONNECT only: advertising it for every HTTP/3 request
-    // would send browsers' `GET /sse` and `POST /publish` where they are refused.
-    assert!(r.status().is_success());
-    assert!(r.headers().get("alt-svc").is_none(), "{:?}", r.headers());
+    assert_eq!(
+        r.headers()["alt-svc"],
+        format!("h3=\":{}\"; ma=86400", t.edge.tls_addr().port()).as_str()
+    );
     let wt = open(&t).await;
     let edge = t.edge;
     let stop = tokio::spawn(async move { edge.shutdown_within(Duration::from_secs(5)).await });

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod h3_client;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;

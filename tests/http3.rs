@@ -1,0 +1,235 @@
+//! HTTP/3 on the UDP port, with a real client (quinn + h3): the public routes answer as over
+//! TCP, next to WebTransport's CONNECT on the same port, which is what `Alt-Svc: h3` promises.
+
+mod common;
+
+use bytes::Bytes;
+use common::h3_client::{self, Events};
+use serde_json::json;
+
+fn get(t: &common::TestEdge, path: &str) -> http::Request<()> {
+    http::Request::get(h3_client::uri(t, path))
+        .body(())
+        .unwrap()
+}
+
+fn post(t: &common::TestEdge, path: &str, len: Option<usize>) -> http::Request<()> {
+    let mut b =
+        http::Request::post(h3_client::uri(t, path)).header("content-type", "application/json");
+    if let Some(n) = len {
+        b = b.header("content-length", n);
+    }
+    b.body(()).unwrap()
+}
+
+#[tokio::test]
+async fn sse_over_http3_receives_a_websocket_publish_and_tcp_advertises_the_port() {
+    let t = common::start(|_| {}).await;
+    let r = common::sse_client::client(&t, false)
+        .get(format!("https://localhost:{}/", t.edge.tls_addr().port()))
+        .send()
+        .await
+        .unwrap();
+    let port = t.edge.quic_addr().unwrap().port();
+    assert_eq!(
+        r.headers()["alt-svc"],
+        format!("h3=\":{port}\"; ma=86400").as_str()
+    );
+
+    let mut h3 = h3_client::connect(&t).await;
+    let (resp, stream) = h3.request(get(&t, "/sse?channel=news"), None).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut events = Events::new(stream);
+    assert_eq!(events.next().await.unwrap().data["op"], "welcome");
+    assert_eq!(t.metric("edgeplex_sessions{transport=\"sse\"}").await, 1.0);
+
+    let mut ws = t.connect().await;
+    let reply = ws
+        .request(json!({"id": 1, "op": "publish", "channel": "news", "data": "hello"}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let e = events.next().await.unwrap();
+    assert_eq!(e.data["channel"], "news");
+    assert_eq!(e.data["data"], "hello");
+    assert_eq!(e.id.as_deref(), e.data["offset"].as_str());
+
+    // The client goes: its connection closes, and the stream's session ends with it.
+    h3.conn.close(0u32.into(), b"bye");
+    assert!(
+        t.metrics_reach(
+            &[("edgeplex_sessions{transport=\"sse\"}", 0.0)],
+            common::TIMEOUT
+        )
+        .await,
+        "the session ends when its HTTP/3 client goes"
+    );
+}
+
+#[tokio::test]
+async fn publish_and_resume_with_last_event_id_over_http3() {
+    let t = common::start(|f| f.session.max_message_bytes = 1024).await;
+    let mut h3 = h3_client::connect(&t).await;
+    // A stream that saw the channel before the publishes, to learn where they are.
+    let (_, stream) = h3.request(get(&t, "/sse?channel=c"), None).await;
+    let mut seen = Events::new(stream);
+    assert_eq!(seen.next().await.unwrap().data["op"], "welcome");
+    for i in 0..3 {
+        let body = Bytes::from(format!(r#"{{"channel":"c","data":{i}}}"#));
+        let (resp, body) = h3
+            .fetch(post(&t, "/publish", Some(body.len())), Some(body))
+            .await;
+        assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ok"],
+            true
+        );
+    }
+    let first = seen.next().await.unwrap();
+    assert_eq!(first.data["data"], 0);
+
+    // Resumes after the first: the other two, nothing twice.
+    let req = http::Request::get(h3_client::uri(&t, "/sse?channel=c"))
+        .header("last-event-id", first.id.clone().unwrap())
+        .body(())
+        .unwrap();
+    let (resp, stream) = h3.request(req, None).await;
+    assert_eq!(resp.status(), 200);
+    let mut resumed = Events::new(stream);
+    assert_eq!(resumed.next().await.unwrap().data["op"], "welcome");
+    assert_eq!(resumed.next().await.unwrap().data["data"], 1);
+    assert_eq!(resumed.next().await.unwrap().data["data"], 2);
+
+    // Over the cap: refused from the declared length before the body, and when streamed
+    // without a length once the cap is passed.
+    let big = Bytes::from(format!(
+        r#"{{"channel":"c","data":"{}"}}"#,
+        "x".repeat(2000)
+    ));
+    let (resp, _) = h3
+        .fetch(post(&t, "/publish", Some(big.len())), Some(big.clone()))
+        .await;
+    assert_eq!(resp.status(), 413);
+    let (resp, _) = h3.fetch(post(&t, "/publish", None), Some(big)).await;
+    assert_eq!(resp.status(), 413);
+    // Not JSON: the route's own validation.
+    let (resp, _) = h3
+        .fetch(post(&t, "/publish", None), Some(Bytes::from_static(b"{")))
+        .await;
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn a_publish_body_that_stalls_is_answered_408_over_http3() {
+    let t = common::start(|f| f.server.body_timeout = std::time::Duration::from_millis(300)).await;
+    let mut h3 = h3_client::connect(&t).await;
+    // Half a body, then nothing: the stream stays open.
+    let mut stream = h3
+        .send
+        .send_request(post(&t, "/publish", Some(40)))
+        .await
+        .unwrap();
+    stream
+        .send_data(Bytes::from_static(b"{\"channel\":"))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(common::TIMEOUT, stream.recv_response())
+        .await
+        .expect("answered within the body timeout")
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+}
+
+#[tokio::test]
+async fn the_module_and_404s_over_http3_beside_a_webtransport_session() {
+    let t = common::start(|_| {}).await;
+    // A WebTransport session on the same port stays up while requests are served.
+    let mut wt =
+        common::wt_client::try_open_path(common::wt_client::client_endpoint(&t), &t, "/wt", None)
+            .await
+            .unwrap();
+    let mut h3 = h3_client::connect(&t).await;
+    let (resp, body) = h3.fetch(get(&t, "/edgeplex.js"), None).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    assert_eq!(body.len(), edgeplex::server::assets::CLIENT_JS.len());
+    let etag = resp.headers()["etag"].clone();
+    let req = http::Request::get(h3_client::uri(&t, "/edgeplex.js"))
+        .header("if-none-match", etag)
+        .body(())
+        .unwrap();
+    let (resp, _) = h3.fetch(req, None).await;
+    assert_eq!(resp.status(), 304);
+    let (resp, _) = h3.fetch(get(&t, "/nothing-here"), None).await;
+    assert_eq!(resp.status(), 404);
+    // WebSocket is not offered over HTTP/3; SSE refuses what it refuses over TCP.
+    let (resp, _) = h3.fetch(get(&t, "/ws"), None).await;
+    assert_eq!(resp.status(), 501);
+    let (resp, _) = h3.fetch(get(&t, "/sse"), None).await;
+    assert_eq!(resp.status(), 400);
+
+    let reply = wt.request(json!({"id": 7, "op": "ping"})).await;
+    assert_eq!(reply["id"], 7, "{reply}");
+}
+
+/// As over HTTP/2: a reader that stops reading is cut at overflow by resetting its stream alone;
+/// the connection and its other streams go on.
+#[tokio::test]
+async fn a_stalled_http3_stream_is_reset_alone_at_overflow() {
+    let t = common::start(|f| {
+        f.session.outbound_queue_bytes = 256 * 1024;
+        f.session.write_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let mut h3 = h3_client::connect(&t).await;
+    // Opens the stream and never reads past its head.
+    let (resp, mut stalled) = h3.request(get(&t, "/sse?channel=firehose"), None).await;
+    assert_eq!(resp.status(), 200);
+    let (_, other) = h3.request(get(&t, "/sse?channel=quiet"), None).await;
+    let mut other = Events::new(other);
+    assert_eq!(other.next().await.unwrap().data["op"], "welcome");
+    let mut ws = t.connect().await;
+    let payload = "p".repeat(60 * 1024);
+    for i in 0..200 {
+        let r = ws
+            .request(json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let cut = t
+        .metrics_reach(
+            &[
+                ("edgeplex_sessions{transport=\"sse\"}", 1.0),
+                (
+                    "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                    1.0,
+                ),
+            ],
+            common::TIMEOUT,
+        )
+        .await;
+    assert!(cut, "the stalled stream was cut at overflow");
+    // Its stream was reset: reading it now ends in an error, not a clean end.
+    let mut reset = false;
+    while let Ok(r) = tokio::time::timeout(common::TIMEOUT, stalled.recv_data()).await {
+        match r {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(_) => {
+                reset = true;
+                break;
+            }
+        }
+    }
+    assert!(reset, "the stalled stream ends in a reset");
+    // The other stream on the same connection still delivers.
+    let r = ws
+        .request(json!({"id": 999, "op": "publish", "channel": "quiet", "data": "still here"}))
+        .await;
+    assert_eq!(r["ok"], true);
+    assert_eq!(other.next().await.unwrap().data["data"], "still here");
+}
