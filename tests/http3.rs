@@ -138,6 +138,24 @@ async fn a_publish_body_that_stalls_is_answered_408_over_http3() {
         .expect("answered within the body timeout")
         .unwrap();
     assert_eq!(resp.status(), 408);
+    // HTTP/1.1's `Connection: close` has no place in HTTP/3 (RFC 9114 §4.2).
+    assert!(resp.headers().get("connection").is_none(), "{resp:?}");
+}
+
+#[tokio::test]
+async fn shutdown_ends_http3_event_streams_and_completes_cleanly() {
+    let t = common::start(|_| {}).await;
+    let mut h3 = h3_client::connect(&t).await;
+    let (_, stream) = h3.request(get(&t, "/sse?channel=c"), None).await;
+    let mut events = Events::new(stream);
+    assert_eq!(events.next().await.unwrap().data["op"], "welcome");
+    let edge = t.edge;
+    let stop = tokio::spawn(async move {
+        edge.shutdown_within(std::time::Duration::from_secs(5))
+            .await
+    });
+    assert!(events.next().await.is_none(), "the stream ends at shutdown");
+    assert!(stop.await.unwrap().clean);
 }
 
 #[tokio::test]

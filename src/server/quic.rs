@@ -193,9 +193,12 @@ fn connection(
         loop {
             let resolver = tokio::select! {
                 _ = state.shutdown.cancelled() => {
-                    // Plain requests end with the shutdown signal (event streams close);
-                    // a GOAWAY tells the client to send no more.
+                    // A GOAWAY tells the client to send no more; requests in flight (event
+                    // streams end with the shutdown signal) finish within the grace period
+                    // before the connection goes with `h3`.
                     let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
+                    let grace = state.config.server.shutdown_grace;
+                    let _ = tokio::time::timeout(grace, until_idle(&activity)).await;
                     break;
                 }
                 _ = idle_check.tick() => {
@@ -257,10 +260,29 @@ fn connection(
                 .tasks
                 .spawn(serve(req, stream, st, info, quic.clone(), in_flight));
         }
+        // Dropping `h3` closes the QUIC connection (H3_NO_ERROR): it ends here only when the
+        // client went, the connection was idle, or the shutdown's requests are done.
         drop(h3);
-        // Requests in flight keep their streams (and the connection's slot) until they end.
     }
 }
+
+/// Resolves once no request is in flight on the connection. [`Activity`] has no wake-up of its
+/// own, so it is looked at every few milliseconds; only a shutting-down connection waits here.
+async fn until_idle(activity: &Activity) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    while activity.idle_for().is_zero() {
+        tick.tick().await;
+    }
+}
+
+/// Headers of HTTP/1.1 connection management, which HTTP/3 forbids (RFC 9114 §4.2): a route
+/// may set one for HTTP/1.1 (`Connection: close` after a body timeout).
+const CONNECTION_HEADERS: [http::HeaderName; 4] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::HeaderName::from_static("keep-alive"),
+];
 
 /// A CONNECT with `:protocol = webtransport`.
 fn is_webtransport_connect(req: &Request<()>) -> bool {
@@ -290,7 +312,10 @@ pub async fn serve(
     };
     // The handler's part is over; a streaming body holds a guard of its own.
     drop(in_flight);
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    for name in CONNECTION_HEADERS {
+        parts.headers.remove(name);
+    }
     let head = Response::from_parts(parts, ());
     let write = async {
         send.send_response(head).await?;
