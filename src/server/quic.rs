@@ -303,7 +303,11 @@ pub async fn serve(
 ) {
     let (mut send, recv) = stream.split();
     *req.version_mut() = http::Version::HTTP_3;
-    let req = req.map(|()| H3Body { recv, done: false });
+    let req = req.map(|()| H3Body {
+        recv,
+        done: false,
+        reading: false,
+    });
     let kill = CancellationToken::new();
     let resp = tokio::select! {
         r = routes::with_stream_kill(kill.clone(), routes::public(req, state.clone(), info)) => r,
@@ -356,6 +360,9 @@ async fn pump(
 pub struct H3Body {
     recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     done: bool,
+    /// A read is under way: h3-quinn then holds the stream inside its read future, and
+    /// stopping it would panic there.
+    reading: bool,
 }
 
 impl hyper::body::Body for H3Body {
@@ -369,7 +376,9 @@ impl hyper::body::Body for H3Body {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.recv.poll_recv_data(cx) {
+        let polled = self.recv.poll_recv_data(cx);
+        self.reading = polled.is_pending();
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(mut buf))) => {
                 let data = buf.copy_to_bytes(buf.remaining());
@@ -388,5 +397,17 @@ impl hyper::body::Body for H3Body {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+impl Drop for H3Body {
+    /// A body the route did not read (a GET's, or one refused from its head): quinn would stop
+    /// it with code 0, which is no HTTP/3 code; H3_NO_ERROR asks the client to stop sending
+    /// without failing its request (RFC 9114 §4.1.2). A body cut mid-read (a stall past
+    /// `server.body_timeout`) is left to quinn.
+    fn drop(&mut self) {
+        if !self.done && !self.reading {
+            self.recv.stop_sending(Code::H3_NO_ERROR);
+        }
     }
 }
