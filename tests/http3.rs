@@ -251,3 +251,35 @@ async fn a_stalled_http3_stream_is_reset_alone_at_overflow() {
     assert_eq!(r["ok"], true);
     assert_eq!(other.next().await.unwrap().data["data"], "still here");
 }
+
+/// A client that cancels its request (resets the request stream) ends its event stream and
+/// session, while its connection stays open.
+#[tokio::test]
+async fn a_cancelled_http3_request_ends_its_event_stream() {
+    let t = common::start(|_| {}).await;
+    let mut h3 = h3_client::connect(&t).await;
+    // Headers sent, the request stream left open (no FIN), as a client may.
+    let mut stream = h3
+        .send
+        .send_request(get(&t, "/sse?channel=c"))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(common::TIMEOUT, stream.recv_response())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(t.metric("edgeplex_sessions{transport=\"sse\"}").await, 1.0);
+    stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    assert!(
+        t.metrics_reach(
+            &[("edgeplex_sessions{transport=\"sse\"}", 0.0)],
+            common::TIMEOUT
+        )
+        .await,
+        "the cancelled request's session ended"
+    );
+    // The connection serves on.
+    let (resp, _) = h3.fetch(get(&t, "/edgeplex.js"), None).await;
+    assert_eq!(resp.status(), 200);
+}

@@ -26,8 +26,9 @@
 //! A request stream's response body is written as the route produces it. A reader that stops
 //! reading is cut as over HTTP/2: the SSE stall watcher cancels the stream's token and its stream
 //! alone is reset (H3_REQUEST_CANCELLED), while the connection's other streams go on. A client
-//! that goes away is noticed when its connection closes (at once) or when a write to its stream
-//! fails (the next heartbeat at the latest). A request's head must arrive within
+//! that goes away is noticed at once when its connection closes or when it resets the request
+//! stream of a GET before finishing it (its cancel); otherwise when a write to its stream fails
+//! (the next heartbeat at the latest). A request's head must arrive within
 //! `server.handshake_timeout`, its body within `server.body_timeout` (POST /publish); a
 //! connection with no request in flight for `server.http_idle_timeout` is closed, as over TCP.
 
@@ -303,16 +304,23 @@ pub async fn serve(
 ) {
     let (mut send, recv) = stream.split();
     *req.version_mut() = http::Version::HTTP_3;
-    let req = req.map(|()| H3Body {
-        recv,
-        done: false,
-        reading: false,
-    });
+    // A GET or HEAD has no body for the route: its request stream stays here and is read to
+    // its end beside the response (a client may send the FIN after the headers; stopping the
+    // stream before it came fails some clients' requests), and a client that resets it
+    // before then has cancelled the request.
+    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD);
+    let (body, mut rest) = if bodiless {
+        (H3Body::empty(), Some(recv))
+    } else {
+        (H3Body::new(recv), None)
+    };
+    let req = req.map(|()| body);
     let kill = CancellationToken::new();
     let resp = tokio::select! {
         r = routes::with_stream_kill(kill.clone(), routes::public(req, state.clone(), info)) => r,
         // A route can wait on a hook; a client that left does not wait for it.
         _ = quic.closed() => return,
+        () = cancelled(&mut rest) => return,
     };
     // The handler's part is over; a streaming body holds a guard of its own.
     drop(in_flight);
@@ -336,6 +344,25 @@ pub async fn serve(
             send.stop_stream(Code::H3_REQUEST_CANCELLED);
         }
         _ = quic.closed() => {}
+        () = cancelled(&mut rest) => {
+            tracing::debug!(peer = %quic.remote_address(), "HTTP/3 request cancelled by the client");
+            send.stop_stream(Code::H3_REQUEST_CANCELLED);
+        }
+    }
+}
+
+/// Reads a bodiless request's stream to its end, discarding what comes (at most a stream
+/// window); resolves only if the client resets it. Never resolves for `None`.
+async fn cancelled(recv: &mut Option<h3::server::RequestStream<h3_quinn::RecvStream, Bytes>>) {
+    let Some(r) = recv else {
+        return std::future::pending().await;
+    };
+    loop {
+        match r.recv_data().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 
@@ -358,11 +385,30 @@ async fn pump(
 
 /// A request's body as it arrives on its HTTP/3 stream, for the routes that read one.
 pub struct H3Body {
-    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    recv: Option<h3::server::RequestStream<h3_quinn::RecvStream, Bytes>>,
     done: bool,
     /// A read is under way: h3-quinn then holds the stream inside its read future, and
     /// stopping it would panic there.
     reading: bool,
+}
+
+impl H3Body {
+    fn new(recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>) -> H3Body {
+        H3Body {
+            recv: Some(recv),
+            done: false,
+            reading: false,
+        }
+    }
+
+    /// The body of a GET or HEAD: none.
+    fn empty() -> H3Body {
+        H3Body {
+            recv: None,
+            done: true,
+            reading: false,
+        }
+    }
 }
 
 impl hyper::body::Body for H3Body {
@@ -376,7 +422,10 @@ impl hyper::body::Body for H3Body {
         if self.done {
             return Poll::Ready(None);
         }
-        let polled = self.recv.poll_recv_data(cx);
+        let Some(recv) = self.recv.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = recv.poll_recv_data(cx);
         self.reading = polled.is_pending();
         match polled {
             Poll::Pending => Poll::Pending,
@@ -401,13 +450,14 @@ impl hyper::body::Body for H3Body {
 }
 
 impl Drop for H3Body {
-    /// A body the route did not read (a GET's, or one refused from its head): quinn would stop
-    /// it with code 0, which is no HTTP/3 code; H3_NO_ERROR asks the client to stop sending
+    /// A body the route did not read (one refused from its head): quinn would stop it with
+    /// code 0, which is no HTTP/3 code; H3_NO_ERROR asks the client to stop sending
     /// without failing its request (RFC 9114 §4.1.2). A body cut mid-read (a stall past
     /// `server.body_timeout`) is left to quinn.
     fn drop(&mut self) {
-        if !self.done && !self.reading {
-            self.recv.stop_sending(Code::H3_NO_ERROR);
+        let unread = !self.done && !self.reading;
+        if let Some(recv) = self.recv.as_mut().filter(|_| unread) {
+            recv.stop_sending(Code::H3_NO_ERROR);
         }
     }
 }
