@@ -8,8 +8,9 @@
 //!
 //! Run: `cargo bench --bench idle_sessions`, with optional
 //! - `SESSIONS` total sessions per transport (default 1000),
-//! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `sse-h3` (SSE over HTTP/3, one QUIC
-//!   connection per stream), `webtransport` (default all but `sse-h3`),
+//! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `sse-h2` and `sse-h3` (SSE over
+//!   HTTP/2 and HTTP/3, one connection per stream), `webtransport` (default `websocket`, `sse`,
+//!   `webtransport`),
 //! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
 //! - `EDGES` edge processes sharing the sessions (default 1),
 //! - `LOADGENS` load-generator processes (default 1),
@@ -147,6 +148,25 @@ async fn client(job: Job) {
                     });
                 }
             }
+            "sse-h2" => {
+                let pem = std::fs::read(&job.edges[e].1).unwrap();
+                let client = reqwest::Client::builder()
+                    .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+                    .resolve("localhost", *addr)
+                    .local_address(source)
+                    .http2_prior_knowledge()
+                    .build()
+                    .unwrap();
+                match sse_h2_open(client, addr.port()).await {
+                    Ok(open) => held.push(Box::new(open)),
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("session {i}: HTTP/2 GET /sse failed: {e}");
+                        }
+                    }
+                }
+            }
             "sse-h3" => {
                 let slot = i % job.sources;
                 let idx = match h3_endpoints
@@ -238,6 +258,30 @@ async fn client(job: Job) {
     drop(held);
     drop(wt_endpoints);
     drop(h3_endpoints);
+}
+
+/// `GET /sse` over HTTP/2 with `client` (its own connection), read until the welcome event
+/// arrived; what it returns keeps the stream open.
+async fn sse_h2_open(
+    client: reqwest::Client,
+    port: u16,
+) -> Result<impl std::any::Any, Box<dyn std::error::Error>> {
+    let mut resp = client
+        .get(format!("https://localhost:{port}/sse?channel=idle"))
+        .send()
+        .await?;
+    if resp.status() != 200 || resp.version() != reqwest::Version::HTTP_2 {
+        return Err(format!("{} over {:?}", resp.status(), resp.version()).into());
+    }
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("welcome") {
+        let chunk = resp
+            .chunk()
+            .await?
+            .ok_or("the stream ended before the welcome")?;
+        got.extend_from_slice(&chunk);
+    }
+    Ok((client, resp))
 }
 
 /// `GET /sse` over HTTP/3 on `conn`, read until the welcome event arrived; what it returns
