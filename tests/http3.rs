@@ -35,6 +35,12 @@ async fn sse_over_http3_receives_a_websocket_publish_and_tcp_advertises_the_port
         r.headers()["alt-svc"],
         format!("h3=\":{port}\"; ma=86400").as_str()
     );
+    // Requests are counted by version (the Chromium test below relies on it).
+    assert_eq!(
+        t.metric("edgeplex_http_requests_total{version=\"1.1\"}")
+            .await,
+        1.0
+    );
 
     let mut h3 = h3_client::connect(&t).await;
     let (resp, stream) = h3.request(get(&t, "/sse?channel=news"), None).await;
@@ -282,4 +288,90 @@ async fn a_cancelled_http3_request_ends_its_event_stream() {
     // The connection serves on.
     let (resp, _) = h3.fetch(get(&t, "/edgeplex.js"), None).await;
     assert_eq!(resp.status(), 200);
+}
+
+/// Chromium, told to use QUIC for the edge's origin (as it would after `Alt-Svc` with a trusted
+/// certificate), opens an EventSource and POSTs a publish over HTTP/3, cross-origin with CORS.
+#[tokio::test]
+async fn chromium_uses_sse_and_publish_over_http3() {
+    use common::browser::{Browser, page_server, wait_for};
+    const PAGE: &str = r#"<!doctype html>
+<title>edgeplex HTTP/3 test</title>
+<script>
+const seen = [];
+const report = () => fetch("/report", { method: "POST", body: JSON.stringify(seen) });
+const es = new EventSource("EDGE/sse?channel=h3");
+es.onmessage = async (e) => {
+  const d = JSON.parse(e.data);
+  seen.push({ op: d.op, data: d.data });
+  report();
+  if (d.op !== "welcome") return;
+  const r = await fetch("EDGE/publish", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ channel: "h3", data: "from the page" }),
+  });
+  seen.push({ op: "posted", status: r.status });
+  report();
+};
+es.onerror = () => { seen.push({ op: "error" }); report(); };
+</script>
+"#;
+    let page_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = page_listener.local_addr().unwrap().port();
+    let t = common::start(|f| {
+        f.admission.allowed_origins = vec![format!("http://localhost:{page_port}")];
+    })
+    .await;
+    let port = t.edge.quic_addr().unwrap().port();
+    let page = PAGE.replace("EDGE", &format!("https://localhost:{port}"));
+    let (tx, mut seen) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(page_server(page_listener, page, tx));
+    let _browser = Browser::open_with(
+        &format!("http://localhost:{page_port}/"),
+        &[
+            // QUIC ignores `--ignore-certificate-errors`; it takes the key's hash.
+            &format!("--ignore-certificate-errors-spki-list={}", spki_sha256(&t)),
+            "--enable-quic",
+            &format!("--origin-to-force-quic-on=localhost:{port}"),
+        ],
+    );
+    let s = wait_for(&mut seen, "its own publish and the POST's answer", |s| {
+        s.iter().any(|e| e["data"] == "from the page") && s.iter().any(|e| e["op"] == "posted")
+    })
+    .await;
+    assert!(
+        s.iter().any(|e| e["op"] == "posted" && e["status"] == 200),
+        "{s:?}"
+    );
+    // All of it over HTTP/3: the stream, the preflight and the POST, and nothing over TCP.
+    assert!(
+        t.metric("edgeplex_http_requests_total{version=\"3\"}")
+            .await
+            >= 3.0
+    );
+    let metrics = t.admin_get("/metrics").await.1;
+    assert!(
+        !metrics.contains("edgeplex_http_requests_total{version=\"1.1\"}")
+            && !metrics.contains("edgeplex_http_requests_total{version=\"2\"}"),
+        "{metrics}"
+    );
+}
+
+/// The base64 SHA-256 of the dev certificate's public key (SubjectPublicKeyInfo), as Chromium's
+/// `--ignore-certificate-errors-spki-list` wants it. The dev certificate is ECDSA P-256, whose
+/// SPKI is 91 bytes starting with a fixed algorithm header.
+fn spki_sha256(t: &common::TestEdge) -> String {
+    use base64::Engine;
+    const P256_SPKI: [u8; 13] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+    ];
+    let der = t.edge.dev_cert().unwrap().der.to_vec();
+    let at = der
+        .windows(P256_SPKI.len())
+        .position(|w| w == P256_SPKI)
+        .expect("an ECDSA P-256 key");
+    let spki = &der[at..at + 91];
+    let digest = ring::digest::digest(&ring::digest::SHA256, spki);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }

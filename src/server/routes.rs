@@ -184,6 +184,11 @@ pub(super) async fn public<B: RouteBody>(
     state: Arc<EdgeState>,
     info: ConnInfo,
 ) -> Response<Body> {
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&crate::metrics::VersionLabels::of(req.version()))
+        .inc();
     match req.uri().path() {
         "/ws" => B::websocket(req, state, info).await,
         "/sse" => crate::transport::sse::accept(req, state, info).await,
