@@ -8,7 +8,9 @@
 //!
 //! Run: `cargo bench --bench idle_sessions`, with optional
 //! - `SESSIONS` total sessions per transport (default 1000),
-//! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `webtransport` (default all three),
+//! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `sse-h2` and `sse-h3` (SSE over
+//!   HTTP/2 and HTTP/3, one connection per stream), `webtransport` (default `websocket`, `sse`,
+//!   `webtransport`),
 //! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
 //! - `EDGES` edge processes sharing the sessions (default 1),
 //! - `LOADGENS` load-generator processes (default 1),
@@ -110,6 +112,7 @@ async fn client(job: Job) {
         .iter()
         .map(|(_, pem, _)| (!job.plain).then(|| support::tls_connector(pem, true)))
         .collect();
+    let mut h3_endpoints: Vec<(u64, usize, quinn::Endpoint)> = Vec::new();
     let mut wt_endpoints: Vec<(
         u64,
         usize,
@@ -143,6 +146,63 @@ async fn client(job: Job) {
                         let url = format!("wss://localhost:{}/ws", addr.port());
                         Box::new(ws_open(&url, tls, job.nats).await)
                     });
+                }
+            }
+            "sse-h2" => {
+                let pem = std::fs::read(&job.edges[e].1).unwrap();
+                let client = reqwest::Client::builder()
+                    .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+                    .resolve("localhost", *addr)
+                    .local_address(source)
+                    .http2_prior_knowledge()
+                    .build()
+                    .unwrap();
+                match sse_h2_open(client, addr.port()).await {
+                    Ok(open) => held.push(Box::new(open)),
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("session {i}: HTTP/2 GET /sse failed: {e}");
+                        }
+                    }
+                }
+            }
+            "sse-h3" => {
+                let slot = i % job.sources;
+                let idx = match h3_endpoints
+                    .iter()
+                    .position(|(s, ed, _)| *s == slot && *ed == e)
+                {
+                    Some(idx) => idx,
+                    None => {
+                        let pem = &job.edges[e].1;
+                        h3_endpoints.push((slot, e, support::h3_endpoint(pem, source)));
+                        h3_endpoints.len() - 1
+                    }
+                };
+                let conn = match h3_endpoints[idx]
+                    .2
+                    .connect(*addr, "localhost")
+                    .unwrap()
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("session {i}: QUIC handshake failed: {e}");
+                        }
+                        continue;
+                    }
+                };
+                match sse_h3_open(conn, addr.port()).await {
+                    Ok(open) => held.push(Box::new(open)),
+                    Err(e) => {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("session {i}: HTTP/3 GET /sse failed: {e}");
+                        }
+                    }
                 }
             }
             "webtransport" => {
@@ -197,6 +257,67 @@ async fn client(job: Job) {
     let _ = std::io::stdin().read_line(&mut line);
     drop(held);
     drop(wt_endpoints);
+    drop(h3_endpoints);
+}
+
+/// `GET /sse` over HTTP/2 with `client` (its own connection), read until the welcome event
+/// arrived; what it returns keeps the stream open.
+async fn sse_h2_open(
+    client: reqwest::Client,
+    port: u16,
+) -> Result<impl std::any::Any, Box<dyn std::error::Error>> {
+    let mut resp = client
+        .get(format!("https://localhost:{port}/sse?channel=idle"))
+        .send()
+        .await?;
+    if resp.status() != 200 || resp.version() != reqwest::Version::HTTP_2 {
+        return Err(format!("{} over {:?}", resp.status(), resp.version()).into());
+    }
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("welcome") {
+        let chunk = resp
+            .chunk()
+            .await?
+            .ok_or("the stream ended before the welcome")?;
+        got.extend_from_slice(&chunk);
+    }
+    Ok((client, resp))
+}
+
+/// `GET /sse` over HTTP/3 on `conn`, read until the welcome event arrived; what it returns
+/// keeps the stream open. A failure is counted like a failed handshake.
+async fn sse_h3_open(
+    conn: quinn::Connection,
+    port: u16,
+) -> Result<impl std::any::Any, Box<dyn std::error::Error>> {
+    use bytes::Buf;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
+    let drive = tokio::spawn(async move {
+        let _ = futures_util::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let req = http::Request::get(format!("https://localhost:{port}/sse?channel=idle"))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await?;
+    stream.finish().await?;
+    let resp = stream.recv_response().await?;
+    if resp.status() != 200 {
+        return Err(format!("status {}", resp.status()).into());
+    }
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("welcome") {
+        let mut chunk = stream
+            .recv_data()
+            .await?
+            .ok_or("the stream ended before the welcome")?;
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            got.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok((conn, send, stream, drive))
 }
 
 /// A WebSocket session on `io`; a NATS server is also sent its CONNECT (it drops a client

@@ -134,6 +134,24 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The HTTP version a request on a public listener came in: `"1.1"`, `"2"` or `"3"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+impl VersionLabels {
+    pub fn of(v: http::Version) -> VersionLabels {
+        let version = match v {
+            http::Version::HTTP_2 => "2",
+            http::Version::HTTP_3 => "3",
+            http::Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        VersionLabels { version }
+    }
+}
+
 // --- backend hooks ---
 
 /// A backend hook, as named in `[hooks]` and in the service's URL.
@@ -216,6 +234,8 @@ pub struct Metrics {
     pub errors: Family<CodeLabels, Counter>,
     pub refusals: Family<ReasonLabels, Counter>,
     pub session_closes: Family<ReasonLabels, Counter>,
+    /// Requests on the public listeners by HTTP version: how much comes over HTTP/3.
+    pub http_requests: Family<VersionLabels, Counter>,
     pub connections: Gauge,
     pub connections_refused: Counter,
     pub admin_connections_refused: Counter,
@@ -270,6 +290,7 @@ impl Metrics {
             errors: Family::default(),
             refusals: Family::default(),
             session_closes: Family::default(),
+            http_requests: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
             admin_connections_refused: Counter::default(),
@@ -307,6 +328,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions open now", m.sessions.clone());
+        registry.register(
+            "http_requests",
+            "Requests on the public listeners, by HTTP version",
+            m.http_requests.clone(),
+        );
         registry.register(
             "sessions_opened",
             "Client sessions opened",

@@ -365,6 +365,22 @@ pub async fn tcp_from(source: IpAddr, to: SocketAddr) -> std::io::Result<TcpStre
 
 /// A TLS client trusting only the certificate in `pem`; `resume` allows session resumption
 /// (off measures full handshakes).
+/// A QUIC client endpoint bound to `source` that trusts the certificate in `pem`, speaking h3.
+pub fn h3_endpoint(pem: &str, source: IpAddr) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pem).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0)).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+}
+
 pub fn tls_connector(pem: &str, resume: bool) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots

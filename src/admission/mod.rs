@@ -83,8 +83,9 @@ impl Refusal {
         }
     }
 
-    /// A WebTransport CONNECT can only be answered 403, 404 or 429 by wtransport; every refusal
-    /// that is not about the origin becomes 429.
+    /// A refused WebTransport CONNECT: 403 for the origin, 429 for every other refusal. Chosen
+    /// when wtransport could answer only 403, 404 or 429, and kept on h3 (which could send the
+    /// refusal table's own status) so clients see no change.
     pub fn webtransport_connect_status(&self) -> StatusCode {
         match self {
             Refusal::Origin => StatusCode::FORBIDDEN,

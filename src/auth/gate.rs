@@ -61,7 +61,7 @@ impl GateRefusal {
         }
     }
 
-    /// A WebTransport CONNECT can only be answered 403, 404 or 429.
+    /// A refused WebTransport CONNECT: 403 or 429 (see `Refusal::webtransport_connect_status`).
     pub fn webtransport_connect_status(&self) -> StatusCode {
         match self {
             GateRefusal::Unauthorized(_) | GateRefusal::Forbidden(_) => StatusCode::FORBIDDEN,

@@ -1122,7 +1122,7 @@ impl Config {
         ));
         out.push_str(&if self.webtransport.enabled {
             format!(
-                "WebTransport: UDP {} (HTTP/3; sessions at /wt){}\n",
+                "HTTP/3: UDP {} (WebTransport at /wt, SSE at /sse){}\n",
                 s.listen,
                 if self.webtransport.validate_address {
                     ", client addresses validated with a QUIC Retry"
@@ -1131,7 +1131,7 @@ impl Config {
                 }
             )
         } else {
-            "WebTransport: off\n".to_string()
+            "HTTP/3 and WebTransport: off\n".to_string()
         });
         out.push_str(&format!("plain listener {}\n", opt(s.listen_plain)));
         if self.demo.enabled {

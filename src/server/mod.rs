@@ -7,6 +7,7 @@
 
 pub mod assets;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod reload;
 pub mod routes;
 pub(crate) mod tcp;
@@ -81,12 +82,13 @@ pub struct EdgeState {
     pub admission: Arc<Admission>,
     /// Tokens, channel rules and hooks: who may do what.
     pub gate: Arc<Gate>,
-    /// `Alt-Svc` for TLS responses when WebTransport (HTTP/3) is on.
+    /// `Alt-Svc` for TLS responses: set when the UDP port is on, which serves the public routes
+    /// over HTTP/3 as the TLS listener does, WebTransport's CONNECT besides.
     pub alt_svc: Option<http::HeaderValue>,
     /// The TLS config new TCP connections get; replaced when certificates are reloaded.
     tcp_tls: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
     /// The QUIC endpoint, for reloading its certificate with the TCP one.
-    quic: std::sync::OnceLock<crate::transport::webtransport::QuicEndpoint>,
+    quic: std::sync::OnceLock<quic::QuicEndpoint>,
     /// Cancelled when the drain delay is over: listeners stop accepting, sessions close with
     /// 1001.
     pub shutdown: CancellationToken,
@@ -198,15 +200,10 @@ impl EdgeState {
     /// Puts reloaded certificates in force for new connections, TCP and QUIC together; open
     /// connections keep the certificate they were made with.
     pub fn reload_tls(&self, setup: tls::TlsSetup) -> std::io::Result<()> {
-        if let Some(crate::transport::webtransport::QuicEndpoint(endpoint)) = self.quic.get() {
-            let addr = endpoint.local_addr()?;
-            let config = crate::transport::webtransport::server_config(
-                addr,
-                setup.quic,
-                &self.config.session,
-            )?;
+        if let Some(quic::QuicEndpoint(endpoint)) = self.quic.get() {
+            let config = quic::server_config(setup.quic, &self.config.session)?;
             // The socket stays; only the config of new connections changes.
-            endpoint.reload_config(config, false)?;
+            endpoint.set_server_config(Some(config));
         }
         *self.tcp_tls.write() = setup.tcp;
         Ok(())
@@ -338,7 +335,9 @@ impl Edge {
         let plain_addr = plain_listener.as_ref().map(local);
         let admin_addr = admin_listener.as_ref().map(local);
 
-        // Browsers learn of HTTP/3 on the same port from this; a day is what they cache.
+        // Browsers take `Alt-Svc: h3` as a promise that every request may go over HTTP/3 on
+        // that port: it is sent because the UDP port serves the public routes over HTTP/3
+        // (`server::quic`) beside WebTransport. A day is what browsers cache.
         let config_alt_svc = config
             .webtransport
             .enabled
@@ -364,24 +363,19 @@ impl Edge {
         tokio::spawn(housekeeping(state.clone()));
         let quic_addr = if state.config.webtransport.enabled {
             let endpoint =
-                crate::transport::webtransport::bind(tls_addr, quic_tls, &state.config.session)
-                    .map_err(|source| StartError::Bind {
-                        what: "server.listen (UDP, WebTransport)",
+                quic::bind(tls_addr, quic_tls, &state.config.session).map_err(|source| {
+                    StartError::Bind {
+                        what: "server.listen (UDP, HTTP/3)",
                         addr: tls_addr,
                         source,
-                    })?;
+                    }
+                })?;
             let addr = endpoint.local_addr().unwrap_or(tls_addr);
-            let endpoint = Arc::new(endpoint);
-            let _ = state.quic.set(crate::transport::webtransport::QuicEndpoint(
-                endpoint.clone(),
-            ));
+            let _ = state.quic.set(quic::QuicEndpoint(endpoint.clone()));
             // Tracked: shutdown waits for it to close the endpoint after the sessions' 1001s.
             state
                 .tasks
-                .spawn(crate::transport::webtransport::accept_loop(
-                    endpoint,
-                    state.clone(),
-                ));
+                .spawn(quic::accept_loop(endpoint, state.clone()));
             Some(addr)
         } else {
             None

@@ -139,7 +139,62 @@ pub(super) async fn route(
     resp
 }
 
-async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
+/// A request body the public routes take: hyper's on the TCP listeners, an HTTP/3 stream's on
+/// the QUIC one. Only `/ws` needs to know which: hyper's requests can be upgraded.
+pub trait RouteBody:
+    hyper::body::Body<Data = bytes::Bytes, Error: std::error::Error + Send + Sync + 'static>
+    + Send
+    + Sized
+    + 'static
+{
+    /// Answers `/ws`.
+    fn websocket(
+        req: Request<Self>,
+        state: Arc<EdgeState>,
+        info: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+impl RouteBody for Incoming {
+    fn websocket(
+        req: Request<Self>,
+        state: Arc<EdgeState>,
+        info: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        crate::transport::websocket::accept(req, state, info)
+    }
+}
+
+impl RouteBody for super::quic::H3Body {
+    /// WebSocket over HTTP/3 (RFC 9220) is not served: browsers open `/ws` over HTTP/1.1 or
+    /// HTTP/2, and WebTransport is this port's session.
+    async fn websocket(_: Request<Self>, _: Arc<EdgeState>, _: ConnInfo) -> Response<Body> {
+        text(
+            StatusCode::NOT_IMPLEMENTED,
+            "WebSocket is served over HTTP/1.1 and HTTP/2; over HTTP/3 open /wt (WebTransport)\n",
+        )
+    }
+}
+
+/// Runs `fut` (a route) with `kill` as its [`stream_kill`] token: the HTTP/3 side resets the
+/// request's stream alone when it is cancelled, as [`StreamExec`] does for HTTP/2.
+pub fn with_stream_kill<F: Future>(
+    kill: tokio_util::sync::CancellationToken,
+    fut: F,
+) -> impl Future<Output = F::Output> {
+    STREAM_KILL.scope(kill, fut)
+}
+
+pub(super) async fn public<B: RouteBody>(
+    req: Request<B>,
+    state: Arc<EdgeState>,
+    info: ConnInfo,
+) -> Response<Body> {
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&crate::metrics::VersionLabels::of(req.version()))
+        .inc();
     // A 2xx answer to a CONNECT turns the stream (or the HTTP/1.1 connection) into a tunnel:
     // only the WebSocket route may give one, so every other route is spared from knowing it.
     if req.method() == Method::CONNECT && req.uri().path() != "/ws" {
@@ -149,7 +204,7 @@ async fn public(req: Request<Incoming>, state: Arc<EdgeState>, info: ConnInfo) -
         );
     }
     match req.uri().path() {
-        "/ws" => crate::transport::websocket::accept(req, state, info).await,
+        "/ws" => B::websocket(req, state, info).await,
         "/sse" => crate::transport::sse::accept(req, state, info).await,
         "/publish" => crate::transport::publish::accept(req, state, info).await,
         "/edgeplex.js" => super::assets::serve(&req, &super::assets::CLIENT_JS),
@@ -241,8 +296,8 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// refusal to send back before the handshake. The session's slot under `server.max_sessions`
 /// comes with it.
 #[allow(clippy::result_large_err)]
-pub async fn admit_http_session(
-    req: &Request<Incoming>,
+pub async fn admit_http_session<B>(
+    req: &Request<B>,
     state: &EdgeState,
     info: &ConnInfo,
     transport: Transport,

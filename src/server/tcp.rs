@@ -305,7 +305,7 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }

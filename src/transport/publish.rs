@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -20,8 +19,8 @@ use crate::auth::{Asker, Identity};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
 use crate::server::routes::{
-    ConnInfo, admit_origin, allow_origin, client_of, gate_refusal_response, json, json_error,
-    request_token,
+    ConnInfo, RouteBody, admit_origin, allow_origin, client_of, gate_refusal_response, json,
+    json_error, request_token,
 };
 use crate::server::{Body, EdgeState, full_body};
 
@@ -36,8 +35,8 @@ struct PublishBody<'a> {
 }
 
 /// `POST /publish` and its CORS preflight on the public listeners.
-pub async fn accept(
-    req: Request<Incoming>,
+pub async fn accept<B: RouteBody>(
+    req: Request<B>,
     state: Arc<EdgeState>,
     info: ConnInfo,
 ) -> Response<Body> {
@@ -98,8 +97,8 @@ pub async fn accept(
 /// A client's `POST /publish` past its request head's checks: a stateless publish is a session
 /// of one message, so the token and the connect hook (cookies) say who it is, as at a handshake;
 /// then the body.
-async fn publish_as(
-    req: Request<Incoming>,
+async fn publish_as<B: RouteBody>(
+    req: Request<B>,
     state: &EdgeState,
     client: &Client,
     origin: Option<&str>,
@@ -147,8 +146,8 @@ pub struct Caller<'a> {
 /// A body declared over the cap is refused before it is read. The client controls when the
 /// body arrives, so its read has a deadline of its own (`server.body_timeout`), whole, not per
 /// read: a trickle is cut off like a stall.
-pub async fn publish_body(
-    req: Request<Incoming>,
+pub async fn publish_body<B: RouteBody>(
+    req: Request<B>,
     state: &EdgeState,
     caller: Option<Caller<'_>>,
 ) -> Response<Body> {
@@ -244,8 +243,8 @@ pub async fn publish_body(
 /// here. The token and the connect hook come after, so a client over its budget buys no
 /// signature check and no hook call.
 #[allow(clippy::result_large_err)]
-fn check_head(
-    req: &Request<Incoming>,
+fn check_head<B>(
+    req: &Request<B>,
     state: &EdgeState,
     client: Option<&Client>,
 ) -> Result<(), Response<Body>> {

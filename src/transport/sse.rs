@@ -1,5 +1,5 @@
-//! Server-Sent Events: `GET /sse?channel=a&channel=b` adapts a streaming HTTP response (HTTP/1.1
-//! or HTTP/2) to a [`Session`].
+//! Server-Sent Events: `GET /sse?channel=a&channel=b` adapts a streaming HTTP response (HTTP/1.1,
+//! HTTP/2 or HTTP/3) to a [`Session`].
 //!
 //! This file owns the SSE request checks and the event stream: a `retry:` hint and the welcome
 //! event first, then every push as one event (`id:` its offset, `data:` the push object), and a
@@ -20,8 +20,8 @@
 //!
 //! A stream ends when its client goes, when its outbox overflows (a slow reader: it reconnects and
 //! resumes), or at shutdown. A client that stops reading altogether is cut off by a watcher the
-//! moment its outbox overflows: over HTTP/2 its stream alone is reset (a proxy's connection
-//! carries other clients' streams), over HTTP/1.1 its connection is dropped.
+//! moment its outbox overflows: over HTTP/2 and HTTP/3 its stream alone is reset (a proxy's or a
+//! browser's connection carries other streams), over HTTP/1.1 its connection is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Interval};
@@ -50,11 +49,7 @@ use crate::session::{CloseReason, JoinError, Outbox, OutboxStatus, Session};
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
 /// Answers `GET /sse`: checks the request and admission, subscribes, and streams.
-pub async fn accept(
-    req: Request<Incoming>,
-    state: Arc<EdgeState>,
-    info: ConnInfo,
-) -> Response<Body> {
+pub async fn accept<B>(req: Request<B>, state: Arc<EdgeState>, info: ConnInfo) -> Response<Body> {
     if req.method() != Method::GET {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -161,9 +156,10 @@ pub async fn accept(
         _conn: info.permit.clone(),
         _in_flight: info.activity.as_ref().map(|a| a.begin()),
     };
-    // Over HTTP/2 the stream is one of the connection's; over HTTP/1.1 it is the connection.
+    // Over HTTP/2 and HTTP/3 the stream is one of the connection's; over HTTP/1.1 it is the
+    // connection.
     let kill = match req.version() {
-        http::Version::HTTP_2 => stream_kill(),
+        http::Version::HTTP_2 | http::Version::HTTP_3 => stream_kill(),
         _ => None,
     };
     if let Some(kill) = kill.or_else(|| info.kill.clone()) {

@@ -1,223 +1,112 @@
-//! WebTransport over HTTP/3 (wtransport on quinn): sessions at `/wt` on the UDP port of the TLS
-//! listener, with the same certificate.
+//! WebTransport over HTTP/3 (h3-webtransport on h3 and quinn): sessions at `/wt` on the UDP
+//! port of the TLS listener, with the same certificate.
 //!
-//! wtransport rather than h3 with h3-webtransport: it is a WebTransport server first (session
-//! requests with path, origin and headers, refusals, datagrams, the client too), it exposes
-//! quinn's `Incoming` for address validation and its transport config for sizing, and it runs on
-//! the rustls and ring the TCP side uses. h3-webtransport is still marked experimental and would
-//! leave the CONNECT handling and the session bookkeeping to us.
+//! The QUIC endpoint and each connection's HTTP/3 layer are `server::quic`'s: it hands this file
+//! a CONNECT with `:protocol = webtransport` together with its connection (why h3 and not
+//! wtransport is in that module's doc). This file owns the CONNECT admission (path, origin,
+//! limits, token and hooks) and the wire: the client opens one bidirectional stream and both
+//! sides exchange newline-delimited JSON frames of the shared protocol on it; pushes of a
+//! channel subscribed with `"delivery":"datagram"` go as datagrams when they fit. Protocol
+//! meaning is `session`'s, policy `admission`'s. Other requests that arrive on the session's
+//! connection are served as plain HTTP/3 requests.
 //!
-//! This file owns the QUIC endpoint, the CONNECT admission (address validation, origin, limits),
-//! and the wire: the client opens one bidirectional stream and both sides exchange
-//! newline-delimited JSON frames of the shared protocol on it; pushes of a channel subscribed
-//! with `"delivery":"datagram"` go as datagrams when they fit. Protocol meaning is `session`'s,
-//! policy `admission`'s.
-//!
-//! wtransport answers a refused CONNECT only with 403, 404 or 429: origin is 403, every other
-//! refusal (limits, draining, session cap, dead bus) is 429 and its real reason is logged and
-//! counted. After the CONNECT the session closes with the application error codes of the
-//! protocol (the WebSocket close codes) and a reason.
+//! A refused CONNECT is answered with the status of `webtransport_connect_status` (origin 403,
+//! every other refusal 429, as under wtransport, whose answers were limited to those); its real
+//! reason is logged and counted, and the connection goes on serving requests. After the CONNECT
+//! the session closes with the application error codes of the protocol (the WebSocket close
+//! codes) and a reason, on the QUIC connection: a session has its connection to itself
+//! (`max_webtransport_sessions` is 1, and Chromium does not pool WebTransport).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
-use http::HeaderMap;
+use bytes::{BufMut, Bytes, BytesMut};
+use h3::quic::BidiStream as _;
+use h3_webtransport::server::{AcceptedBi, WebTransportSession};
+use http::{HeaderMap, Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
-use wtransport::endpoint::endpoint_side::Server;
-use wtransport::endpoint::{IncomingSession, SessionRequest};
-use wtransport::quinn::{TransportConfig, VarInt as QuicVarInt};
-use wtransport::{Connection, Endpoint, RecvStream, SendStream, ServerConfig, VarInt};
 
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::routes::ConnSlot;
-use crate::server::routes::request_token;
+use crate::server::quic::{H3Connection, H3Stream};
+use crate::server::routes::{ConnInfo, request_token};
 use crate::server::{EdgeState, Handshake};
 use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
 
 /// Where WebTransport sessions are opened.
 pub const PATH: &str = "/wt";
 
-/// quinn's defaults are sized for bulk transfer (megabyte windows, 100 streams). A session here
-/// is one stream of small JSON lines plus the HTTP/3 control streams, so windows are sized from
-/// the message caps: a stream can always take one whole frame of the largest size the edge reads
-/// before closing (`close_message_bytes`), and the unacknowledged data quinn keeps per session
-/// stays near the outbox's own cap.
-fn transport_config(cfg: &SessionConfig) -> TransportConfig {
-    let window = |bytes: usize| QuicVarInt::from_u64(bytes as u64).unwrap_or(QuicVarInt::MAX);
-    let stream_window = cfg.close_message_bytes + 16 * 1024;
-    let mut t = TransportConfig::default();
-    t.stream_receive_window(window(stream_window))
-        .receive_window(window(2 * stream_window))
-        .send_window((cfg.outbound_queue_bytes as u64).max(64 * 1024))
-        // The CONNECT request stream and the session's own stream.
-        .max_concurrent_bidi_streams(QuicVarInt::from_u32(4))
-        // HTTP/3 control and QPACK encoder/decoder streams.
-        .max_concurrent_uni_streams(QuicVarInt::from_u32(4))
-        .datagram_receive_buffer_size(Some(64 * 1024))
-        .datagram_send_buffer_size(64 * 1024);
-    t
-}
+type WtSession = WebTransportSession<h3_quinn::Connection, Bytes>;
+type SendStream = h3_webtransport::stream::SendStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvStream = h3_webtransport::stream::RecvStream<h3_quinn::RecvStream, Bytes>;
+type DatagramSender =
+    h3_datagram::datagram_handler::DatagramSender<h3_quinn::datagram::SendDatagramHandler, Bytes>;
 
-/// The running endpoint, shared with the reload path.
-pub struct QuicEndpoint(pub Arc<Endpoint<Server>>);
-
-impl std::fmt::Debug for QuicEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("QuicEndpoint")
-            .field(&self.0.local_addr().ok())
-            .finish()
-    }
-}
-
-/// The endpoint's config: `tls` (the edge's certificate, TLS 1.3, ALPN h3) and the transport.
-pub fn server_config(
-    addr: SocketAddr,
-    tls: rustls::ServerConfig,
-    cfg: &SessionConfig,
-) -> std::io::Result<ServerConfig> {
-    Ok(ServerConfig::builder()
-        .with_bind_address(addr)
-        .with_custom_tls_and_transport(tls, transport_config(cfg))
-        .max_idle_timeout(Some(cfg.idle_timeout))
-        .map_err(|_| std::io::Error::other("session.idle_timeout is too long for QUIC"))?
-        .keep_alive_interval(Some(cfg.ping_interval))
-        .build())
-}
-
-/// Binds the QUIC endpoint on `addr` (UDP) with the edge's certificate.
-pub fn bind(
-    addr: SocketAddr,
-    tls: rustls::ServerConfig,
-    cfg: &SessionConfig,
-) -> std::io::Result<Endpoint<Server>> {
-    Endpoint::server(server_config(addr, tls, cfg)?)
-}
-
-/// How long the endpoint is given, once closed, to send the last close frames before the process
-/// may exit. The sessions' own closes went out before it (see [`accept_loop`]).
-const ENDPOINT_CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Accepts sessions until shutdown, then waits for them to close (each with 1001 and its reason)
-/// and only then closes the endpoint: closing it first would close every connection with code 0
-/// before a session could say why.
-pub async fn accept_loop(endpoint: Arc<Endpoint<Server>>, state: Arc<EdgeState>) {
-    let validate = state.config.webtransport.validate_address;
-    let connections = tokio_util::task::TaskTracker::new();
-    loop {
-        let incoming = tokio::select! {
-            _ = state.shutdown.cancelled() => break,
-            i = endpoint.accept() => i,
-        };
-        // A QUIC source address can be spoofed until the peer proves it receives packets sent
-        // there: nothing is charged to (or trusted of) an address before a Retry round trip.
-        if validate && !incoming.remote_address_validated() {
-            incoming.retry();
-            continue;
-        }
-        // A QUIC connection is a connection like a TCP one: it holds state from the handshake
-        // on, CONNECT or not, so it takes a place under `server.max_connections` and under its
-        // address's connection limits, which TCP connections share. The address is the one
-        // validated above (taken as given with `webtransport.validate_address` off).
-        let Some(address) = state.admit_connection(incoming.remote_address().ip(), false) else {
-            incoming.refuse();
-            continue;
-        };
-        let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
-            state.metrics.connections_refused.inc();
-            incoming.refuse();
-            continue;
-        };
-        let slot = ConnSlot::new(permit, state.metrics.connections.clone()).with_address(address);
-        let st = state.clone();
-        state
-            .tasks
-            .spawn(connections.track_future(handle(incoming, st, slot)));
-    }
-    connections.close();
-    let grace = state.config.server.shutdown_grace;
-    let _ = tokio::time::timeout(grace, connections.wait()).await;
-    endpoint.close(VarInt::from_u32(0), b"edge shutting down");
-    let _ = tokio::time::timeout(ENDPOINT_CLOSE_FLUSH, endpoint.wait_idle()).await;
-}
-
-/// One QUIC connection from handshake to close. This future is what every open session keeps,
-/// so it holds each large value once: a `fn` returning an `async move` block (an `async fn`
-/// keeps a second copy of each argument), the request dropped once accepted, and the refusal
-/// paths boxed (inline, their futures of ~2 KiB would size every session's task).
+/// Answers one WebTransport CONNECT that arrived on `h3`: refused, the connection comes back to
+/// serve further requests; accepted, the session runs on it to its end (`None`). A `fn`
+/// returning an `async move` block: this future is what every open session keeps, so it holds
+/// each large value once (an `async fn` keeps a second copy of each argument), and the refusal
+/// paths are boxed (inline, their futures would size every session's task).
 #[allow(clippy::manual_async_fn)]
-fn handle(
-    incoming: IncomingSession,
+pub fn connect(
+    req: Request<()>,
+    stream: H3Stream,
+    h3: H3Connection,
+    quic: quinn::Connection,
     state: Arc<EdgeState>,
-    conn: ConnSlot,
-) -> impl Future<Output = ()> + Send {
+    info: ConnInfo,
+) -> impl Future<Output = Option<H3Connection>> + Send {
     async move {
-        // Named so the block owns it: the connection's slot is released when it ends.
-        let _conn = &conn;
-        let peer = incoming.remote_address();
-        let deadline = state.config.server.handshake_timeout;
-        let (connection, admitted, slot, client) = {
-            // A handshake still under way at shutdown has no session to close with 1001: it is
-            // dropped, so the endpoint's close does not wait for it.
-            let handshake = tokio::select! {
-                _ = state.shutdown.cancelled() => return,
-                r = tokio::time::timeout(deadline, incoming) => r,
-            };
-            let request = match handshake {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webtransport handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "webtransport handshake timed out");
-                    return;
-                }
-            };
-            if request.path().split('?').next() != Some(PATH) {
-                Box::pin(request.not_found()).await;
-                return;
+        let peer = info.peer;
+        if req.uri().path() != PATH {
+            Box::pin(answer(stream, StatusCode::NOT_FOUND)).await;
+            return Some(h3);
+        }
+        let origin = req
+            .headers()
+            .get(http::header::ORIGIN)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+        let client = state.admission.client(peer.ip(), &HeaderMap::new());
+        let admitted = state
+            .admission
+            .check_origin(origin.as_deref(), "webtransport")
+            .and_then(|()| state.admit_session(client));
+        let (ticket, slot) = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                let status = refusal.webtransport_connect_status();
+                Box::pin(refuse(stream, refusal.reason(), status, &state, peer)).await;
+                return Some(h3);
             }
-            let client = state.admission.client(peer.ip(), &HeaderMap::new());
-            let admitted = state
-                .admission
-                .check_origin(request.origin(), "webtransport")
-                .and_then(|()| state.admit_session(client));
-            let (ticket, slot) = match admitted {
-                Ok(a) => a,
+        };
+        let admitted = {
+            // A token may also come as `?token=` on the path: browsers cannot set headers on a
+            // WebTransport CONNECT.
+            let token =
+                request_token(req.headers(), req.uri().query()).map(std::borrow::Cow::into_owned);
+            let handshake = Handshake {
+                transport: Transport::webtransport,
+                token: token.as_deref(),
+                origin: origin.as_deref(),
+                headers: req.headers(),
+            };
+            match Box::pin(state.admit(ticket, handshake)).await {
+                Ok(admitted) => admitted,
                 Err(refusal) => {
                     let status = refusal.webtransport_connect_status();
-                    return Box::pin(refuse(request, refusal.reason(), status, &state, peer)).await;
+                    let reason = refusal.reason();
+                    Box::pin(refuse(stream, reason, status, &state, peer)).await;
+                    return Some(h3);
                 }
-            };
-            let admitted = {
-                let headers = connect_headers(&request);
-                let token = request_token(&headers, request.path().split_once('?').map(|q| q.1))
-                    .map(std::borrow::Cow::into_owned);
-                let handshake = Handshake {
-                    transport: Transport::webtransport,
-                    token: token.as_deref(),
-                    origin: request.origin(),
-                    headers: &headers,
-                };
-                match Box::pin(state.admit(ticket, handshake)).await {
-                    Ok(admitted) => admitted,
-                    Err(refusal) => {
-                        let status = refusal.webtransport_connect_status();
-                        let reason = refusal.reason();
-                        return Box::pin(refuse(request, reason, status, &state, peer)).await;
-                    }
-                }
-            };
-            match Box::pin(request.accept()).await {
-                Ok(c) => (c, admitted, slot, client),
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "webtransport accept failed");
-                    admitted.abandon(&state.gate, Transport::webtransport);
-                    return;
-                }
+            }
+        };
+        let wt = match Box::pin(WebTransportSession::accept(req, stream, h3)).await {
+            Ok(wt) => wt,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "webtransport accept failed");
+                admitted.abandon(&state.gate, Transport::webtransport);
+                return None;
             }
         };
         let session = Session::open(state.sessions.clone(), Transport::webtransport, admitted);
@@ -229,39 +118,89 @@ fn handle(
             transport = "webtransport",
         );
         let _slot = slot;
-        run(connection, session, state).instrument(span).await;
+        run(wt, quic, session, state, info).instrument(span).await;
+        None
     }
 }
 
-/// Answers a refused CONNECT (403 or 429: all wtransport can send) and counts it.
+/// Answers a CONNECT with `status` and no session.
+async fn answer(mut stream: H3Stream, status: StatusCode) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    if stream.send_response(resp).await.is_ok() {
+        let _ = stream.finish().await;
+    }
+}
+
+/// Answers a refused CONNECT (403 or 429) and counts it.
 async fn refuse(
-    request: SessionRequest,
+    stream: H3Stream,
     reason: &'static str,
-    status: http::StatusCode,
+    status: StatusCode,
     state: &EdgeState,
-    peer: SocketAddr,
+    peer: std::net::SocketAddr,
 ) {
     state.metrics.refusal(reason);
     tracing::info!(%peer, reason, status = status.as_u16(), "webtransport refused");
-    if status == http::StatusCode::FORBIDDEN {
-        request.forbidden().await;
-    } else {
-        request.too_many_requests().await;
+    answer(stream, status).await;
+}
+
+/// The client's session stream: the first bidirectional stream of the session. Plain requests
+/// that come first are served meanwhile; `None` when the connection ends.
+async fn first_stream(
+    wt: &WtSession,
+    state: &Arc<EdgeState>,
+    info: &ConnInfo,
+    quic: &quinn::Connection,
+) -> Option<h3_webtransport::stream::BidiStream<h3_quinn::BidiStream<Bytes>, Bytes>> {
+    loop {
+        match wt.accept_bi().await {
+            Ok(Some(AcceptedBi::BidiStream(_, stream))) => return Some(stream),
+            Ok(Some(AcceptedBi::Request(req, stream))) => {
+                serve_plain(req, stream, state, info, quic)
+            }
+            Ok(None) | Err(_) => return None,
+        }
     }
 }
 
-/// A CONNECT's headers as an HTTP header map (wtransport hands them over as strings), for the
-/// token and the connect hook. A token may also come as `?token=` on the path: browsers cannot
-/// set headers on a WebTransport CONNECT.
-fn connect_headers(request: &SessionRequest) -> HeaderMap {
-    request
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| {
-            let name = http::HeaderName::from_bytes(k.as_bytes()).ok()?;
-            Some((name, http::HeaderValue::from_str(v).ok()?))
-        })
-        .collect()
+/// Further streams of the session's connection: requests are served; more session streams are
+/// not part of the protocol and are dropped (quinn stops them). Ends when the connection does.
+async fn serve_more(
+    wt: &WtSession,
+    state: &Arc<EdgeState>,
+    info: &ConnInfo,
+    quic: &quinn::Connection,
+) -> End {
+    loop {
+        match wt.accept_bi().await {
+            Ok(Some(AcceptedBi::BidiStream(..))) => {}
+            Ok(Some(AcceptedBi::Request(req, stream))) => {
+                serve_plain(req, stream, state, info, quic)
+            }
+            Ok(None) | Err(_) => return End::Gone,
+        }
+    }
+}
+
+fn serve_plain(
+    req: Request<()>,
+    stream: H3Stream,
+    state: &Arc<EdgeState>,
+    info: &ConnInfo,
+    quic: &quinn::Connection,
+) {
+    let Some(in_flight) = info.activity.as_ref().map(|a| a.begin()) else {
+        return;
+    };
+    state.tasks.spawn(crate::server::quic::serve(
+        req,
+        stream,
+        state.clone(),
+        info.clone(),
+        quic.clone(),
+        in_flight,
+    ));
 }
 
 /// Why a half of the session loop ended.
@@ -272,12 +211,14 @@ enum End {
 }
 
 /// Runs an accepted session until it ends, then closes the connection. A `fn` returning an
-/// `async move` block for the reason given at [`handle`].
+/// `async move` block for the reason given at [`connect`].
 #[allow(clippy::manual_async_fn)]
 fn run(
-    connection: Connection,
+    wt: WtSession,
+    connection: quinn::Connection,
     mut session: Session,
     state: Arc<EdgeState>,
+    info: ConnInfo,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let cfg = &state.config.session;
@@ -287,11 +228,12 @@ fn run(
             CloseReason::count(Some(&reason), Transport::webtransport, &state.metrics);
             close(&connection, reason);
         };
+        let first = first_stream(&wt, &state, &info, &connection);
         let (mut send, mut recv) = tokio::select! {
             _ = state.shutdown.cancelled() => return early(CloseReason::SHUTDOWN),
-            r = tokio::time::timeout(state.config.server.handshake_timeout, connection.accept_bi()) => {
+            r = tokio::time::timeout(state.config.server.handshake_timeout, first) => {
                 match r {
-                    Ok(Ok(streams)) => streams,
+                    Ok(Some(stream)) => stream.split(),
                     _ => {
                         tracing::debug!("no stream opened in time");
                         return early(CloseReason::PROTOCOL);
@@ -306,8 +248,12 @@ fn run(
         let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
         let outbox = session.outbox().clone();
         let datagrams = session.datagram_channels();
-        let writer = Writer {
+        let mut writer = Writer {
             connection: &connection,
+            datagram: wt.datagram_sender(),
+            // The quarter stream ID (the CONNECT stream's index) in front of each datagram
+            // (RFC 9297): a varint.
+            datagram_header: varint_len(h3::quic::StreamId::from(wt.session_id()).index()),
             outbox: &outbox,
             datagrams: &datagrams,
             cfg,
@@ -317,7 +263,9 @@ fn run(
             _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
             end = writer.run(&mut send) => end,
             end = read_half(&mut recv, &mut session, cfg) => end,
+            end = serve_more(&wt, &state, &info, &connection) => end,
         };
+        drop(writer);
         let reason = match &end {
             End::Close(r) => Some(r),
             End::Gone => None,
@@ -340,7 +288,8 @@ fn run(
                         buf.put_u8(b'\n');
                     }
                     let _ = tokio::time::timeout(cfg.write_timeout, send.write_all(&buf)).await;
-                    let _ = tokio::time::timeout(cfg.write_timeout, send.finish()).await;
+                    let _ = send.shutdown().await;
+                    linger(&connection, cfg).await;
                 }
                 drop(session);
                 tracing::info!(
@@ -358,17 +307,39 @@ fn run(
     }
 }
 
-fn close(connection: &Connection, reason: CloseReason) {
+/// A QUIC close discards stream data not yet delivered, and h3's streams do not expose quinn's
+/// `stopped()` (which wtransport awaited: every byte acknowledged). So the close waits a few
+/// round trips for the last lines and the FIN to arrive, or for the client to close first;
+/// bounded by `session.write_timeout`. A packet lost in that window loses those lines.
+async fn linger(connection: &quinn::Connection, cfg: &SessionConfig) {
+    let wait = (connection.rtt() * 4)
+        .max(std::time::Duration::from_millis(20))
+        .min(cfg.write_timeout);
+    let _ = tokio::time::timeout(wait, connection.closed()).await;
+}
+
+fn close(connection: &quinn::Connection, reason: CloseReason) {
     connection.close(
-        VarInt::from_u32(u32::from(reason.code)),
+        quinn::VarInt::from_u32(u32::from(reason.code)),
         reason.reason.as_bytes(),
     );
+}
+
+fn varint_len(v: u64) -> usize {
+    match v {
+        0..64 => 1,
+        64..16_384 => 2,
+        16_384..1_073_741_824 => 4,
+        _ => 8,
+    }
 }
 
 /// The sending half: drains the outbox on each wake-up into one stream write (datagram pushes
 /// aside), bounded by `session.write_timeout` and cut short by an overflow of the outbox.
 struct Writer<'a> {
-    connection: &'a Connection,
+    connection: &'a quinn::Connection,
+    datagram: DatagramSender,
+    datagram_header: usize,
     outbox: &'a Outbox,
     datagrams: &'a parking_lot::RwLock<std::collections::HashSet<crate::protocol::Channel>>,
     cfg: &'a SessionConfig,
@@ -376,7 +347,7 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    async fn run(&self, send: &mut SendStream) -> End {
+    async fn run(&mut self, send: &mut SendStream) -> End {
         let mut batch = Vec::new();
         let mut buf = BytesMut::new();
         loop {
@@ -390,7 +361,10 @@ impl Writer<'_> {
                 continue;
             }
             self.messages_out.inc_by(batch.len() as u64);
-            let max_datagram = self.connection.max_datagram_size();
+            let max_datagram = self
+                .connection
+                .max_datagram_size()
+                .and_then(|max| max.checked_sub(self.datagram_header));
             {
                 let datagrams = self.datagrams.read();
                 for frame in batch.drain(..) {
@@ -398,7 +372,12 @@ impl Writer<'_> {
                         && frame.position().is_some_and(|(c, _)| datagrams.contains(c))
                         && max_datagram.is_some_and(|max| frame.len() <= max);
                     // A datagram that cannot be queued is lost, as datagrams may be.
-                    if as_datagram && self.connection.send_datagram(frame.as_bytes()).is_ok() {
+                    if as_datagram
+                        && self
+                            .datagram
+                            .send_datagram(Bytes::copy_from_slice(frame.as_bytes()))
+                            .is_ok()
+                    {
                         continue;
                     }
                     buf.put_slice(frame.as_bytes());
@@ -443,8 +422,8 @@ async fn read_half(recv: &mut RecvStream, session: &mut Session, cfg: &SessionCo
             },
         };
         let n = match read {
-            Ok(Some(n)) => n,
-            Ok(None) | Err(_) => return End::Gone,
+            Ok(0) | Err(_) => return End::Gone,
+            Ok(n) => n,
         };
         let mut rest = &chunk[..n];
         while let Some(i) = rest.iter().position(|b| *b == b'\n') {

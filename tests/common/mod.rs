@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod h2_client;
+pub mod h3_client;
 pub mod hook_service;
 pub mod redis_cluster;
 pub mod redis_server;
