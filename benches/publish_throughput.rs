@@ -142,7 +142,10 @@ async fn phase(
                     } else {
                         counts.refused.fetch_add(1, Ordering::Relaxed);
                     }
-                    window.add_permits(1);
+                    // Paced, the window is not used (and is already at its maximum).
+                    if matches!(mode, Mode::Window(_)) {
+                        window.add_permits(1);
+                    }
                 }
             }
         });
