@@ -129,6 +129,102 @@ impl Drop for RedisProc {
     }
 }
 
+/// A scratch Redis Cluster, three masters and three replicas on free ports (as
+/// `tests/common/redis_cluster.rs` starts one), killed on drop.
+pub struct RedisClusterProc {
+    children: Vec<Child>,
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli on PATH");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisClusterProc {
+    pub fn start() -> RedisClusterProc {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for &port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            children.push(
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", "nodes.conf"])
+                    // As for one Redis: the bench wants to see a lagging node, not a cut one.
+                    .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server on PATH"),
+            );
+        }
+        let c = RedisClusterProc {
+            children,
+            urls: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}/"))
+                .collect(),
+            _dir: dir,
+        };
+        let settle = |what: &str, f: &dyn Fn() -> bool| {
+            for _ in 0..600 {
+                if f() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!("Redis Cluster: {what}");
+        };
+        for &p in &ports {
+            settle("a node did not start", &|| {
+                redis_cli(p, &["PING"]).trim() == "PONG"
+            });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(out.status.success(), "redis-cli --cluster create failed");
+        settle("the cluster did not settle", &|| {
+            ports.iter().all(|&p| {
+                let info = redis_cli(p, &["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            })
+        });
+        c
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for RedisClusterProc {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// One edge process: the release `edgeplex` binary.
 pub struct EdgeProc {
     child: Child,
@@ -163,6 +259,22 @@ impl EdgeProc {
 
     /// [`EdgeProc::start`] with `extra` TOML appended to its config (sections of its own).
     pub fn start_with(sessions: u64, redis_url: Option<&str>, extra: &str) -> EdgeProc {
+        let bus = format!("redis_url = \"{}\"", redis_url.unwrap_or(""));
+        Self::start_on(sessions, &bus, extra)
+    }
+
+    /// An edge on the Redis Cluster whose nodes are `seeds` (`redis://host:port/` URLs).
+    pub fn start_cluster(sessions: u64, seeds: &[String]) -> EdgeProc {
+        let list: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        Self::start_on(
+            sessions,
+            &format!("redis_cluster = [{}]", list.join(", ")),
+            "",
+        )
+    }
+
+    /// An edge whose `[bus]` section holds the line `bus`.
+    fn start_on(sessions: u64, bus: &str, extra: &str) -> EdgeProc {
         let dir = tempfile::tempdir().unwrap();
         let plain_port = free_port();
         let admin_port = free_port();
@@ -174,11 +286,10 @@ impl EdgeProc {
              admin_listen = \"127.0.0.1:{admin_port}\"\n\
              max_connections = {n}\nmax_sessions = {n}\n[tls]\ndev_cert_path = \"{}\"\n\
              [session]\nmessages_per_second = 1000000\nmessage_burst = 1000000\n\
-             [bus]\nredis_url = \"{}\"\n\
+             [bus]\n{bus}\n\
              [admission]\nexempt = [\"127.0.0.0/8\"]\n[limits.new_sessions]\nper_second = 1000000\n\
              burst = 1000000\n[log]\nlevel = \"warn\"\n{extra}",
             pem.display(),
-            redis_url.unwrap_or(""),
             n = sessions + 100,
         );
         let path = dir.path().join("edge.toml");

@@ -18,13 +18,26 @@
 //! channel's subscribers, never to the others:
 //! - the slot moved or its master failed over: Redis sends an unsolicited `sunsubscribe`; the
 //!   channel is subscribed again at once (the MOVED answer refreshes the client's slot map);
-//! - the connection to a master was made again (redis-rs resubscribes on its own: an
-//!   `ssubscribe` confirmation nobody asked for is such a return);
+//! - the connection to a master was made again (redis-rs resubscribes on its own);
 //! - anything else: a reconciliation pass every `bus.redis_ping_interval` reads the topology
-//!   (`CLUSTER SLOTS`) and asks each master about this node's connection (`CLIENT INFO`: its id
-//!   and `ssub`, the shard channels it holds). A channel whose master changed, whose
-//!   connection's id changed, or on a master holding fewer subscriptions than this node expects
-//!   there, is subscribed again. The pass is also what `/readyz` means: the cluster answered it.
+//!   (`CLUSTER SLOTS`) and asks each master about this node's connection (`CLUSTER MYID` and
+//!   `CLIENT INFO`: its id and `ssub`, the shard channels it holds). A channel whose master
+//!   changed, whose connection's id changed, or on a master holding fewer subscriptions than
+//!   this node expects there, is subscribed again. The pass is also what `/readyz` means: the
+//!   cluster answered it.
+//!
+//! An `ssubscribe` confirmation nobody asked for is not by itself an interruption: redis-rs
+//! sends the tracked subscriptions again to every master each time it refreshes its slot map
+//! (a MOVED, a failover elsewhere), and a master that never lost them confirms them again. It
+//! only calls for a pass, and the channel gets a gap when the pass finds its master's
+//! connection changed (or cannot tell).
+//!
+//! The pass asks each master through a slot it serves, never by address: redis-rs answers a
+//! command routed to an address it holds no live connection for (a master just killed) with
+//! `ClusterConnectionNotFound`, which it handles by dropping every connection and connecting
+//! to the seeds again, up to once per retry: every master's subscriptions were lost for a
+//! moment, each pass, until the failover was over. Routed by slot, a dead master's question
+//! goes to its replica or another node, and `CLUSTER MYID` tells the answer is not its own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
@@ -122,18 +135,28 @@ struct Subs {
     home: HashMap<Channel, String>,
     /// Redis dropped them (slot moved, failover): subscribe again and send a gap.
     moved: HashSet<Channel>,
-    /// redis-rs subscribed them again on its own after a reconnect: send a gap.
+    /// redis-rs subscribed them again on its own (a reconnect, or a slot map refresh): a gap
+    /// if the pass finds their master's connection changed, or cannot tell.
     regained: HashSet<Channel>,
     /// The hub dropped their last subscriber; at most [`DROPPED_CAP`].
     dropped: HashSet<Channel>,
     resync: bool,
 }
 
+/// One row of `CLUSTER SLOTS`: a slot range (inclusive), its master's `host:port` and node id.
+#[derive(Debug, Clone, PartialEq)]
+struct SlotRange {
+    first: u16,
+    last: u16,
+    master: String,
+    id: String,
+}
+
 /// The cluster's masters as the last pass saw them.
 #[derive(Debug, Default)]
 struct Topology {
     /// Slot ranges (inclusive) and the master's `host:port`.
-    ranges: Vec<(u16, u16, String)>,
+    ranges: Vec<SlotRange>,
     /// Each master's id for this node's connection (`CLIENT INFO`), to see reconnects.
     client_ids: HashMap<String, u64>,
 }
@@ -142,8 +165,8 @@ impl Topology {
     fn master_of(&self, slot: u16) -> Option<&str> {
         self.ranges
             .iter()
-            .find(|(a, b, _)| (*a..=*b).contains(&slot))
-            .map(|(_, _, m)| m.as_str())
+            .find(|r| (r.first..=r.last).contains(&slot))
+            .map(|r| r.master.as_str())
     }
 }
 
@@ -524,7 +547,13 @@ impl RedisBus {
                 "CLUSTER SLOTS named no master",
             )));
         }
-        let masters: HashSet<String> = ranges.iter().map(|r| r.2.clone()).collect();
+        // Each master, its node id and one slot it serves (to route the question by).
+        let mut masters: BTreeMap<String, (String, u16)> = BTreeMap::new();
+        for r in &ranges {
+            masters
+                .entry(r.master.clone())
+                .or_insert_with(|| (r.id.clone(), r.first));
+        }
         let old_ids = {
             let mut t = cl.topology.lock();
             t.ranges = ranges;
@@ -563,35 +592,43 @@ impl RedisBus {
             }
         }
         let mut ids = HashMap::new();
-        for master in &masters {
-            let Some((host, port)) = master.rsplit_once(':') else {
-                continue;
-            };
-            let Ok(port) = port.parse::<u16>() else {
-                continue;
-            };
-            let q = conn.route_command(
-                redis::cmd("CLIENT").arg("INFO").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port,
-                }),
-            );
+        // Masters whose connection this pass could not check: their channels' returns count
+        // as interruptions (a spurious gap at worst, never a missed one).
+        let mut unknown: HashSet<String> = HashSet::new();
+        // Masters whose connection was made again or holds fewer subscriptions than expected.
+        let mut interrupted: HashSet<String> = HashSet::new();
+        for (master, (node_id, slot)) in &masters {
             let labelled = ids.len() < NODE_LABELS_CAP;
             let label = addr_label(master);
+            let mut pipe = redis::pipe();
+            pipe.cmd("CLUSTER").arg("MYID").cmd("CLIENT").arg("INFO");
+            let q = conn.route_pipeline(
+                pipe,
+                0,
+                2,
+                SingleNodeRoutingInfo::SpecificNode(Route::new(*slot, SlotAddr::Master)),
+            );
             let info = match self.timed(q).await {
-                Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
-                Ok(Value::VerbatimString { text, .. }) => text,
-                Ok(Value::SimpleString(s)) => s,
-                Ok(_) | Err(_) => {
-                    if labelled {
-                        self.metrics
-                            .redis_cluster_connected
-                            .get_or_create(&label)
-                            .set(0);
-                    }
-                    continue;
+                // Not this master's answer (it is down and redis-rs asked another node): its
+                // connection is unknown, not new.
+                Ok(r) if r.len() == 2 && text(&r[0]).as_deref() == Some(node_id.as_str()) => {
+                    text(&r[1])
                 }
+                Ok(_) | Err(_) => None,
+            };
+            let Some(info) = info else {
+                if labelled {
+                    self.metrics
+                        .redis_cluster_connected
+                        .get_or_create(&label)
+                        .set(0);
+                }
+                // Kept, so a reconnect while the master could not be asked is still seen.
+                if let Some(&old) = old_ids.get(master) {
+                    ids.insert(master.clone(), old);
+                }
+                unknown.insert(master.clone());
+                continue;
             };
             let field = |k: &str| {
                 info.split_whitespace()
@@ -618,6 +655,8 @@ impl RedisBus {
                 }
             }
             if reconnected || ssub < expected {
+                tracing::debug!(%master, id, ssub, expected, reconnected, "shard subscriptions on this master were interrupted");
+                interrupted.insert(master.clone());
                 again.extend(by_master.get(master).into_iter().flatten().cloned());
             }
             ids.insert(master.clone(), id);
@@ -634,9 +673,22 @@ impl RedisBus {
             )
         };
         again.extend(moved);
+        // A return redis-rs made on a master whose connection is the same one, holding every
+        // subscription, lost nothing (it refreshed its slot map and confirmed them again).
+        let placed: HashMap<Channel, Option<String>> = placed.into_iter().collect();
+        let regained: Vec<Channel> = regained
+            .into_iter()
+            .filter(|c| match placed.get(c) {
+                Some(Some(m)) => unknown.contains(m) || interrupted.contains(m),
+                Some(None) => true,
+                // No longer active: nobody to tell.
+                None => false,
+            })
+            .collect();
+        again.extend(regained);
         self.resubscribe(hub, &mut conn, again.iter()).await;
-        // Everything that was interrupted, once; `regained` were subscribed again by redis-rs.
-        let gaps: Vec<Channel> = again.union(&regained).cloned().collect();
+        // Everything that was interrupted, once.
+        let gaps: Vec<Channel> = again.into_iter().collect();
         if !gaps.is_empty() {
             let notified = hub.gap_all(&gaps);
             self.reconnects.inc();
@@ -823,18 +875,23 @@ fn unmark(marks: &mut HashMap<Channel, u32>, channel: &Channel) {
     }
 }
 
+/// A text reply (RESP2 bulk, RESP3 verbatim or simple string).
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// `CLUSTER SLOTS`: `[[start, end, [host, port, id, …], replicas…], …]` → ranges and masters.
-fn parse_slots(v: Value) -> Vec<(u16, u16, String)> {
+fn parse_slots(v: Value) -> Vec<SlotRange> {
     let Value::Array(rows) = v else {
         return Vec::new();
     };
     let int = |v: &Value| match v {
         Value::Int(i) => u16::try_from(*i).ok(),
-        _ => None,
-    };
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     };
     rows.iter()
@@ -845,7 +902,12 @@ fn parse_slots(v: Value) -> Vec<(u16, u16, String)> {
                 return None;
             };
             let (host, port) = (text(m.first()?)?, int(m.get(1)?)?);
-            Some((a, b, format!("{host}:{port}")))
+            Some(SlotRange {
+                first: a,
+                last: b,
+                master: format!("{host}:{port}"),
+                id: m.get(2).and_then(text).unwrap_or_default(),
+            })
         })
         .collect()
 }
