@@ -670,3 +670,31 @@ async fn sigterm_drains_for_the_delay_then_closes_every_transport_with_1001() {
     };
     assert!(exit.success(), "clean exit after the drain: {exit:?}");
 }
+
+#[test]
+fn check_config_says_which_redis_bus_a_cluster_config_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[bus]\nredis_cluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\", \
+         \"rediss://10.0.0.3:7000\"]\n",
+    );
+    let (code, out, err) = run(&["check-config", &path], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("bus: Redis Cluster from 3 seed(s)") && out.contains("edgeplex:{C}"),
+        "{out}"
+    );
+    assert!(!out.contains("bus: embedded"), "{out}");
+    // Not both buses at once.
+    let path = write_config(
+        dir.path(),
+        "[bus]\nredis_url = \"redis://10.0.0.1:6379\"\nredis_cluster = [\"redis://10.0.0.2:7000\"]\n",
+    );
+    let (code, _, err) = run(&["check-config", &path], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("bus.redis_cluster") || err.contains("bus.redis_url"),
+        "{err}"
+    );
+}

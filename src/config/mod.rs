@@ -1157,7 +1157,19 @@ impl Config {
                 cert_path.display()
             ),
         });
+        if !self.bus.redis_cluster.is_empty() {
+            out.push_str(&format!(
+                "bus: Redis Cluster from {} seed(s), sharded pub/sub (channel C is the shard \
+                 channel and history stream {}{{C}}; Redis 7 or later); history {} messages \
+                 per channel, each at most {} bytes, budgets per slot\n",
+                self.bus.redis_cluster.len(),
+                self.bus.channel_prefix,
+                self.bus.history_len,
+                self.bus.history_channel_bytes,
+            ));
+        }
         out.push_str(&match &self.bus.redis_url {
+            None if !self.bus.redis_cluster.is_empty() => String::new(),
             None => format!(
                 "bus: embedded (single node); history {} messages per channel, kept {}, {} bytes \
                  in all\n",

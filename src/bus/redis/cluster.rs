@@ -192,16 +192,28 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    pub(super) fn new(seeds: &[String], timeout: Duration) -> Result<Cluster, redis::RedisError> {
+    /// `ca`: the PEM of `bus.redis_ca`, trusted for `rediss://` seeds (and the nodes they name).
+    pub(super) fn new(
+        seeds: &[String],
+        timeout: Duration,
+        ca: Option<Vec<u8>>,
+    ) -> Result<Cluster, redis::RedisError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         // redis-rs's own push channel is unbounded too; the pump drains it into the capped
         // ingest queue at once, so it stays near empty (as with one Redis).
-        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(tx)
             .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .build()?;
+            .response_timeout(timeout);
+        // Certificates turn TLS on for every node: only for seeds that ask for TLS.
+        if let Some(pem) = ca.filter(|_| seeds.iter().any(|s| s.starts_with("rediss://"))) {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            });
+        }
+        let client = builder.build()?;
         Ok(Cluster {
             client,
             conn: parking_lot::Mutex::new(None),

@@ -215,20 +215,21 @@ impl RedisBus {
         settings: RedisSettings,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBus, RedisConfigError> {
-        let client = match &settings.ca {
+        let ca = match &settings.ca {
+            None => None,
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                RedisConfigError(format!("bus.redis_ca: cannot read {}: {e}", path.display()))
+            })?),
+        };
+        let client = match &ca {
             None => redis::Client::open(settings.url.as_str()),
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    RedisConfigError(format!("bus.redis_ca: cannot read {}: {e}", path.display()))
-                })?;
-                redis::Client::build_with_tls(
-                    settings.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
+            Some(pem) => redis::Client::build_with_tls(
+                settings.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
         }
         .map_err(|e| RedisConfigError(format!("not a usable Redis URL or CA ({:?})", e.kind())))?;
         let config = ConnectionManagerConfig::new()
@@ -244,7 +245,7 @@ impl RedisBus {
         let cluster = match settings.cluster.is_empty() {
             true => None,
             false => Some(
-                cluster::Cluster::new(&settings.cluster, settings.timeout).map_err(|e| {
+                cluster::Cluster::new(&settings.cluster, settings.timeout, ca).map_err(|e| {
                     RedisConfigError(format!("not usable Redis Cluster seeds ({:?})", e.kind()))
                 })?,
             ),
