@@ -254,37 +254,45 @@ impl RedisCluster {
         }
     }
 
-    /// Moves `slot` to the master on `to` with its keys (what `redis-cli --cluster reshard` does
-    /// for each slot: IMPORTING / MIGRATING, MIGRATE the keys, SETSLOT NODE on both).
-    pub fn move_slot(&self, slot: u16, to: u16) {
-        let from = self.master_of(slot);
-        assert_ne!(from, to);
-        let (src, dst) = (self.node_id(from), self.node_id(to));
-        let s = slot.to_string();
-        cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src]);
-        cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst]);
-        loop {
-            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
-            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-            if keys.is_empty() {
-                break;
-            }
-            let mut args = vec![
-                "MIGRATE".to_string(),
-                "127.0.0.1".into(),
-                to.to_string(),
-                "".into(),
-                "0".into(),
-                "5000".into(),
-                "KEYS".into(),
-            ];
-            args.extend(keys.iter().map(|k| k.to_string()));
-            let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-            cli(from, &args);
-        }
-        for p in self.live_ports() {
-            cli(p, &["CLUSTER", "SETSLOT", &s, "NODE", &dst]);
-        }
+    /// The lowest slot the master on `port` serves: the first that `redis-cli --cluster
+    /// reshard` takes from it.
+    pub fn lowest_slot(&self, port: u16) -> u16 {
+        let id = self.node_id(port);
+        let nodes = cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let line = nodes
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .expect("the node is known");
+        line.split(' ')
+            .skip(8)
+            .filter(|r| !r.starts_with('['))
+            .filter_map(|r| r.split('-').next()?.parse().ok())
+            .min()
+            .expect("a master serves slots")
+    }
+
+    /// `redis-cli --cluster reshard` of one slot from the master on `from` to the one on `to`,
+    /// as an operator runs it; returns when every live node agrees on the new owner of the slot
+    /// it moved (the lowest of `from`'s).
+    pub fn reshard_one(&self, from: u16, to: u16) -> u16 {
+        let slot = self.lowest_slot(from);
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{from}"))
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "reshard: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        self.wait_until(Duration::from_secs(30), || self.master_of(slot) == to);
+        slot
     }
 
     /// `SPUBLISH` from a backend, on whichever master serves the channel.
