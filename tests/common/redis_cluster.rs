@@ -16,7 +16,7 @@ pub struct RedisCluster {
     children: Vec<Option<Child>>,
     _dir: tempfile::TempDir,
     /// Held until the cluster is dropped (see [`ONE_AT_A_TIME`]).
-    _turn: std::sync::MutexGuard<'static, ()>,
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 /// A port that is free, and whose cluster bus port (the port + 10000) is free too.
@@ -69,7 +69,36 @@ pub fn slot(key: &str) -> u16 {
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         // A test that failed holding the lock poisons it; the next cluster is still good.
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let mut turn = Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
+        // Ports are picked by binding and releasing them: one can be taken again before its
+        // server binds it (the server then exits). Such a start is thrown away whole and
+        // made again on other ports.
+        let mut attempt = 0;
+        let c = loop {
+            attempt += 1;
+            let c = RedisCluster::spawn(turn.take().expect("held until a start succeeds"));
+            if c.created() {
+                break c;
+            }
+            assert!(
+                attempt < 4,
+                "Redis Cluster would not start in {attempt} tries"
+            );
+            turn = Some(c.give_up());
+        };
+        // Every replica has its master's data (else it would not be promoted when the test
+        // kills that master).
+        for &port in &c.ports {
+            c.wait_until(Duration::from_secs(30), || {
+                let info = cli(port, &["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+        }
+        c
+    }
+
+    /// Six servers on fresh ports, cluster mode on, not joined yet.
+    fn spawn(turn: std::sync::MutexGuard<'static, ()>) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
         let mut children = Vec::new();
@@ -92,41 +121,71 @@ impl RedisCluster {
                 .expect("redis-server is installed");
             children.push(Some(child));
         }
-        let c = RedisCluster {
+        RedisCluster {
             ports,
             children,
             _dir: dir,
-            _turn: turn,
-        };
-        for &port in &c.ports {
-            c.wait_until(Duration::from_secs(10), || {
-                cli(port, &["PING"]).trim() == "PONG"
-            });
+            _turn: Some(turn),
         }
-        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
+    }
+
+    /// Every server answers, `redis-cli --cluster create` joined them and the cluster settled;
+    /// `false` when a server did not come up (its port was taken), or the create failed or did
+    /// not settle.
+    fn created(&self) -> bool {
+        let start = Instant::now();
+        for &port in &self.ports {
+            while cli(port, &["PING"]).trim() != "PONG" {
+                if start.elapsed() > Duration::from_secs(20) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let addrs: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
-            .expect("redis-cli runs");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        c.wait_ok();
-        // Every replica has its master's data (else it would not be promoted when the test
-        // kills that master).
-        for &port in &c.ports {
-            c.wait_until(Duration::from_secs(30), || {
-                let info = cli(port, &["INFO", "replication"]);
-                info.contains("role:master") || info.contains("master_link_status:up")
-            });
+            .expect("redis-cli runs")
+            .status
+            .success()
+            && self.settles_within(Duration::from_secs(30))
+    }
+
+    /// Every live node says `cluster_state:ok` with all slots, and three masters, in time.
+    fn settles_within(&self, bound: Duration) -> bool {
+        let start = Instant::now();
+        while !self.is_ok() {
+            if start.elapsed() > bound {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        c
+        true
+    }
+
+    fn is_ok(&self) -> bool {
+        self.live_ports().iter().all(|&p| {
+            let info = cli(p, &["CLUSTER", "INFO"]);
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        }) && self.masters().len() == 3
+    }
+
+    /// Stops a start that failed; hands the turn back for the next try.
+    fn give_up(mut self) -> std::sync::MutexGuard<'static, ()> {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self._turn.take().expect("a cluster holds its turn")
     }
 
     fn wait_until(&self, bound: Duration, mut f: impl FnMut() -> bool) {
@@ -143,12 +202,7 @@ impl RedisCluster {
 
     /// Every live node says `cluster_state:ok` and agrees on three masters holding all slots.
     pub fn wait_ok(&self) {
-        self.wait_until(Duration::from_secs(30), || {
-            self.live_ports().iter().all(|&p| {
-                let info = cli(p, &["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
-            }) && self.masters().len() == 3
-        });
+        self.wait_until(Duration::from_secs(30), || self.is_ok());
     }
 
     /// After [`RedisCluster::kill`] of a master: waits until a replica took its slots.
