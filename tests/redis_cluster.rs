@@ -29,6 +29,32 @@ fn key(channel: &str) -> String {
     format!("edgeplex:{{{channel}}}")
 }
 
+/// One subscriber on `b` per channel, a publisher on `a`, and one message ("before") published
+/// and received on each: the subscribers, the publisher, and each channel's offset so far.
+async fn subscribed_and_delivered(
+    a: &TestEdge,
+    b: &TestEdge,
+    channels: &[(String, u16)],
+) -> (Vec<Client>, Client, Vec<Value>) {
+    let mut subs = Vec::new();
+    for (c, _) in channels {
+        let mut s = b.connect().await;
+        s.subscribe(1, c).await;
+        subs.push(s);
+    }
+    let mut publisher = a.connect().await;
+    for (i, (c, _)) in channels.iter().enumerate() {
+        publish_ok(&mut publisher, i as u64, c, json!("before")).await;
+    }
+    let mut before = Vec::new();
+    for s in &mut subs {
+        let m = next_message(s).await.0;
+        assert_eq!(m["data"], "before");
+        before.push(m["offset"].clone());
+    }
+    (subs, publisher, before)
+}
+
 /// Publishes until the bus answers `ok` (a failover or a moved slot answers `unavailable` in
 /// the window), within a bound; returns how many `unavailable` came first.
 async fn publish_ok(c: &mut Client, id: u64, channel: &str, data: Value) -> usize {
@@ -221,22 +247,7 @@ async fn a_master_killed_gaps_only_its_channels_and_loses_no_acknowledged_publis
     let mut cluster = RedisCluster::start();
     let (a, b) = (node(&cluster).await, node(&cluster).await);
     let channels = spread(&cluster, "f", 2);
-    let mut subs = Vec::new();
-    for (c, _) in &channels {
-        let mut s = b.connect().await;
-        s.subscribe(1, c).await;
-        subs.push(s);
-    }
-    let mut publisher = a.connect().await;
-    for (i, (c, _)) in channels.iter().enumerate() {
-        publish_ok(&mut publisher, i as u64, c, json!("before")).await;
-    }
-    let mut before = Vec::new();
-    for s in &mut subs {
-        let m = next_message(s).await.0;
-        assert_eq!(m["data"], "before");
-        before.push(m["offset"].clone());
-    }
+    let (mut subs, mut publisher, before) = subscribed_and_delivered(&a, &b, &channels).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let live = tokio::spawn(publish_live(
         a.connect().await,
@@ -317,22 +328,7 @@ async fn a_slot_moved_under_subscribers_is_followed_with_a_gap() {
             .into_iter()
             .filter(|(_, m)| *m != from),
     );
-    let mut subs = Vec::new();
-    for (c, _) in &channels {
-        let mut s = b.connect().await;
-        s.subscribe(1, c).await;
-        subs.push(s);
-    }
-    let mut publisher = a.connect().await;
-    for (i, (c, _)) in channels.iter().enumerate() {
-        publish_ok(&mut publisher, i as u64, c, json!("before")).await;
-    }
-    let mut before = Vec::new();
-    for s in &mut subs {
-        let m = next_message(s).await.0;
-        assert_eq!(m["data"], "before");
-        before.push(m["offset"].clone());
-    }
+    let (mut subs, mut publisher, before) = subscribed_and_delivered(&a, &b, &channels).await;
     let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
     assert_eq!(cluster.reshard_one(from, to), first);
     assert_eq!(cluster.master_of(first), to);

@@ -807,19 +807,7 @@ impl RedisBus {
             }
         });
         let maintenance = tokio::spawn(self.clone().maintain(hub.clone(), stop.clone()));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                item = ingest.recv() => {
-                    let Some(item) = item else { break };
-                    room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
-                    match hub.upgrade() {
-                        Some(h) => self.ingest(&h, &item),
-                        None => break,
-                    }
-                }
-            }
-        }
+        self.drain_ingest(&mut ingest, &room, &hub, &stop).await;
         pump_task.abort();
         maintenance.abort();
     }

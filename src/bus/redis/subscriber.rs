@@ -323,6 +323,30 @@ impl RedisBus {
 
     /// Delivers what the pump queued: a message, or the gap notice of a channel that lost
     /// messages at the ingest cap, in its place in that channel's order.
+    /// Hands what the pump queued to the hub, in order, until `until` is cancelled, the queue
+    /// ends or the hub is gone. One loop for the single Redis and the cluster alike.
+    pub(super) async fn drain_ingest(
+        &self,
+        ingest: &mut tokio::sync::mpsc::Receiver<Ingest>,
+        room: &IngestRoom,
+        hub: &Weak<Hub>,
+        until: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = until.cancelled() => return,
+                item = ingest.recv() => {
+                    let Some(item) = item else { return };
+                    room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
+                    match hub.upgrade() {
+                        Some(h) => self.ingest(&h, &item),
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) fn ingest(&self, hub: &Hub, item: &Ingest) {
         match item {
             Ingest::Msg(msg) => self.deliver(hub, msg),
@@ -423,19 +447,7 @@ impl RedisBus {
                         lost.clone(),
                         ever_connected,
                     ));
-                    loop {
-                        tokio::select! {
-                            _ = lost.cancelled() => break,
-                            item = ingest.recv() => {
-                                let Some(item) = item else { break };
-                                room.taken(&item, ingest.len(), ingest.max_capacity(), INGEST_QUEUE_BYTES);
-                                match hub.upgrade() {
-                                    Some(h) => self.ingest(&h, &item),
-                                    None => break,
-                                }
-                            }
-                        }
-                    }
+                    self.drain_ingest(&mut ingest, &room, &hub, &lost).await;
                     lost.cancel();
                     pump.abort();
                     commands.abort();
