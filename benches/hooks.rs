@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use edgeplex::auth::hooks::{Hook, HookRequest, HookVerdict, Hooks};
 use edgeplex::config::Config;
-use edgeplex::hooks::{Hook, HookRequest, HookVerdict, Hooks};
 use edgeplex::metrics::Metrics;
 use edgeplex::outbound::Outbound;
 use http::{Request, Response};

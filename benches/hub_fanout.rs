@@ -11,8 +11,8 @@ use edgeplex::bus::hub::Start;
 use edgeplex::bus::memory::MemoryBus;
 use edgeplex::bus::{Bus, Hub};
 use edgeplex::metrics::Metrics;
+use edgeplex::outbox::Outbox;
 use edgeplex::protocol::{Channel, Offset};
-use edgeplex::session::Outbox;
 use serde_json::value::RawValue;
 
 fn main() {

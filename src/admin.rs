@@ -7,9 +7,10 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::protocol::ErrorCode;
-use crate::server::routes::{bearer_token, json_error, text};
-use crate::server::{Body, EdgeState, full_body};
+use crate::state::EdgeState;
 use crate::transport::publish;
+use crate::web::request::bearer_token;
+use crate::web::{Body, full_body, json_error, text};
 
 /// `GET /v1/admission/<address>`: what the limits know of one client address.
 const ADMISSION_PREFIX: &str = "/v1/admission/";

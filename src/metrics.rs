@@ -612,17 +612,14 @@ impl Metrics {
         self.tokens.get_or_create(&ResultLabels { result }).inc();
     }
 
-    pub fn permission(&self, op: crate::auth::Op, allowed: bool) {
+    pub fn permission(&self, op: &'static str, allowed: bool) {
         let decision = if allowed {
             Decision::allowed
         } else {
             Decision::refused
         };
         self.permission_checks
-            .get_or_create(&PermissionLabels {
-                op: op.as_str(),
-                decision,
-            })
+            .get_or_create(&PermissionLabels { op, decision })
             .inc();
     }
 

@@ -6,15 +6,13 @@
 //! a [`Verdict`] or the outbox says so. This module never touches a socket and never learns which
 //! wire a client uses beyond the label for metrics.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, RateLimiter};
-use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Notify;
 
 use crate::admission::{Refusal, SessionTicket, close};
 use crate::auth::{Asker, Gate, GateRefusal, Identity, Op};
@@ -22,6 +20,7 @@ use crate::bus::hub::{ReplayBudget, Start, SubscribeError};
 use crate::bus::{BusError, Hub};
 use crate::config::SessionConfig;
 use crate::metrics::{Metrics, Transport, TransportLabels};
+use crate::outbox::Outbox;
 use crate::protocol::{self, Channel, ClientFrame, Delivery, ErrorCode, Frame, Offset};
 
 /// What a session needs from the node it runs on.
@@ -66,222 +65,6 @@ thread_local! {
 
 /// Publishes one session may have waiting for the bus's answer.
 pub const PUBLISHES_IN_FLIGHT: usize = 256;
-
-/// Why the outbox refused a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
-    /// The queue was full: the session is now marked slow and will be closed with 1013.
-    /// Returned once per session; later pushes get `Closed`.
-    Overflow,
-    /// The session is closing; the frame is dropped.
-    Closed,
-}
-
-/// Why [`Outbox::write_within`] gave up on a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteStop {
-    /// It took longer than its limit, or the queue overflowed behind it: a slow consumer.
-    Slow,
-    /// The session ended meanwhile.
-    Closed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboxStatus {
-    Open,
-    /// The queue overflowed (or its writer gave up on the client); the transport must close the
-    /// session with 1013.
-    Overflowed,
-    Closed,
-}
-
-/// A session's bounded outbound queue. Producers (the hub, the session's own replies) never
-/// wait: a full queue means the client cannot keep up, and holding more for it would let one
-/// slow reader grow the node's memory without bound.
-#[derive(Debug)]
-pub struct Outbox {
-    state: Mutex<OutboxState>,
-    /// Wakes the writer when there is something to drain (one waiter, a stored permit).
-    notify: Notify,
-    /// Wakes whoever waits in [`Outbox::ended`] when the status leaves `Open`. Apart from
-    /// `notify` because a writer stuck on a write to a client that does not read must still
-    /// learn of an overflow at once, and the SSE stall watcher must not take the writer's permit.
-    ended: Notify,
-    cap: usize,
-    cap_bytes: usize,
-}
-
-#[derive(Debug)]
-struct OutboxState {
-    queue: VecDeque<Frame>,
-    /// Bytes of the queued frames. Frames are shared with other sessions, so this overstates
-    /// what the queue alone keeps alive; as a cap that errs on the safe side.
-    bytes: usize,
-    status: OutboxStatus,
-    /// When the oldest frame still queued was pushed: how long the writer has left it waiting.
-    waiting_since: Option<std::time::Instant>,
-}
-
-/// A drained queue holding more than this many slots gives its memory back, so a burst does not
-/// leave an idle session holding a large ring.
-const OUTBOX_KEEP_CAPACITY: usize = 16;
-
-impl Outbox {
-    /// At most `cap` frames and `cap_bytes` bytes; a frame that would pass either overflows it.
-    pub fn new(cap: usize, cap_bytes: usize) -> Outbox {
-        Outbox {
-            state: Mutex::new(OutboxState {
-                queue: VecDeque::new(),
-                bytes: 0,
-                status: OutboxStatus::Open,
-                waiting_since: None,
-            }),
-            notify: Notify::new(),
-            ended: Notify::new(),
-            cap,
-            cap_bytes,
-        }
-    }
-
-    pub fn push(&self, frame: Frame) -> Result<(), PushError> {
-        let mut st = self.state.lock();
-        match st.status {
-            OutboxStatus::Open => {}
-            OutboxStatus::Overflowed | OutboxStatus::Closed => return Err(PushError::Closed),
-        }
-        // An empty queue takes any one frame, so a single message larger than the byte cap still
-        // reaches a client that keeps up.
-        let over_bytes = !st.queue.is_empty() && st.bytes + frame.len() > self.cap_bytes;
-        if st.queue.len() >= self.cap || over_bytes {
-            st.status = OutboxStatus::Overflowed;
-            st.queue.clear();
-            st.bytes = 0;
-            drop(st);
-            self.notify.notify_one();
-            self.ended.notify_waiters();
-            return Err(PushError::Overflow);
-        }
-        let was_empty = st.queue.is_empty();
-        if was_empty {
-            st.waiting_since = Some(std::time::Instant::now());
-        }
-        st.bytes += frame.len();
-        st.queue.push_back(frame);
-        drop(st);
-        // The writer drains everything on each wake-up, so only the empty → non-empty edge needs
-        // a wake-up; `notify_one` keeps a permit if the writer is not waiting yet.
-        if was_empty {
-            self.notify.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Moves every queued frame into `out` and says whether the session may go on.
-    pub fn drain(&self, out: &mut Vec<Frame>) -> OutboxStatus {
-        let mut st = self.state.lock();
-        out.extend(st.queue.drain(..));
-        st.bytes = 0;
-        st.waiting_since = None;
-        if st.queue.capacity() > OUTBOX_KEEP_CAPACITY {
-            st.queue = VecDeque::new();
-        }
-        st.status
-    }
-
-    /// Waits until something was pushed (or the status changed) since the last drain.
-    pub async fn ready(&self) {
-        self.notify.notified().await
-    }
-
-    /// Waits until the status leaves `Open`, and returns it. Unlike [`Outbox::ready`] this
-    /// takes nothing from the writer, so it can run next to a write in progress.
-    pub async fn ended(&self) -> OutboxStatus {
-        loop {
-            let mut notified = std::pin::pin!(self.ended.notified());
-            // Registered before the status is read, so a change in between still wakes us.
-            notified.as_mut().enable();
-            let status = self.state.lock().status;
-            if status != OutboxStatus::Open {
-                return status;
-            }
-            notified.await;
-        }
-    }
-
-    /// Runs one write to the client for at most `limit`, and only while the outbox is open. A
-    /// client that stopped reading leaves the write stuck on its full socket or stream window
-    /// while the queue behind it overflows; the overflow ends the write at once (a slow
-    /// consumer), not the timeout, so the session and its socket are not held for `limit` more.
-    /// Biased: a write that completes at once (the usual case) never arms the overflow watch.
-    pub async fn write_within<T>(
-        &self,
-        write: impl std::future::Future<Output = T>,
-        limit: std::time::Duration,
-    ) -> Result<T, WriteStop> {
-        tokio::select! {
-            biased;
-            r = tokio::time::timeout(limit, write) => r.map_err(|_| WriteStop::Slow),
-            status = self.ended() => Err(match status {
-                OutboxStatus::Closed => WriteStop::Closed,
-                OutboxStatus::Open | OutboxStatus::Overflowed => WriteStop::Slow,
-            }),
-        }
-    }
-
-    /// Marks the session slow as an overflow does, for a writer that gave up on its client
-    /// (a frame waited past `session.write_timeout`): the transport closes it with 1013.
-    pub fn mark_slow(&self) {
-        let mut st = self.state.lock();
-        if st.status != OutboxStatus::Open {
-            return;
-        }
-        st.status = OutboxStatus::Overflowed;
-        st.queue.clear();
-        st.bytes = 0;
-        drop(st);
-        self.notify.notify_one();
-        self.ended.notify_waiters();
-    }
-
-    pub fn close(&self) {
-        let mut st = self.state.lock();
-        let was_open = st.status == OutboxStatus::Open;
-        if was_open {
-            st.status = OutboxStatus::Closed;
-        }
-        st.queue.clear();
-        st.bytes = 0;
-        drop(st);
-        if was_open {
-            self.ended.notify_waiters();
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.state.lock().queue.len()
-    }
-
-    /// The status, and how long the oldest queued frame has waited for the writer. A transport
-    /// whose writer can stall outside its own control (SSE: hyper stops polling a body whose
-    /// client does not read) watches this.
-    pub fn stall(&self) -> (OutboxStatus, std::time::Duration) {
-        let st = self.state.lock();
-        let waited = st.waiting_since.map(|t| t.elapsed()).unwrap_or_default();
-        (st.status, waited)
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    pub fn capacity_bytes(&self) -> usize {
-        self.cap_bytes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Why a subscription was refused, in the protocol's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1212,51 +995,6 @@ mod tests {
             None,
             "one past PEEK_ID_BYTES is not looked for"
         );
-    }
-
-    #[test]
-    fn outbox_cap_holds() {
-        let o = Outbox::new(3, 1 << 20);
-        let f = protocol::encode_ok(None);
-        for _ in 0..3 {
-            o.push(f.clone()).unwrap();
-        }
-        assert_eq!(o.push(f.clone()), Err(PushError::Overflow));
-        assert_eq!(o.push(f.clone()), Err(PushError::Closed));
-        assert_eq!(o.len(), 0, "an overflowed outbox frees its frames at once");
-        let mut out = Vec::new();
-        assert_eq!(o.drain(&mut out), OutboxStatus::Overflowed);
-    }
-
-    #[test]
-    fn outbox_byte_cap_holds() {
-        let big = protocol::encode_error(None, ErrorCode::TooLarge, &"x".repeat(1000), None);
-        let o = Outbox::new(1000, 2500);
-        // One frame over the byte cap still passes into an empty queue.
-        let huge = protocol::encode_error(None, ErrorCode::TooLarge, &"y".repeat(5000), None);
-        o.push(huge).unwrap();
-        let mut out = Vec::new();
-        o.drain(&mut out);
-        o.push(big.clone()).unwrap();
-        o.push(big.clone()).unwrap();
-        assert_eq!(
-            o.push(big.clone()),
-            Err(PushError::Overflow),
-            "two ~1 KB frames fit, a third does not"
-        );
-        assert_eq!(o.drain(&mut out), OutboxStatus::Overflowed);
-    }
-
-    #[test]
-    fn outbox_gives_back_burst_memory() {
-        let o = Outbox::new(10_000, 1 << 20);
-        for _ in 0..1000 {
-            o.push(protocol::encode_ok(None)).unwrap();
-        }
-        let mut out = Vec::new();
-        o.drain(&mut out);
-        assert_eq!(out.len(), 1000);
-        assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
     }
 
     #[tokio::test]

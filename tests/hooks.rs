@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::hook_service::{Service, answer};
+use edgeplex::auth::hooks::{DISCONNECT_QUEUE, Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use edgeplex::config::{Config, HooksConfig};
-use edgeplex::hooks::{DISCONNECT_QUEUE, Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use edgeplex::metrics::Metrics;
 use http::HeaderMap;
 use serde_json::json;
@@ -435,12 +435,12 @@ async fn a_flood_of_disconnects_is_dropped_and_counted_never_queued_without_boun
     );
     // The worker sends at most its concurrency at once while the service holds them.
     service
-        .wait_seen(edgeplex::hooks::DISCONNECT_CONCURRENCY)
+        .wait_seen(edgeplex::auth::hooks::DISCONNECT_CONCURRENCY)
         .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         service.seen().len(),
-        edgeplex::hooks::DISCONNECT_CONCURRENCY
+        edgeplex::auth::hooks::DISCONNECT_CONCURRENCY
     );
     gate.close();
 }

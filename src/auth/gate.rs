@@ -14,11 +14,11 @@ use parking_lot::RwLock;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use super::hooks::{Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use super::token::{KeyError, Verifier};
 use super::{Denied, Identity, Op, Rules};
 use crate::admission::close;
 use crate::config::Config;
-use crate::hooks::{Hook, HookAllow, HookRequest, HookVerdict, Hooks};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundError;
 use crate::protocol::ErrorCode;
@@ -308,7 +308,7 @@ impl Gate {
 
     fn decide(&self, op: Op, channel: &str, who: &Identity) -> Result<(), GateRefusal> {
         let result = self.allowed(op, channel, who);
-        self.metrics.permission(op, result.is_ok());
+        self.metrics.permission(op.as_str(), result.is_ok());
         Ok(result?)
     }
 }

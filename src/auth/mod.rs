@@ -2,12 +2,14 @@
 //! hook said) and what it may do on which channel.
 //!
 //! It owns token verification ([`token`], on the ring crypto of [`ring_provider`]), the channel
-//! rules of `[[channels]]` ([`rules`]), the [`Identity`] a session carries, and the [`gate`]
-//! that asks token, rules and hooks in that order. It decides; it never touches a socket, a
-//! session or the bus. Transports ask it before a handshake completes and the session before
-//! each subscribe and publish; hooks may only narrow what the rules allow.
+//! rules of `[[channels]]` ([`rules`]), the backend [`hooks`] that ask the existing service, the
+//! [`Identity`] a session carries, and the [`gate`] that asks token, rules and hooks in that
+//! order. It decides; it never touches a socket, a session or the bus. Transports ask it before
+//! a handshake completes and the session before each subscribe and publish; hooks may only
+//! narrow what the rules allow.
 
 pub mod gate;
+pub mod hooks;
 pub mod jwks;
 pub mod ring_provider;
 pub mod rules;

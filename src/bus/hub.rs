@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use super::history::{Replay, Window};
 use super::{Bus, BusError};
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, PushError};
 use crate::protocol::{self, Channel, Frame, Offset};
-use crate::session::{Outbox, PushError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {

@@ -1,6 +1,6 @@
 //! `[hooks]`: the existing service's URL and which steps ask it, as the file has them
 //! ([`HooksSection`]) and validated ([`HooksConfig`]). Reading the CA file and calling the
-//! service are `crate::outbound`'s and `crate::hooks`'s.
+//! service are `crate::outbound`'s and `crate::auth::hooks`'s.
 
 use std::path::PathBuf;
 use std::time::Duration;

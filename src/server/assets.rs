@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 
-use super::{Body, full_body};
+use crate::web::{Body, full_body, text};
 
 /// Browsers reuse the module for five minutes without asking, then revalidate with the ETag
 /// (a 304 costs a few bytes). Short, because an upgraded edge should reach pages within minutes;
@@ -76,7 +76,7 @@ pub fn serve<B>(req: &Request<B>, asset: &Asset) -> Response<Body> {
         Method::GET => false,
         Method::HEAD => true,
         _ => {
-            let mut r = super::routes::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return r;

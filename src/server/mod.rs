@@ -1,9 +1,11 @@
 //! The running edge: binds the listeners a [`Config`] names, serves them, and shuts them down
 //! gracefully.
 //!
-//! This module owns node-wide state ([`EdgeState`]: caps, draining flag, shutdown signal, task
-//! tracking) and the listener lifecycle. Protocol meaning lives in `session`, wire adaptation in
-//! `transport`, policy in `admission`.
+//! This module owns the listener lifecycle: it builds the node-wide [`EdgeState`] (`state`), binds
+//! the TCP listeners ([`tcp`]) and the QUIC endpoint ([`quic`]), routes requests ([`routes`]) to
+//! the transports, and drains and stops them. Protocol meaning lives in `session`, wire
+//! adaptation in `transport`, what routes share in `web`, policy in `admission`. Nothing below
+//! imports this module.
 
 pub mod assets;
 pub mod proxy_protocol;
@@ -12,37 +14,26 @@ pub mod reload;
 pub mod routes;
 pub(crate) mod tcp;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admission, Client, ConnectionTicket, Refusal, SessionTicket};
-use crate::auth::{Asker, Gate, GateRefusal};
+use crate::admission::Admission;
+use crate::auth::Gate;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisConfigError, RedisSettings};
 use crate::bus::{Bus, Hub};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{Admitted, SessionEnv};
+use crate::session::SessionEnv;
+use crate::state::EdgeState;
 use crate::tls::{self, DevCert, TlsError};
-
-/// Response body of every route: boxed so that streaming routes (SSE) and fixed ones share a type.
-/// Not `Sync`: a streaming body owns its session, and hyper needs only `Send`.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-pub fn full_body(b: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(b.into()).boxed_unsync()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -58,160 +49,6 @@ pub enum StartError {
     Redis(#[from] RedisConfigError),
     #[error(transparent)]
     Gate(#[from] crate::auth::GateError),
-}
-
-/// What a handshake shows the gate.
-#[derive(Debug, Clone, Copy)]
-pub struct Handshake<'a> {
-    pub transport: crate::metrics::Transport,
-    /// The token presented (`Authorization: Bearer`, or `?token=`).
-    pub token: Option<&'a str>,
-    pub origin: Option<&'a str>,
-    /// The request's headers: the connect hook is passed `hooks.forward_headers` of them.
-    pub headers: &'a http::HeaderMap,
-}
-
-/// Node-wide state shared by every connection and session.
-#[derive(Debug)]
-pub struct EdgeState {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub hub: Arc<Hub>,
-    pub sessions: Arc<SessionEnv>,
-    /// Origin rules and limits in force (replaced by a reload).
-    pub admission: Arc<Admission>,
-    /// Tokens, channel rules and hooks: who may do what.
-    pub gate: Arc<Gate>,
-    /// `Alt-Svc` for TLS responses: set when the UDP port is on, which serves the public routes
-    /// over HTTP/3 as the TLS listener does, WebTransport's CONNECT besides.
-    pub alt_svc: Option<http::HeaderValue>,
-    /// The TLS config new TCP connections get; replaced when certificates are reloaded.
-    tcp_tls: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
-    /// The QUIC endpoint, for reloading its certificate with the TCP one.
-    quic: std::sync::OnceLock<quic::QuicEndpoint>,
-    /// Cancelled when the drain delay is over: listeners stop accepting, sessions close with
-    /// 1001.
-    pub shutdown: CancellationToken,
-    /// Set at SIGTERM, before `shutdown`: `/readyz` answers 503 so load balancers stop sending
-    /// new clients, while those they still send (during `server.drain_delay`) are served.
-    draining: AtomicBool,
-    /// Every connection and session task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    pub connection_slots: Arc<Semaphore>,
-    pub session_slots: Arc<Semaphore>,
-    /// The admin listener's own cap (`server.admin_max_connections`).
-    pub admin_slots: Arc<Semaphore>,
-}
-
-impl EdgeState {
-    /// Shutdown has begun: the node is not ready, though it may still accept (the drain delay).
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Admission of one more session from `client` (its origin already checked): refused once
-    /// sessions are being closed, past the node-wide and per-IP limits, or at
-    /// `server.max_sessions`. During the drain delay sessions are still admitted: they are the
-    /// load balancer's stragglers, and refusing them would fail clients the balancer has not yet
-    /// moved. The session holds both parts for its life.
-    pub fn admit_session(
-        &self,
-        client: Client,
-    ) -> Result<(SessionTicket, OwnedSemaphorePermit), Refusal> {
-        if self.shutdown.is_cancelled() {
-            return Err(Refusal::Draining);
-        }
-        let ticket = self.admission.admit_session(client)?;
-        let slot = self
-            .session_slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Overloaded)?;
-        Ok((ticket, slot))
-    }
-
-    /// The gate's part of opening a session admitted with `ticket`, before its handshake
-    /// completes: the token is verified, the connect hook asked, and the user (the token's or
-    /// the hook's) counted under `[limits.user_sessions]` on the ticket.
-    pub async fn admit(
-        &self,
-        mut ticket: SessionTicket,
-        hs: Handshake<'_>,
-    ) -> Result<Admitted, GateRefusal> {
-        let id = self.sessions.new_id();
-        let identity = self.gate.identify(hs.token)?;
-        let user_limit = |ticket: &mut SessionTicket, user: &str| {
-            ticket.admit_user(user).map_err(|r| match r {
-                Refusal::RateLimited { retry_after } => GateRefusal::UserLimit { retry_after },
-                other => GateRefusal::Forbidden(other.message().into()),
-            })
-        };
-        // A token's user meets its limit before the hook is asked: a refusal costs no call.
-        if let Some(user) = &identity.user {
-            user_limit(&mut ticket, user)?;
-        }
-        let asker = Asker {
-            session: id.public(),
-            transport: hs.transport.as_str(),
-            client: ticket.client().ip,
-            origin: hs.origin,
-        };
-        let identity = self.gate.connect(identity, asker, hs.headers).await?;
-        if let Some(user) = identity
-            .user
-            .as_deref()
-            .filter(|_| !identity.user_from_token)
-            && let Err(refusal) = user_limit(&mut ticket, user)
-        {
-            // The service heard of the session at connect: it hears that it did not open.
-            self.gate.disconnected(&identity, asker);
-            return Err(refusal);
-        }
-        Ok(Admitted {
-            id,
-            ticket,
-            identity,
-            origin: hs.origin.map(Arc::from),
-        })
-    }
-
-    /// The per-address limits on a public connection just accepted from `peer` (TCP or QUIC),
-    /// before TLS. `None`: refused; the caller closes it at once. See
-    /// [`Admission::admit_connection`] for `peer_may_forward`.
-    pub fn admit_connection(
-        &self,
-        peer: std::net::IpAddr,
-        peer_may_forward: bool,
-    ) -> Option<ConnectionTicket> {
-        match self.admission.admit_connection(peer, peer_may_forward) {
-            Ok(ticket) => Some(ticket),
-            Err(limit) => {
-                self.metrics.refusal(limit.as_str());
-                None
-            }
-        }
-    }
-
-    /// The TLS config for a new TCP connection.
-    pub fn tcp_tls(&self) -> Arc<rustls::ServerConfig> {
-        self.tcp_tls.read().clone()
-    }
-
-    /// Puts reloaded certificates in force for new connections, TCP and QUIC together; open
-    /// connections keep the certificate they were made with.
-    pub fn reload_tls(&self, setup: tls::TlsSetup) -> std::io::Result<()> {
-        if let Some(quic::QuicEndpoint(endpoint)) = self.quic.get() {
-            let config = quic::server_config(setup.quic, &self.config.session)?;
-            // The socket stays; only the config of new connections changes.
-            endpoint.set_server_config(Some(config));
-        }
-        *self.tcp_tls.write() = setup.tcp;
-        Ok(())
-    }
-
-    pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.hub.bus().is_ready()
-    }
 }
 
 /// A running edge. Dropping it does not stop it; call [`Edge::shutdown`].
@@ -371,7 +208,7 @@ impl Edge {
                     }
                 })?;
             let addr = endpoint.local_addr().unwrap_or(tls_addr);
-            let _ = state.quic.set(quic::QuicEndpoint(endpoint.clone()));
+            let _ = state.quic.set(endpoint.clone());
             // Tracked: shutdown waits for it to close the endpoint after the sessions' 1001s.
             state
                 .tasks

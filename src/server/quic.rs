@@ -51,14 +51,11 @@ use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 
-use super::routes::{self, Activity, ConnInfo, ConnSlot};
-use super::{Body, EdgeState};
+use super::routes;
 use crate::config::SessionConfig;
-
-/// An HTTP/3 connection on the edge's QUIC endpoint.
-pub type H3Connection = h3::server::Connection<h3_quinn::Connection, Bytes>;
-/// One request stream of it.
-pub type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+use crate::state::EdgeState;
+use crate::web::conn::{H3Stream, with_stream_kill};
+use crate::web::{Activity, Body, ConnInfo, ConnSlot, InFlight};
 
 /// Request streams a client may have open at once on one connection: a page's event streams, a
 /// few publishes and the module, or a WebTransport CONNECT and its session's stream. Each open
@@ -88,10 +85,6 @@ fn transport_config(cfg: &SessionConfig) -> std::io::Result<TransportConfig> {
         .keep_alive_interval(Some(cfg.ping_interval));
     Ok(t)
 }
-
-/// The running endpoint, shared with the reload path.
-#[derive(Debug)]
-pub struct QuicEndpoint(pub quinn::Endpoint);
 
 /// The endpoint's config: `tls` (the edge's certificate, TLS 1.3, ALPN h3) and the transport.
 pub fn server_config(
@@ -268,6 +261,7 @@ fn connection(
                     quic.clone(),
                     state.clone(),
                     info.clone(),
+                    serve_boxed,
                 )
                 .await
                 {
@@ -316,6 +310,19 @@ fn is_webtransport_connect(req: &Request<()>) -> bool {
         && req.extensions().get::<h3::ext::Protocol>() == Some(&h3::ext::Protocol::WEB_TRANSPORT)
 }
 
+/// [`serve`] as a [`crate::web::conn::ServeH3`], for the requests that arrive on a WebTransport
+/// session's connection (rare: a boxed future each is fine).
+fn serve_boxed(
+    req: Request<()>,
+    stream: H3Stream,
+    state: Arc<EdgeState>,
+    info: ConnInfo,
+    quic: quinn::Connection,
+    in_flight: InFlight,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(serve(req, stream, state, info, quic, in_flight))
+}
+
 /// Serves one plain HTTP/3 request through the public routes, then writes the response. The
 /// route runs with a stream token ([`routes::with_stream_kill`]) whose cancellation resets this
 /// stream alone.
@@ -325,7 +332,7 @@ pub async fn serve(
     state: Arc<EdgeState>,
     info: ConnInfo,
     quic: quinn::Connection,
-    in_flight: routes::InFlight,
+    in_flight: InFlight,
 ) {
     let (mut send, recv) = stream.split();
     *req.version_mut() = http::Version::HTTP_3;
@@ -342,7 +349,7 @@ pub async fn serve(
     let req = req.map(|()| body);
     let kill = CancellationToken::new();
     let resp = tokio::select! {
-        r = routes::with_stream_kill(kill.clone(), routes::public(req, state.clone(), info)) => r,
+        r = with_stream_kill(kill.clone(), routes::public(req, state.clone(), info)) => r,
         // A route can wait on a hook; a client that left does not wait for it.
         _ = quic.closed() => return,
         () = cancelled(&mut rest) => return,

@@ -17,9 +17,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::EdgeState;
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::metrics::ReasonLabels;
+use crate::state::EdgeState;
+use crate::tls;
 
 /// What one reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +144,7 @@ impl ConfigWatch {
         // Sessions check what they hold against the new rules as soon as they are in force.
         let channels = self.state.gate.reload(config.channels.clone());
         let certificates = match certificates {
-            Some(setup) => match self.state.reload_tls(setup) {
+            Some(setup) => match reload_tls(&self.state, setup) {
                 Ok(()) => true,
                 Err(e) => {
                     certificate_error =
@@ -226,4 +227,16 @@ impl ConfigWatch {
             }
         }
     }
+}
+
+/// Puts reloaded certificates in force for new connections, TCP and QUIC together; open
+/// connections keep the certificate they were made with.
+fn reload_tls(state: &EdgeState, setup: tls::TlsSetup) -> std::io::Result<()> {
+    if let Some(endpoint) = state.quic.get() {
+        let config = super::quic::server_config(setup.quic, &state.config.session)?;
+        // The socket stays; only the config of new connections changes.
+        endpoint.set_server_config(Some(config));
+    }
+    *state.tcp_tls.write() = setup.tcp;
+    Ok(())
 }

@@ -10,10 +10,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -23,8 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::EdgeState;
-use super::routes::{self, ConnInfo, ConnSlot, Listener};
+use super::routes::{self, Listener};
+use crate::state::EdgeState;
+use crate::web::conn::StreamExec;
+use crate::web::{Activity, ConnInfo, ConnSlot};
 
 /// Pause after an accept error (EMFILE and friends) so a full fd table does not spin the loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -194,7 +193,7 @@ async fn serve_http<IO>(
 {
     let s = &state.config.server;
     // Each HTTP/2 stream in a task of its own that can be ended alone (see `StreamExec`).
-    let mut builder = auto::Builder::new(routes::StreamExec);
+    let mut builder = auto::Builder::new(StreamExec);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -271,51 +270,4 @@ async fn serve_http<IO>(
         idle_limit
     };
     let _ = tokio::time::timeout(wait, conn).await;
-}
-
-/// Requests in flight on one connection and when the last one ended, for the idle check.
-/// A request counts until its handler returns; a streaming response (SSE) must carry an
-/// [`InFlight`] guard in its body to keep its connection from looking idle.
-#[derive(Debug)]
-pub struct Activity {
-    in_flight: AtomicUsize,
-    last: parking_lot::Mutex<Instant>,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            in_flight: AtomicUsize::new(0),
-            last: parking_lot::Mutex::new(Instant::now()),
-        }
-    }
-}
-
-pub struct InFlight(Arc<Activity>);
-
-impl std::fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InFlight")
-    }
-}
-
-impl Activity {
-    pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
-    }
-
-    pub(crate) fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        self.last.lock().elapsed()
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.last.lock() = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
 }

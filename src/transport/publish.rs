@@ -18,11 +18,10 @@ use crate::admission::{Client, Refusal};
 use crate::auth::{Asker, Identity};
 use crate::bus::BusError;
 use crate::protocol::{self, Channel, ErrorCode};
-use crate::server::routes::{
-    ConnInfo, RouteBody, admit_origin, allow_origin, client_of, gate_refusal_response, json,
-    json_error, request_token,
-};
-use crate::server::{Body, EdgeState, full_body};
+use crate::state::EdgeState;
+use crate::web::request::{RequestBody, admit_origin, client_of, request_token};
+use crate::web::response::{allow_origin, gate_refusal_response};
+use crate::web::{Body, ConnInfo, full_body, json, json_error};
 
 /// How long browsers may cache a preflight answer.
 const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
@@ -35,7 +34,7 @@ struct PublishBody<'a> {
 }
 
 /// `POST /publish` and its CORS preflight on the public listeners.
-pub async fn accept<B: RouteBody>(
+pub async fn accept<B: RequestBody>(
     req: Request<B>,
     state: Arc<EdgeState>,
     info: ConnInfo,
@@ -97,7 +96,7 @@ pub async fn accept<B: RouteBody>(
 /// A client's `POST /publish` past its request head's checks: a stateless publish is a session
 /// of one message, so the token and the connect hook (cookies) say who it is, as at a handshake;
 /// then the body.
-async fn publish_as<B: RouteBody>(
+async fn publish_as<B: RequestBody>(
     req: Request<B>,
     state: &EdgeState,
     client: &Client,
@@ -146,7 +145,7 @@ pub struct Caller<'a> {
 /// A body declared over the cap is refused before it is read. The client controls when the
 /// body arrives, so its read has a deadline of its own (`server.body_timeout`), whole, not per
 /// read: a trickle is cut off like a stall.
-pub async fn publish_body<B: RouteBody>(
+pub async fn publish_body<B: RequestBody>(
     req: Request<B>,
     state: &EdgeState,
     caller: Option<Caller<'_>>,

@@ -38,13 +38,14 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Refusal;
 use crate::bus::hub::Start;
 use crate::metrics::{Transport, TransportLabels};
+use crate::outbox::{Outbox, OutboxStatus};
 use crate::protocol::{self, Channel, ErrorCode, Frame, Offset, OffsetError};
-use crate::server::routes::{
-    ConnInfo, ConnSlot, InFlight, admit_http_session, admit_origin, allow_origin,
-    gate_refusal_response, json_error, refusal_response, stream_kill, text,
-};
-use crate::server::{Body, EdgeState};
-use crate::session::{CloseReason, JoinError, Outbox, OutboxStatus, Session};
+use crate::session::{CloseReason, JoinError, Session};
+use crate::state::EdgeState;
+use crate::web::conn::stream_kill;
+use crate::web::request::{admit_http_session, admit_origin};
+use crate::web::response::{allow_origin, gate_refusal_response, refusal_response};
+use crate::web::{Body, ConnInfo, ConnSlot, InFlight, json_error, text};
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 

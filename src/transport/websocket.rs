@@ -34,12 +34,13 @@ use tracing::Instrument;
 
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
+use crate::outbox::{Outbox, OutboxStatus, WriteStop};
 use crate::protocol::Frame;
-use crate::server::routes::{
-    ConnInfo, ConnSlot, InFlight, admit_http_session, admit_origin, stream_kill, text,
-};
-use crate::server::{Body, EdgeState, full_body};
-use crate::session::{Admitted, CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
+use crate::session::{Admitted, CloseReason, Session, Verdict};
+use crate::state::EdgeState;
+use crate::web::conn::stream_kill;
+use crate::web::request::{admit_http_session, admit_origin};
+use crate::web::{Body, ConnInfo, ConnSlot, InFlight, full_body, text};
 
 /// How long to wait for the client's answer to our close frame before dropping the socket. This
 /// also bounds how long a slow consumer keeps its socket after its queue overflows: a client
@@ -419,7 +420,7 @@ where
 /// Writes what the outbox holds (one flush per wake-up) and pings on the interval.
 async fn write_half<S>(
     sink: &mut Sink<S>,
-    outbox: &crate::session::Outbox,
+    outbox: &Outbox,
     cfg: &SessionConfig,
     messages_out: &prometheus_client::metrics::counter::Counter,
 ) -> End

@@ -29,10 +29,12 @@ use tracing::Instrument;
 
 use crate::config::SessionConfig;
 use crate::metrics::{Transport, TransportLabels};
-use crate::server::quic::{H3Connection, H3Stream};
-use crate::server::routes::{ConnInfo, request_token};
-use crate::server::{EdgeState, Handshake};
-use crate::session::{CloseReason, Outbox, OutboxStatus, Session, Verdict, WriteStop};
+use crate::outbox::{Outbox, OutboxStatus, WriteStop};
+use crate::session::{CloseReason, Session, Verdict};
+use crate::state::{EdgeState, Handshake};
+use crate::web::ConnInfo;
+use crate::web::conn::{H3Connection, H3Stream, ServeH3};
+use crate::web::request::request_token;
 
 /// Where WebTransport sessions are opened.
 pub const PATH: &str = "/wt";
@@ -44,7 +46,8 @@ type DatagramSender =
     h3_datagram::datagram_handler::DatagramSender<h3_quinn::datagram::SendDatagramHandler, Bytes>;
 
 /// Answers one WebTransport CONNECT that arrived on `h3`: refused, the connection comes back to
-/// serve further requests; accepted, the session runs on it to its end (`None`). A `fn`
+/// serve further requests; accepted, the session runs on it to its end (`None`), and plain
+/// requests that arrive on it meanwhile go to `serve`. A `fn`
 /// returning an `async move` block: this future is what every open session keeps, so it holds
 /// each large value once (an `async fn` keeps a second copy of each argument), and the refusal
 /// paths are boxed (inline, their futures would size every session's task).
@@ -56,6 +59,7 @@ pub fn connect(
     quic: quinn::Connection,
     state: Arc<EdgeState>,
     info: ConnInfo,
+    serve: ServeH3,
 ) -> impl Future<Output = Option<H3Connection>> + Send {
     async move {
         let peer = info.peer;
@@ -118,7 +122,9 @@ pub fn connect(
             transport = "webtransport",
         );
         let _slot = slot;
-        run(wt, quic, session, state, info).instrument(span).await;
+        run(wt, quic, session, state, info, serve)
+            .instrument(span)
+            .await;
         None
     }
 }
@@ -152,12 +158,13 @@ async fn first_stream(
     state: &Arc<EdgeState>,
     info: &ConnInfo,
     quic: &quinn::Connection,
+    serve: ServeH3,
 ) -> Option<h3_webtransport::stream::BidiStream<h3_quinn::BidiStream<Bytes>, Bytes>> {
     loop {
         match wt.accept_bi().await {
             Ok(Some(AcceptedBi::BidiStream(_, stream))) => return Some(stream),
             Ok(Some(AcceptedBi::Request(req, stream))) => {
-                serve_plain(req, stream, state, info, quic)
+                serve_plain(req, stream, state, info, quic, serve)
             }
             Ok(None) | Err(_) => return None,
         }
@@ -171,12 +178,13 @@ async fn serve_more(
     state: &Arc<EdgeState>,
     info: &ConnInfo,
     quic: &quinn::Connection,
+    serve: ServeH3,
 ) -> End {
     loop {
         match wt.accept_bi().await {
             Ok(Some(AcceptedBi::BidiStream(..))) => {}
             Ok(Some(AcceptedBi::Request(req, stream))) => {
-                serve_plain(req, stream, state, info, quic)
+                serve_plain(req, stream, state, info, quic, serve)
             }
             Ok(None) | Err(_) => return End::Gone,
         }
@@ -189,11 +197,12 @@ fn serve_plain(
     state: &Arc<EdgeState>,
     info: &ConnInfo,
     quic: &quinn::Connection,
+    serve: ServeH3,
 ) {
     let Some(in_flight) = info.activity.as_ref().map(|a| a.begin()) else {
         return;
     };
-    state.tasks.spawn(crate::server::quic::serve(
+    state.tasks.spawn(serve(
         req,
         stream,
         state.clone(),
@@ -219,6 +228,7 @@ fn run(
     mut session: Session,
     state: Arc<EdgeState>,
     info: ConnInfo,
+    serve: ServeH3,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let cfg = &state.config.session;
@@ -228,7 +238,7 @@ fn run(
             CloseReason::count(Some(&reason), Transport::webtransport, &state.metrics);
             close(&connection, reason);
         };
-        let first = first_stream(&wt, &state, &info, &connection);
+        let first = first_stream(&wt, &state, &info, &connection, serve);
         let (mut send, mut recv) = tokio::select! {
             _ = state.shutdown.cancelled() => return early(CloseReason::SHUTDOWN),
             r = tokio::time::timeout(state.config.server.handshake_timeout, first) => {
@@ -263,7 +273,7 @@ fn run(
             _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
             end = writer.run(&mut send) => end,
             end = read_half(&mut recv, &mut session, cfg) => end,
-            end = serve_more(&wt, &state, &info, &connection) => end,
+            end = serve_more(&wt, &state, &info, &connection, serve) => end,
         };
         drop(writer);
         let reason = match &end {

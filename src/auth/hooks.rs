@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::auth::ChannelGrants;
+use super::ChannelGrants;
 use crate::config::{HookFailure, HooksConfig};
 use crate::metrics::{
     HookFailureLabels, HookLabels, HookName, HookOutcome, HookOutcomeLabels, Metrics,
