@@ -10,7 +10,9 @@
 //! - `SESSIONS` total sessions per transport (default 1000),
 //! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `sse-h2` and `sse-h3` (SSE over
 //!   HTTP/2 and HTTP/3, one connection per stream), `webtransport` (default `websocket`, `sse`,
-//!   `webtransport`),
+//!   `webtransport`); `websocket+shared` and `websocket+each` are WebSocket sessions that, once
+//!   open, subscribe to one channel (the same one for all, or one channel each) and then idle:
+//!   their difference from `websocket` is what a subscription costs,
 //! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
 //! - `EDGES` edge processes sharing the sessions (default 1),
 //! - `LOADGENS` load-generator processes (default 1),
@@ -118,20 +120,34 @@ async fn client(job: Job) {
         usize,
         Endpoint<wtransport::endpoint::endpoint_side::Client>,
     )> = Vec::new();
+    // `websocket+shared`: every session subscribes to one channel; `websocket+each`: to its own.
+    let (wire, subscribe) = match job.transport.split_once('+') {
+        Some((wire, how)) => (wire, Some(how)),
+        None => (job.transport.as_str(), None),
+    };
     for i in 0..job.count {
         let e = (i as usize) % job.edges.len();
         let (addr, _, sha) = &job.edges[e];
         let source = job.source(i);
-        match job.transport.as_str() {
+        let channel = subscribe.map(|how| match how {
+            "shared" => "idle-shared".to_string(),
+            "each" => format!("idle-{}-{i}", job.index),
+            other => panic!("unknown subscription mode {other} (shared or each)"),
+        });
+        match wire {
             "websocket" | "sse" => {
                 let tcp = tcp_from(source, *addr).await.expect("connect");
-                let sse = job.transport == "sse";
+                let sse = wire == "sse";
                 if job.plain {
                     held.push(if sse {
                         Box::new(sse_open(tcp).await)
                     } else {
                         let url = format!("ws://localhost:{}/ws", addr.port());
-                        Box::new(ws_open(&url, tcp, job.nats).await)
+                        let mut ws = ws_open(&url, tcp, job.nats).await;
+                        if let Some(c) = &channel {
+                            ws_subscribe(&mut ws, c).await;
+                        }
+                        Box::new(ws)
                     });
                 } else {
                     let tls = connectors[e]
@@ -144,7 +160,11 @@ async fn client(job: Job) {
                         Box::new(sse_open(tls).await)
                     } else {
                         let url = format!("wss://localhost:{}/ws", addr.port());
-                        Box::new(ws_open(&url, tls, job.nats).await)
+                        let mut ws = ws_open(&url, tls, job.nats).await;
+                        if let Some(c) = &channel {
+                            ws_subscribe(&mut ws, c).await;
+                        }
+                        Box::new(ws)
                     });
                 }
             }
@@ -339,6 +359,21 @@ where
     ws
 }
 
+/// Subscribes `ws` to `channel` and waits for the edge's `ok`.
+async fn ws_subscribe<IO>(ws: &mut tokio_tungstenite::WebSocketStream<IO>, channel: &str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    let frame = format!("{{\"id\":1,\"op\":\"subscribe\",\"channel\":\"{channel}\"}}");
+    ws.send(tokio_tungstenite::tungstenite::Message::text(frame))
+        .await
+        .unwrap();
+    let reply = ws.next().await.expect("a reply").unwrap();
+    let reply = reply.to_text().unwrap_or_default();
+    assert!(reply.contains("\"ok\":true"), "subscribe refused: {reply}");
+}
+
 /// Opens `GET /sse` on `io` and reads until the welcome event arrived.
 async fn sse_open<IO>(mut io: IO) -> IO
 where
@@ -388,11 +423,12 @@ fn main() {
     if !target.is_empty() {
         variants = vec![("websocket".to_string(), target.starts_with("ws://"))];
     } else if env("PLAIN", 0) == 1 {
-        for t in ["websocket", "sse"] {
-            if transports.contains(t) {
-                variants.push((t.to_string(), true));
-            }
-        }
+        let tcp: Vec<(String, bool)> = variants
+            .iter()
+            .filter(|(t, _)| t.starts_with("websocket") || t == "sse")
+            .map(|(t, _)| (t.clone(), true))
+            .collect();
+        variants.extend(tcp);
     }
     let what = if target.is_empty() {
         format!("{edges} edge process(es) on the {bus} bus")

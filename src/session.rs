@@ -181,8 +181,10 @@ pub struct Session {
     /// first publish, so subscribers never pay for it.
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
     subscriptions: HashSet<Channel>,
-    /// Subscribed channels whose pushes go as datagrams; bounded by the subscriptions.
-    datagram_channels: Arc<parking_lot::RwLock<HashSet<Channel>>>,
+    /// Subscribed channels whose pushes go as datagrams; bounded by the subscriptions. Made for
+    /// WebTransport sessions only: no other wire has datagrams, and an idle session of another
+    /// should not carry the set.
+    datagram_channels: Option<Arc<parking_lot::RwLock<HashSet<Channel>>>>,
     limiter: DefaultDirectRateLimiter,
     /// The session's place under its address's limits; every client message is also charged
     /// to the address.
@@ -269,7 +271,7 @@ impl Session {
             outbox,
             in_flight: None,
             subscriptions: HashSet::new(),
-            datagram_channels: Arc::default(),
+            datagram_channels: (transport == Transport::webtransport).then(Arc::default),
             limiter: RateLimiter::direct(cfg.message_quota()),
             ticket,
             refusals_in_row: 0,
@@ -338,11 +340,15 @@ impl Session {
 
     /// The channels whose pushes go as datagrams (WebTransport), shared with the writer.
     pub fn datagram_channels(&self) -> Arc<parking_lot::RwLock<HashSet<Channel>>> {
-        self.datagram_channels.clone()
+        self.datagram_channels.clone().unwrap_or_default()
     }
 
     fn set_delivery(&self, channel: &Channel, delivery: Delivery) {
-        let mut set = self.datagram_channels.write();
+        let Some(set) = &self.datagram_channels else {
+            // Not WebTransport: every push goes on the stream (a datagram subscribe was refused).
+            return;
+        };
+        let mut set = set.write();
         match delivery {
             Delivery::Datagram => {
                 set.insert(channel.clone());
@@ -622,7 +628,7 @@ impl Session {
         {
             Ok(joined) => {
                 settle(&self.ticket, joined.replayed);
-                self.subscriptions.insert(channel);
+                self.subscriptions.insert(joined.channel);
                 Ok(joined.position)
             }
             Err(SubscribeError::ReplayOverBudget { read }) => {

@@ -42,34 +42,45 @@ pub struct ReplayBudget {
 }
 
 /// A subscription that went live.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
+    /// The channel's name as the hub holds it: a subscriber that keeps this one shares its
+    /// allocation with the hub's table and every other subscriber of the channel, instead of
+    /// keeping a copy of the name per session.
+    pub channel: Channel,
     /// Where the subscriber is once its replay is delivered (see [`Hub::subscribe`]).
     pub position: Option<Offset>,
     /// What was replayed, in its window's unit (see [`Replay::bytes`]).
     pub replayed: usize,
 }
 
+/// One session in a channel's subscriber list: 32 bytes, so that a subscription costs a few
+/// dozen bytes in its channel. What only a resume needs is boxed apart ([`Resume`]) and freed
+/// once the resume is over.
 #[derive(Debug)]
 struct Subscriber {
     session: u64,
     outbox: Arc<Outbox>,
+    /// A resume's state: its held pushes until it goes live, then the offset it skips through.
+    resume: Option<Box<Resume>>,
     /// False until the bus confirmed the channel and the session's reply was queued: pushes
     /// skip it meanwhile, so nothing reaches a client before its subscribe `ok`.
     live: bool,
-    /// A resuming subscriber's pushes that arrive while its history is read; merged behind the
-    /// replay when it goes live.
-    pending: Option<Pending>,
-    /// After a replay: live messages up to this offset were replayed already. With Redis, a
+}
+
+// A subscription's cost in a channel's list; see `Subscriber`.
+const _: () = assert!(std::mem::size_of::<Subscriber>() <= 32);
+
+#[derive(Debug, Default)]
+struct Resume {
+    /// Pushes that arrive while the history is read; merged behind the replay when the
+    /// subscriber goes live.
+    pending: Vec<(Option<Offset>, Frame)>,
+    overflowed: bool,
+    /// After the replay: live messages up to this offset were replayed already. With Redis, a
     /// message read from the history stream can still be on its way through pub/sub when the
     /// subscriber goes live; it is skipped, not sent twice.
     skip_through: Option<Offset>,
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    frames: Vec<(Option<Offset>, Frame)>,
-    overflowed: bool,
 }
 
 /// Removes a half-made subscription if `Hub::subscribe` is dropped before it goes live.
@@ -208,7 +219,7 @@ impl Hub {
         start: Start,
         budget: Option<ReplayBudget>,
     ) -> Result<Joined, SubscribeError> {
-        self.add(channel, session, outbox, start != Start::Live)?;
+        let channel = &self.add(channel, session, outbox, start != Start::Live)?;
         // Until it goes live, a dropped subscribe (the client went away mid-await) must not
         // leave its half-made subscriber behind.
         let mut guard = JoinGuard {
@@ -265,7 +276,11 @@ impl Hub {
         };
         let position = self.go_live(channel, session, first, replay);
         guard.armed = false;
-        Ok(Joined { position, replayed })
+        Ok(Joined {
+            channel: channel.clone(),
+            position,
+            replayed,
+        })
     }
 
     /// The retained messages of `channel` after `since` that fit `window`.
@@ -297,8 +312,12 @@ impl Hub {
             let _ = sub.outbox.push(frame);
         }
         if let Some((since, replay)) = replay {
-            let pending = sub.pending.take().unwrap_or_default();
-            if replay.gap || pending.overflowed {
+            let Resume {
+                pending,
+                overflowed,
+                ..
+            } = sub.resume.take().map(|r| *r).unwrap_or_default();
+            if replay.gap || overflowed {
                 let _ = sub.outbox.push(protocol::encode_gap(channel));
             }
             for (offset, data) in &replay.entries {
@@ -315,12 +334,18 @@ impl Hub {
                 .or(replay.newest.map(|n| since.min(n)));
             // Published while the history was read: the ones the replay already held are
             // skipped, so each message arrives once and in order.
-            for (offset, frame) in pending.frames {
+            for (offset, frame) in pending {
                 if offset.is_none_or(|o| boundary.is_none_or(|b| o > b)) {
                     let _ = sub.outbox.push(frame);
                 }
             }
-            sub.skip_through = boundary;
+            // Kept only while there is something to skip.
+            sub.resume = boundary.map(|b| {
+                Box::new(Resume {
+                    skip_through: Some(b),
+                    ..Resume::default()
+                })
+            });
             position = boundary;
         }
         sub.live = true;
@@ -335,11 +360,11 @@ impl Hub {
         session: u64,
         outbox: &Arc<Outbox>,
         resuming: bool,
-    ) -> Result<(), SubscribeError> {
+    ) -> Result<Channel, SubscribeError> {
         let mut channels = self.channels.write();
         let len = channels.len();
-        let entry = match channels.get(channel) {
-            Some(e) => e.clone(),
+        let (name, entry) = match channels.get_key_value(channel) {
+            Some((name, e)) => (name.clone(), e.clone()),
             None => {
                 if len >= self.max_channels {
                     return Err(SubscribeError::ChannelTableFull(self.max_channels));
@@ -347,20 +372,24 @@ impl Hub {
                 let e = Arc::new(ChannelEntry::default());
                 channels.insert(channel.clone(), e.clone());
                 self.metrics.channels.set(channels.len() as i64);
-                e
+                (channel.clone(), e)
             }
         };
         let mut subs = entry.subscribers.lock();
         if !subs.iter().any(|s| s.session == session) {
+            // A channel of one subscriber (one per user, say) holds one slot, not the four a
+            // first push would reserve; shared channels still grow by doubling.
+            if subs.capacity() == 0 {
+                subs.reserve_exact(1);
+            }
             subs.push(Subscriber {
                 session,
                 outbox: outbox.clone(),
+                resume: resuming.then(Box::default),
                 live: false,
-                pending: resuming.then(Pending::default),
-                skip_through: None,
             });
         }
-        Ok(())
+        Ok(name)
     }
 
     /// Removes a session from a channel; the channel leaves the table with its last subscriber
@@ -449,21 +478,23 @@ impl Hub {
         let mut out = Fanout::default();
         for sub in subs.iter_mut() {
             if !sub.live {
-                if let Some(p) = &mut sub.pending {
-                    if p.frames.len() < PENDING_CAP {
-                        p.frames.push((offset, frame.clone()));
+                if let Some(r) = &mut sub.resume {
+                    if r.pending.len() < PENDING_CAP {
+                        r.pending.push((offset, frame.clone()));
                     } else {
-                        p.overflowed = true;
+                        r.overflowed = true;
                     }
                 }
                 continue;
             }
-            if let (Some(skip), Some(o)) = (sub.skip_through, offset) {
+            if let Some(r) = &sub.resume
+                && let (Some(skip), Some(o)) = (r.skip_through, offset)
+            {
                 if o <= skip {
                     continue;
                 }
                 // Offsets arrive in order: once past the replay, nothing more to skip.
-                sub.skip_through = None;
+                sub.resume = None;
             }
             match sub.outbox.push(frame.clone()) {
                 Ok(()) => out.delivered += 1,
@@ -488,9 +519,9 @@ impl Hub {
                     if sub.outbox.push(frame.clone()).is_ok() {
                         told += 1;
                     }
-                } else if let Some(p) = &mut sub.pending {
+                } else if let Some(r) = &mut sub.resume {
                     // Resuming across the outage: its replay cannot hold what was missed.
-                    p.overflowed = true;
+                    r.overflowed = true;
                     told += 1;
                 }
             }
@@ -543,6 +574,61 @@ mod tests {
         assert_eq!(fa, fb);
         // Same allocation, not merely equal bytes.
         assert_eq!(fa[0].as_bytes().as_ptr(), fb[0].as_bytes().as_ptr());
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_the_hubs_name_and_a_resume_frees_its_state() {
+        let h = hub(10);
+        let o = Arc::new(Outbox::new(64, 1 << 20));
+        let sub = |session, channel: &'static str, start| {
+            let (h, o) = (&h, &o);
+            async move {
+                h.subscribe_within(&ch(channel), session, o, vec![], start, None)
+                    .await
+                    .unwrap()
+            }
+        };
+        let a = sub(1, "x", Start::Live).await;
+        let b = sub(2, "x", Start::Live).await;
+        assert_eq!(
+            a.channel.as_str().as_ptr(),
+            b.channel.as_str().as_ptr(),
+            "every subscriber keeps the hub's one copy of the name"
+        );
+        let resuming = |session| {
+            h.channels.read()[&ch("y")]
+                .subscribers
+                .lock()
+                .iter()
+                .find(|s| s.session == session)
+                .map(|s| s.resume.is_some())
+        };
+        h.publish(&ch("y"), &raw("1")).await.unwrap();
+        sub(3, "y", Start::Oldest).await;
+        sub(4, "y", Start::Live).await;
+        assert_eq!(resuming(3), Some(true), "skips what its replay held");
+        assert_eq!(
+            resuming(4),
+            Some(false),
+            "a live subscribe carries no resume state"
+        );
+        h.publish(&ch("y"), &raw("2")).await.unwrap();
+        assert_eq!(
+            resuming(3),
+            Some(false),
+            "freed once live traffic passed the replay"
+        );
+        assert_eq!(
+            h.channels.read()[&ch("y")].subscribers.lock().capacity(),
+            4,
+            "grows as a Vec does past the first"
+        );
+        let z = sub(5, "z", Start::Live).await;
+        assert_eq!(
+            h.channels.read()[&z.channel].subscribers.lock().capacity(),
+            1,
+            "a channel of one subscriber holds one slot"
+        );
     }
 
     #[tokio::test]
