@@ -110,7 +110,61 @@ pub fn bind(
     tls: rustls::ServerConfig,
     cfg: &SessionConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::server(server_config(tls, cfg)?, addr)
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        Some(server_config(tls, cfg)?),
+        socket,
+        runtime,
+    )
+}
+
+/// The endpoint's own config: quinn's defaults but for the connection IDs (see
+/// [`RandomConnectionIds`]).
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(|| Box::new(RandomConnectionIds));
+    config
+}
+
+/// Length of the connection IDs the edge issues, every byte of it random: 64 bits.
+const CONNECTION_ID_BYTES: usize = 8;
+
+/// Connection IDs of [`CONNECTION_ID_BYTES`] random bytes, instead of quinn's default
+/// (`HashedConnectionIdGenerator`: 8 bytes of which only 3 are random, the other 5 a keyed hash
+/// of those 3), whose 2^24 values made address validation stall one handshake in a few
+/// thousand (issue 16). quinn checks a new connection's IDs against those in use, but not the
+/// ID it puts in a Retry (quinn-proto 0.11.19, `Endpoint::retry`), and it routes an Initial by
+/// the IDs of established connections first. When a Retry's ID was already one of a live
+/// connection's (or the first ID of a live connection that had itself been retried), every
+/// Initial the client then sent went to that connection, which discarded it as unexpected,
+/// until the client's idle timeout. With six IDs or so per live connection, the chance per
+/// handshake was about 6 × connections / 2^24: 1 in 560 with 5,000 connections open. With 64
+/// random bits it is about 6 × connections / 2^64. What quinn's hashed IDs also gave, a cheap
+/// check that drops short packets for IDs it never issued, is lost: such a packet is answered
+/// with a stateless reset, which quinn rate-limits (`EndpointConfig::min_reset_interval`).
+struct RandomConnectionIds;
+
+impl quinn::ConnectionIdGenerator for RandomConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; CONNECTION_ID_BYTES];
+        // The OS's random source, as for the TLS keys; without it no handshake could be made.
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .expect("the OS random source is available");
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        CONNECTION_ID_BYTES
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Accepts connections until shutdown, then closes the endpoint.
@@ -483,6 +537,26 @@ impl Drop for H3Body {
         let unread = !self.done && !self.reading;
         if let Some(recv) = self.recv.as_mut().filter(|_| unread) {
             recv.stop_sending(Code::H3_NO_ERROR);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::ConnectionIdGenerator;
+
+    /// The IDs the edge issues do not repeat among many: 100,000 from quinn's default
+    /// generator (2^24 values) would hold about 300 pairs of equal IDs, and each such pair in
+    /// use at once was a handshake that could stall (see [`RandomConnectionIds`]).
+    #[test]
+    fn connection_ids_are_random_enough_not_to_repeat() {
+        let mut ids = RandomConnectionIds;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let id = ids.generate_cid();
+            assert_eq!(id.len(), CONNECTION_ID_BYTES);
+            assert!(seen.insert(id), "an ID came twice: {id}");
         }
     }
 }
