@@ -270,33 +270,39 @@ fn connection(
         };
         let idle_limit = state.config.server.http_idle_timeout;
         let mut idle_check = tokio::time::interval(idle_limit / 4);
+        // Requests that arrived while a CONNECT waited for the client's SETTINGS.
+        let mut early = std::collections::VecDeque::new();
         loop {
-            let resolver = tokio::select! {
-                _ = state.shutdown.cancelled() => {
-                    // A GOAWAY tells the client to send no more; requests in flight (event
-                    // streams end with the shutdown signal) finish within the grace period
-                    // before the connection goes with `h3`.
-                    let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
-                    let grace = state.config.server.shutdown_grace;
-                    let _ = tokio::time::timeout(grace, until_idle(&activity)).await;
-                    break;
-                }
-                _ = idle_check.tick() => {
-                    if activity.idle_for() >= idle_limit {
-                        tracing::debug!(%peer, "closing idle HTTP/3 connection");
+            let resolver = if let Some(r) = early.pop_front() {
+                r
+            } else {
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => {
+                        // A GOAWAY tells the client to send no more; requests in flight (event
+                        // streams end with the shutdown signal) finish within the grace period
+                        // before the connection goes with `h3`.
                         let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
+                        let grace = state.config.server.shutdown_grace;
+                        let _ = tokio::time::timeout(grace, until_idle(&activity)).await;
                         break;
                     }
-                    continue;
+                    _ = idle_check.tick() => {
+                        if activity.idle_for() >= idle_limit {
+                            tracing::debug!(%peer, "closing idle HTTP/3 connection");
+                            let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
+                            break;
+                        }
+                        continue;
+                    }
+                    r = h3.accept() => match r {
+                        Ok(Some(resolver)) => resolver,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
+                            break;
+                        }
+                    },
                 }
-                r = h3.accept() => match r {
-                    Ok(Some(resolver)) => resolver,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
-                        break;
-                    }
-                },
             };
             // The head is read here, in the connection's loop, because a CONNECT takes the
             // connection with it; its deadline bounds how long one stream can hold the others.
@@ -315,6 +321,10 @@ fn connection(
                 };
             if is_webtransport_connect(&req) && state.config.webtransport.enabled {
                 drop(in_flight);
+                if !peer_settings(&mut h3, &stream, &mut early, deadline).await {
+                    tracing::debug!(%peer, "no SETTINGS enabling WebTransport before its CONNECT");
+                    return;
+                }
                 match crate::transport::webtransport::connect(
                     req,
                     stream,
@@ -344,6 +354,49 @@ fn connection(
         // client went, the connection was idle, or the shutdown's requests are done.
         drop(h3);
     }
+}
+
+/// Waits until the client's SETTINGS enable WebTransport, for a CONNECT that came first: false
+/// if they did not within `deadline` or the connection ended.
+///
+/// The SETTINGS come on the client's control stream, the CONNECT on a request stream, and QUIC
+/// orders neither against the other: when the packet with the SETTINGS is lost, the CONNECT can
+/// be read first. h3 reads the control stream only while `accept` is polled, and
+/// h3-webtransport's `WebTransportSession::accept` closes the connection (H3_SETTINGS_ERROR,
+/// "webtransport is not supported by client") when the client's settings have not arrived yet
+/// (h3-webtransport 0.1.2 `server.rs`); the WebTransport draft says to wait for them instead.
+/// So `accept` is polled here until they have; a request that comes meanwhile is kept in `early`
+/// for the connection's loop.
+async fn peer_settings(
+    h3: &mut H3Connection,
+    connect: &H3Stream,
+    early: &mut std::collections::VecDeque<
+        h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    >,
+    deadline: std::time::Duration,
+) -> bool {
+    use h3::ConnectionState;
+    let enabled = || connect.settings().enable_webtransport();
+    let wait = async {
+        while !enabled() {
+            let mut accept = std::pin::pin!(h3.accept());
+            // `accept` reads the control stream on every poll; it resolves only for a new request
+            // stream (or the connection's end), so the settings are checked after each poll.
+            let next = std::future::poll_fn(|cx| match accept.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if enabled() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            match next {
+                None => {}
+                Some(Ok(Some(resolver))) => early.push_back(resolver),
+                Some(Ok(None) | Err(_)) => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(deadline, wait).await.unwrap_or(false)
 }
 
 /// Resolves once no request is in flight on the connection. [`Activity`] has no wake-up of its
