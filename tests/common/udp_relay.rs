@@ -102,8 +102,9 @@ fn long_packet_len(d: &[u8]) -> Option<usize> {
     Some(j + len as usize)
 }
 
-/// Decides a datagram's fate from its direction and bytes: `true` drops it.
-pub type Policy = Box<dyn FnMut(Dir, &[u8]) -> bool + Send>;
+/// Decides a datagram's fate from its direction and bytes: `true` drops it. It may also rewrite
+/// the bytes in place (a hostile path).
+pub type Policy = Box<dyn FnMut(Dir, &mut [u8]) -> bool + Send>;
 
 pub struct UdpRelay {
     /// Where clients send.
@@ -121,7 +122,7 @@ impl Drop for UdpRelay {
 }
 
 impl UdpRelay {
-    /// Relays 127.0.0.1:<port 0> to `edge`, dropping what `policy` says.
+    /// Relays 127.0.0.1:<port 0> to `edge`, dropping (or rewriting) what `policy` says.
     pub async fn start(edge: SocketAddr, policy: Policy) -> UdpRelay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
@@ -150,7 +151,7 @@ impl UdpRelay {
                     }
                 };
                 let kind = Kind::of(&buf[..n]);
-                let drop = (p.lock())(Dir::ToEdge, &buf[..n]);
+                let drop = (p.lock())(Dir::ToEdge, &mut buf[..n]);
                 l.lock().push((Dir::ToEdge, kind, drop));
                 if !drop {
                     let _ = up.send(&buf[..n]).await;
@@ -180,10 +181,45 @@ async fn back(
     let mut buf = vec![0u8; 65536];
     while let Ok(n) = up.recv(&mut buf).await {
         let kind = Kind::of(&buf[..n]);
-        let drop = (policy.lock())(Dir::ToClient, &buf[..n]);
+        let drop = (policy.lock())(Dir::ToClient, &mut buf[..n]);
         log.lock().push((Dir::ToClient, kind, drop));
         if !drop {
             let _ = front.send_to(&buf[..n], client).await;
         }
     }
+}
+
+/// The destination and source connection IDs of a long header (RFC 9000 §17.2), as ranges.
+pub fn long_cids(d: &[u8]) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let dcid_len = *d.get(5)? as usize;
+    let dcid = 6..6 + dcid_len;
+    let scid_len = *d.get(dcid.end)? as usize;
+    let scid = dcid.end + 1..dcid.end + 1 + scid_len;
+    (scid.end <= d.len()).then_some((dcid, scid))
+}
+
+/// Recomputes a Retry packet's integrity tag (its last 16 bytes) for the client's original
+/// destination connection ID `odcid`, after its header was rewritten (RFC 9001 §5.8, QUIC v1).
+pub fn reseal_retry(retry: &mut [u8], odcid: &[u8]) {
+    use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    const KEY: [u8; 16] = [
+        0xbe, 0x0c, 0x69, 0x0b, 0x9f, 0x66, 0x57, 0x5a, 0x1d, 0x76, 0x6b, 0x54, 0xe3, 0x68, 0xc8,
+        0x4e,
+    ];
+    const NONCE: [u8; 12] = [
+        0x46, 0x15, 0x99, 0xd3, 0x5d, 0x63, 0x2b, 0xf2, 0x23, 0x98, 0x25, 0xbb,
+    ];
+    let body = retry.len() - 16;
+    let mut pseudo = vec![odcid.len() as u8];
+    pseudo.extend_from_slice(odcid);
+    pseudo.extend_from_slice(&retry[..body]);
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &KEY).unwrap());
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(NONCE),
+            Aad::from(pseudo),
+            &mut [],
+        )
+        .unwrap();
+    retry[body..].copy_from_slice(tag.as_ref());
 }
