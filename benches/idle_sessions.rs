@@ -18,14 +18,16 @@
 //! - `LOADGENS` load-generator processes (default 1),
 //! - `SOURCES` 127.0.0.x source addresses per load generator (default 8),
 //! - `BUS=redis` to run the edges on a scratch `redis-server` they share (a multi-node set-up;
-//!   the SSE sessions' channel is then a Redis subscription on every edge).
+//!   the SSE sessions' channel is then a Redis subscription on every edge),
+//! - `LOADGEN_LOG` a `RUST_LOG`-style filter for the load generators' own log on stderr (e.g.
+//!   `quinn_proto=trace`); the edges take `RUST_LOG`.
 //!
 //! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
 //! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
-//! `EDGES` and `LOADGENS`. Known problem: now and then one WebTransport handshake times out on
-//! the client (about one in 1,000–2,500, with or without earlier rounds; it stalls in the
-//! address-validation Retry exchange, see `benches/README.md`); such sessions are counted and
-//! reported, and the figures are per session that opened.
+//! `EDGES` and `LOADGENS`. A session that fails to open (a WebTransport handshake that times out,
+//! as one in a few thousand did before the edge issued random 8-byte connection IDs; see
+//! `benches/README.md`, issue 16) is counted and reported, and the figures are per session that
+//! opened.
 //! For a million on your own machine: `ulimit -n 1100000` (and
 //! `fs.nr_open`, `fs.file-max` above it), `net.ipv4.ip_local_port_range = 1024 65535`, and about
 //! 20 source addresses (each gives ~64,000 ports per destination).
@@ -395,6 +397,14 @@ where
 fn main() {
     edgeplex::tls::install_crypto_provider();
     if std::env::var(ROLE).as_deref() == Ok("idle-client") {
+        // `LOADGEN_LOG` (a `RUST_LOG`-style filter, e.g. `quinn_proto=trace`) logs the load
+        // generator's QUIC stack to stderr; the edge reads `RUST_LOG` itself.
+        if let Ok(filter) = std::env::var("LOADGEN_LOG") {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -103,7 +103,61 @@ pub fn bind(
     tls: rustls::ServerConfig,
     cfg: &SessionConfig,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::server(server_config(tls, cfg)?, addr)
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        Some(server_config(tls, cfg)?),
+        socket,
+        runtime,
+    )
+}
+
+/// The endpoint's own config: quinn's defaults but for the connection IDs (see
+/// [`RandomConnectionIds`]).
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(|| Box::new(RandomConnectionIds));
+    config
+}
+
+/// Length of the connection IDs the edge issues, every byte of it random: 64 bits.
+const CONNECTION_ID_BYTES: usize = 8;
+
+/// Connection IDs of [`CONNECTION_ID_BYTES`] random bytes, instead of quinn's default
+/// (`HashedConnectionIdGenerator`: 8 bytes of which only 3 are random, the other 5 a keyed hash
+/// of those 3), whose 2^24 values made address validation stall one handshake in a few
+/// thousand (issue 16). quinn checks a new connection's IDs against those in use, but not the
+/// ID it puts in a Retry (quinn-proto 0.11.19, `Endpoint::retry`), and it routes an Initial by
+/// the IDs of established connections first. When a Retry's ID was already one of a live
+/// connection's (or the first ID of a live connection that had itself been retried), every
+/// Initial the client then sent went to that connection, which discarded it as unexpected,
+/// until the client's idle timeout. With six IDs or so per live connection, the chance per
+/// handshake was about 6 × connections / 2^24: 1 in 560 with 5,000 connections open. With 64
+/// random bits it is about 6 × connections / 2^64. What quinn's hashed IDs also gave, a cheap
+/// check that drops short packets for IDs it never issued, is lost: such a packet is answered
+/// with a stateless reset, which quinn rate-limits (`EndpointConfig::min_reset_interval`).
+struct RandomConnectionIds;
+
+impl quinn::ConnectionIdGenerator for RandomConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; CONNECTION_ID_BYTES];
+        // The OS's random source, as for the TLS keys; without it no handshake could be made.
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .expect("the OS random source is available");
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        CONNECTION_ID_BYTES
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Accepts connections until shutdown, then closes the endpoint.
@@ -209,33 +263,39 @@ fn connection(
         };
         let idle_limit = state.config.server.http_idle_timeout;
         let mut idle_check = tokio::time::interval(idle_limit / 4);
+        // Requests that arrived while a CONNECT waited for the client's SETTINGS.
+        let mut early = std::collections::VecDeque::new();
         loop {
-            let resolver = tokio::select! {
-                _ = state.shutdown.cancelled() => {
-                    // A GOAWAY tells the client to send no more; requests in flight (event
-                    // streams end with the shutdown signal) finish within the grace period
-                    // before the connection goes with `h3`.
-                    let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
-                    let grace = state.config.server.shutdown_grace;
-                    let _ = tokio::time::timeout(grace, until_idle(&activity)).await;
-                    break;
-                }
-                _ = idle_check.tick() => {
-                    if activity.idle_for() >= idle_limit {
-                        tracing::debug!(%peer, "closing idle HTTP/3 connection");
+            let resolver = if let Some(r) = early.pop_front() {
+                r
+            } else {
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => {
+                        // A GOAWAY tells the client to send no more; requests in flight (event
+                        // streams end with the shutdown signal) finish within the grace period
+                        // before the connection goes with `h3`.
                         let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
+                        let grace = state.config.server.shutdown_grace;
+                        let _ = tokio::time::timeout(grace, until_idle(&activity)).await;
                         break;
                     }
-                    continue;
+                    _ = idle_check.tick() => {
+                        if activity.idle_for() >= idle_limit {
+                            tracing::debug!(%peer, "closing idle HTTP/3 connection");
+                            let _ = tokio::time::timeout(deadline, h3.shutdown(0)).await;
+                            break;
+                        }
+                        continue;
+                    }
+                    r = h3.accept() => match r {
+                        Ok(Some(resolver)) => resolver,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
+                            break;
+                        }
+                    },
                 }
-                r = h3.accept() => match r {
-                    Ok(Some(resolver)) => resolver,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
-                        break;
-                    }
-                },
             };
             // The head is read here, in the connection's loop, because a CONNECT takes the
             // connection with it; its deadline bounds how long one stream can hold the others.
@@ -254,6 +314,10 @@ fn connection(
                 };
             if is_webtransport_connect(&req) && state.config.webtransport.enabled {
                 drop(in_flight);
+                if !peer_settings(&mut h3, &stream, &mut early, deadline).await {
+                    tracing::debug!(%peer, "no SETTINGS enabling WebTransport before its CONNECT");
+                    return;
+                }
                 match crate::transport::webtransport::connect(
                     req,
                     stream,
@@ -284,6 +348,49 @@ fn connection(
         // client went, the connection was idle, or the shutdown's requests are done.
         drop(h3);
     }
+}
+
+/// Waits until the client's SETTINGS enable WebTransport, for a CONNECT that came first: false
+/// if they did not within `deadline` or the connection ended.
+///
+/// The SETTINGS come on the client's control stream, the CONNECT on a request stream, and QUIC
+/// orders neither against the other: when the packet with the SETTINGS is lost, the CONNECT can
+/// be read first. h3 reads the control stream only while `accept` is polled, and
+/// h3-webtransport's `WebTransportSession::accept` closes the connection (H3_SETTINGS_ERROR,
+/// "webtransport is not supported by client") when the client's settings have not arrived yet
+/// (h3-webtransport 0.1.2 `server.rs`); the WebTransport draft says to wait for them instead.
+/// So `accept` is polled here until they have; a request that comes meanwhile is kept in `early`
+/// for the connection's loop.
+async fn peer_settings(
+    h3: &mut H3Connection,
+    connect: &H3Stream,
+    early: &mut std::collections::VecDeque<
+        h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    >,
+    deadline: std::time::Duration,
+) -> bool {
+    use h3::ConnectionState;
+    let enabled = || connect.settings().enable_webtransport();
+    let wait = async {
+        while !enabled() {
+            let mut accept = std::pin::pin!(h3.accept());
+            // `accept` reads the control stream on every poll; it resolves only for a new request
+            // stream (or the connection's end), so the settings are checked after each poll.
+            let next = std::future::poll_fn(|cx| match accept.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if enabled() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            match next {
+                None => {}
+                Some(Ok(Some(resolver))) => early.push_back(resolver),
+                Some(Ok(None) | Err(_)) => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(deadline, wait).await.unwrap_or(false)
 }
 
 /// Resolves once no request is in flight on the connection. [`Activity`] has no wake-up of its
@@ -490,6 +597,26 @@ impl Drop for H3Body {
         let unread = !self.done && !self.reading;
         if let Some(recv) = self.recv.as_mut().filter(|_| unread) {
             recv.stop_sending(Code::H3_NO_ERROR);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::ConnectionIdGenerator;
+
+    /// The IDs the edge issues do not repeat among many: 100,000 from quinn's default
+    /// generator (2^24 values) would hold about 300 pairs of equal IDs, and each such pair in
+    /// use at once was a handshake that could stall (see [`RandomConnectionIds`]).
+    #[test]
+    fn connection_ids_are_random_enough_not_to_repeat() {
+        let mut ids = RandomConnectionIds;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let id = ids.generate_cid();
+            assert_eq!(id.len(), CONNECTION_ID_BYTES);
+            assert!(seen.insert(id), "an ID came twice: {id}");
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod redis_cluster;
 pub mod redis_server;
 pub mod relay;
 pub mod sse_client;
+pub mod udp_relay;
 pub mod wt_client;
 
 use std::sync::Arc;
