@@ -20,7 +20,21 @@
 //! - `BUS=redis` to run the edges on a scratch `redis-server` they share (a multi-node set-up;
 //!   the SSE sessions' channel is then a Redis subscription on every edge),
 //! - `LOADGEN_LOG` a `RUST_LOG`-style filter for the load generators' own log on stderr (e.g.
-//!   `quinn_proto=trace`); the edges take `RUST_LOG`.
+//!   `quinn_proto=trace`); the edges take `RUST_LOG`,
+//! - `RAW=1` for lean plain WebSocket clients (what `benches/million.sh` runs): the load generator
+//!   does the upgrade by hand and keeps only the TCP socket and a small task that answers the
+//!   edge's pings with an empty pong, instead of a `tokio-tungstenite` stream with its buffers;
+//! - `MIN_AVAILABLE_MIB` (default 1536): a load generator stops opening sessions when the
+//!   machine's `MemAvailable` falls below it, and says so (the run reports what it reached);
+//! - `HOLD_SECS` (default 0): with `RAW=1`, how long to hold the sessions after they opened
+//!   before counting how many are still open (past `session.idle_timeout`, 60 s, shows that
+//!   the pongs keep them);
+//! - `PROGRESS_SECS` (default 10; 0 for none): print the machine's TCP sockets and memory this
+//!   often while sessions open.
+//!
+//! Every run also prints the kernel's memory before and after (`/proc/meminfo` `Slab`,
+//! `SUnreclaim`, `MemAvailable`, and the TCP buffer pages of `/proc/net/sockstat`) and the load
+//! generators' `VmRSS`, each per session.
 //!
 //! Every WebSocket and SSE session is one socket in an edge and one in a load generator, and this
 //! machine caps every process at 20,000 open files: past about 19,000 sessions per process, raise
@@ -35,6 +49,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -45,7 +61,10 @@ use wtransport::{ClientConfig, Endpoint};
 
 mod support;
 
-use support::{EdgeProc, ROLE, RedisProc, cpu_of, cpu_secs, env, env_str, rss_kib, tcp_from};
+use support::{
+    EdgeProc, KernelMem, ROLE, RedisProc, cpu_of, cpu_secs, env, env_str, meminfo_kib, rss_kib,
+    tcp_from,
+};
 
 /// What a load generator is told, through its environment.
 struct Job {
@@ -56,6 +75,10 @@ struct Job {
     count: u64,
     index: u64,
     sources: u64,
+    /// Lean plain WebSocket clients: a raw TCP socket after a hand-made upgrade.
+    raw: bool,
+    /// Stop opening when `MemAvailable` falls below this.
+    min_available_kib: u64,
     /// Per edge: address, certificate PEM path, certificate SHA-256.
     edges: Vec<(SocketAddr, String, String)>,
 }
@@ -74,6 +97,8 @@ impl Job {
             .env("JOB_COUNT", self.count.to_string())
             .env("JOB_INDEX", self.index.to_string())
             .env("JOB_SOURCES", self.sources.to_string())
+            .env("JOB_RAW", if self.raw { "1" } else { "0" })
+            .env("JOB_MIN_AVAILABLE_KIB", self.min_available_kib.to_string())
             .env("JOB_EDGES", edges.join(","));
     }
 
@@ -86,6 +111,8 @@ impl Job {
             count: var("JOB_COUNT").parse().unwrap(),
             index: var("JOB_INDEX").parse().unwrap(),
             sources: var("JOB_SOURCES").parse().unwrap(),
+            raw: var("JOB_RAW") == "1",
+            min_available_kib: var("JOB_MIN_AVAILABLE_KIB").parse().unwrap(),
             edges: var("JOB_EDGES")
                 .split(',')
                 .map(|e| {
@@ -127,7 +154,25 @@ async fn client(job: Job) {
         Some((wire, how)) => (wire, Some(how)),
         None => (job.transport.as_str(), None),
     };
+    // With `raw`: the sessions still open (each task takes itself off when its socket ends).
+    let alive = Arc::new(AtomicU64::new(0));
+    // Why the load generator stopped short of its count, if it did.
+    let mut stopped = String::from("-");
+    let mut raw_opened = 0u64;
     for i in 0..job.count {
+        // Check the machine's memory every 256 sessions: with ~50 load generators that is at
+        // most ~13,000 sessions (~200 MiB) between a check and the stop.
+        if i % 256 == 0 {
+            let available = meminfo_kib("MemAvailable");
+            if available < job.min_available_kib {
+                stopped = format!(
+                    "MemAvailable {} MiB < {} MiB",
+                    available / 1024,
+                    job.min_available_kib / 1024
+                );
+                break;
+            }
+        }
         let e = (i as usize) % job.edges.len();
         let (addr, _, sha) = &job.edges[e];
         let source = job.source(i);
@@ -137,6 +182,27 @@ async fn client(job: Job) {
             other => panic!("unknown subscription mode {other} (shared or each)"),
         });
         match wire {
+            // Raw clients subscribe to nothing: `websocket+…` rows use the full client.
+            "websocket" if job.raw && channel.is_none() => {
+                // A refused connect or upgrade ends the ramp (and is the run's result), it
+                // does not abort it: the sessions already open are still measured.
+                let opened = match tcp_from(source, *addr).await {
+                    Ok(tcp) => raw_ws_open(tcp, addr.port()).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(tcp) => {
+                        raw_opened += 1;
+                        alive.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(hold_raw(tcp, alive.clone()));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        stopped = format!("session {i} from {source}: {e}");
+                        break;
+                    }
+                }
+            }
             "websocket" | "sse" => {
                 let tcp = tcp_from(source, *addr).await.expect("connect");
                 let sse = wire == "sse";
@@ -268,18 +334,107 @@ async fn client(job: Job) {
             other => panic!("unknown transport {other}"),
         }
     }
+    let opened = if job.raw {
+        raw_opened
+    } else {
+        held.len() as u64
+    };
+    // The reason comes last: it may hold spaces.
     println!(
-        "opened {} {:.3} {failed}",
-        job.count - failed,
+        "opened {opened} {:.3} {failed} {stopped}",
         start.elapsed().as_secs_f64()
     );
     std::io::stdout().flush().unwrap();
-    // Hold everything until the parent closes stdin.
+    // Hold everything until the parent closes stdin; `alive` asks how many are still open.
     let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim() == "alive" {
+            let n = if job.raw {
+                alive.load(Ordering::Relaxed)
+            } else {
+                held.len() as u64
+            };
+            println!("alive {n}");
+            std::io::stdout().flush().unwrap();
+        }
+        line.clear();
+    }
     drop(held);
     drop(wt_endpoints);
     drop(h3_endpoints);
+}
+
+/// A masked, empty WebSocket pong: the whole answer a lean client gives to the edge's pings.
+const PONG: [u8; 6] = [0x8a, 0x80, 0, 0, 0, 0];
+
+/// A plain WebSocket upgrade on `tcp`, by hand, read until the edge's first frame (the
+/// welcome) arrived; the socket is all that is kept.
+async fn raw_ws_open(
+    mut tcp: tokio::net::TcpStream,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut got = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the edge closed during the upgrade: {:?}",
+                    String::from_utf8_lossy(&got)
+                ),
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        if !got.starts_with(b"HTTP/1.1 101") {
+            let status = String::from_utf8_lossy(&got[..end]);
+            return Err(std::io::Error::other(format!(
+                "upgrade refused: {}",
+                status.lines().next().unwrap_or_default()
+            )));
+        }
+        // The welcome: a text frame from the server (unmasked), with a 7- or 16-bit length.
+        let frame = &got[end + 4..];
+        let whole = match frame.get(1).map(|b| b & 0x7f) {
+            None => None,
+            Some(126) if frame.len() >= 4 => {
+                Some(4 + usize::from(u16::from_be_bytes([frame[2], frame[3]])))
+            }
+            Some(126 | 127) => None,
+            Some(len) => Some(2 + usize::from(len)),
+        };
+        if whole.is_some_and(|w| frame.len() >= w) {
+            return Ok(tcp);
+        }
+    }
+}
+
+/// Holds a lean session: every read (the edge's pings; nothing else comes to an idle
+/// session) is answered with one empty pong, which is what keeps the edge's idle timeout off.
+/// Takes itself off `alive` when the edge closes the socket.
+async fn hold_raw(mut tcp: tokio::net::TcpStream, alive: Arc<AtomicU64>) {
+    let mut buf = [0u8; 64];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if tcp.write_all(&PONG).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    alive.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// `GET /sse` over HTTP/2 with `client` (its own connection), read until the welcome event
@@ -416,6 +571,10 @@ fn main() {
     let edges = env("EDGES", 1).max(1);
     let loadgens = env("LOADGENS", 1).max(1);
     let sources = env("SOURCES", 8).clamp(1, 250);
+    let raw = env("RAW", 0) == 1;
+    let min_available_kib = env("MIN_AVAILABLE_MIB", 1536) * 1024;
+    let hold = Duration::from_secs(env("HOLD_SECS", 0));
+    let progress = env("PROGRESS_SECS", 10);
     let bus = env_str("BUS", "embedded");
     assert!(
         bus == "embedded" || bus == "redis",
@@ -432,6 +591,9 @@ fn main() {
     let nats = env_str("PROTOCOL", "edgeplex") == "nats";
     if !target.is_empty() {
         variants = vec![("websocket".to_string(), target.starts_with("ws://"))];
+    } else if raw {
+        // Lean clients are plain WebSocket only.
+        variants = vec![("websocket".to_string(), true)];
     } else if env("PLAIN", 0) == 1 {
         let tcp: Vec<(String, bool)> = variants
             .iter()
@@ -447,7 +609,8 @@ fn main() {
     };
     println!(
         "idle sessions: {n} per transport, {what}, {loadgens} load generator(s), {sources} \
-         source address(es) each"
+         source address(es) each{}",
+        if raw { ", lean (raw TCP) clients" } else { "" }
     );
     println!(
         "{:>20} {:>10} {:>14} {:>14} {:>12} {:>10} {:>11} {:>11}",
@@ -466,7 +629,14 @@ fn main() {
         let redis = (bus == "redis" && target.is_empty()).then(RedisProc::start);
         let served: Vec<EdgeProc> = if target.is_empty() {
             (0..edges)
-                .map(|_| EdgeProc::start(n / edges + 1, redis.as_ref().map(|r| r.url.as_str())))
+                // Each load generator spreads its sessions round the edges, so an edge gets
+                // up to one more from each than an even share.
+                .map(|_| {
+                    EdgeProc::start(
+                        n / edges + loadgens + 1,
+                        redis.as_ref().map(|r| r.url.as_str()),
+                    )
+                })
                 .collect()
         } else {
             Vec::new()
@@ -504,6 +674,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(500));
         let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p)).collect();
         let edge_cpu = cpu_of(&edge_pids);
+        let kernel_before = KernelMem::now();
         let start = Instant::now();
         let mut gens: Vec<Child> = (0..loadgens)
             .map(|g| {
@@ -513,6 +684,8 @@ fn main() {
                     count: n / loadgens + u64::from(g < n % loadgens),
                     index: g,
                     sources,
+                    raw,
+                    min_available_kib,
                     nats,
                     edges: edge_addrs.clone(),
                 };
@@ -524,30 +697,74 @@ fn main() {
                     .unwrap()
             })
             .collect();
+        let gen_pids: Vec<u32> = gens.iter().map(|g| g.id()).collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let monitor = (progress > 0).then(|| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let tick = Duration::from_secs(progress);
+                let mut next = Instant::now() + tick;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if Instant::now() < next {
+                        continue;
+                    }
+                    next += tick;
+                    let k = KernelMem::now();
+                    println!(
+                        "{:>20} {:>6.0} s: TCP sockets in use {}, MemAvailable {} MiB, Slab {} \
+                         MiB, TCP buffers {} MiB",
+                        "",
+                        start.elapsed().as_secs_f64(),
+                        k.tcp_inuse,
+                        k.available_kib / 1024,
+                        k.slab_kib / 1024,
+                        k.tcp_mem_pages * 4 / 1024
+                    );
+                }
+            })
+        });
         let mut opened = 0u64;
+        let mut stops: Vec<String> = Vec::new();
         for g in &mut gens {
             let mut line = String::new();
             BufReader::new(g.stdout.as_mut().unwrap())
                 .read_line(&mut line)
                 .unwrap();
             assert!(line.starts_with("opened"), "load generator: {line:?}");
-            opened += line
-                .split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap();
+            let mut words = line.trim_end().splitn(5, ' ');
+            opened += words.nth(1).unwrap().parse::<u64>().unwrap();
+            if let Some(why) = words.nth(2).filter(|w| *w != "-") {
+                stops.push(why.to_string());
+            }
+        }
+        let elapsed = start.elapsed();
+        done.store(true, Ordering::Relaxed);
+        if let Some(m) = monitor {
+            m.join().unwrap();
         }
         if opened < n {
             println!("{:>20} {} of {n} sessions failed to open", "", n - opened);
         }
+        for (i, why) in stops.iter().enumerate().take(3) {
+            println!("{:>20} stopped ({i}): {why}", "");
+        }
+        if stops.len() > 3 {
+            println!(
+                "{:>20} ({} load generators stopped short in all)",
+                "",
+                stops.len()
+            );
+        }
         // Per session that opened: a failed handshake leaves nothing behind to measure.
         let n = opened.max(1);
-        let opened_per_sec = n as f64 / start.elapsed().as_secs_f64();
+        let opened_per_sec = n as f64 / elapsed.as_secs_f64();
         let cpu: f64 = gens.iter().map(|g| cpu_secs(g.id())).sum();
         let edge_cpu = cpu_of(&edge_pids) - edge_cpu;
         std::thread::sleep(Duration::from_millis(500));
         let after: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p)).collect();
+        let kernel_after = KernelMem::now();
+        let gen_rss: u64 = gen_pids.iter().map(|p| rss_kib(*p)).sum();
         let total_delta: u64 = after
             .iter()
             .zip(&before)
@@ -573,13 +790,94 @@ fn main() {
             total_delta as f64 / n as f64,
             opened_per_sec
         );
-        if edges > 1 {
+        if edges > 1 && edges <= 8 {
             for (i, (b, a)) in before.iter().zip(&after).enumerate() {
                 println!("{:>20} edge {i}: {b} KiB -> {a} KiB", "");
             }
+        } else if edges > 8 {
+            let (lo, hi) = after
+                .iter()
+                .fold((u64::MAX, 0), |(lo, hi), a| (lo.min(*a), hi.max(*a)));
+            println!("{:>20} each edge after: {lo}..{hi} KiB", "");
+        }
+        // The kernel's side of the same sessions: two sockets each (the edge's and the load
+        // generator's). Slab also moves with whatever else the machine does meanwhile.
+        let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / n as f64;
+        let (kb, ka) = (kernel_before, kernel_after);
+        println!(
+            "{:>20} kernel: Slab {} -> {} MiB ({:.2} KiB/session), SUnreclaim {} -> {} MiB \
+             ({:.2} KiB/session), TCP buffers {} -> {} pages ({:.3} KiB/session), TCP sockets \
+             in use {} -> {}, MemAvailable {} -> {} MiB",
+            "",
+            kb.slab_kib / 1024,
+            ka.slab_kib / 1024,
+            per(kb.slab_kib, ka.slab_kib),
+            kb.sunreclaim_kib / 1024,
+            ka.sunreclaim_kib / 1024,
+            per(kb.sunreclaim_kib, ka.sunreclaim_kib),
+            kb.tcp_mem_pages,
+            ka.tcp_mem_pages,
+            per(kb.tcp_mem_pages * 4, ka.tcp_mem_pages * 4),
+            kb.tcp_inuse,
+            ka.tcp_inuse,
+            kb.available_kib / 1024,
+            ka.available_kib / 1024
+        );
+        println!(
+            "{:>20} load generators: {} MiB RSS in all ({:.2} KiB/session), {:.0} s to open",
+            "",
+            gen_rss / 1024,
+            gen_rss as f64 / n as f64,
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "RESULT idle-{transport}-{}-kernel slab_kib_per_session={:.2} \
+             sunreclaim_kib_per_session={:.2} tcp_mem_kib_per_session={:.3} \
+             loadgen_kib_per_session={:.2} opened={n} stopped={}",
+            if plain { "plain" } else { "tls" },
+            per(kb.slab_kib, ka.slab_kib),
+            per(kb.sunreclaim_kib, ka.sunreclaim_kib),
+            per(kb.tcp_mem_pages * 4, ka.tcp_mem_pages * 4),
+            gen_rss as f64 / n as f64,
+            stops.len()
+        );
+        if raw {
+            if !hold.is_zero() {
+                println!(
+                    "{:>20} holding {} s (the edges ping every 20 s and close after 60 s unheard)",
+                    "",
+                    hold.as_secs()
+                );
+                std::thread::sleep(hold);
+            }
+            let mut alive = 0u64;
+            for g in &mut gens {
+                writeln!(g.stdin.as_mut().unwrap(), "alive").unwrap();
+                let mut line = String::new();
+                BufReader::new(g.stdout.as_mut().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
+                alive += line
+                    .strip_prefix("alive ")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            let k = KernelMem::now();
+            println!(
+                "{:>20} still open after {:.0} s: {alive} of {n} (edges' RSS {} MiB, \
+                 MemAvailable {} MiB)",
+                "",
+                start.elapsed().as_secs_f64(),
+                edge_pids.iter().map(|p| rss_kib(*p)).sum::<u64>() / 1024,
+                k.available_kib / 1024
+            );
+        }
+        // Close every load generator's stdin first, then wait: one at a time, each waited
+        // for before the next was told, a run of 56 took minutes to end.
+        for g in &mut gens {
+            drop(g.stdin.take());
         }
         for mut g in gens {
-            drop(g.stdin.take());
             let _ = g.wait();
         }
     }

@@ -50,6 +50,60 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A field of `/proc/meminfo` in KiB (`MemAvailable`, `Slab`, `SUnreclaim`), 0 when missing.
+pub fn meminfo_kib(field: &str) -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The machine's TCP sockets in use and the pages of TCP buffer memory they hold, from the
+/// `TCP: inuse N ... mem M` line of `/proc/net/sockstat`.
+pub fn tcp_sockstat() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let line = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| {
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("inuse"), field("mem"))
+}
+
+/// The kernel's memory at one moment: what the million-session runs record before and after.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelMem {
+    pub available_kib: u64,
+    pub slab_kib: u64,
+    pub sunreclaim_kib: u64,
+    /// TCP buffer memory in pages (4 KiB here), as `/proc/net/sockstat` counts it.
+    pub tcp_mem_pages: u64,
+    pub tcp_inuse: u64,
+}
+
+impl KernelMem {
+    pub fn now() -> KernelMem {
+        let (tcp_inuse, tcp_mem_pages) = tcp_sockstat();
+        KernelMem {
+            available_kib: meminfo_kib("MemAvailable"),
+            slab_kib: meminfo_kib("Slab"),
+            sunreclaim_kib: meminfo_kib("SUnreclaim"),
+            tcp_mem_pages,
+            tcp_inuse,
+        }
+    }
+}
+
 /// User plus system CPU seconds of `pid` so far, from `/proc/<pid>/stat`.
 pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use super::routes;
 use crate::config::SessionConfig;
 use crate::state::EdgeState;
-use crate::web::conn::{H3Stream, with_stream_kill};
+use crate::web::conn::{H3Connection, H3Stream, with_stream_kill};
 use crate::web::{Activity, Body, ConnInfo, ConnSlot, InFlight};
 
 /// Request streams a client may have open at once on one connection: a page's event streams, a
