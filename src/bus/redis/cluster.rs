@@ -30,7 +30,14 @@
 //! sends the tracked subscriptions again to every master each time it refreshes its slot map
 //! (a MOVED, a failover elsewhere), and a master that never lost them confirms them again. It
 //! only calls for a pass, and the channel gets a gap when the pass finds its master's
-//! connection changed (or cannot tell).
+//! connection changed (a master the pass cannot ask is asked again by the next pass, and a
+//! master never asked before cannot tell, so its channels get a gap).
+//!
+//! A master's shard subscriptions are checked by count (`ssub` against the channels this node
+//! placed there), leaving out the channels on their way: a slot that just moved to a master
+//! brings channels this node has not subscribed there yet, and counting them made the master
+//! that received the slot look as if it had lost subscriptions, so every channel on it got a
+//! gap (issue 17: the reshard test saw it on the receiving master's channels).
 //!
 //! The pass asks each master through a slot it serves, never by address: redis-rs answers a
 //! command routed to an address it holds no live connection for (a master just killed) with
@@ -559,13 +566,7 @@ impl RedisBus {
                 "CLUSTER SLOTS named no master",
             )));
         }
-        // Each master, its node id and one slot it serves (to route the question by).
-        let mut masters: BTreeMap<String, (String, u16)> = BTreeMap::new();
-        for r in &ranges {
-            masters
-                .entry(r.master.clone())
-                .or_insert_with(|| (r.id.clone(), r.first));
-        }
+        let masters = question_routes(&ranges);
         let old_ids = {
             let mut t = cl.topology.lock();
             t.ranges = ranges;
@@ -591,7 +592,15 @@ impl RedisBus {
                 by_master.entry(m.clone()).or_default().push(c.clone());
             }
         }
-        let mut again: HashSet<Channel> = HashSet::new();
+        // Taken before the masters are asked: a push that comes during the pass woke the next.
+        let (moved, regained) = {
+            let mut st = cl.subs.lock();
+            (
+                std::mem::take(&mut st.moved),
+                std::mem::take(&mut st.regained),
+            )
+        };
+        let mut again: HashSet<Channel> = moved;
         {
             // Channels whose master changed since the last pass (failover, slot moved).
             let st = cl.subs.lock();
@@ -603,9 +612,20 @@ impl RedisBus {
                 }
             }
         }
+        // What each master should hold: not the channels on their way to it (a slot that just
+        // moved there, its subscription not made yet), or the master that gained a slot would
+        // look as if it had lost subscriptions, and every channel on it would get a gap.
+        let mut settled: HashMap<&str, u64> = HashMap::new();
+        for (c, m) in &placed {
+            if let Some(m) = m
+                && !again.contains(c)
+            {
+                *settled.entry(m.as_str()).or_default() += 1;
+            }
+        }
         let mut ids = HashMap::new();
-        // Masters whose connection this pass could not check: their channels' returns count
-        // as interruptions (a spurious gap at worst, never a missed one).
+        // Masters whose connection this pass could not check (down, too slow, or the question
+        // reached another node): their channels' returns wait for a pass that can.
         let mut unknown: HashSet<String> = HashSet::new();
         // Masters whose connection was made again or holds fewer subscriptions than expected.
         let mut interrupted: HashSet<String> = HashSet::new();
@@ -648,7 +668,7 @@ impl RedisBus {
                     .and_then(|v| v.parse::<u64>().ok())
             };
             let (id, ssub) = (field("id=").unwrap_or(0), field("ssub=").unwrap_or(0));
-            let expected = by_master.get(master).map_or(0, Vec::len) as u64;
+            let expected = settled.get(master.as_str()).copied().unwrap_or(0);
             let reconnected = old_ids.get(master).is_some_and(|&old| old != id);
             if labelled {
                 self.metrics
@@ -677,26 +697,34 @@ impl RedisBus {
             let mut t = cl.topology.lock();
             t.client_ids = ids;
         }
-        let (moved, regained) = {
-            let mut st = cl.subs.lock();
-            (
-                std::mem::take(&mut st.moved),
-                std::mem::take(&mut st.regained),
-            )
-        };
-        again.extend(moved);
         // A return redis-rs made on a master whose connection is the same one, holding every
-        // subscription, lost nothing (it refreshed its slot map and confirmed them again).
+        // subscription, lost nothing (it refreshed its slot map and confirmed them again). On a
+        // master that could not be asked it waits for a pass that can: the connection's id
+        // then tells whether it was made again meanwhile. Only where there is no earlier id to
+        // compare with does it count as an interruption.
         let placed: HashMap<Channel, Option<String>> = placed.into_iter().collect();
+        let mut later = HashSet::new();
         let regained: Vec<Channel> = regained
             .into_iter()
             .filter(|c| match placed.get(c) {
-                Some(Some(m)) => unknown.contains(m) || interrupted.contains(m),
+                Some(Some(m)) if unknown.contains(m) => {
+                    if old_ids.contains_key(m) {
+                        later.insert(c.clone());
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Some(Some(m)) => interrupted.contains(m),
                 Some(None) => true,
                 // No longer active: nobody to tell.
                 None => false,
             })
             .collect();
+        cl.subs
+            .lock()
+            .regained
+            .extend(later.into_iter().filter(|c| !again.contains(c)));
         again.extend(regained);
         self.resubscribe(hub, &mut conn, again.iter()).await;
         // Everything that was interrupted, once.
@@ -875,6 +903,32 @@ fn unmark(marks: &mut HashMap<Channel, u32>, channel: &Channel) {
     }
 }
 
+/// Each master, its node id, and the slot its questions are routed by: the middle of its
+/// largest range, not the first. A reshard moves a master's lowest slots first, and a slot just
+/// moved may still lead redis-rs (whose slot map is refreshed apart from ours) to the old owner,
+/// which would leave the master unasked for the pass.
+fn question_routes(ranges: &[SlotRange]) -> BTreeMap<String, (String, u16)> {
+    let mut best: BTreeMap<String, &SlotRange> = BTreeMap::new();
+    for r in ranges {
+        let size = |r: &SlotRange| r.last.saturating_sub(r.first);
+        best.entry(r.master.clone())
+            .and_modify(|b| {
+                if size(r) > size(b) {
+                    *b = r;
+                }
+            })
+            .or_insert(r);
+    }
+    best.into_iter()
+        .map(|(m, r)| {
+            (
+                m,
+                (r.id.clone(), r.first + (r.last.saturating_sub(r.first)) / 2),
+            )
+        })
+        .collect()
+}
+
 /// A text reply (RESP2 bulk, RESP3 verbatim or simple string).
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -935,6 +989,27 @@ mod tests {
             );
             assert!(tag.len() <= 4);
         }
+    }
+
+    #[test]
+    fn a_master_is_asked_through_the_middle_of_its_largest_range() {
+        let r = |first, last, master: &str| SlotRange {
+            first,
+            last,
+            master: master.into(),
+            id: format!("id-{master}"),
+        };
+        // b just took slot 0 from a (a reshard moves the lowest slots first).
+        let ranges = [
+            r(0, 0, "b"),
+            r(1, 5460, "a"),
+            r(5461, 10922, "b"),
+            r(10923, 16383, "c"),
+        ];
+        let routes = question_routes(&ranges);
+        assert_eq!(routes["a"], ("id-a".into(), 2730));
+        assert_eq!(routes["b"], ("id-b".into(), 8191));
+        assert_eq!(routes["c"], ("id-c".into(), 13653));
     }
 
     #[test]
