@@ -163,6 +163,16 @@ async fn publishes_cross_nodes_on_every_master_offsets_agree_and_backends_spubli
         channels.len(),
         "every channel once, across nodes"
     );
+    // The history gauges sum the slots this node published to (each slot keeps its own budget
+    // keys): every channel is counted, each at least the 5 KiB a stream is given.
+    let slots: HashSet<u16> = channels.iter().map(|(c, _)| slot(&key(c))).collect();
+    let counted = a.metric("edgeplex_redis_history_channels").await;
+    let held = a.metric("edgeplex_redis_history_bytes").await;
+    assert!(counted >= slots.len() as f64, "{counted} channels counted");
+    assert!(
+        held >= counted * 5.0 * 1024.0,
+        "{held} bytes for {counted} channels"
+    );
 
     // Offsets mean the same on every node: a resume on A from what B saw.
     let mut got = Vec::new();

@@ -177,8 +177,35 @@ impl Topology {
     }
 }
 
+/// What the publish script last answered for each slot's histories. A slot's budget keys are
+/// its own, so the node's history gauges are the sum over the slots it has published to, each
+/// as of its last publish there. At most one entry per slot.
+#[derive(Debug, Default)]
+struct SlotHistories {
+    /// Bytes and channels per slot; channels stay unknown (not counted) until a publish that
+    /// counts them (the script skips the count when the index did not change).
+    slots: HashMap<u16, (i64, Option<i64>)>,
+    bytes: i64,
+    channels: i64,
+}
+
+impl SlotHistories {
+    /// Records one publish's answer for `slot`; returns the sums (bytes, channels).
+    fn record(&mut self, slot: u16, bytes: i64, channels: i64) -> (i64, i64) {
+        let entry = self.slots.entry(slot).or_insert((0, None));
+        self.bytes += bytes - entry.0;
+        entry.0 = bytes;
+        if channels >= 0 {
+            self.channels += channels - entry.1.unwrap_or(0);
+            entry.1 = Some(channels);
+        }
+        (self.bytes, self.channels)
+    }
+}
+
 pub(super) struct Cluster {
     client: redis::cluster::ClusterClient,
+    histories: parking_lot::Mutex<SlotHistories>,
     conn: parking_lot::Mutex<Option<ClusterConnection>>,
     pushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PushInfo>>>,
     subs: parking_lot::Mutex<Subs>,
@@ -223,6 +250,7 @@ impl Cluster {
         let client = builder.build()?;
         Ok(Cluster {
             client,
+            histories: parking_lot::Mutex::new(SlotHistories::default()),
             conn: parking_lot::Mutex::new(None),
             pushes: parking_lot::Mutex::new(Some(rx)),
             subs: parking_lot::Mutex::new(Subs::default()),
@@ -344,10 +372,14 @@ impl RedisBus {
             let mut failed = 0;
             match replies {
                 Ok(replies) if replies.len() == jobs.len() => {
-                    for (&(i, _), reply) in jobs.iter().zip(replies) {
+                    for (&(i, slot), reply) in jobs.iter().zip(replies) {
                         outcomes[i] = Some(match redis::from_redis_value::<PublishReply>(reply) {
-                            Ok((id, evicted, _bytes, _channels)) => {
+                            Ok((id, evicted, bytes, channels)) => {
                                 self.metrics.redis_history_evictions.inc_by(evicted);
+                                let (bytes, channels) =
+                                    self.cl().histories.lock().record(slot, bytes, channels);
+                                self.metrics.redis_history_bytes.set(bytes);
+                                self.metrics.redis_history_channels.set(channels);
                                 id.parse().map_err(|_| {
                                     BusError::Unavailable("Redis answered with an unexpected id")
                                 })
@@ -1010,6 +1042,18 @@ mod tests {
         assert_eq!(routes["a"], ("id-a".into(), 2730));
         assert_eq!(routes["b"], ("id-b".into(), 8191));
         assert_eq!(routes["c"], ("id-c".into(), 13653));
+    }
+
+    #[test]
+    fn the_history_gauges_sum_each_slots_last_answer() {
+        let mut h = SlotHistories::default();
+        assert_eq!(h.record(5, 100, 2), (100, 2));
+        // A publish that did not count the channels leaves the slot's count as it was.
+        assert_eq!(h.record(6, 50, -1), (150, 2));
+        assert_eq!(h.record(5, 80, -1), (130, 2));
+        assert_eq!(h.record(6, 60, 3), (140, 5));
+        assert_eq!(h.record(5, 0, 0), (60, 3));
+        assert_eq!(h.slots.len(), 2);
     }
 
     #[test]
