@@ -8,9 +8,13 @@
 //! `…#history-bytes`, where `<tag>` is a short string that hashes to the channel's slot (see
 //! [`slot_tag`]); each slot is given [`slot_budget`].
 //!
-//! One `redis::cluster_async::ClusterConnection` (RESP3, push messages) carries everything: it
-//! holds one multiplexed connection per master, routes each command by slot and follows MOVED.
-//! Publishes are grouped per master and sent as one pipeline each, all at once. Subscriptions
+//! One `redis::cluster_async::ClusterConnection` (RESP3, push messages) carries the
+//! subscriptions, the passes and the resumes: it holds one multiplexed connection per master,
+//! routes each command by slot and follows MOVED. Publishes are grouped per master and sent as
+//! one pipeline each, all at once, on a publish connection per master of their own (see
+//! `Cluster::publishers` for why not the cluster connection); a publish Redis refused before
+//! running it (MOVED, ASK, TRYAGAIN, …) is sent again where Redis said, within
+//! `bus.redis_timeout`, and any other failure answers `unavailable`. Subscriptions
 //! are `SSUBSCRIBE`s, one per channel (a shard subscribe names channels of one slot only), one at
 //! a time with the unsubscribes so that a drop and a join of the same channel cannot cross.
 //!
@@ -49,6 +53,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 
+use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, Value};
@@ -62,6 +67,13 @@ const SLOTS: usize = 16384;
 /// slots hold together, about what one Redis was given. A whole-cluster bound would leave
 /// 4 KiB per slot at the default, less than one stream.
 pub const CLUSTER_SLOT_BUDGET_SHARE: usize = 256;
+/// Rounds a publish pipeline may take, at most, when Redis refuses publishes before running
+/// them because their slot moved, is moving, or has no master yet (MOVED, ASK, TRYAGAIN,
+/// CLUSTERDOWN, …): the first send and four more, all within `bus.redis_timeout`.
+const PUBLISH_ROUNDS: u32 = 5;
+/// The first pause before a round that waits for a slot to settle (TRYAGAIN, CLUSTERDOWN);
+/// doubled each round after.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(10);
 /// Masters labelled in the per-master metrics, at most: the topology names them, but a cluster
 /// that churns addresses must not grow the families without bound.
 const NODE_LABELS_CAP: usize = 64;
@@ -166,14 +178,47 @@ struct Topology {
     ranges: Vec<SlotRange>,
     /// Each master's id for this node's connection (`CLIENT INFO`), to see reconnects.
     client_ids: HashMap<String, u64>,
+    /// Slots a MOVED answer placed since the last pass read the ranges (at most one entry a
+    /// slot; emptied by each pass).
+    moved: HashMap<u16, String>,
 }
 
 impl Topology {
     fn master_of(&self, slot: u16) -> Option<&str> {
+        if let Some(m) = self.moved.get(&slot) {
+            return Some(m);
+        }
         self.ranges
             .iter()
             .find(|r| (r.first..=r.last).contains(&slot))
             .map(|r| r.master.as_str())
+    }
+}
+
+/// Why Redis refused a publish without running it, so that sending it again cannot repeat it.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// MOVED: the slot is served by this address now.
+    Moved(String),
+    /// ASK: the slot is migrating and the key is at this address already.
+    Ask(String),
+    /// TRYAGAIN (the slot's keys are split by a migration), CLUSTERDOWN, MASTERDOWN, LOADING,
+    /// READONLY (a master demoted by a failover): wait a little, or for the next pass.
+    Wait,
+}
+
+/// A publish's error that proves the script did not run, and how to send it again; `None` for
+/// any other (it may have run, or will fail again).
+fn refusal(e: &redis::RedisError) -> Option<Refusal> {
+    use redis::{ErrorKind, ServerErrorKind as K};
+    let redirect = || e.redirect_node().map(|(addr, _slot)| addr.to_owned());
+    match e.kind() {
+        ErrorKind::Server(K::Moved) => redirect().map(Refusal::Moved),
+        ErrorKind::Server(K::Ask) => redirect().map(Refusal::Ask),
+        ErrorKind::Server(
+            K::TryAgain | K::ClusterDown | K::MasterDown | K::BusyLoading | K::ReadOnly,
+        ) => Some(Refusal::Wait),
+        _ => None,
     }
 }
 
@@ -205,6 +250,18 @@ impl SlotHistories {
 
 pub(super) struct Cluster {
     client: redis::cluster::ClusterClient,
+    /// The first seed's connection settings (credentials, TLS), given each master's address
+    /// for its publish connection.
+    node_info: redis::ConnectionInfo,
+    ca: Option<Vec<u8>>,
+    /// One publish connection per master, made on first use; only the pipeline task uses
+    /// them. Not the cluster connection: redis-rs answers a pipeline in which one command got
+    /// MOVED (or ASK, TRYAGAIN) by sending the whole pipeline again elsewhere, so the
+    /// publishes of slots that had not moved ran twice; with its retries off it answers the
+    /// whole pipeline with that one error, and nobody can tell which publishes ran. On a
+    /// connection of its own each publish gets its own answer, and only those Redis refused
+    /// before running them are sent again. At most [`NODE_LABELS_CAP`].
+    publishers: parking_lot::Mutex<HashMap<String, MultiplexedConnection>>,
     histories: parking_lot::Mutex<SlotHistories>,
     conn: parking_lot::Mutex<Option<ClusterConnection>>,
     pushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PushInfo>>>,
@@ -241,15 +298,22 @@ impl Cluster {
             .connection_timeout(timeout)
             .response_timeout(timeout);
         // Certificates turn TLS on for every node: only for seeds that ask for TLS.
-        if let Some(pem) = ca.filter(|_| seeds.iter().any(|s| s.starts_with("rediss://"))) {
+        let ca = ca.filter(|_| seeds.iter().any(|s| s.starts_with("rediss://")));
+        if let Some(pem) = &ca {
             builder = builder.certs(redis::TlsCertificates {
                 client_tls: None,
-                root_cert: Some(pem),
+                root_cert: Some(pem.clone()),
             });
         }
         let client = builder.build()?;
+        let node_info = redis::IntoConnectionInfo::into_connection_info(
+            seeds.first().map_or("", String::as_str),
+        )?;
         Ok(Cluster {
             client,
+            node_info,
+            ca,
+            publishers: parking_lot::Mutex::new(HashMap::new()),
             histories: parking_lot::Mutex::new(SlotHistories::default()),
             conn: parking_lot::Mutex::new(None),
             pushes: parking_lot::Mutex::new(Some(rx)),
@@ -264,6 +328,59 @@ impl Cluster {
 
     pub(super) fn conn(&self) -> Option<ClusterConnection> {
         self.conn.lock().clone()
+    }
+
+    /// The publish connection to the master at `addr` (`host:port`), made when there is none.
+    async fn publisher(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<MultiplexedConnection, redis::RedisError> {
+        if let Some(c) = self.publishers.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let bad = || redis::RedisError::from(std::io::Error::other("not a host:port address"));
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = match self.node_info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+            _ => None,
+        };
+        let info = self.node_info.clone().set_addr(match tls {
+            Some(insecure) => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                tls_params: None,
+            },
+            None => redis::ConnectionAddr::Tcp(host, port),
+        });
+        let client = match (&self.ca, tls) {
+            (Some(pem), Some(_)) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+            _ => redis::Client::open(info)?,
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut publishers = self.publishers.lock();
+        // Past the cap (a cluster churning addresses) a connection serves this round only.
+        if publishers.len() < NODE_LABELS_CAP {
+            publishers.insert(addr.to_owned(), conn.clone());
+        }
+        Ok(conn)
     }
 }
 
@@ -289,132 +406,211 @@ impl RedisBus {
         t.client_ids.contains_key(addr) || t.client_ids.len() < NODE_LABELS_CAP
     }
 
-    /// One pipeline per master (as the last pass saw the slots), all sent at once; each routed
-    /// by the slot of its first publish, so a slot map that moved meanwhile costs the publishes
-    /// of the moved slots an `unavailable`, never a wrong delivery.
+    /// One pipeline per master (as the last pass saw the slots, and MOVED answers since), all
+    /// sent at once on the publish connections. Publishes Redis refused without running them
+    /// (their slot moved, is migrating, or has no master for the moment) go again in another
+    /// round, to the address Redis named or once the slot settled, up to [`PUBLISH_ROUNDS`]
+    /// and within `bus.redis_timeout`; then, and for any other failure, `unavailable`. A
+    /// publish is never sent again after an answer that does not prove it did not run.
     pub(super) async fn send_batch_cluster(
         &self,
         batch: &[PublishJob],
     ) -> Vec<Result<Offset, BusError>> {
-        let now = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        let until = started + self.settings.timeout;
         let mut outcomes: Vec<Option<Result<Offset, BusError>>> = batch
             .iter()
             .map(|job| {
-                (job.deadline <= now)
+                (job.deadline <= started)
                     .then_some(Err(BusError::Unavailable("publish to Redis timed out")))
             })
             .collect();
-        let Some(conn) = self.cl().conn() else {
-            return self.counted(fill(outcomes, "Redis Cluster is unreachable"));
-        };
-        let mut groups: BTreeMap<String, Vec<(usize, u16)>> = BTreeMap::new();
-        {
-            let t = self.cl().topology.lock();
-            for (i, job) in batch.iter().enumerate() {
-                if outcomes[i].is_some() {
-                    continue;
-                }
-                let slot = key_slot(job.key.as_bytes());
-                let group = match t.master_of(slot) {
-                    Some(m) => m.to_owned(),
-                    None => format!("slot {slot}"),
-                };
-                groups.entry(group).or_default().push((i, slot));
-            }
-        }
-        let budget = slot_budget(
-            self.settings.history_bytes,
-            self.settings.history_channel_bytes,
-        );
-        let calls = groups.into_iter().map(|(master, jobs)| {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA);
-            for &(i, slot) in &jobs {
-                let job = &batch[i];
-                let tag = slot_tag(slot);
-                let prefix = &self.settings.prefix;
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(3)
-                    .arg(&job.key)
-                    .arg(format!("{prefix}{{{tag}}}#history"))
-                    .arg(format!("{prefix}{{{tag}}}#history-bytes"))
-                    .arg(&job.data)
-                    .arg(self.settings.history_len)
-                    .arg(self.settings.history_ttl.as_millis() as u64)
-                    .arg(&job.key)
-                    .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
-                    .arg(budget)
-                    .arg(HISTORY_ENTRY_BYTES)
-                    .arg(HISTORY_CHANNEL_BYTES)
-                    .arg(HISTORY_TRIM_SLACK)
-                    .arg(self.settings.history_channel_bytes)
-                    .arg(HISTORY_EVICTIONS_PER_PUBLISH)
-                    .arg("SPUBLISH");
-            }
-            let route =
-                SingleNodeRoutingInfo::SpecificNode(Route::new(jobs[0].1, SlotAddr::Master));
-            let mut conn = conn.clone();
-            let n = jobs.len();
-            let timeout = self.settings.timeout;
-            async move {
-                let call = conn.route_pipeline(pipe, 1, n, route);
-                let r = match tokio::time::timeout(timeout, call).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                };
-                (master, jobs, r)
-            }
-        });
-        self.metrics.redis_publish_pipelines.inc();
+        // (job, slot, the address an ASK named)
+        let mut pending: Vec<(usize, u16, Option<String>)> = (0..batch.len())
+            .filter(|&i| outcomes[i].is_none())
+            .map(|i| (i, key_slot(batch[i].key.as_bytes()), None))
+            .collect();
         let mut urgent = false;
-        for (master, jobs, replies) in futures_util::future::join_all(calls).await {
-            let mut failed = 0;
-            match replies {
-                Ok(replies) if replies.len() == jobs.len() => {
-                    for (&(i, slot), reply) in jobs.iter().zip(replies) {
-                        outcomes[i] = Some(match redis::from_redis_value::<PublishReply>(reply) {
-                            Ok((id, evicted, bytes, channels)) => {
-                                self.metrics.redis_history_evictions.inc_by(evicted);
-                                let (bytes, channels) =
-                                    self.cl().histories.lock().record(slot, bytes, channels);
-                                self.metrics.redis_history_bytes.set(bytes);
-                                self.metrics.redis_history_channels.set(channels);
-                                id.parse().map_err(|_| {
-                                    BusError::Unavailable("Redis answered with an unexpected id")
-                                })
-                            }
-                            Err(e) => {
-                                failed += 1;
-                                urgent |= e.to_string().contains("MOVED");
-                                tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
-                                Err(BusError::Unavailable("publish to Redis failed"))
-                            }
-                        });
+        let mut round = 0;
+        while !pending.is_empty() {
+            round += 1;
+            let mut groups: BTreeMap<String, Vec<(usize, u16, bool)>> = BTreeMap::new();
+            {
+                let t = self.cl().topology.lock();
+                for (i, slot, ask) in pending.drain(..) {
+                    let asking = ask.is_some();
+                    match ask.or_else(|| t.master_of(slot).map(str::to_owned)) {
+                        Some(addr) => groups.entry(addr).or_default().push((i, slot, asking)),
+                        None => {
+                            outcomes[i] = Some(Err(BusError::Unavailable(
+                                "no Redis Cluster master serves the channel",
+                            )))
+                        }
                     }
                 }
-                Ok(_) => {
-                    failed = jobs.len();
-                    tracing::error!("Redis answered a pipeline with the wrong number of replies");
+            }
+            let calls = groups
+                .into_iter()
+                .map(|(addr, jobs)| self.send_to_master(batch, addr, jobs, until));
+            self.metrics.redis_publish_pipelines.inc();
+            let mut wait = false;
+            for (addr, jobs, replies) in futures_util::future::join_all(calls).await {
+                let mut failed = 0;
+                match replies {
+                    Ok(replies) => {
+                        for (&(i, slot, _), reply) in jobs.iter().zip(replies) {
+                            let e = match reply {
+                                Ok(reply) => {
+                                    outcomes[i] = Some(self.published(slot, reply));
+                                    continue;
+                                }
+                                Err(e) => e,
+                            };
+                            let why = refusal(&e);
+                            if why.is_some() {
+                                tracing::debug!(error = %e, master = %addr, round, "publish refused before it ran; sending it again");
+                            }
+                            match why {
+                                Some(Refusal::Moved(to)) => {
+                                    self.cl().topology.lock().moved.insert(slot, to);
+                                    urgent = true;
+                                    pending.push((i, slot, None));
+                                }
+                                Some(Refusal::Ask(to)) => pending.push((i, slot, Some(to))),
+                                Some(Refusal::Wait) => {
+                                    urgent = true;
+                                    wait = true;
+                                    pending.push((i, slot, None));
+                                }
+                                None => {
+                                    failed += 1;
+                                    tracing::warn!(error = %e, master = %addr, "publish to Redis Cluster failed");
+                                    outcomes[i] =
+                                        Some(Err(BusError::Unavailable("publish to Redis failed")));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Sent or not, run or not: nobody can tell, so none goes again.
+                        failed = jobs.len();
+                        urgent = true;
+                        self.cl().publishers.lock().remove(&addr);
+                        tracing::warn!(error = %e, master = %addr, "publish to Redis Cluster failed");
+                    }
                 }
-                Err(e) => {
-                    failed = jobs.len();
-                    urgent = true;
-                    tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
+                if failed > 0 && self.labelled(&addr) {
+                    self.metrics
+                        .redis_cluster_publish_errors
+                        .get_or_create(&addr_label(&addr))
+                        .inc_by(failed as u64);
                 }
             }
-            if failed > 0 && self.labelled(&master) {
-                self.metrics
-                    .redis_cluster_publish_errors
-                    .get_or_create(&addr_label(&master))
-                    .inc_by(failed as u64);
+            if pending.is_empty() {
+                break;
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if round >= PUBLISH_ROUNDS || left.is_zero() {
+                tracing::warn!(
+                    publishes = pending.len(),
+                    "Redis Cluster kept refusing publishes (slot moving or without a master)"
+                );
+                break;
+            }
+            if wait {
+                tokio::time::sleep((PUBLISH_RETRY_PAUSE * 2u32.pow(round - 1)).min(left)).await;
             }
         }
         if urgent {
             // The topology may have changed under us: look again now, not at the next tick.
             self.cl().urgent.notify_one();
         }
-        self.counted(fill(outcomes, "publish to Redis failed"))
+        self.counted(fill(
+            outcomes,
+            "publish to Redis Cluster refused, slot moving",
+        ))
+    }
+
+    /// One round's pipeline to the master at `addr`: the script loaded (a master that gained
+    /// a slot may not have it), then each job's script call, after `ASKING` for a job an ASK
+    /// sent there. One answer per job, or one error for all when the pipeline failed.
+    async fn send_to_master(
+        &self,
+        batch: &[PublishJob],
+        addr: String,
+        jobs: Vec<(usize, u16, bool)>,
+        until: tokio::time::Instant,
+    ) -> (
+        String,
+        Vec<(usize, u16, bool)>,
+        Result<Vec<redis::RedisResult<PublishReply>>, redis::RedisError>,
+    ) {
+        let budget = slot_budget(
+            self.settings.history_bytes,
+            self.settings.history_channel_bytes,
+        );
+        let prefix = &self.settings.prefix;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).ignore();
+        for &(i, slot, asking) in &jobs {
+            let job = &batch[i];
+            let tag = slot_tag(slot);
+            if asking {
+                pipe.cmd("ASKING").ignore();
+            }
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(3)
+                .arg(&job.key)
+                .arg(format!("{prefix}{{{tag}}}#history"))
+                .arg(format!("{prefix}{{{tag}}}#history-bytes"))
+                .arg(&job.data)
+                .arg(self.settings.history_len)
+                .arg(self.settings.history_ttl.as_millis() as u64)
+                .arg(&job.key)
+                .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
+                .arg(budget)
+                .arg(HISTORY_ENTRY_BYTES)
+                .arg(HISTORY_CHANNEL_BYTES)
+                .arg(HISTORY_TRIM_SLACK)
+                .arg(self.settings.history_channel_bytes)
+                .arg(HISTORY_EVICTIONS_PER_PUBLISH)
+                .arg("SPUBLISH");
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let call = async {
+            let mut conn = self.cl().publisher(&addr, left).await?;
+            let replies: Vec<redis::RedisResult<PublishReply>> =
+                pipe.query_async(&mut conn).await?;
+            if replies.len() == jobs.len() {
+                Ok(replies)
+            } else {
+                tracing::error!("Redis answered a pipeline with the wrong number of replies");
+                Err(redis::RedisError::from(std::io::Error::other(
+                    "wrong number of replies",
+                )))
+            }
+        };
+        let r = match tokio::time::timeout(left, call).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "publish to Redis Cluster timed out",
+            ))),
+        };
+        (addr, jobs, r)
+    }
+
+    /// A publish's answer: its offset, with the history metrics it reports.
+    fn published(&self, slot: u16, reply: PublishReply) -> Result<Offset, BusError> {
+        let (id, evicted, bytes, channels) = reply;
+        self.metrics.redis_history_evictions.inc_by(evicted);
+        let (bytes, channels) = self.cl().histories.lock().record(slot, bytes, channels);
+        self.metrics.redis_history_bytes.set(bytes);
+        self.metrics.redis_history_channels.set(channels);
+        id.parse()
+            .map_err(|_| BusError::Unavailable("Redis answered with an unexpected id"))
     }
 
     /// Cluster mode of [`RedisBus::ensure_subscribed`]: one SSUBSCRIBE, in order with the
@@ -602,8 +798,12 @@ impl RedisBus {
         let old_ids = {
             let mut t = cl.topology.lock();
             t.ranges = ranges;
+            t.moved.clear();
             t.client_ids.clone()
         };
+        cl.publishers
+            .lock()
+            .retain(|addr, _| masters.contains_key(addr));
         // Where each active channel lives now.
         let placed: Vec<(Channel, Option<String>)> = {
             let active: Vec<Channel> = cl.subs.lock().active.iter().cloned().collect();
