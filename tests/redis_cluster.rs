@@ -116,6 +116,38 @@ fn spread(cluster: &RedisCluster, prefix: &str, per_master: usize) -> Vec<(Strin
 async fn publishes_cross_nodes_on_every_master_offsets_agree_and_backends_spublish() {
     let cluster = RedisCluster::start();
     let (a, b) = (node(&cluster).await, node(&cluster).await);
+    // Subscribes that come together go together: channels of one slot share their SSUBSCRIBE
+    // commands (a shard subscribe names channels of one slot), not one each.
+    const N: usize = 40;
+    let shared = slot(&key("s0"));
+    let same: Vec<String> = (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|c| slot(&key(c)) == shared)
+        .take(N)
+        .collect();
+    let owner = cluster.master_of(shared);
+    let mut clients = Vec::new();
+    for _ in &same {
+        clients.push(b.connect().await);
+    }
+    let before = cluster.calls(owner, "ssubscribe");
+    for (c, ch) in clients.iter_mut().zip(&same) {
+        c.send(json!({"id": 1, "op": "subscribe", "channel": ch}))
+            .await;
+    }
+    for c in &mut clients {
+        assert_eq!(c.recv().await, json!({"id": 1, "ok": true}));
+    }
+    let used = cluster.calls(owner, "ssubscribe") - before;
+    assert!(
+        used <= (N / 4) as u64,
+        "{N} concurrent subscribes to channels of one slot took {used} SSUBSCRIBE commands"
+    );
+    for ch in &same {
+        assert_eq!(cluster.shard_numsub(&key(ch)), 1, "{ch}");
+    }
+    drop(clients);
+
     let channels = spread(&cluster, "room", 4);
     let masters: HashSet<u16> = channels.iter().map(|(_, m)| *m).collect();
     assert_eq!(masters.len(), 3, "the channels cover every master");

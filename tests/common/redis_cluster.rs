@@ -349,6 +349,27 @@ impl RedisCluster {
         slot
     }
 
+    /// How many times the node on `port` ran `command` (lower case), from `INFO commandstats`.
+    pub fn calls(&self, port: u16, command: &str) -> u64 {
+        let stats = cli(port, &["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// How many clients hold a shard subscription to `channel`, on the master that serves it.
+    pub fn shard_numsub(&self, channel: &str) -> u64 {
+        let port = self.master_of(slot(channel));
+        cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `SPUBLISH` from a backend, on whichever master serves the channel.
     pub fn spublish(&self, channel: &str, payload: &str) -> String {
         let port = self.master_of(slot(channel));

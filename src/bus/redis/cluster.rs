@@ -15,8 +15,10 @@
 //! `Cluster::publishers` for why not the cluster connection); a publish Redis refused before
 //! running it (MOVED, ASK, TRYAGAIN, …) is sent again where Redis said, within
 //! `bus.redis_timeout`, and any other failure answers `unavailable`. Subscriptions
-//! are `SSUBSCRIBE`s, one per channel (a shard subscribe names channels of one slot only), one at
-//! a time with the unsubscribes so that a drop and a join of the same channel cannot cross.
+//! are `SSUBSCRIBE`s sent by one task in rounds, like the SUBSCRIBEs of one Redis: a round
+//! carries every channel asked for since the last, one SSUBSCRIBE per slot (a shard subscribe
+//! names channels of one slot only), all at once, and rounds and unsubscribes take turns, so a
+//! drop and a join of the same channel cannot cross.
 //!
 //! A subscription can be lost three ways, and each one ends in a resubscribe and a `gap` to that
 //! channel's subscribers, never to the others:
@@ -146,6 +148,9 @@ fn base36(mut n: u64) -> String {
 struct Subs {
     /// Subscribed (confirmed once) and wanted.
     active: HashSet<Channel>,
+    /// Channels waiting for the next subscribe round, and who waits for each; only channels
+    /// of the hub's table are asked for.
+    wanted: HashMap<Channel, Vec<Waiter>>,
     /// Our own SSUBSCRIBEs whose confirmation push has not come yet.
     asking: HashMap<Channel, u32>,
     /// Our own SUNSUBSCRIBEs whose confirmation push has not come yet.
@@ -273,6 +278,8 @@ pub(super) struct Cluster {
     urgent: Notify,
     /// The hub dropped a channel.
     changed: Notify,
+    /// A channel was asked for: the subscribe task sends the next round.
+    wanted: Notify,
     hub: OnceLock<Weak<Hub>>,
 }
 
@@ -322,6 +329,7 @@ impl Cluster {
             order: tokio::sync::Mutex::new(()),
             urgent: Notify::new(),
             changed: Notify::new(),
+            wanted: Notify::new(),
             hub: OnceLock::new(),
         })
     }
@@ -613,68 +621,160 @@ impl RedisBus {
             .map_err(|_| BusError::Unavailable("Redis answered with an unexpected id"))
     }
 
-    /// Cluster mode of [`RedisBus::ensure_subscribed`]: one SSUBSCRIBE, in order with the
-    /// unsubscribes.
+    /// Cluster mode of [`RedisBus::ensure_subscribed`]: answered at once when the channel is
+    /// subscribed; otherwise it joins the next subscribe round, which carries every channel
+    /// asked for meanwhile ([`RedisBus::subscribe_wanted_cluster`]).
     pub(super) async fn ensure_subscribed_cluster(
         &self,
         channel: &Channel,
     ) -> Result<(), BusError> {
         let cl = self.cl();
-        if cl.subs.lock().active.contains(channel) {
-            return Ok(());
-        }
-        if !self.is_ready() {
-            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
-        }
-        let Some(mut conn) = cl.conn() else {
-            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+        let answer = {
+            let mut st = cl.subs.lock();
+            if st.active.contains(channel) {
+                return Ok(());
+            }
+            if !self.is_ready() || cl.conn.lock().is_none() {
+                return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.wanted.entry(channel.clone()).or_default().push(tx);
+            rx
         };
-        let _order = cl.order.lock().await;
-        if cl.subs.lock().active.contains(channel) {
-            return Ok(());
+        cl.wanted.notify_one();
+        // The subscribe task answers within its command deadline, or drops the waiter.
+        answer
+            .await
+            .map_err(|_| BusError::Unavailable("cannot subscribe in Redis"))
+    }
+
+    /// The subscribe task: a round whenever channels are asked for, in order with the
+    /// unsubscribes and the passes' resubscribes.
+    async fn subscribe_task(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        let cl = self.cl();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = cl.wanted.notified() => {}
+            }
+            let Some(h) = hub.upgrade() else { break };
+            let _order = cl.order.lock().await;
+            self.subscribe_wanted_cluster(&h).await;
         }
-        let key = self.key(channel);
-        *cl.subs.lock().asking.entry(channel.clone()).or_default() += 1;
-        match self.timed(conn.ssubscribe(&key)).await {
-            Ok(()) => {
-                let home = cl
-                    .topology
-                    .lock()
-                    .master_of(key_slot(key.as_bytes()))
-                    .map(str::to_owned);
-                let mut st = cl.subs.lock();
-                st.active.insert(channel.clone());
-                if let Some(home) = home {
-                    st.home.insert(channel.clone(), home);
+        // Nobody will send them: their callers are told `unavailable`.
+        cl.subs.lock().wanted.clear();
+    }
+
+    /// Sends what was asked for, until nothing waits: one SSUBSCRIBE per slot (a shard
+    /// subscribe names channels of one slot), up to [`SUBSCRIBE_BATCH`] channels each, all at
+    /// once, so each master gets its share back to back on its connection rather than one
+    /// round trip per channel. A channel the hub no longer holds is not sent (its waiters are
+    /// told `unavailable`); one that fails is told `unavailable` too.
+    async fn subscribe_wanted_cluster(&self, hub: &Hub) {
+        let cl = self.cl();
+        let Some(conn) = cl.conn() else {
+            cl.subs.lock().wanted.clear();
+            return;
+        };
+        loop {
+            let taken: Vec<(Channel, Vec<Waiter>)> = cl.subs.lock().wanted.drain().collect();
+            if taken.is_empty() {
+                return;
+            }
+            let mut by_slot: BTreeMap<u16, Vec<(Channel, Vec<Waiter>)>> = BTreeMap::new();
+            for (c, waiters) in taken {
+                if cl.subs.lock().active.contains(&c) {
+                    for w in waiters {
+                        let _ = w.send(());
+                    }
+                } else if hub.subscriber_count(c.as_str()) > 0 {
+                    by_slot
+                        .entry(key_slot(self.key(&c).as_bytes()))
+                        .or_default()
+                        .push((c, waiters));
                 }
-                self.subscriptions_gauge.set(st.active.len() as i64);
             }
-            Err(e) => {
-                // A late confirmation then counts as one redis-rs sent on its own: a spurious
-                // gap at worst, never a missed one.
-                let mut st = cl.subs.lock();
-                unmark(&mut st.asking, channel);
-                tracing::warn!(error = %e, %channel, "SSUBSCRIBE failed");
-                return Err(BusError::Unavailable("cannot subscribe in Redis"));
+            let mut rounds: Vec<Vec<(Channel, Vec<Waiter>)>> = Vec::new();
+            for (_, mut channels) in by_slot {
+                while channels.len() > SUBSCRIBE_BATCH {
+                    let rest = channels.split_off(SUBSCRIBE_BATCH);
+                    rounds.push(std::mem::replace(&mut channels, rest));
+                }
+                rounds.push(channels);
+            }
+            let calls = rounds.into_iter().map(|batch| {
+                let mut conn = conn.clone();
+                let keys: Vec<String> = {
+                    let mut st = cl.subs.lock();
+                    for (c, _) in &batch {
+                        *st.asking.entry(c.clone()).or_default() += 1;
+                    }
+                    batch.iter().map(|(c, _)| self.key(c)).collect()
+                };
+                async move {
+                    let r = self.timed(conn.ssubscribe(keys)).await;
+                    (batch, r)
+                }
+            });
+            let mut activated = Vec::new();
+            for (batch, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(()) => {
+                        let homes: Vec<Option<String>> = {
+                            let t = cl.topology.lock();
+                            batch
+                                .iter()
+                                .map(|(c, _)| {
+                                    t.master_of(key_slot(self.key(c).as_bytes()))
+                                        .map(str::to_owned)
+                                })
+                                .collect()
+                        };
+                        let mut st = cl.subs.lock();
+                        for ((c, waiters), home) in batch.into_iter().zip(homes) {
+                            st.active.insert(c.clone());
+                            if let Some(home) = home {
+                                st.home.insert(c.clone(), home);
+                            }
+                            for w in waiters {
+                                let _ = w.send(());
+                            }
+                            activated.push(c);
+                        }
+                    }
+                    Err(e) => {
+                        // A late confirmation then counts as one redis-rs sent on its own: a
+                        // spurious gap at worst, never a missed one.
+                        let mut st = cl.subs.lock();
+                        for (c, _) in &batch {
+                            unmark(&mut st.asking, c);
+                        }
+                        tracing::warn!(error = %e, channels = batch.len(), "SSUBSCRIBE failed");
+                    }
+                }
+            }
+            self.subscriptions_gauge
+                .set(cl.subs.lock().active.len() as i64);
+            // Abandoned while their SSUBSCRIBE was on its way: they leave with the next round.
+            for c in activated {
+                if hub.subscriber_count(c.as_str()) == 0 {
+                    self.channel_dropped_cluster(&c);
+                }
             }
         }
-        drop(_order);
-        // Abandoned while the SSUBSCRIBE was on its way: it leaves with the next round.
-        let orphan = cl
-            .hub
-            .get()
-            .and_then(Weak::upgrade)
-            .is_some_and(|h| h.subscriber_count(channel.as_str()) == 0);
-        if orphan {
-            self.channel_dropped_cluster(channel);
-        }
-        Ok(())
     }
 
     pub(super) fn channel_dropped_cluster(&self, channel: &Channel) {
         let cl = self.cl();
         {
             let mut st = cl.subs.lock();
+            // A subscribe abandoned before its round: nobody waits for it any more.
+            if let Some(waiters) = st.wanted.get_mut(channel) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.wanted.remove(channel);
+                }
+            }
             if st.resync {
             } else if st.dropped.len() >= DROPPED_CAP {
                 st.dropped = HashSet::new();
@@ -1067,9 +1167,12 @@ impl RedisBus {
             }
         });
         let maintenance = tokio::spawn(self.clone().maintain(hub.clone(), stop.clone()));
+        let subscriber = tokio::spawn(self.clone().subscribe_task(hub.clone(), stop.clone()));
         self.drain_ingest(&mut ingest, &room, &hub, &stop).await;
         pump_task.abort();
         maintenance.abort();
+        subscriber.abort();
+        cl.subs.lock().wanted.clear();
     }
 
     /// Passes every `bus.redis_ping_interval` and whenever something asks for one; the
