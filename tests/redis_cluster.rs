@@ -19,8 +19,12 @@ async fn node(cluster: &RedisCluster) -> TestEdge {
         .with_test_writer()
         .try_init();
     let urls = cluster.urls();
+    let ca = cluster.ca_path().map(|p| p.display().to_string());
     let t = start(move |f| {
         f.bus.redis_cluster = urls;
+        if let Some(ca) = ca {
+            f.bus.redis_ca = ca;
+        }
         f.bus.redis_timeout = Duration::from_millis(500);
         // The reconciliation pass: quick here, so the tests take seconds.
         f.bus.redis_ping_interval = Duration::from_millis(200);
@@ -450,4 +454,35 @@ async fn a_slot_moved_under_subscribers_is_followed_with_a_gap() {
             "{c} is not in the moved slot: no gap, early or late"
         );
     }
+}
+
+/// `rediss://` seeds and `bus.redis_ca`: the cluster speaks TLS only (to clients and on its
+/// bus), and a publish on one edge reaches a subscriber on the other on every master, through
+/// the cluster connection (subscriptions, resumes) and the publish connections alike; a backend
+/// `SPUBLISH` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_with_a_private_ca_carries_publishes_across_nodes() {
+    let cluster = RedisCluster::start_tls();
+    assert!(cluster.urls().iter().all(|u| u.starts_with("rediss://")));
+    let (a, b) = (node(&cluster).await, node(&cluster).await);
+    let channels = spread(&cluster, "tls", 1);
+    let (mut subs, mut publisher, before) = subscribed_and_delivered(&a, &b, &channels).await;
+    for (i, (c, _)) in channels.iter().enumerate() {
+        publish_ok(&mut publisher, 10 + i as u64, c, json!("again")).await;
+    }
+    for (((c, _), s), before) in channels.iter().zip(&mut subs).zip(&before) {
+        let (m, gaps) = next_message(s).await;
+        assert_eq!((m["data"].clone(), gaps), (json!("again"), 0), "{c}");
+        assert_ne!(&m["offset"], before, "{c}");
+    }
+    let heard = cluster.spublish(&key(&channels[0].0), r#""from a backend""#);
+    assert_eq!(heard.trim(), "1", "the node's subscription, over TLS");
+    assert_eq!(next_message(&mut subs[0]).await.0["data"], "from a backend");
+    // A resume reads the history over TLS too.
+    let mut r = a.connect().await;
+    let ok = r
+        .request(json!({"id": 1, "op": "subscribe", "channel": channels[1].0, "since": before[1]}))
+        .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert_eq!(next_message(&mut r).await.0["data"], "again");
 }
