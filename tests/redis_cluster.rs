@@ -22,10 +22,13 @@ async fn node(cluster: &RedisCluster) -> TestEdge {
     let ca = cluster.ca_path().map(|p| p.display().to_string());
     let t = start(move |f| {
         f.bus.redis_cluster = urls;
+        // Short, so a failover is seen in seconds; but TLS handshakes with every node (a
+        // debug build, two loaded cores) once took longer than that at start.
+        f.bus.redis_timeout = Duration::from_millis(500);
         if let Some(ca) = ca {
             f.bus.redis_ca = ca;
+            f.bus.redis_timeout = Duration::from_secs(3);
         }
-        f.bus.redis_timeout = Duration::from_millis(500);
         // The reconciliation pass: quick here, so the tests take seconds.
         f.bus.redis_ping_interval = Duration::from_millis(200);
     })

@@ -242,11 +242,13 @@ struct SlotHistories {
 impl SlotHistories {
     /// Records one publish's answer for `slot`; returns the sums (bytes, channels).
     fn record(&mut self, slot: u16, bytes: i64, channels: i64) -> (i64, i64) {
+        // Wrapping: the figures come from Redis, and a sum that overflowed must not panic.
         let entry = self.slots.entry(slot).or_insert((0, None));
-        self.bytes += bytes - entry.0;
+        self.bytes = self.bytes.wrapping_add(bytes.wrapping_sub(entry.0));
         entry.0 = bytes;
         if channels >= 0 {
-            self.channels += channels - entry.1.unwrap_or(0);
+            let was = entry.1.unwrap_or(0);
+            self.channels = self.channels.wrapping_add(channels.wrapping_sub(was));
             entry.1 = Some(channels);
         }
         (self.bytes, self.channels)
