@@ -12,6 +12,9 @@
 //! Two phases of `DURATION_SECS` (default 5) each: quiet (no churn), then churn. Prints, per phase,
 //! delivered/sent, latency p50/p99/max, the churn pairs done per second, and edge and Redis CPU.
 //!
+//! `BUS=cluster`: the same on a scratch 3-master, 3-replica Redis Cluster (the backend
+//! `SPUBLISH`es `edgeplex:{steady}`; Redis CPU is all six nodes').
+//!
 //! Run: `cargo bench --bench channel_churn`.
 
 mod support;
@@ -23,8 +26,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use support::{
-    EdgeProc, RedisProc, Worker, cpu_of, env, env_f64, for_each_stamp, new_histogram, now_micros,
-    worker_var,
+    EdgeProc, RedisClusterProc, RedisProc, Worker, cpu_of, env, env_f64, env_str, for_each_stamp,
+    new_histogram, now_micros, worker_var,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -116,45 +119,64 @@ struct Phase {
     redis_cpu: f64,
 }
 
+/// The backend's publishes to `steady`, `rate` per second for `secs`, each carrying its
+/// scheduled time; `command` and `channel` are `PUBLISH edgeplex:steady` or, on a cluster,
+/// `SPUBLISH edgeplex:{steady}`.
+async fn backend<C: redis::aio::ConnectionLike>(
+    mut conn: C,
+    command: &str,
+    channel: &str,
+    rate: f64,
+    secs: f64,
+) -> u64 {
+    let gap = Duration::from_secs_f64(1.0 / rate);
+    let n = (rate * secs) as u64;
+    let start = tokio::time::Instant::now();
+    let wall = now_micros();
+    for i in 0..n {
+        let at = start + gap * i as u32;
+        tokio::time::sleep_until(at).await;
+        // The scheduled time, so a publisher that falls behind shows as latency.
+        let stamp = wall + (gap * i as u32).as_micros() as u64;
+        let payload = format!("\"#{stamp}#\"");
+        let _: () = redis::cmd(command)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    n
+}
+
 /// One phase: publishes for `secs` while the subscriber measures; `churn` runs alongside.
+/// `redis_urls`: one Redis, or a cluster's nodes.
 async fn phase(
-    redis_url: &str,
+    redis_urls: &[String],
+    cluster: bool,
     sub: &mut Ws,
     rate: f64,
     secs: f64,
     churn: Option<(&mut Worker, f64)>,
-    pids: (u32, u32),
+    pids: (u32, &[u32]),
 ) -> Phase {
     let hist = Arc::new(Mutex::new(new_histogram()));
     let got = Arc::new(AtomicU64::new(0));
-    let cpu0 = (cpu_of(&[pids.0]), cpu_of(&[pids.1]));
+    let cpu0 = (cpu_of(&[pids.0]), cpu_of(pids.1));
     let started = Instant::now();
     let churn = churn.map(|(w, r)| {
         w.send(&format!("run {r} {secs}"));
         w
     });
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let publisher = tokio::spawn(async move {
-        let gap = Duration::from_secs_f64(1.0 / rate);
-        let n = (rate * secs) as u64;
-        let start = tokio::time::Instant::now();
-        let wall = now_micros();
-        for i in 0..n {
-            let at = start + gap * i as u32;
-            tokio::time::sleep_until(at).await;
-            // The scheduled time, so a publisher that falls behind shows as latency.
-            let stamp = wall + (gap * i as u32).as_micros() as u64;
-            let payload = format!("\"#{stamp}#\"");
-            let _: () = redis::cmd("PUBLISH")
-                .arg("edgeplex:steady")
-                .arg(payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        n
-    });
+    let publisher = if cluster {
+        let client = redis::cluster::ClusterClient::new(redis_urls.to_vec()).unwrap();
+        let conn = client.get_async_connection().await.unwrap();
+        tokio::spawn(backend(conn, "SPUBLISH", "edgeplex:{steady}", rate, secs))
+    } else {
+        let client = redis::Client::open(redis_urls[0].as_str()).unwrap();
+        let conn = client.get_multiplexed_async_connection().await.unwrap();
+        tokio::spawn(backend(conn, "PUBLISH", "edgeplex:steady", rate, secs))
+    };
     let deadline = Instant::now() + Duration::from_secs_f64(secs + 2.0);
     {
         let (hist, got) = (hist.clone(), got.clone());
@@ -189,7 +211,7 @@ async fn phase(
         hist: hist.lock().clone(),
         pairs,
         edge_cpu: (cpu_of(&[pids.0]) - cpu0.0) / elapsed,
-        redis_cpu: (cpu_of(&[pids.1]) - cpu0.1) / elapsed,
+        redis_cpu: (cpu_of(pids.1) - cpu0.1) / elapsed,
     }
 }
 
@@ -206,8 +228,21 @@ fn main() {
     let churn_rate = env_f64("CHURN_RATE", 3000.0);
     let churners = env("CHURNERS", 64).max(1);
     let secs = env_f64("DURATION_SECS", 5.0);
-    let redis = RedisProc::start();
-    let edge = EdgeProc::start(churners + 10, Some(&redis.url));
+    let cluster = env_str("BUS", "redis") == "cluster";
+    // Either one Redis or a cluster; kept until the end.
+    let (_redis, _cluster, urls, redis_pids) = if cluster {
+        let c = RedisClusterProc::start();
+        let (urls, pids) = (c.urls.clone(), c.pids());
+        (None, Some(c), urls, pids)
+    } else {
+        let r = RedisProc::start();
+        let (urls, pids) = (vec![r.url.clone()], vec![r.pid()]);
+        (Some(r), None, urls, pids)
+    };
+    let edge = match cluster {
+        true => EdgeProc::start_cluster(churners + 10, &urls),
+        false => EdgeProc::start(churners + 10, Some(&urls[0])),
+    };
     let url = format!("ws://{}/ws", edge.plain);
     rt.block_on(async {
         let mut churn = Worker::spawn(
@@ -226,9 +261,10 @@ fn main() {
             1,
         )
         .await;
-        let pids = (edge.pid(), redis.pid());
+        let pids = (edge.pid(), redis_pids.as_slice());
+        let on = if cluster { "a Redis Cluster" } else { "Redis" };
         println!(
-            "channel churn: one edge on Redis; `steady` at {rate}/s, one subscriber; \
+            "channel churn: one edge on {on}; `steady` at {rate}/s, one subscriber; \
              {churners} churning sessions asked for {churn_rate} subscribe/unsubscribe pairs/s; \
              {secs} s per phase"
         );
@@ -238,7 +274,7 @@ fn main() {
         println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (name, with_churn) in [("quiet", false), ("churn", true)] {
             let c = with_churn.then_some((&mut churn, churn_rate));
-            let p = phase(&redis.url, &mut sub, rate, secs, c, pids).await;
+            let p = phase(&urls, cluster, &mut sub, rate, secs, c, pids).await;
             let ms = |q: f64| p.hist.value_at_quantile(q) as f64 / 1000.0;
             println!(
                 "| {name} | {}/{} | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} | {:.0}% | {:.0}% |",

@@ -484,12 +484,14 @@ impl Metrics {
         registry.register(
             "redis_history_bytes",
             "Bytes all channels' Redis histories hold together, as counted against \
-             bus.history_bytes at this node's last publish",
+             bus.history_bytes at this node's last publish (Redis Cluster: summed over the \
+             slots this node published to, each as of its last publish there)",
             m.redis_history_bytes.clone(),
         );
         registry.register(
             "redis_history_channels",
-            "Channels with a Redis history, at this node's last publish",
+            "Channels with a Redis history, at this node's last publish (Redis Cluster: summed \
+             over the slots this node published to)",
             m.redis_history_channels.clone(),
         );
         registry.register(

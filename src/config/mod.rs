@@ -693,13 +693,21 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
             "must be at most 64 characters without whitespace".into(),
         ));
     }
-    let redis_ca = match (b.redis_ca.is_empty(), &redis_url) {
+    // The CA is for a TLS Redis: one, or a cluster whose seeds are rediss:// (it is trusted
+    // for every node they lead to).
+    let tls_redis = match &redis_url {
+        Some(url) => url.starts_with("rediss://"),
+        None => redis_cluster.iter().any(|s| s.starts_with("rediss://")),
+    };
+    let redis_ca = match (b.redis_ca.is_empty(), tls_redis) {
         (true, _) => None,
-        (false, Some(url)) if url.starts_with("rediss://") => Some(PathBuf::from(&b.redis_ca)),
-        (false, _) => {
+        (false, true) => Some(PathBuf::from(&b.redis_ca)),
+        (false, false) => {
             return Err(invalid(
                 "bus.redis_ca",
-                "is set but bus.redis_url is not a rediss:// (TLS) URL; set both or neither".into(),
+                "is set but neither bus.redis_url nor a bus.redis_cluster seed is a rediss:// \
+                 (TLS) URL; set both or neither"
+                    .into(),
             ));
         }
     };
@@ -1603,6 +1611,10 @@ mod tests {
                 "bus.history_ttl_unsubscribed",
             ),
             ("[bus]\nredis_ca = \"ca.pem\"\n", "bus.redis_ca"),
+            (
+                "[bus]\nredis_cluster = [\"redis://10.0.0.1:7000\"]\nredis_ca = \"ca.pem\"\n",
+                "bus.redis_ca",
+            ),
             ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
             (
                 "[admission]\nallowed_origins = [\"example.com\"]\n",

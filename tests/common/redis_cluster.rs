@@ -14,6 +14,10 @@ const NODE_TIMEOUT_MS: u64 = 1000;
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
+    /// TLS only: the nodes' certificate PEM (also the CA clients trust).
+    tls_cert: Option<std::path::PathBuf>,
+    /// Replicas per master.
+    replicas: usize,
     _dir: tempfile::TempDir,
     /// Held until the cluster is dropped (see [`ONE_AT_A_TIME`]).
     _turn: Option<std::sync::MutexGuard<'static, ()>>,
@@ -35,14 +39,23 @@ fn free_port() -> u16 {
 /// settling together on two cores can outwait the bounds below.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn cli(port: u16, args: &[&str]) -> String {
+fn cli(tls: Option<&std::path::Path>, port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
+        .args(tls_args(tls))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("redis-cli runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `redis-cli`'s TLS options for a cluster whose nodes present `cert`.
+fn tls_args(cert: Option<&std::path::Path>) -> Vec<String> {
+    match cert {
+        Some(c) => vec!["--tls".into(), "--cacert".into(), c.display().to_string()],
+        None => Vec::new(),
+    }
 }
 
 /// CRC16-XMODEM of the key's hash tag (or the whole key), as Redis Cluster computes slots.
@@ -67,7 +80,27 @@ pub fn slot(key: &str) -> u16 {
 }
 
 impl RedisCluster {
+    /// Three masters, three replicas.
     pub fn start() -> RedisCluster {
+        Self::start_with(false, 1)
+    }
+
+    /// Three masters and no replicas, speaking TLS only (to clients, and on the cluster bus)
+    /// with a fresh self-signed certificate for 127.0.0.1; clients trust
+    /// [`RedisCluster::ca_path`].
+    pub fn start_tls() -> RedisCluster {
+        Self::start_with(true, 0)
+    }
+
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.tls_cert.as_deref()
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        cli(self.tls_cert.as_deref(), port, args)
+    }
+
+    fn start_with(tls: bool, replicas: usize) -> RedisCluster {
         // A test that failed holding the lock poisons it; the next cluster is still good.
         let mut turn = Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
         // Ports are picked by binding and releasing them: one can be taken again before its
@@ -76,7 +109,8 @@ impl RedisCluster {
         let mut attempt = 0;
         let c = loop {
             attempt += 1;
-            let c = RedisCluster::spawn(turn.take().expect("held until a start succeeds"));
+            let held = turn.take().expect("held until a start succeeds");
+            let c = RedisCluster::spawn(held, tls, replicas);
             if c.created() {
                 break c;
             }
@@ -90,23 +124,55 @@ impl RedisCluster {
         // kills that master).
         for &port in &c.ports {
             c.wait_until(Duration::from_secs(30), || {
-                let info = cli(port, &["INFO", "replication"]);
+                let info = c.cli(port, &["INFO", "replication"]);
                 info.contains("role:master") || info.contains("master_link_status:up")
             });
         }
         c
     }
 
-    /// Six servers on fresh ports, cluster mode on, not joined yet.
-    fn spawn(turn: std::sync::MutexGuard<'static, ()>) -> RedisCluster {
+    /// Three masters' and their replicas' servers on fresh ports, cluster mode on, not joined
+    /// yet.
+    fn spawn(turn: std::sync::MutexGuard<'static, ()>, tls: bool, replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
+        let mut tls_args: Vec<String> = Vec::new();
+        let mut tls_cert = None;
+        if tls {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let cert_path = dir.path().join("redis.pem");
+            let key_path = dir.path().join("redis.key");
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            for (k, v) in [
+                ("--tls-cert-file", cert_path.display().to_string()),
+                ("--tls-key-file", key_path.display().to_string()),
+                ("--tls-ca-cert-file", cert_path.display().to_string()),
+                ("--tls-auth-clients", "no".into()),
+                ("--tls-cluster", "yes".into()),
+                ("--tls-replication", "yes".into()),
+            ] {
+                tls_args.extend([k.to_string(), v]);
+            }
+            tls_cert = Some(cert_path);
+        }
         let mut children = Vec::new();
         for &port in &ports {
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
+            // TLS only: the port is the TLS port and the plain one is off.
+            let listen: Vec<String> = match tls {
+                true => ["--port", "0", "--tls-port", &port.to_string()]
+                    .map(String::from)
+                    .into(),
+                false => vec!["--port".into(), port.to_string()],
+            };
             let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(&listen)
+                .args(&tls_args)
+                .args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
@@ -124,6 +190,8 @@ impl RedisCluster {
         RedisCluster {
             ports,
             children,
+            tls_cert,
+            replicas,
             _dir: dir,
             _turn: Some(turn),
         }
@@ -135,7 +203,7 @@ impl RedisCluster {
     fn created(&self) -> bool {
         let start = Instant::now();
         for &port in &self.ports {
-            while cli(port, &["PING"]).trim() != "PONG" {
+            while self.cli(port, &["PING"]).trim() != "PONG" {
                 if start.elapsed() > Duration::from_secs(20) {
                     return false;
                 }
@@ -148,10 +216,15 @@ impl RedisCluster {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         Command::new("redis-cli")
+            .args(tls_args(self.tls_cert.as_deref()))
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args([
+                "--cluster-replicas",
+                &self.replicas.to_string(),
+                "--cluster-yes",
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli runs")
@@ -174,7 +247,7 @@ impl RedisCluster {
 
     fn is_ok(&self) -> bool {
         self.live_ports().iter().all(|&p| {
-            let info = cli(p, &["CLUSTER", "INFO"]);
+            let info = self.cli(p, &["CLUSTER", "INFO"]);
             info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
         }) && self.masters().len() == 3
     }
@@ -194,7 +267,7 @@ impl RedisCluster {
             assert!(
                 start.elapsed() < bound,
                 "Redis Cluster did not settle: {}",
-                cli(self.live_ports()[0], &["CLUSTER", "NODES"])
+                self.cli(self.live_ports()[0], &["CLUSTER", "NODES"])
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -215,8 +288,11 @@ impl RedisCluster {
                 // old): make the replica take over, as an operator would.
                 forced = true;
                 for p in self.live_ports() {
-                    if cli(p, &["INFO", "replication"]).contains(&format!("master_port:{dead}")) {
-                        cli(p, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+                    if self
+                        .cli(p, &["INFO", "replication"])
+                        .contains(&format!("master_port:{dead}"))
+                    {
+                        self.cli(p, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
                     }
                 }
             }
@@ -224,7 +300,7 @@ impl RedisCluster {
             m.len() == 3
                 && !m.contains(&dead)
                 && self.live_ports().iter().all(|&p| {
-                    let info = cli(p, &["CLUSTER", "INFO"]);
+                    let info = self.cli(p, &["CLUSTER", "INFO"]);
                     info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
                 })
         });
@@ -239,11 +315,16 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Seed URLs for `bus.redis_cluster`.
+    /// Seed URLs for `bus.redis_cluster` (`rediss://` for a TLS cluster).
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls_cert.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}/"))
             .collect()
     }
 
@@ -252,7 +333,7 @@ impl RedisCluster {
         let Some(&p) = self.live_ports().first() else {
             return Vec::new();
         };
-        cli(p, &["CLUSTER", "NODES"])
+        self.cli(p, &["CLUSTER", "NODES"])
             .lines()
             .filter(|l| l.contains("master") && !l.contains("fail") && l.contains("connected"))
             .filter(|l| l.split(' ').count() > 8)
@@ -266,7 +347,7 @@ impl RedisCluster {
     /// The port of the master that serves `slot` now.
     pub fn master_of(&self, slot: u16) -> u16 {
         let p = self.live_ports()[0];
-        for l in cli(p, &["CLUSTER", "NODES"]).lines() {
+        for l in self.cli(p, &["CLUSTER", "NODES"]).lines() {
             let f: Vec<&str> = l.split(' ').collect();
             if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
                 continue;
@@ -296,7 +377,7 @@ impl RedisCluster {
     }
 
     fn node_id(&self, port: u16) -> String {
-        cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+        self.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
     }
 
     /// `kill -9` the node on `port`; its replica is promoted within a few node timeouts.
@@ -312,7 +393,7 @@ impl RedisCluster {
     /// reshard` takes from it.
     pub fn lowest_slot(&self, port: u16) -> u16 {
         let id = self.node_id(port);
-        let nodes = cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let nodes = self.cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
         let line = nodes
             .lines()
             .find(|l| l.starts_with(&id))
@@ -331,6 +412,7 @@ impl RedisCluster {
     pub fn reshard_one(&self, from: u16, to: u16) -> u16 {
         let slot = self.lowest_slot(from);
         let out = Command::new("redis-cli")
+            .args(tls_args(self.tls_cert.as_deref()))
             .arg("--cluster")
             .arg("reshard")
             .arg(format!("127.0.0.1:{from}"))
@@ -349,10 +431,31 @@ impl RedisCluster {
         slot
     }
 
+    /// How many times the node on `port` ran `command` (lower case), from `INFO commandstats`.
+    pub fn calls(&self, port: u16, command: &str) -> u64 {
+        let stats = self.cli(port, &["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// How many clients hold a shard subscription to `channel`, on the master that serves it.
+    pub fn shard_numsub(&self, channel: &str) -> u64 {
+        let port = self.master_of(slot(channel));
+        self.cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `SPUBLISH` from a backend, on whichever master serves the channel.
     pub fn spublish(&self, channel: &str, payload: &str) -> String {
         let port = self.master_of(slot(channel));
-        cli(port, &["SPUBLISH", channel, payload])
+        self.cli(port, &["SPUBLISH", channel, payload])
     }
 }
 

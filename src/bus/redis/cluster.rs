@@ -8,11 +8,17 @@
 //! `…#history-bytes`, where `<tag>` is a short string that hashes to the channel's slot (see
 //! [`slot_tag`]); each slot is given [`slot_budget`].
 //!
-//! One `redis::cluster_async::ClusterConnection` (RESP3, push messages) carries everything: it
-//! holds one multiplexed connection per master, routes each command by slot and follows MOVED.
-//! Publishes are grouped per master and sent as one pipeline each, all at once. Subscriptions
-//! are `SSUBSCRIBE`s, one per channel (a shard subscribe names channels of one slot only), one at
-//! a time with the unsubscribes so that a drop and a join of the same channel cannot cross.
+//! One `redis::cluster_async::ClusterConnection` (RESP3, push messages) carries the
+//! subscriptions, the passes and the resumes: it holds one multiplexed connection per master,
+//! routes each command by slot and follows MOVED. Publishes are grouped per master and sent as
+//! one pipeline each, all at once, on a publish connection per master of their own (see
+//! `Cluster::publishers` for why not the cluster connection); a publish Redis refused before
+//! running it (MOVED, ASK, TRYAGAIN, …) is sent again where Redis said, within
+//! `bus.redis_timeout`, and any other failure answers `unavailable`. Subscriptions
+//! are `SSUBSCRIBE`s sent by one task in rounds, like the SUBSCRIBEs of one Redis: a round
+//! carries every channel asked for since the last, one SSUBSCRIBE per slot (a shard subscribe
+//! names channels of one slot only), all at once, and rounds and unsubscribes take turns, so a
+//! drop and a join of the same channel cannot cross.
 //!
 //! A subscription can be lost three ways, and each one ends in a resubscribe and a `gap` to that
 //! channel's subscribers, never to the others:
@@ -30,7 +36,14 @@
 //! sends the tracked subscriptions again to every master each time it refreshes its slot map
 //! (a MOVED, a failover elsewhere), and a master that never lost them confirms them again. It
 //! only calls for a pass, and the channel gets a gap when the pass finds its master's
-//! connection changed (or cannot tell).
+//! connection changed (a master the pass cannot ask is asked again by the next pass, and a
+//! master never asked before cannot tell, so its channels get a gap).
+//!
+//! A master's shard subscriptions are checked by count (`ssub` against the channels this node
+//! placed there), leaving out the channels on their way: a slot that just moved to a master
+//! brings channels this node has not subscribed there yet, and counting them made the master
+//! that received the slot look as if it had lost subscriptions, so every channel on it got a
+//! gap (issue 17: the reshard test saw it on the receiving master's channels).
 //!
 //! The pass asks each master through a slot it serves, never by address: redis-rs answers a
 //! command routed to an address it holds no live connection for (a master just killed) with
@@ -42,6 +55,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 
+use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{PushInfo, PushKind, Value};
@@ -55,6 +69,13 @@ const SLOTS: usize = 16384;
 /// slots hold together, about what one Redis was given. A whole-cluster bound would leave
 /// 4 KiB per slot at the default, less than one stream.
 pub const CLUSTER_SLOT_BUDGET_SHARE: usize = 256;
+/// Rounds a publish pipeline may take, at most, when Redis refuses publishes before running
+/// them because their slot moved, is moving, or has no master yet (MOVED, ASK, TRYAGAIN,
+/// CLUSTERDOWN, …): the first send and four more, all within `bus.redis_timeout`.
+const PUBLISH_ROUNDS: u32 = 5;
+/// The first pause before a round that waits for a slot to settle (TRYAGAIN, CLUSTERDOWN);
+/// doubled each round after.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(10);
 /// Masters labelled in the per-master metrics, at most: the topology names them, but a cluster
 /// that churns addresses must not grow the families without bound.
 const NODE_LABELS_CAP: usize = 64;
@@ -127,6 +148,9 @@ fn base36(mut n: u64) -> String {
 struct Subs {
     /// Subscribed (confirmed once) and wanted.
     active: HashSet<Channel>,
+    /// Channels waiting for the next subscribe round, and who waits for each; only channels
+    /// of the hub's table are asked for.
+    wanted: HashMap<Channel, Vec<Waiter>>,
     /// Our own SSUBSCRIBEs whose confirmation push has not come yet.
     asking: HashMap<Channel, u32>,
     /// Our own SUNSUBSCRIBEs whose confirmation push has not come yet.
@@ -159,10 +183,16 @@ struct Topology {
     ranges: Vec<SlotRange>,
     /// Each master's id for this node's connection (`CLIENT INFO`), to see reconnects.
     client_ids: HashMap<String, u64>,
+    /// Slots a MOVED answer placed since the last pass read the ranges (at most one entry a
+    /// slot; emptied by each pass).
+    moved: HashMap<u16, String>,
 }
 
 impl Topology {
     fn master_of(&self, slot: u16) -> Option<&str> {
+        if let Some(m) = self.moved.get(&slot) {
+            return Some(m);
+        }
         self.ranges
             .iter()
             .find(|r| (r.first..=r.last).contains(&slot))
@@ -170,8 +200,76 @@ impl Topology {
     }
 }
 
+/// Why Redis refused a publish without running it, so that sending it again cannot repeat it.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// MOVED: the slot is served by this address now.
+    Moved(String),
+    /// ASK: the slot is migrating and the key is at this address already.
+    Ask(String),
+    /// TRYAGAIN (the slot's keys are split by a migration), CLUSTERDOWN, MASTERDOWN, LOADING,
+    /// READONLY (a master demoted by a failover): wait a little, or for the next pass.
+    Wait,
+}
+
+/// A publish's error that proves the script did not run, and how to send it again; `None` for
+/// any other (it may have run, or will fail again).
+fn refusal(e: &redis::RedisError) -> Option<Refusal> {
+    use redis::{ErrorKind, ServerErrorKind as K};
+    let redirect = || e.redirect_node().map(|(addr, _slot)| addr.to_owned());
+    match e.kind() {
+        ErrorKind::Server(K::Moved) => redirect().map(Refusal::Moved),
+        ErrorKind::Server(K::Ask) => redirect().map(Refusal::Ask),
+        ErrorKind::Server(
+            K::TryAgain | K::ClusterDown | K::MasterDown | K::BusyLoading | K::ReadOnly,
+        ) => Some(Refusal::Wait),
+        _ => None,
+    }
+}
+
+/// What the publish script last answered for each slot's histories. A slot's budget keys are
+/// its own, so the node's history gauges are the sum over the slots it has published to, each
+/// as of its last publish there. At most one entry per slot.
+#[derive(Debug, Default)]
+struct SlotHistories {
+    /// Bytes and channels per slot; channels stay unknown (not counted) until a publish that
+    /// counts them (the script skips the count when the index did not change).
+    slots: HashMap<u16, (i64, Option<i64>)>,
+    bytes: i64,
+    channels: i64,
+}
+
+impl SlotHistories {
+    /// Records one publish's answer for `slot`; returns the sums (bytes, channels).
+    fn record(&mut self, slot: u16, bytes: i64, channels: i64) -> (i64, i64) {
+        // Wrapping: the figures come from Redis, and a sum that overflowed must not panic.
+        let entry = self.slots.entry(slot).or_insert((0, None));
+        self.bytes = self.bytes.wrapping_add(bytes.wrapping_sub(entry.0));
+        entry.0 = bytes;
+        if channels >= 0 {
+            let was = entry.1.unwrap_or(0);
+            self.channels = self.channels.wrapping_add(channels.wrapping_sub(was));
+            entry.1 = Some(channels);
+        }
+        (self.bytes, self.channels)
+    }
+}
+
 pub(super) struct Cluster {
     client: redis::cluster::ClusterClient,
+    /// The first seed's connection settings (credentials, TLS), given each master's address
+    /// for its publish connection.
+    node_info: redis::ConnectionInfo,
+    ca: Option<Vec<u8>>,
+    /// One publish connection per master, made on first use; only the pipeline task uses
+    /// them. Not the cluster connection: redis-rs answers a pipeline in which one command got
+    /// MOVED (or ASK, TRYAGAIN) by sending the whole pipeline again elsewhere, so the
+    /// publishes of slots that had not moved ran twice; with its retries off it answers the
+    /// whole pipeline with that one error, and nobody can tell which publishes ran. On a
+    /// connection of its own each publish gets its own answer, and only those Redis refused
+    /// before running them are sent again. At most [`NODE_LABELS_CAP`].
+    publishers: parking_lot::Mutex<HashMap<String, MultiplexedConnection>>,
+    histories: parking_lot::Mutex<SlotHistories>,
     conn: parking_lot::Mutex<Option<ClusterConnection>>,
     pushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PushInfo>>>,
     subs: parking_lot::Mutex<Subs>,
@@ -182,6 +280,8 @@ pub(super) struct Cluster {
     urgent: Notify,
     /// The hub dropped a channel.
     changed: Notify,
+    /// A channel was asked for: the subscribe task sends the next round.
+    wanted: Notify,
     hub: OnceLock<Weak<Hub>>,
 }
 
@@ -207,15 +307,23 @@ impl Cluster {
             .connection_timeout(timeout)
             .response_timeout(timeout);
         // Certificates turn TLS on for every node: only for seeds that ask for TLS.
-        if let Some(pem) = ca.filter(|_| seeds.iter().any(|s| s.starts_with("rediss://"))) {
+        let ca = ca.filter(|_| seeds.iter().any(|s| s.starts_with("rediss://")));
+        if let Some(pem) = &ca {
             builder = builder.certs(redis::TlsCertificates {
                 client_tls: None,
-                root_cert: Some(pem),
+                root_cert: Some(pem.clone()),
             });
         }
         let client = builder.build()?;
+        let node_info = redis::IntoConnectionInfo::into_connection_info(
+            seeds.first().map_or("", String::as_str),
+        )?;
         Ok(Cluster {
             client,
+            node_info,
+            ca,
+            publishers: parking_lot::Mutex::new(HashMap::new()),
+            histories: parking_lot::Mutex::new(SlotHistories::default()),
             conn: parking_lot::Mutex::new(None),
             pushes: parking_lot::Mutex::new(Some(rx)),
             subs: parking_lot::Mutex::new(Subs::default()),
@@ -223,12 +331,66 @@ impl Cluster {
             order: tokio::sync::Mutex::new(()),
             urgent: Notify::new(),
             changed: Notify::new(),
+            wanted: Notify::new(),
             hub: OnceLock::new(),
         })
     }
 
     pub(super) fn conn(&self) -> Option<ClusterConnection> {
         self.conn.lock().clone()
+    }
+
+    /// The publish connection to the master at `addr` (`host:port`), made when there is none.
+    async fn publisher(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<MultiplexedConnection, redis::RedisError> {
+        if let Some(c) = self.publishers.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let bad = || redis::RedisError::from(std::io::Error::other("not a host:port address"));
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = match self.node_info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+            _ => None,
+        };
+        let info = self.node_info.clone().set_addr(match tls {
+            Some(insecure) => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                tls_params: None,
+            },
+            None => redis::ConnectionAddr::Tcp(host, port),
+        });
+        let client = match (&self.ca, tls) {
+            (Some(pem), Some(_)) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+            _ => redis::Client::open(info)?,
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut publishers = self.publishers.lock();
+        // Past the cap (a cluster churning addresses) a connection serves this round only.
+        if publishers.len() < NODE_LABELS_CAP {
+            publishers.insert(addr.to_owned(), conn.clone());
+        }
+        Ok(conn)
     }
 }
 
@@ -254,192 +416,367 @@ impl RedisBus {
         t.client_ids.contains_key(addr) || t.client_ids.len() < NODE_LABELS_CAP
     }
 
-    /// One pipeline per master (as the last pass saw the slots), all sent at once; each routed
-    /// by the slot of its first publish, so a slot map that moved meanwhile costs the publishes
-    /// of the moved slots an `unavailable`, never a wrong delivery.
+    /// One pipeline per master (as the last pass saw the slots, and MOVED answers since), all
+    /// sent at once on the publish connections. Publishes Redis refused without running them
+    /// (their slot moved, is migrating, or has no master for the moment) go again in another
+    /// round, to the address Redis named or once the slot settled, up to [`PUBLISH_ROUNDS`]
+    /// and within `bus.redis_timeout`; then, and for any other failure, `unavailable`. A
+    /// publish is never sent again after an answer that does not prove it did not run.
     pub(super) async fn send_batch_cluster(
         &self,
         batch: &[PublishJob],
     ) -> Vec<Result<Offset, BusError>> {
-        let now = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        let until = started + self.settings.timeout;
         let mut outcomes: Vec<Option<Result<Offset, BusError>>> = batch
             .iter()
             .map(|job| {
-                (job.deadline <= now)
+                (job.deadline <= started)
                     .then_some(Err(BusError::Unavailable("publish to Redis timed out")))
             })
             .collect();
-        let Some(conn) = self.cl().conn() else {
-            return self.counted(fill(outcomes, "Redis Cluster is unreachable"));
-        };
-        let mut groups: BTreeMap<String, Vec<(usize, u16)>> = BTreeMap::new();
-        {
-            let t = self.cl().topology.lock();
-            for (i, job) in batch.iter().enumerate() {
-                if outcomes[i].is_some() {
-                    continue;
-                }
-                let slot = key_slot(job.key.as_bytes());
-                let group = match t.master_of(slot) {
-                    Some(m) => m.to_owned(),
-                    None => format!("slot {slot}"),
-                };
-                groups.entry(group).or_default().push((i, slot));
-            }
-        }
-        let budget = slot_budget(
-            self.settings.history_bytes,
-            self.settings.history_channel_bytes,
-        );
-        let calls = groups.into_iter().map(|(master, jobs)| {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA);
-            for &(i, slot) in &jobs {
-                let job = &batch[i];
-                let tag = slot_tag(slot);
-                let prefix = &self.settings.prefix;
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(3)
-                    .arg(&job.key)
-                    .arg(format!("{prefix}{{{tag}}}#history"))
-                    .arg(format!("{prefix}{{{tag}}}#history-bytes"))
-                    .arg(&job.data)
-                    .arg(self.settings.history_len)
-                    .arg(self.settings.history_ttl.as_millis() as u64)
-                    .arg(&job.key)
-                    .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
-                    .arg(budget)
-                    .arg(HISTORY_ENTRY_BYTES)
-                    .arg(HISTORY_CHANNEL_BYTES)
-                    .arg(HISTORY_TRIM_SLACK)
-                    .arg(self.settings.history_channel_bytes)
-                    .arg(HISTORY_EVICTIONS_PER_PUBLISH)
-                    .arg("SPUBLISH");
-            }
-            let route =
-                SingleNodeRoutingInfo::SpecificNode(Route::new(jobs[0].1, SlotAddr::Master));
-            let mut conn = conn.clone();
-            let n = jobs.len();
-            let timeout = self.settings.timeout;
-            async move {
-                let call = conn.route_pipeline(pipe, 1, n, route);
-                let r = match tokio::time::timeout(timeout, call).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                };
-                (master, jobs, r)
-            }
-        });
-        self.metrics.redis_publish_pipelines.inc();
+        // (job, slot, the address an ASK named)
+        let mut pending: Vec<(usize, u16, Option<String>)> = (0..batch.len())
+            .filter(|&i| outcomes[i].is_none())
+            .map(|i| (i, key_slot(batch[i].key.as_bytes()), None))
+            .collect();
         let mut urgent = false;
-        for (master, jobs, replies) in futures_util::future::join_all(calls).await {
-            let mut failed = 0;
-            match replies {
-                Ok(replies) if replies.len() == jobs.len() => {
-                    for (&(i, _), reply) in jobs.iter().zip(replies) {
-                        outcomes[i] = Some(match redis::from_redis_value::<PublishReply>(reply) {
-                            Ok((id, evicted, _bytes, _channels)) => {
-                                self.metrics.redis_history_evictions.inc_by(evicted);
-                                id.parse().map_err(|_| {
-                                    BusError::Unavailable("Redis answered with an unexpected id")
-                                })
-                            }
-                            Err(e) => {
-                                failed += 1;
-                                urgent |= e.to_string().contains("MOVED");
-                                tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
-                                Err(BusError::Unavailable("publish to Redis failed"))
-                            }
-                        });
+        let mut round = 0;
+        while !pending.is_empty() {
+            round += 1;
+            let mut groups: BTreeMap<String, Vec<(usize, u16, bool)>> = BTreeMap::new();
+            {
+                let t = self.cl().topology.lock();
+                for (i, slot, ask) in pending.drain(..) {
+                    let asking = ask.is_some();
+                    match ask.or_else(|| t.master_of(slot).map(str::to_owned)) {
+                        Some(addr) => groups.entry(addr).or_default().push((i, slot, asking)),
+                        None => {
+                            outcomes[i] = Some(Err(BusError::Unavailable(
+                                "no Redis Cluster master serves the channel",
+                            )))
+                        }
                     }
                 }
-                Ok(_) => {
-                    failed = jobs.len();
-                    tracing::error!("Redis answered a pipeline with the wrong number of replies");
+            }
+            let calls = groups
+                .into_iter()
+                .map(|(addr, jobs)| self.send_to_master(batch, addr, jobs, until));
+            self.metrics.redis_publish_pipelines.inc();
+            let mut wait = false;
+            for (addr, jobs, replies) in futures_util::future::join_all(calls).await {
+                let mut failed = 0;
+                match replies {
+                    Ok(replies) => {
+                        for (&(i, slot, _), reply) in jobs.iter().zip(replies) {
+                            let e = match reply {
+                                Ok(reply) => {
+                                    outcomes[i] = Some(self.published(slot, reply));
+                                    continue;
+                                }
+                                Err(e) => e,
+                            };
+                            let why = refusal(&e);
+                            if why.is_some() {
+                                tracing::debug!(error = %e, master = %addr, round, "publish refused before it ran; sending it again");
+                            }
+                            match why {
+                                Some(Refusal::Moved(to)) => {
+                                    self.cl().topology.lock().moved.insert(slot, to);
+                                    urgent = true;
+                                    pending.push((i, slot, None));
+                                }
+                                Some(Refusal::Ask(to)) => pending.push((i, slot, Some(to))),
+                                Some(Refusal::Wait) => {
+                                    urgent = true;
+                                    wait = true;
+                                    pending.push((i, slot, None));
+                                }
+                                None => {
+                                    failed += 1;
+                                    tracing::warn!(error = %e, master = %addr, "publish to Redis Cluster failed");
+                                    outcomes[i] =
+                                        Some(Err(BusError::Unavailable("publish to Redis failed")));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Sent or not, run or not: nobody can tell, so none goes again.
+                        failed = jobs.len();
+                        urgent = true;
+                        self.cl().publishers.lock().remove(&addr);
+                        tracing::warn!(error = %e, master = %addr, "publish to Redis Cluster failed");
+                    }
                 }
-                Err(e) => {
-                    failed = jobs.len();
-                    urgent = true;
-                    tracing::warn!(error = %e, %master, "publish to Redis Cluster failed");
+                if failed > 0 && self.labelled(&addr) {
+                    self.metrics
+                        .redis_cluster_publish_errors
+                        .get_or_create(&addr_label(&addr))
+                        .inc_by(failed as u64);
                 }
             }
-            if failed > 0 && self.labelled(&master) {
-                self.metrics
-                    .redis_cluster_publish_errors
-                    .get_or_create(&addr_label(&master))
-                    .inc_by(failed as u64);
+            if pending.is_empty() {
+                break;
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if round >= PUBLISH_ROUNDS || left.is_zero() {
+                tracing::warn!(
+                    publishes = pending.len(),
+                    "Redis Cluster kept refusing publishes (slot moving or without a master)"
+                );
+                break;
+            }
+            if wait {
+                tokio::time::sleep((PUBLISH_RETRY_PAUSE * 2u32.pow(round - 1)).min(left)).await;
             }
         }
         if urgent {
             // The topology may have changed under us: look again now, not at the next tick.
             self.cl().urgent.notify_one();
         }
-        self.counted(fill(outcomes, "publish to Redis failed"))
+        self.counted(fill(
+            outcomes,
+            "publish to Redis Cluster refused, slot moving",
+        ))
     }
 
-    /// Cluster mode of [`RedisBus::ensure_subscribed`]: one SSUBSCRIBE, in order with the
-    /// unsubscribes.
+    /// One round's pipeline to the master at `addr`: the script loaded (a master that gained
+    /// a slot may not have it), then each job's script call, after `ASKING` for a job an ASK
+    /// sent there. One answer per job, or one error for all when the pipeline failed.
+    async fn send_to_master(
+        &self,
+        batch: &[PublishJob],
+        addr: String,
+        jobs: Vec<(usize, u16, bool)>,
+        until: tokio::time::Instant,
+    ) -> (
+        String,
+        Vec<(usize, u16, bool)>,
+        Result<Vec<redis::RedisResult<PublishReply>>, redis::RedisError>,
+    ) {
+        let budget = slot_budget(
+            self.settings.history_bytes,
+            self.settings.history_channel_bytes,
+        );
+        let prefix = &self.settings.prefix;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).ignore();
+        for &(i, slot, asking) in &jobs {
+            let job = &batch[i];
+            let tag = slot_tag(slot);
+            if asking {
+                pipe.cmd("ASKING").ignore();
+            }
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(3)
+                .arg(&job.key)
+                .arg(format!("{prefix}{{{tag}}}#history"))
+                .arg(format!("{prefix}{{{tag}}}#history-bytes"))
+                .arg(&job.data)
+                .arg(self.settings.history_len)
+                .arg(self.settings.history_ttl.as_millis() as u64)
+                .arg(&job.key)
+                .arg(self.settings.history_ttl_unsubscribed.as_millis() as u64)
+                .arg(budget)
+                .arg(HISTORY_ENTRY_BYTES)
+                .arg(HISTORY_CHANNEL_BYTES)
+                .arg(HISTORY_TRIM_SLACK)
+                .arg(self.settings.history_channel_bytes)
+                .arg(HISTORY_EVICTIONS_PER_PUBLISH)
+                .arg("SPUBLISH");
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let call = async {
+            let mut conn = self.cl().publisher(&addr, left).await?;
+            let replies: Vec<redis::RedisResult<PublishReply>> =
+                pipe.query_async(&mut conn).await?;
+            if replies.len() == jobs.len() {
+                Ok(replies)
+            } else {
+                tracing::error!("Redis answered a pipeline with the wrong number of replies");
+                Err(redis::RedisError::from(std::io::Error::other(
+                    "wrong number of replies",
+                )))
+            }
+        };
+        let r = match tokio::time::timeout(left, call).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "publish to Redis Cluster timed out",
+            ))),
+        };
+        (addr, jobs, r)
+    }
+
+    /// A publish's answer: its offset, with the history metrics it reports.
+    fn published(&self, slot: u16, reply: PublishReply) -> Result<Offset, BusError> {
+        let (id, evicted, bytes, channels) = reply;
+        self.metrics.redis_history_evictions.inc_by(evicted);
+        let (bytes, channels) = self.cl().histories.lock().record(slot, bytes, channels);
+        self.metrics.redis_history_bytes.set(bytes);
+        self.metrics.redis_history_channels.set(channels);
+        id.parse()
+            .map_err(|_| BusError::Unavailable("Redis answered with an unexpected id"))
+    }
+
+    /// Cluster mode of [`RedisBus::ensure_subscribed`]: answered at once when the channel is
+    /// subscribed; otherwise it joins the next subscribe round, which carries every channel
+    /// asked for meanwhile ([`RedisBus::subscribe_wanted_cluster`]).
     pub(super) async fn ensure_subscribed_cluster(
         &self,
         channel: &Channel,
     ) -> Result<(), BusError> {
         let cl = self.cl();
-        if cl.subs.lock().active.contains(channel) {
-            return Ok(());
-        }
-        if !self.is_ready() {
-            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
-        }
-        let Some(mut conn) = cl.conn() else {
-            return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+        let answer = {
+            let mut st = cl.subs.lock();
+            if st.active.contains(channel) {
+                return Ok(());
+            }
+            if !self.is_ready() || cl.conn.lock().is_none() {
+                return Err(BusError::Unavailable("Redis Cluster is unreachable"));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.wanted.entry(channel.clone()).or_default().push(tx);
+            rx
         };
-        let _order = cl.order.lock().await;
-        if cl.subs.lock().active.contains(channel) {
-            return Ok(());
+        cl.wanted.notify_one();
+        // The subscribe task answers within its command deadline, or drops the waiter.
+        answer
+            .await
+            .map_err(|_| BusError::Unavailable("cannot subscribe in Redis"))
+    }
+
+    /// The subscribe task: a round whenever channels are asked for, in order with the
+    /// unsubscribes and the passes' resubscribes.
+    async fn subscribe_task(self: Arc<Self>, hub: Weak<Hub>, stop: CancellationToken) {
+        let cl = self.cl();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = cl.wanted.notified() => {}
+            }
+            let Some(h) = hub.upgrade() else { break };
+            let _order = cl.order.lock().await;
+            self.subscribe_wanted_cluster(&h).await;
         }
-        let key = self.key(channel);
-        *cl.subs.lock().asking.entry(channel.clone()).or_default() += 1;
-        match self.timed(conn.ssubscribe(&key)).await {
-            Ok(()) => {
-                let home = cl
-                    .topology
-                    .lock()
-                    .master_of(key_slot(key.as_bytes()))
-                    .map(str::to_owned);
-                let mut st = cl.subs.lock();
-                st.active.insert(channel.clone());
-                if let Some(home) = home {
-                    st.home.insert(channel.clone(), home);
+        // Nobody will send them: their callers are told `unavailable`.
+        cl.subs.lock().wanted.clear();
+    }
+
+    /// Sends what was asked for, until nothing waits: one SSUBSCRIBE per slot (a shard
+    /// subscribe names channels of one slot), up to [`SUBSCRIBE_BATCH`] channels each, all at
+    /// once, so each master gets its share back to back on its connection rather than one
+    /// round trip per channel. A channel the hub no longer holds is not sent (its waiters are
+    /// told `unavailable`); one that fails is told `unavailable` too.
+    async fn subscribe_wanted_cluster(&self, hub: &Hub) {
+        let cl = self.cl();
+        let Some(conn) = cl.conn() else {
+            cl.subs.lock().wanted.clear();
+            return;
+        };
+        loop {
+            let taken: Vec<(Channel, Vec<Waiter>)> = cl.subs.lock().wanted.drain().collect();
+            if taken.is_empty() {
+                return;
+            }
+            let mut by_slot: BTreeMap<u16, Vec<(Channel, Vec<Waiter>)>> = BTreeMap::new();
+            for (c, waiters) in taken {
+                if cl.subs.lock().active.contains(&c) {
+                    for w in waiters {
+                        let _ = w.send(());
+                    }
+                } else if hub.subscriber_count(c.as_str()) > 0 {
+                    by_slot
+                        .entry(key_slot(self.key(&c).as_bytes()))
+                        .or_default()
+                        .push((c, waiters));
                 }
-                self.subscriptions_gauge.set(st.active.len() as i64);
             }
-            Err(e) => {
-                // A late confirmation then counts as one redis-rs sent on its own: a spurious
-                // gap at worst, never a missed one.
-                let mut st = cl.subs.lock();
-                unmark(&mut st.asking, channel);
-                tracing::warn!(error = %e, %channel, "SSUBSCRIBE failed");
-                return Err(BusError::Unavailable("cannot subscribe in Redis"));
+            let mut rounds: Vec<Vec<(Channel, Vec<Waiter>)>> = Vec::new();
+            for (_, mut channels) in by_slot {
+                while channels.len() > SUBSCRIBE_BATCH {
+                    let rest = channels.split_off(SUBSCRIBE_BATCH);
+                    rounds.push(std::mem::replace(&mut channels, rest));
+                }
+                rounds.push(channels);
+            }
+            let calls = rounds.into_iter().map(|batch| {
+                let mut conn = conn.clone();
+                let keys: Vec<String> = {
+                    let mut st = cl.subs.lock();
+                    for (c, _) in &batch {
+                        *st.asking.entry(c.clone()).or_default() += 1;
+                    }
+                    batch.iter().map(|(c, _)| self.key(c)).collect()
+                };
+                async move {
+                    let r = self.timed(conn.ssubscribe(keys)).await;
+                    (batch, r)
+                }
+            });
+            let mut activated = Vec::new();
+            for (batch, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(()) => {
+                        let homes: Vec<Option<String>> = {
+                            let t = cl.topology.lock();
+                            batch
+                                .iter()
+                                .map(|(c, _)| {
+                                    t.master_of(key_slot(self.key(c).as_bytes()))
+                                        .map(str::to_owned)
+                                })
+                                .collect()
+                        };
+                        let mut st = cl.subs.lock();
+                        for ((c, waiters), home) in batch.into_iter().zip(homes) {
+                            st.active.insert(c.clone());
+                            if let Some(home) = home {
+                                st.home.insert(c.clone(), home);
+                            }
+                            for w in waiters {
+                                let _ = w.send(());
+                            }
+                            activated.push(c);
+                        }
+                    }
+                    Err(e) => {
+                        // A late confirmation then counts as one redis-rs sent on its own: a
+                        // spurious gap at worst, never a missed one.
+                        let mut st = cl.subs.lock();
+                        for (c, _) in &batch {
+                            unmark(&mut st.asking, c);
+                        }
+                        tracing::warn!(error = %e, channels = batch.len(), "SSUBSCRIBE failed");
+                    }
+                }
+            }
+            self.subscriptions_gauge
+                .set(cl.subs.lock().active.len() as i64);
+            // Abandoned while their SSUBSCRIBE was on its way: they leave with the next round.
+            for c in activated {
+                if hub.subscriber_count(c.as_str()) == 0 {
+                    self.channel_dropped_cluster(&c);
+                }
             }
         }
-        drop(_order);
-        // Abandoned while the SSUBSCRIBE was on its way: it leaves with the next round.
-        let orphan = cl
-            .hub
-            .get()
-            .and_then(Weak::upgrade)
-            .is_some_and(|h| h.subscriber_count(channel.as_str()) == 0);
-        if orphan {
-            self.channel_dropped_cluster(channel);
-        }
-        Ok(())
     }
 
     pub(super) fn channel_dropped_cluster(&self, channel: &Channel) {
         let cl = self.cl();
         {
             let mut st = cl.subs.lock();
+            // A subscribe abandoned before its round: nobody waits for it any more.
+            if let Some(waiters) = st.wanted.get_mut(channel) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    st.wanted.remove(channel);
+                }
+            }
             if st.resync {
             } else if st.dropped.len() >= DROPPED_CAP {
                 st.dropped = HashSet::new();
@@ -559,18 +896,16 @@ impl RedisBus {
                 "CLUSTER SLOTS named no master",
             )));
         }
-        // Each master, its node id and one slot it serves (to route the question by).
-        let mut masters: BTreeMap<String, (String, u16)> = BTreeMap::new();
-        for r in &ranges {
-            masters
-                .entry(r.master.clone())
-                .or_insert_with(|| (r.id.clone(), r.first));
-        }
+        let masters = question_routes(&ranges);
         let old_ids = {
             let mut t = cl.topology.lock();
             t.ranges = ranges;
+            t.moved.clear();
             t.client_ids.clone()
         };
+        cl.publishers
+            .lock()
+            .retain(|addr, _| masters.contains_key(addr));
         // Where each active channel lives now.
         let placed: Vec<(Channel, Option<String>)> = {
             let active: Vec<Channel> = cl.subs.lock().active.iter().cloned().collect();
@@ -591,7 +926,15 @@ impl RedisBus {
                 by_master.entry(m.clone()).or_default().push(c.clone());
             }
         }
-        let mut again: HashSet<Channel> = HashSet::new();
+        // Taken before the masters are asked: a push that comes during the pass woke the next.
+        let (moved, regained) = {
+            let mut st = cl.subs.lock();
+            (
+                std::mem::take(&mut st.moved),
+                std::mem::take(&mut st.regained),
+            )
+        };
+        let mut again: HashSet<Channel> = moved;
         {
             // Channels whose master changed since the last pass (failover, slot moved).
             let st = cl.subs.lock();
@@ -603,9 +946,20 @@ impl RedisBus {
                 }
             }
         }
+        // What each master should hold: not the channels on their way to it (a slot that just
+        // moved there, its subscription not made yet), or the master that gained a slot would
+        // look as if it had lost subscriptions, and every channel on it would get a gap.
+        let mut settled: HashMap<&str, u64> = HashMap::new();
+        for (c, m) in &placed {
+            if let Some(m) = m
+                && !again.contains(c)
+            {
+                *settled.entry(m.as_str()).or_default() += 1;
+            }
+        }
         let mut ids = HashMap::new();
-        // Masters whose connection this pass could not check: their channels' returns count
-        // as interruptions (a spurious gap at worst, never a missed one).
+        // Masters whose connection this pass could not check (down, too slow, or the question
+        // reached another node): their channels' returns wait for a pass that can.
         let mut unknown: HashSet<String> = HashSet::new();
         // Masters whose connection was made again or holds fewer subscriptions than expected.
         let mut interrupted: HashSet<String> = HashSet::new();
@@ -648,7 +1002,7 @@ impl RedisBus {
                     .and_then(|v| v.parse::<u64>().ok())
             };
             let (id, ssub) = (field("id=").unwrap_or(0), field("ssub=").unwrap_or(0));
-            let expected = by_master.get(master).map_or(0, Vec::len) as u64;
+            let expected = settled.get(master.as_str()).copied().unwrap_or(0);
             let reconnected = old_ids.get(master).is_some_and(|&old| old != id);
             if labelled {
                 self.metrics
@@ -677,26 +1031,34 @@ impl RedisBus {
             let mut t = cl.topology.lock();
             t.client_ids = ids;
         }
-        let (moved, regained) = {
-            let mut st = cl.subs.lock();
-            (
-                std::mem::take(&mut st.moved),
-                std::mem::take(&mut st.regained),
-            )
-        };
-        again.extend(moved);
         // A return redis-rs made on a master whose connection is the same one, holding every
-        // subscription, lost nothing (it refreshed its slot map and confirmed them again).
+        // subscription, lost nothing (it refreshed its slot map and confirmed them again). On a
+        // master that could not be asked it waits for a pass that can: the connection's id
+        // then tells whether it was made again meanwhile. Only where there is no earlier id to
+        // compare with does it count as an interruption.
         let placed: HashMap<Channel, Option<String>> = placed.into_iter().collect();
+        let mut later = HashSet::new();
         let regained: Vec<Channel> = regained
             .into_iter()
             .filter(|c| match placed.get(c) {
-                Some(Some(m)) => unknown.contains(m) || interrupted.contains(m),
+                Some(Some(m)) if unknown.contains(m) => {
+                    if old_ids.contains_key(m) {
+                        later.insert(c.clone());
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Some(Some(m)) => interrupted.contains(m),
                 Some(None) => true,
                 // No longer active: nobody to tell.
                 None => false,
             })
             .collect();
+        cl.subs
+            .lock()
+            .regained
+            .extend(later.into_iter().filter(|c| !again.contains(c)));
         again.extend(regained);
         self.resubscribe(hub, &mut conn, again.iter()).await;
         // Everything that was interrupted, once.
@@ -807,9 +1169,12 @@ impl RedisBus {
             }
         });
         let maintenance = tokio::spawn(self.clone().maintain(hub.clone(), stop.clone()));
+        let subscriber = tokio::spawn(self.clone().subscribe_task(hub.clone(), stop.clone()));
         self.drain_ingest(&mut ingest, &room, &hub, &stop).await;
         pump_task.abort();
         maintenance.abort();
+        subscriber.abort();
+        cl.subs.lock().wanted.clear();
     }
 
     /// Passes every `bus.redis_ping_interval` and whenever something asks for one; the
@@ -875,6 +1240,32 @@ fn unmark(marks: &mut HashMap<Channel, u32>, channel: &Channel) {
     }
 }
 
+/// Each master, its node id, and the slot its questions are routed by: the middle of its
+/// largest range, not the first. A reshard moves a master's lowest slots first, and a slot just
+/// moved may still lead redis-rs (whose slot map is refreshed apart from ours) to the old owner,
+/// which would leave the master unasked for the pass.
+fn question_routes(ranges: &[SlotRange]) -> BTreeMap<String, (String, u16)> {
+    let mut best: BTreeMap<String, &SlotRange> = BTreeMap::new();
+    for r in ranges {
+        let size = |r: &SlotRange| r.last.saturating_sub(r.first);
+        best.entry(r.master.clone())
+            .and_modify(|b| {
+                if size(r) > size(b) {
+                    *b = r;
+                }
+            })
+            .or_insert(r);
+    }
+    best.into_iter()
+        .map(|(m, r)| {
+            (
+                m,
+                (r.id.clone(), r.first + (r.last.saturating_sub(r.first)) / 2),
+            )
+        })
+        .collect()
+}
+
 /// A text reply (RESP2 bulk, RESP3 verbatim or simple string).
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -935,6 +1326,39 @@ mod tests {
             );
             assert!(tag.len() <= 4);
         }
+    }
+
+    #[test]
+    fn a_master_is_asked_through_the_middle_of_its_largest_range() {
+        let r = |first, last, master: &str| SlotRange {
+            first,
+            last,
+            master: master.into(),
+            id: format!("id-{master}"),
+        };
+        // b just took slot 0 from a (a reshard moves the lowest slots first).
+        let ranges = [
+            r(0, 0, "b"),
+            r(1, 5460, "a"),
+            r(5461, 10922, "b"),
+            r(10923, 16383, "c"),
+        ];
+        let routes = question_routes(&ranges);
+        assert_eq!(routes["a"], ("id-a".into(), 2730));
+        assert_eq!(routes["b"], ("id-b".into(), 8191));
+        assert_eq!(routes["c"], ("id-c".into(), 13653));
+    }
+
+    #[test]
+    fn the_history_gauges_sum_each_slots_last_answer() {
+        let mut h = SlotHistories::default();
+        assert_eq!(h.record(5, 100, 2), (100, 2));
+        // A publish that did not count the channels leaves the slot's count as it was.
+        assert_eq!(h.record(6, 50, -1), (150, 2));
+        assert_eq!(h.record(5, 80, -1), (130, 2));
+        assert_eq!(h.record(6, 60, 3), (140, 5));
+        assert_eq!(h.record(5, 0, 0), (60, 3));
+        assert_eq!(h.slots.len(), 2);
     }
 
     #[test]
