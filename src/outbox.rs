@@ -98,12 +98,7 @@ impl Outbox {
         // reaches a client that keeps up.
         let over_bytes = !st.queue.is_empty() && st.bytes + frame.len() > self.cap_bytes;
         if st.queue.len() >= self.cap || over_bytes {
-            st.status = OutboxStatus::Overflowed;
-            st.queue.clear();
-            st.bytes = 0;
-            drop(st);
-            self.notify.notify_one();
-            self.ended.notify_waiters();
+            self.overflow(st);
             return Err(PushError::Overflow);
         }
         let was_empty = st.queue.is_empty();
@@ -176,10 +171,15 @@ impl Outbox {
     /// Marks the session slow as an overflow does, for a writer that gave up on its client
     /// (a frame waited past `session.write_timeout`): the transport closes it with 1013.
     pub fn mark_slow(&self) {
-        let mut st = self.state.lock();
-        if st.status != OutboxStatus::Open {
-            return;
+        let st = self.state.lock();
+        if st.status == OutboxStatus::Open {
+            self.overflow(st);
         }
+    }
+
+    /// Marks an open outbox overflowed: its frames are freed at once (a slow consumer is owed
+    /// nothing), and both the writer and whoever waits in [`Outbox::ended`] are woken.
+    fn overflow(&self, mut st: parking_lot::MutexGuard<'_, OutboxState>) {
         st.status = OutboxStatus::Overflowed;
         st.queue.clear();
         st.bytes = 0;
