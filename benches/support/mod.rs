@@ -528,10 +528,8 @@ pub async fn tcp_from(source: IpAddr, to: SocketAddr) -> std::io::Result<TcpStre
     Ok(stream)
 }
 
-/// A TLS client trusting only the certificate in `pem`; `resume` allows session resumption
-/// (off measures full handshakes).
-/// A QUIC client endpoint bound to `source` that trusts the certificate in `pem`, speaking h3.
-pub fn h3_endpoint(pem: &str, source: IpAddr) -> quinn::Endpoint {
+/// A rustls client config trusting only the certificate in `pem`, offering `alpn`.
+fn client_tls(pem: &str, alpn: &[u8]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(pem).unwrap())
@@ -539,22 +537,23 @@ pub fn h3_endpoint(pem: &str, source: IpAddr) -> quinn::Endpoint {
     let mut tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls
+}
+
+/// A QUIC client endpoint bound to `source` that trusts the certificate in `pem`, speaking h3.
+pub fn h3_endpoint(pem: &str, source: IpAddr) -> quinn::Endpoint {
+    let tls = client_tls(pem, b"h3");
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0)).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     endpoint
 }
 
+/// A TLS client trusting only the certificate in `pem`; `resume` allows session resumption
+/// (off measures full handshakes).
 pub fn tls_connector(pem: &str, resume: bool) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(pem).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tls = client_tls(pem, b"http/1.1");
     if !resume {
         tls.resumption = rustls::client::Resumption::disabled();
     }
