@@ -13,7 +13,7 @@
 //!   `webtransport`); `websocket+shared` and `websocket+each` are WebSocket sessions that, once
 //!   open, subscribe to one channel (the same one for all, or one channel each) and then idle:
 //!   their difference from `websocket` is what a subscription costs,
-//! - `PLAIN=1` to add WebSocket and SSE over plain TCP,
+//! - `PLAIN=1` to add WebSocket and SSE over plain TCP (`PLAIN=only`: those alone),
 //! - `EDGES` edge processes sharing the sessions (default 1),
 //! - `LOADGENS` load-generator processes (default 1),
 //! - `SOURCES` 127.0.0.x source addresses per load generator (default 8),
@@ -594,12 +594,15 @@ fn main() {
     } else if raw {
         // Lean clients are plain WebSocket only.
         variants = vec![("websocket".to_string(), true)];
-    } else if env("PLAIN", 0) == 1 {
+    } else if matches!(env_str("PLAIN", "0").as_str(), "1" | "only") {
         let tcp: Vec<(String, bool)> = variants
             .iter()
             .filter(|(t, _)| t.starts_with("websocket") || t == "sse")
             .map(|(t, _)| (t.clone(), true))
             .collect();
+        if env_str("PLAIN", "0") == "only" {
+            variants.clear();
+        }
         variants.extend(tcp);
     }
     let what = if target.is_empty() {

@@ -12,6 +12,7 @@ pub mod proxy_protocol;
 pub mod quic;
 pub mod reload;
 pub mod routes;
+mod sse_h1;
 pub(crate) mod tcp;
 
 use std::net::SocketAddr;

@@ -26,11 +26,36 @@ pub(super) async fn route(
         return crate::admin::handle(req, &state).await;
     }
     let alt_svc = state.alt_svc.clone().filter(|_| info.tls);
-    let mut resp = public(req, state, info).await;
+    let resp = public(req, state, info).await;
+    with_alt_svc(resp, alt_svc)
+}
+
+/// `GET /sse` read without hyper on an HTTP/1.1 connection (see [`super::sse_h1`]): the same
+/// answer `route` gives it.
+pub(super) async fn event_stream(
+    req: Request<()>,
+    state: Arc<EdgeState>,
+    info: ConnInfo,
+) -> Response<Body> {
+    count(&req, &state);
+    let alt_svc = state.alt_svc.clone().filter(|_| info.tls);
+    let resp = crate::transport::sse::accept(req, state, info).await;
+    with_alt_svc(resp, alt_svc)
+}
+
+fn with_alt_svc(mut resp: Response<Body>, alt_svc: Option<http::HeaderValue>) -> Response<Body> {
     if let Some(v) = alt_svc {
         resp.headers_mut().insert(header::ALT_SVC, v);
     }
     resp
+}
+
+fn count<B>(req: &Request<B>, state: &EdgeState) {
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&crate::metrics::VersionLabels::of(req.version()))
+        .inc();
 }
 
 /// A request body the public routes take: hyper's on the TCP listeners, an HTTP/3 stream's on
@@ -70,11 +95,7 @@ pub(super) async fn public<B: RouteBody>(
     state: Arc<EdgeState>,
     info: ConnInfo,
 ) -> Response<Body> {
-    state
-        .metrics
-        .http_requests
-        .get_or_create(&crate::metrics::VersionLabels::of(req.version()))
-        .inc();
+    count(&req, &state);
     // A 2xx answer to a CONNECT turns the stream (or the HTTP/1.1 connection) into a tunnel:
     // only the WebSocket route may give one, so every other route is spared from knowing it.
     if req.method() == Method::CONNECT && req.uri().path() != "/ws" {

@@ -7,11 +7,19 @@
 //! so the limits wait for the PROXY header and key on the client it names (the header is read
 //! only from trusted proxies, under the handshake deadline, and the node-wide cap holds
 //! meanwhile).
+//!
+//! A public HTTP/1.1 connection whose first request is a plain `GET /sse` is the exception to
+//! hyper: its event stream is written on the bare connection (see [`super::sse_h1`], which says
+//! why and what it hands back to hyper).
 
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
+use http::Request;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{self, Listener};
+use super::sse_h1::{self, Prefixed, Sniffed};
 use crate::state::EdgeState;
 use crate::web::conn::StreamExec;
 use crate::web::{Activity, ConnInfo, ConnSlot};
@@ -129,8 +138,12 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let deadline = state.config.server.handshake_timeout;
+    // Every phase below is boxed or handed on by value, never held: this task lives as long as
+    // the connection, which may be an idle event stream (see `sse_h1`), and its size is the
+    // largest of its phases'. The TLS stream goes straight from the handshake into a box of
+    // its own.
     if kind == Listener::Public && state.config.server.proxy_protocol {
-        match proxy_header(&mut stream, &state, &info).await {
+        match Box::pin(proxy_header(&mut stream, &state, &info)).await {
             Some(source) => info.peer = source,
             None => return,
         }
@@ -141,15 +154,44 @@ async fn serve(
         }
     }
     info.permit = slot.map(Arc::new);
-    match tls {
-        None => serve_http(stream, state, kind, info, stop).await,
-        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => serve_http(tls_stream, state, kind, info, stop).await,
-            Ok(Err(e)) => tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(peer = %info.peer, "TLS handshake timed out"),
-        },
+    // Only public HTTP/1.1 connections may carry an event stream served without hyper.
+    let public = kind == Listener::Public;
+    let served: Option<Served> = match tls {
+        None => Some(Box::pin(serve_http(
+            stream, public, state, kind, info, stop,
+        ))),
+        Some(acceptor) => {
+            let peer = info.peer;
+            tokio::time::timeout(deadline, Box::pin(acceptor.accept(stream)))
+                .map(move |accepted| match accepted {
+                    Ok(Ok(tls_stream)) => {
+                        let http1 = tls_stream.get_ref().1.alpn_protocol() != Some(b"h2");
+                        let sniff = public && http1;
+                        // Boxed once here, so each phase that takes the stream on moves a
+                        // pointer: by value, its ~1.2 KiB were held again by every future the
+                        // stream passed through.
+                        let io = Box::new(tls_stream);
+                        Some(Box::pin(serve_http(io, sniff, state, kind, info, stop)) as Served)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        None
+                    }
+                })
+                .await
+        }
+    };
+    if let Some(served) = served {
+        served.await;
     }
 }
+
+/// A connection's HTTP phase, past its handshakes.
+type Served = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The client address a trusted proxy's PROXY header gives (the socket peer for a `LOCAL` one),
 /// or `None` when the connection must be closed.
@@ -182,7 +224,75 @@ async fn proxy_header(
     }
 }
 
+/// Serves HTTP on an accepted (and decrypted) connection: a first request that is a plain
+/// `GET /sse` on HTTP/1.1 (`sniff`) gets its event stream without hyper (see [`sse_h1`]); every
+/// other connection is hyper's, from its first byte.
 async fn serve_http<IO>(
+    mut io: IO,
+    sniff: bool,
+    state: Arc<EdgeState>,
+    kind: Listener,
+    info: ConnInfo,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !sniff {
+        return Box::pin(serve_hyper(
+            Prefixed::new(Bytes::new(), io),
+            state,
+            kind,
+            info,
+            stop,
+        ))
+        .await;
+    }
+    let s = &state.config.server;
+    let (max_head, deadline) = (s.max_header_bytes, s.handshake_timeout);
+    // The sniffed head is handed on inside the match, not held: this future lives as long as
+    // the stream does. hyper's future is boxed so that an event stream's is not sized for it.
+    let served = match tokio::time::timeout(deadline, sse_h1::sniff(&mut io, max_head)).await {
+        Ok(Sniffed::EventStream(req)) => Either::Left(serve_event_stream(io, *req, state, info)),
+        Ok(Sniffed::Other(read)) => Either::Right(Box::pin(serve_hyper(
+            Prefixed::new(read, io),
+            state,
+            kind,
+            info,
+            stop,
+        ))),
+        Ok(Sniffed::Gone) => return,
+        Err(_) => {
+            tracing::debug!(peer = %info.peer, "no request head in time");
+            return;
+        }
+    };
+    served.await
+}
+
+/// An event stream on HTTP/1.1, answered on the bare connection: the route is the one hyper's
+/// requests take. A `fn`: the request goes into the route's box at once, and the future that
+/// streams keeps only the IO, the response body and what the stall watcher needs.
+fn serve_event_stream<IO>(
+    io: IO,
+    req: Request<()>,
+    state: Arc<EdgeState>,
+    mut info: ConnInfo,
+) -> impl Future<Output = ()> + Send
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The stall watcher ends the stream with this, as it drops a hyper connection.
+    let kill = CancellationToken::new();
+    info.kill = Some(kill.clone());
+    // Boxed: admission and the joins are a large future, over before the stream idles.
+    let route = Box::pin(routes::event_stream(req, state.clone(), info.clone()));
+    async move {
+        let resp = route.await;
+        sse_h1::serve(io, resp, &info, &kill, &state).await;
+    }
+}
+
+async fn serve_hyper<IO>(
     io: IO,
     state: Arc<EdgeState>,
     kind: Listener,
