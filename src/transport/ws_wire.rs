@@ -274,10 +274,64 @@ mod tests {
         assert!(outbox.is_empty());
     }
 
+    /// A pipe end with vectored writes (a duplex has none), so both of `WireIo`'s write paths
+    /// are tested: a vectored write takes what fits of the slices, as `writev` does.
+    struct Vectored(tokio::io::DuplexStream);
+
+    impl AsyncRead for Vectored {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Vectored {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
     #[tokio::test]
     async fn partial_writes_and_a_pong_in_the_middle_keep_every_frame_whole() {
         // A 7-byte pipe: every frame is cut across many writes.
         let (server, client) = tokio::io::duplex(7);
+        partial_writes(server, client).await;
+        let (server, client) = tokio::io::duplex(7);
+        partial_writes(Vectored(server), client).await;
+    }
+
+    async fn partial_writes<S>(server: S, client: tokio::io::DuplexStream)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let outbox = Arc::new(Outbox::new(1024, 1 << 20));
         let sent = Counter::default();
         let wire = WireIo::new(server, outbox.clone(), 8192, sent.clone());
