@@ -68,8 +68,9 @@ struct OutboxState {
 }
 
 /// A drained queue holding more than this many slots gives its memory back, so a burst does not
-/// leave an idle session holding a large ring.
-const OUTBOX_KEEP_CAPACITY: usize = 16;
+/// leave an idle session holding a large ring. A writer that keeps a ring of its own (see
+/// [`Outbox::take`]) gives it back past the same size.
+pub const OUTBOX_KEEP_CAPACITY: usize = 16;
 
 impl Outbox {
     /// At most `cap` frames and `cap_bytes` bytes; a frame that would pass either overflows it.
@@ -126,6 +127,31 @@ impl Outbox {
             st.queue = VecDeque::new();
         }
         st.status
+    }
+
+    /// [`Outbox::drain`] into a ring: when `into` is empty the queue and `into` swap rings, so
+    /// no frame is copied and a busy writer's empty ring is refilled instead of the queue
+    /// growing a new one for each burst (one past [`OUTBOX_KEEP_CAPACITY`] is not kept).
+    pub fn take(&self, into: &mut VecDeque<Frame>) -> OutboxStatus {
+        let mut st = self.state.lock();
+        if into.is_empty() {
+            std::mem::swap(&mut st.queue, into);
+        } else {
+            into.extend(st.queue.drain(..));
+        }
+        let spare =
+            (st.queue.capacity() > OUTBOX_KEEP_CAPACITY).then(|| std::mem::take(&mut st.queue));
+        st.bytes = 0;
+        st.waiting_since = None;
+        let status = st.status;
+        // Freed after the lock: the hub pushes under it.
+        drop(st);
+        drop(spare);
+        status
+    }
+
+    pub fn status(&self) -> OutboxStatus {
+        self.state.lock().status
     }
 
     /// Waits until something was pushed (or the status changed) since the last drain.
@@ -276,5 +302,44 @@ mod tests {
         o.drain(&mut out);
         assert_eq!(out.len(), 1000);
         assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn take_moves_the_ring_and_keeps_the_caps() {
+        let o = Outbox::new(3, 1 << 20);
+        let f = protocol::encode_ok(None);
+        let mut ring = VecDeque::with_capacity(8);
+        let spare = ring.capacity();
+        for _ in 0..3 {
+            o.push(f.clone()).unwrap();
+        }
+        assert_eq!(o.take(&mut ring), OutboxStatus::Open);
+        assert_eq!(ring.len(), 3);
+        assert_eq!(o.len(), 0);
+        assert_eq!(
+            o.state.lock().queue.capacity(),
+            spare,
+            "the writer's empty ring is the queue's now"
+        );
+        // The frame cap counts what is queued, not what the writer still holds.
+        for _ in 0..3 {
+            o.push(f.clone()).unwrap();
+        }
+        assert_eq!(
+            o.take(&mut ring),
+            OutboxStatus::Open,
+            "appends to a ring that is not empty"
+        );
+        assert_eq!(ring.len(), 6);
+        let mut big = VecDeque::with_capacity(1000);
+        o.push(f.clone()).unwrap();
+        ring.clear();
+        std::mem::swap(&mut ring, &mut big);
+        o.take(&mut ring);
+        assert!(o.state.lock().queue.capacity() <= OUTBOX_KEEP_CAPACITY);
+        for _ in 0..4 {
+            let _ = o.push(f.clone());
+        }
+        assert_eq!(o.take(&mut VecDeque::new()), OutboxStatus::Overflowed);
     }
 }

@@ -587,14 +587,17 @@ pub fn check_json_text(text: &str) -> Result<(), String> {
 
 /// One encoded edge → client frame: a single line of UTF-8 JSON, built once and shared by every
 /// session it goes to (cloning is a reference-count increment). The JSON is tungstenite's
-/// `Utf8Bytes`, so a WebSocket send needs no copy and UTF-8 is checked once at encoding, not once
-/// per subscriber. The SSE event for the frame is built the first time an SSE session needs it
-/// and then shared the same way.
+/// `Utf8Bytes`, so UTF-8 is checked once at encoding, not once per subscriber. Its WebSocket
+/// form (the frame header in front of the same bytes) is built with it, so a WebSocket session
+/// writes the shared bytes as they are, with no framing or copy of its own. The SSE event for
+/// the frame is built the first time an SSE session needs it and then shared the same way.
 #[derive(Debug, Clone)]
 pub struct Frame(Arc<FrameInner>);
 
 #[derive(Debug)]
 struct FrameInner {
+    /// The server's unmasked WebSocket text frame: its header, then `json` (one allocation).
+    ws: Bytes,
     json: Utf8Bytes,
     /// A pushed message's channel and offset; `None` for replies, notices and offset-less pushes.
     position: Option<(Channel, Offset)>,
@@ -609,26 +612,56 @@ impl PartialEq for Frame {
 
 impl Eq for Frame {}
 
+/// Room left in front of an encoded frame's JSON for the longest WebSocket header (RFC 6455
+/// §5.2: the opcode byte, 127, and a 64-bit length; a server's frames carry no mask).
+const WS_HEAD_ROOM: usize = 10;
+
+/// A buffer for a frame's JSON, with room for its WebSocket header in front.
+fn frame_buf(json_capacity: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(WS_HEAD_ROOM + json_capacity);
+    buf.put_bytes(0, WS_HEAD_ROOM);
+    buf
+}
+
 impl Frame {
-    fn new(json: Utf8Bytes, position: Option<(Channel, Offset)>) -> Frame {
-        Frame(Arc::new(FrameInner {
-            json,
-            position,
-            sse: OnceLock::new(),
-        }))
+    /// `buf` is a [`frame_buf`] with the JSON written after its header room. The header goes into
+    /// the room's tail, so the WebSocket frame and the JSON share one allocation.
+    fn framed(mut buf: BytesMut, position: Option<(Channel, Offset)>) -> Frame {
+        let len = buf.len() - WS_HEAD_ROOM;
+        // FIN and the text opcode, then the shortest length encoding that fits.
+        let start = if len < 126 {
+            buf[WS_HEAD_ROOM - 1] = len as u8;
+            WS_HEAD_ROOM - 2
+        } else if let Ok(len) = u16::try_from(len) {
+            buf[WS_HEAD_ROOM - 3] = 126;
+            buf[WS_HEAD_ROOM - 2..WS_HEAD_ROOM].copy_from_slice(&len.to_be_bytes());
+            WS_HEAD_ROOM - 4
+        } else {
+            buf[WS_HEAD_ROOM - 9] = 127;
+            buf[WS_HEAD_ROOM - 8..WS_HEAD_ROOM].copy_from_slice(&(len as u64).to_be_bytes());
+            0
+        };
+        buf[start] = 0x81;
+        let all = buf.freeze();
+        match Utf8Bytes::try_from(all.slice(WS_HEAD_ROOM..)) {
+            Ok(json) => Frame(Arc::new(FrameInner {
+                ws: all.slice(start..),
+                json,
+                position,
+                sse: OnceLock::new(),
+            })),
+            // Every caller builds the JSON from `&str` pieces, so this cannot happen; a
+            // replacement frame keeps the no-panic promise if that ever stops being true.
+            Err(_) => {
+                Frame::from_string(r#"{"error":{"code":"internal","message":"encoding"}}"#.into())
+            }
+        }
     }
 
     fn from_string(s: String) -> Frame {
-        Frame::new(Utf8Bytes::from(s), None)
-    }
-
-    fn from_utf8(b: Bytes, position: Option<(Channel, Offset)>) -> Frame {
-        // Every caller builds `b` from `&str` pieces, so this cannot fail; a replacement frame
-        // keeps the no-panic promise if that ever stops being true.
-        let json = Utf8Bytes::try_from(b).unwrap_or_else(|_| {
-            Utf8Bytes::from_static(r#"{"error":{"code":"internal","message":"encoding"}}"#)
-        });
-        Frame::new(json, position)
+        let mut buf = frame_buf(s.len());
+        buf.put_slice(s.as_bytes());
+        Frame::framed(buf, None)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -660,6 +693,12 @@ impl Frame {
     /// The WebSocket text payload, without copying.
     pub fn to_utf8_bytes(&self) -> Utf8Bytes {
         self.0.json.clone()
+    }
+
+    /// The whole WebSocket text frame a server sends for this JSON (header and payload), shared
+    /// by every session.
+    pub fn ws_frame(&self) -> &[u8] {
+        &self.0.ws
     }
 
     /// The Server-Sent Events form: `id: <offset>` (for messages that have one) and the JSON on
@@ -714,7 +753,7 @@ fn put_single_line(buf: &mut BytesMut, data: &[u8]) {
 /// A message without an offset (a backend's raw Redis `PUBLISH`) is pushed without the `offset`
 /// field: it cannot be resumed from.
 pub fn encode_message(channel: &Channel, offset: Option<Offset>, data: &str) -> Frame {
-    let mut buf = BytesMut::with_capacity(64 + channel.as_str().len() + data.len());
+    let mut buf = frame_buf(64 + channel.as_str().len() + data.len());
     buf.put_slice(b"{\"op\":\"message\",\"channel\":\"");
     buf.put_slice(channel.as_str().as_bytes());
     if let Some(offset) = offset {
@@ -724,7 +763,7 @@ pub fn encode_message(channel: &Channel, offset: Option<Offset>, data: &str) -> 
     buf.put_slice(b"\",\"data\":");
     put_single_line(&mut buf, data.as_bytes());
     buf.put_u8(b'}');
-    Frame::from_utf8(buf.freeze(), offset.map(|o| (channel.clone(), o)))
+    Frame::framed(buf, offset.map(|o| (channel.clone(), o)))
 }
 
 pub fn encode_gap(channel: &Channel) -> Frame {
@@ -754,7 +793,7 @@ pub fn encode_welcome(session: &str) -> Frame {
 pub fn encode_ok(id: Option<u64>) -> Frame {
     match id {
         Some(id) => Frame::from_string(format!("{{\"id\":{id},\"ok\":true}}")),
-        None => Frame::new(Utf8Bytes::from_static("{\"ok\":true}"), None),
+        None => Frame::from_string("{\"ok\":true}".into()),
     }
 }
 
@@ -1120,6 +1159,48 @@ mod tests {
                 Err(e) => e.id,
             };
             assert_eq!(peek_id(text.as_bytes()), decoded, "{text}");
+        }
+    }
+
+    #[test]
+    fn every_frame_carries_its_websocket_form_as_tungstenite_would_write_it() {
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let ch = Channel::new("c").unwrap();
+        // Each length encoding: 7 bits, 16 bits, 64 bits, and the edges between them.
+        let push = |n: usize| {
+            encode_message(
+                &ch,
+                Some(Offset { epoch: 1, seq: 2 }),
+                &format!("\"{}\"", "x".repeat(n)),
+            )
+        };
+        let mut frames: Vec<Frame> = (0..100)
+            .chain(65_440..65_520)
+            .chain([70_000])
+            .map(push)
+            .collect();
+        assert!(frames.iter().any(|f| f.len() == 125) && frames.iter().any(|f| f.len() == 126));
+        assert!(
+            frames.iter().any(|f| f.len() == 65_535) && frames.iter().any(|f| f.len() == 65_536)
+        );
+        frames.extend([
+            encode_ok(None),
+            encode_ok(Some(7)),
+            encode_gap(&ch),
+            encode_welcome("s"),
+        ]);
+        for f in frames {
+            let mut want = Vec::new();
+            WsFrame::message(
+                Bytes::copy_from_slice(f.as_bytes()),
+                OpCode::Data(Data::Text),
+                true,
+            )
+            .format(&mut want)
+            .unwrap();
+            assert_eq!(f.ws_frame(), &want[..], "{} bytes", f.len());
+            assert!(f.ws_frame().ends_with(f.as_bytes()));
         }
     }
 }

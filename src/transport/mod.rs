@@ -6,3 +6,4 @@ pub mod publish;
 pub mod sse;
 pub mod websocket;
 pub mod webtransport;
+mod ws_wire;

@@ -42,6 +42,8 @@ use crate::web::conn::stream_kill;
 use crate::web::request::{admit_http_session, admit_origin};
 use crate::web::{Body, ConnInfo, ConnSlot, InFlight, full_body, text};
 
+use super::ws_wire::WireIo;
+
 /// How long to wait for the client's answer to our close frame before dropping the socket. This
 /// also bounds how long a slow consumer keeps its socket after its queue overflows: a client
 /// that stopped reading cannot take the close frame either, and its session is already gone.
@@ -259,9 +261,6 @@ enum End {
     Gone,
 }
 
-/// Keep the drained-batch vector small between bursts.
-const BATCH_KEEP_CAPACITY: usize = 64;
-
 /// The session task: waits for the upgrade (HTTP/1.1 or an HTTP/2 stream, `on_stream`), then
 /// runs the session and its close.
 ///
@@ -290,14 +289,27 @@ fn serve(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
+        let mut session = Session::open(state.sessions.clone(), Transport::websocket, admitted);
+        let messages_out = state
+            .metrics
+            .messages_out
+            .get_or_create(&TransportLabels {
+                transport: Transport::websocket,
+            })
+            .clone();
+        let wire = WireIo::new(
             TokioIo::new(upgraded),
+            session.outbox().clone(),
+            state.config.session.write_buffer_bytes,
+            messages_out,
+        );
+        let ws = WebSocketStream::from_raw_socket(
+            wire,
             Role::Server,
             Some(ws_config(&state.config.session)),
         )
         .await;
         let (mut sink, mut stream) = ws.split();
-        let mut session = Session::open(state.sessions.clone(), Transport::websocket, admitted);
         let span = tracing::info_span!(
             "session",
             id = %session.public_id(),
@@ -355,15 +367,11 @@ where
 {
     tracing::debug!("session open");
     let cfg = &state.config.session;
-    let labels = TransportLabels {
-        transport: Transport::websocket,
-    };
-    let messages_out = state.metrics.messages_out.get_or_create(&labels).clone();
     let outbox = session.outbox().clone();
 
     let end = tokio::select! {
         _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
-        end = write_half(sink, &outbox, cfg, &messages_out) => end,
+        end = write_half(sink, &outbox, cfg) => end,
         end = read_half(stream, session, cfg) => end,
     };
     let reason = match &end {
@@ -417,49 +425,27 @@ where
     .is_ok()
 }
 
-/// Writes what the outbox holds (one flush per wake-up) and pings on the interval.
-async fn write_half<S>(
-    sink: &mut Sink<S>,
-    outbox: &Outbox,
-    cfg: &SessionConfig,
-    messages_out: &prometheus_client::metrics::counter::Counter,
-) -> End
+/// Writes what the outbox holds (one flush per wake-up: the socket takes the frames and writes
+/// them in one vectored write, see [`WireIo`]) and pings on the interval.
+async fn write_half<S>(sink: &mut Sink<S>, outbox: &Outbox, cfg: &SessionConfig) -> End
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::new();
     loop {
         tokio::select! {
             _ = outbox.ready() => {
-                match outbox.drain(&mut batch) {
+                match outbox.status() {
                     OutboxStatus::Open => {}
                     OutboxStatus::Overflowed => return End::Close(CloseReason::SLOW_CONSUMER),
                     OutboxStatus::Closed => return End::Gone,
                 }
-                if batch.is_empty() {
-                    continue;
-                }
-                let n = batch.len() as u64;
-                let write = async {
-                    for frame in batch.drain(..) {
-                        sink.feed(Message::Text(frame.to_utf8_bytes())).await?;
-                    }
-                    sink.flush().await
-                };
                 // Boxed for the same reason as the frame handler: inline, every idle session's
                 // task would carry room for a write in progress. One allocation per wake-up,
                 // next to a system call.
-                match Box::pin(bounded_write(write, outbox, cfg.write_timeout)).await {
-                    Ok(()) => {
-                        messages_out.inc_by(n);
-                    }
-                    Err(end) => return end,
-                }
-                batch.clear();
-                if batch.capacity() > BATCH_KEEP_CAPACITY {
-                    batch = Vec::new();
+                if let Err(end) = Box::pin(bounded_write(sink.flush(), outbox, cfg.write_timeout)).await {
+                    return end;
                 }
             }
             _ = ping.tick() => {
