@@ -803,7 +803,9 @@ impl From<GateRefusal> for JoinError {
 /// Resolves at `deadline`, or never without one: a session's token expiry in a `select!`.
 async fn until(deadline: Option<tokio::time::Instant>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
+        // Boxed: every session's read loop waits here, and most sessions (no token, or one
+        // without `exp`) never have a deadline; inline, each would carry a timer for it.
+        Some(d) => Box::pin(tokio::time::sleep_until(d)).await,
         None => std::future::pending().await,
     }
 }

@@ -278,6 +278,10 @@ fn serve(
     tls: bool,
     client_ip: std::net::IpAddr,
 ) -> impl Future<Output = ()> + Send {
+    // Boxed: a value the block captures keeps its room in the future for the session's whole
+    // life, though it is moved into the session once the upgrade completes. The box itself is
+    // freed then (`unbox`); a `*admitted` move would keep it until the block ends.
+    let admitted = Box::new(admitted);
     async move {
         // Named so the block owns them: they are released when the session ends.
         let holds = &holds;
@@ -289,7 +293,11 @@ fn serve(
                 return;
             }
         };
-        let mut session = Session::open(state.sessions.clone(), Transport::websocket, admitted);
+        let mut session = Session::open(
+            state.sessions.clone(),
+            Transport::websocket,
+            unbox(admitted),
+        );
         let messages_out = state
             .metrics
             .messages_out
@@ -347,6 +355,13 @@ fn serve(
             kill.cancel();
         }
     }
+}
+
+/// Takes a value out of its box and frees the box now. Taking a box is the point (see `serve`),
+/// which clippy's `boxed_local` cannot know.
+#[allow(clippy::boxed_local)]
+fn unbox<T>(b: Box<T>) -> T {
+    *b
 }
 
 type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;

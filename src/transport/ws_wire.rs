@@ -12,6 +12,9 @@
 //! (pings, pongs, the close frame, what is owed at close). Those queue here behind the frames
 //! taken before them, and frames are taken from the outbox only once everything queued is
 //! written, so two frames never interleave.
+//!
+//! Reads go through it too, so that tungstenite's read buffer, which every idle session keeps,
+//! can be small while a burst of client frames is still read in one system call.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -19,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -28,6 +32,11 @@ use crate::protocol::Frame;
 /// Frames handed to one vectored write. Linux takes up to 1024 buffers per call; a few hundred
 /// frames already make a write that the socket buffer, not the call, limits.
 const MAX_SLICES: usize = 256;
+
+/// The most one read of the socket takes: a burst of client frames in one system call, however
+/// small tungstenite's own read buffer is. On the stack during the read; only what tungstenite
+/// cannot take at once is kept.
+const READ_AHEAD: usize = 4096;
 
 /// What one write gathers for a socket that has no vectored write (an HTTP/2 stream): its
 /// frames are copied together first, so a burst is still one write.
@@ -40,6 +49,8 @@ pub struct WireIo<S> {
     frames: VecDeque<Frame>,
     /// tungstenite's own bytes: written after `frames`.
     own: Vec<u8>,
+    /// Bytes read from the socket that tungstenite had no room for yet (see `poll_read`).
+    ahead: Bytes,
     /// How much of the front of the queue (the first frame, else `own`) is written.
     written: usize,
     /// `own` takes more only by writing first past this (one write of any size passes alone),
@@ -55,6 +66,7 @@ impl<S> WireIo<S> {
             outbox,
             frames: VecDeque::new(),
             own: Vec::new(),
+            ahead: Bytes::new(),
             written: 0,
             own_cap,
             messages_out,
@@ -160,12 +172,39 @@ impl<S: AsyncWrite + Unpin> WireIo<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for WireIo<S> {
+    /// tungstenite reads into a buffer it keeps for the session's whole life
+    /// (`session.read_buffer_bytes`), so that buffer is small; a burst of client frames is still
+    /// read in one system call of up to [`READ_AHEAD`] bytes, and what tungstenite has no room
+    /// for waits in `ahead` until it asks again. An idle session holds nothing here.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                // An emptied `Bytes` still holds its buffer.
+                this.ahead = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= READ_AHEAD {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut read = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+        let got = read.filled();
+        let n = got.len().min(buf.remaining());
+        buf.put_slice(&got[..n]);
+        if got.len() > n {
+            this.ahead = Bytes::copy_from_slice(&got[n..]);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -369,5 +408,41 @@ mod tests {
         assert_eq!(pongs, 1);
         server.await.unwrap();
         assert_eq!(sent.get(), 50);
+    }
+
+    /// A burst of client frames, and one frame many times the size of tungstenite's 256-byte
+    /// read buffer, come through whole and in order; once read, nothing is held ahead.
+    #[tokio::test]
+    async fn a_small_read_buffer_still_reads_bursts_and_large_frames_whole() {
+        let (server, client) = tokio::io::duplex(1 << 20);
+        let outbox = Arc::new(Outbox::new(64, 1 << 20));
+        let wire = WireIo::new(server, outbox, 8192, Counter::default());
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(256);
+        let mut server = WebSocketStream::from_raw_socket(wire, Role::Server, Some(config)).await;
+        let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        for i in 0..100 {
+            client
+                .feed(Message::Text(format!("{i}:{}", "y".repeat(90)).into()))
+                .await
+                .unwrap();
+        }
+        let large = "z".repeat(64 * 1024);
+        client
+            .feed(Message::Text(large.clone().into()))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        for i in 0..100 {
+            match server.next().await.unwrap().unwrap() {
+                Message::Text(t) => assert!(t.as_str().starts_with(&format!("{i}:"))),
+                other => panic!("{other:?}"),
+            }
+        }
+        match server.next().await.unwrap().unwrap() {
+            Message::Text(t) => assert_eq!(t.as_str(), large),
+            other => panic!("{other:?}"),
+        }
+        assert!(server.get_ref().ahead.is_empty());
     }
 }
