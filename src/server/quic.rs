@@ -255,7 +255,7 @@ fn connection(
             tls: true,
             permit: Some(Arc::new(slot)),
             activity: Some(activity.clone()),
-            publish_budget: Some(Arc::new(governor::RateLimiter::direct(
+            publish_budget: Some(Arc::new(crate::admission::limits::direct_limiter(
                 state.config.session.message_quota(),
             ))),
             // Never the whole connection: a stalled stream is reset alone (see `serve`).
