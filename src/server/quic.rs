@@ -48,7 +48,7 @@ use h3::error::Code;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{TransportConfig, VarInt};
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 
 use super::routes;
@@ -82,8 +82,35 @@ fn transport_config(cfg: &SessionConfig) -> std::io::Result<TransportConfig> {
         .max_idle_timeout(Some(cfg.idle_timeout.try_into().map_err(|_| {
             std::io::Error::other("session.idle_timeout is too long for QUIC")
         })?))
-        .keep_alive_interval(Some(cfg.ping_interval));
+        .keep_alive_interval(Some(cfg.ping_interval))
+        .mtu_discovery_config(Some(mtu_discovery()));
     Ok(t)
+}
+
+/// The largest UDP payload the edge probes for: a 1500-byte Ethernet MTU less the IPv6 and UDP
+/// headers (quinn's default upper bound).
+const PROBED_MTU: u16 = 1452;
+
+/// The UDP payload every QUIC path must carry (RFC 9000 §14), where quinn starts a connection.
+const QUIC_MIN_MTU: u16 = 1200;
+
+/// One MTU probe per connection, at [`PROBED_MTU`], instead of quinn's binary search from 1200
+/// (four probes of 1326 to 1436 bytes on every new connection, each acknowledged: with the
+/// client's own, 16 of the 35 datagrams a WebTransport session took to open in
+/// `benches/idle_sessions.rs`, issue 16). What the edge
+/// sends is small: JSON lines, events, and datagram pushes that go down the stream when they do
+/// not fit. So the steps between the two sizes are worth nothing to it; what a larger packet buys
+/// is room for a larger datagram push, and the paths that carry more than 1200 bytes almost all
+/// carry 1452. Either the one probe is acknowledged and the connection sends up to 1452, or it is
+/// lost (three tries, as any probe) and the connection stays at 1200, which every QUIC path must
+/// carry (RFC 9000 §14). quinn stops its search once the next step is under `minimum_change`
+/// and then probes the upper bound alone if it is at least that far away, so a minimum change of
+/// the whole range makes the upper bound the first and only probe.
+fn mtu_discovery() -> MtuDiscoveryConfig {
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(PROBED_MTU)
+        .minimum_change(PROBED_MTU - QUIC_MIN_MTU);
+    mtu
 }
 
 /// The endpoint's config: `tls` (the edge's certificate, TLS 1.3, ALPN h3) and the transport.
