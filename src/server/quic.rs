@@ -251,16 +251,21 @@ fn connection(
     async move {
         let peer = incoming.remote_address();
         let deadline = state.config.server.handshake_timeout;
-        // A handshake still under way at shutdown has no session to close with 1001: it is
-        // dropped, so the endpoint's close does not wait for it.
-        let handshake = tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            r = tokio::time::timeout(deadline, incoming) => r,
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
         };
-        let quic = match handshake {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
-            Err(_) => return tracing::debug!(%peer, "QUIC handshake timed out"),
+        // 0.5-RTT: the connection can send before the client's Finished arrives, so the HTTP/3
+        // SETTINGS built below leave with (or right behind) the edge's handshake flight, and the
+        // client, which waits for them before its CONNECT, sends the CONNECT with its Finished
+        // instead of one round trip later. Nothing is read from the client before its handshake
+        // completes: it cannot send 0-RTT (the TLS config allows no early data), and quinn
+        // processes no 1-RTT packet before then. What goes out early is the SETTINGS, the QPACK
+        // streams' openings and GREASE, all within QUIC's limit of three times what an
+        // unvalidated address sent. quinn refuses 0.5-RTT only to a client's connection.
+        let (quic, handshake) = match connecting.into_0rtt() {
+            Ok(c) => c,
+            Err(_) => return tracing::debug!(%peer, "QUIC connection refused 0.5-RTT"),
         };
         let mut builder = h3::server::builder();
         builder
@@ -276,6 +281,19 @@ fn connection(
             Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "HTTP/3 setup failed"),
             Err(_) => return tracing::debug!(%peer, "HTTP/3 setup timed out"),
         };
+        // A handshake still under way at shutdown has no session to close with 1001: it is
+        // dropped, so the endpoint's close does not wait for it. `handshake` resolves when the
+        // handshake ends either way (its value says whether the client sent 0-RTT, never here);
+        // the connection's close reason tells a failure.
+        let done = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = tokio::time::timeout(deadline, handshake) => r,
+        };
+        match (done, quic.close_reason()) {
+            (Err(_), _) => return tracing::debug!(%peer, "QUIC handshake timed out"),
+            (Ok(_), Some(e)) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
+            (Ok(_), None) => {}
+        }
         let activity = Arc::new(Activity::default());
         let info = ConnInfo {
             peer,
