@@ -41,6 +41,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -52,7 +53,7 @@ use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 
 use super::routes;
-use crate::config::SessionConfig;
+use crate::config::{AddressValidation, SessionConfig};
 use crate::state::EdgeState;
 use crate::web::conn::{H3Connection, H3Stream, with_stream_kill};
 use crate::web::{Activity, Body, ConnInfo, ConnSlot, InFlight};
@@ -189,7 +190,8 @@ impl quinn::ConnectionIdGenerator for RandomConnectionIds {
 
 /// Accepts connections until shutdown, then closes the endpoint.
 pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
-    let validate = state.config.webtransport.validate_address;
+    let validation = state.config.webtransport.validate_address;
+    let unproven_handshakes = Arc::new(AtomicUsize::new(0));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let incoming = tokio::select! {
@@ -200,8 +202,20 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
             },
         };
         // A QUIC source address can be spoofed until the peer proves it receives packets sent
-        // there: nothing is charged to (or trusted of) an address before a Retry round trip.
-        if validate && !incoming.remote_address_validated() {
+        // there: nothing is charged to (or trusted of) an address before a Retry round trip or,
+        // under `"under_load"` while few unproven handshakes are under way, before the
+        // handshake itself has proved it.
+        let proven = incoming.remote_address_validated();
+        let retry = !proven
+            && match validation {
+                AddressValidation::Always => true,
+                AddressValidation::UnderLoad { max_unvalidated } => {
+                    unproven_handshakes.load(Ordering::Relaxed) >= max_unvalidated
+                }
+                AddressValidation::Never => false,
+            };
+        let unproven = !proven && validation != AddressValidation::Never;
+        if retry {
             // Fails only for an address already validated, which was checked just above.
             let _ = incoming.retry();
             continue;
@@ -209,21 +223,32 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
         // A QUIC connection is a connection like a TCP one: it holds state from the handshake
         // on, so it takes a place under `server.max_connections` and under its address's
         // connection limits, which TCP connections share. The address is the one validated
-        // above (taken as given with `webtransport.validate_address` off).
-        let Some(address) = state.admit_connection(incoming.remote_address().ip(), false) else {
-            incoming.refuse();
-            continue;
+        // above (taken as given with `webtransport.validate_address = "never"`); an unproven
+        // one is charged once its handshake completes (see `connection`).
+        let address = if unproven {
+            None
+        } else {
+            let Some(address) = state.admit_connection(incoming.remote_address().ip(), false)
+            else {
+                incoming.refuse();
+                continue;
+            };
+            Some(address)
         };
         let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
             state.metrics.connections_refused.inc();
             incoming.refuse();
             continue;
         };
-        let slot = ConnSlot::new(permit, state.metrics.connections.clone()).with_address(address);
+        let mut slot = ConnSlot::new(permit, state.metrics.connections.clone());
+        if let Some(address) = address {
+            slot = slot.with_address(address);
+        }
+        let counted = unproven.then(|| UnprovenHandshake::count(&unproven_handshakes));
         let st = state.clone();
         state
             .tasks
-            .spawn(connections.track_future(connection(incoming, st, slot)));
+            .spawn(connections.track_future(connection(incoming, st, slot, counted)));
     }
     // The connections end first, each session with its 1001 and reason: closing the endpoint
     // first would close every connection with code 0 before a session could say why.
@@ -232,6 +257,23 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
     let _ = tokio::time::timeout(grace, connections.wait()).await;
     endpoint.close(VarInt::from_u32(0), b"edge shutting down");
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_FLUSH, endpoint.wait_idle()).await;
+}
+
+/// A handshake under way from an address no Retry has proved, counted (for
+/// `AddressValidation::UnderLoad`) until it completes or fails.
+struct UnprovenHandshake(Arc<AtomicUsize>);
+
+impl UnprovenHandshake {
+    fn count(under_way: &Arc<AtomicUsize>) -> UnprovenHandshake {
+        under_way.fetch_add(1, Ordering::Relaxed);
+        UnprovenHandshake(under_way.clone())
+    }
+}
+
+impl Drop for UnprovenHandshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long the endpoint is given, once closed, to send the last close frames before the process
@@ -247,6 +289,7 @@ fn connection(
     incoming: quinn::Incoming,
     state: Arc<EdgeState>,
     slot: ConnSlot,
+    unproven: Option<UnprovenHandshake>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let peer = incoming.remote_address();
@@ -294,6 +337,20 @@ fn connection(
             (Ok(_), Some(e)) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
             (Ok(_), None) => {}
         }
+        // The client answered what the edge sent to its address: the address is proved, and
+        // now takes its place under its connection limits.
+        let slot = match unproven {
+            None => slot,
+            Some(counted) => {
+                drop(counted);
+                let Some(address) = state.admit_connection(peer.ip(), false) else {
+                    let code = VarInt::from_u64(Code::H3_EXCESSIVE_LOAD.value())
+                        .unwrap_or(VarInt::from_u32(0));
+                    return quic.close(code, b"too many connections from this address");
+                };
+                slot.with_address(address)
+            }
+        };
         let activity = Arc::new(Activity::default());
         let info = ConnInfo {
             peer,
