@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, RateLimiter};
+use governor::DefaultDirectRateLimiter;
+use governor::clock::Clock;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::admission::{Refusal, SessionTicket, close};
@@ -272,7 +272,7 @@ impl Session {
             in_flight: None,
             subscriptions: HashSet::new(),
             datagram_channels: (transport == Transport::webtransport).then(Arc::default),
-            limiter: RateLimiter::direct(cfg.message_quota()),
+            limiter: crate::admission::limits::direct_limiter(cfg.message_quota()),
             ticket,
             refusals_in_row: 0,
             counters,
@@ -530,7 +530,7 @@ impl Session {
         let own = self
             .limiter
             .check()
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()));
         let result = own.and_then(|()| {
             self.ticket.charge_message(bytes).map_err(|r| match r {
                 Refusal::RateLimited { retry_after } => retry_after,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::wt_client::{self, Wt, client_config, client_endpoint, url};
 use common::{TIMEOUT, TestEdge, sse_client, start};
+use edgeplex::config::schema::ValidateAddressSetting;
 use serde_json::{Value, json};
 use wtransport::Endpoint;
 use wtransport::endpoint::endpoint_side::Client;
@@ -275,6 +276,76 @@ async fn an_unvalidated_flood_is_answered_with_retries_and_charges_nothing() {
     // The address's one new session is still there for the real client.
     let _wt = open(&t).await;
     assert_eq!(charged(&t, "allowed").await, 1.0);
+}
+
+/// With `validate_address = "under_load"`, a flood of Initials from addresses that never answer
+/// (as a spoofer's would) starts at most `unvalidated_handshakes` handshakes; every later new
+/// address gets a stateless Retry, and none of them is charged to its connection limits. A real
+/// client still opens, through the Retry.
+#[tokio::test]
+async fn under_load_a_flood_of_unvalidated_initials_is_answered_with_retries() {
+    let t = start(|f| {
+        f.webtransport.validate_address = ValidateAddressSetting::Mode("under_load".into());
+        f.webtransport.unvalidated_handshakes = 4;
+    })
+    .await;
+    let edge = t.edge.quic_addr().unwrap();
+    let (mut retries, mut handshakes) = (0, 0);
+    // Distinct Initials (each its own connection ID) from as many ports, never followed up.
+    for _ in 0..20 {
+        let initial = captured_initial(&t).await;
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&initial, edge).await.unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf)).await
+        {
+            // QUIC v1 long header (0x80) of type Retry (0x30) or Initial (0x00), the edge's
+            // first flight. The fixed bit (0x40) is not looked at: the client offered to let
+            // it be greased (RFC 9287), and quinn then clears it in some packets.
+            match buf[0] & 0xB0 {
+                0xB0 if n > 0 => retries += 1,
+                0x80 if n > 0 => handshakes += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        handshakes, 4,
+        "unproven handshakes started past the threshold"
+    );
+    assert_eq!(retries, 16, "every Initial past the threshold gets a Retry");
+    let connections = |decision: &'static str| {
+        format!(
+            "edgeplex_admission_decisions_total{{limit=\"ip_connections\",decision=\"{decision}\"}}"
+        )
+    };
+    assert_eq!(t.metric(&connections("allowed")).await, 0.0);
+    let _wt = open(&t).await;
+    assert_eq!(t.metric(&connections("allowed")).await, 1.0);
+}
+
+/// Below the threshold a client's handshake proves its address, and only then is the address
+/// charged to its connection limits: past them the connection is closed after the handshake.
+#[tokio::test]
+async fn under_load_an_address_is_charged_once_its_handshake_proves_it() {
+    let t = start(|f| {
+        f.webtransport.validate_address = ValidateAddressSetting::Mode("under_load".into());
+        f.limits.ip_connections.max = Some(1);
+    })
+    .await;
+    let _a = open(&t).await;
+    assert!(
+        try_open(&t, None).await.is_err(),
+        "the address's one place is the first session's"
+    );
+    let decisions = |decision: &'static str| {
+        format!(
+            "edgeplex_admission_decisions_total{{limit=\"ip_connections\",decision=\"{decision}\"}}"
+        )
+    };
+    assert_eq!(t.metric(&decisions("allowed")).await, 1.0);
+    assert_eq!(t.metric(&decisions("refused")).await, 1.0);
 }
 
 #[tokio::test]

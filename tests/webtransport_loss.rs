@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::udp_relay::{Dir, Kind, Policy, UdpRelay, kinds, long_cids, reseal_retry};
 use common::wt_client::{client_endpoint, try_open_url};
 use common::{TestEdge, start};
+use edgeplex::config::schema::ValidateAddressSetting;
 
 /// A handshake that loses one datagram still opens within this (two probe timeouts with
 /// backoff, 1 s + 2 s, and the rest of the exchange).
@@ -49,7 +50,7 @@ async fn open_through(t: &TestEdge, relay: &UdpRelay) {
 }
 
 async fn opens_despite(dir: Dir, kind: Kind, n: usize) {
-    let t = start(|f| f.webtransport.validate_address = true).await;
+    let t = start(|f| f.webtransport.validate_address = ValidateAddressSetting::Switch(true)).await;
     let relay = UdpRelay::start(t.edge.quic_addr().unwrap(), drop_nth(dir, kind, n)).await;
     open_through(&t, &relay).await;
     let dropped = relay.log.lock().iter().filter(|(_, _, x)| *x).count();
@@ -104,7 +105,7 @@ async fn a_lost_first_initial_is_recovered() {
 #[tokio::test]
 #[ignore = "quinn-proto 0.11.19 routes a retried Initial to a live connection with the same ID"]
 async fn a_retry_whose_id_a_live_connection_uses_still_opens() {
-    let t = start(|f| f.webtransport.validate_address = true).await;
+    let t = start(|f| f.webtransport.validate_address = ValidateAddressSetting::Switch(true)).await;
     // The edge's first Initial names its ID for the first connection; each client's first
     // Initial names the original destination ID its Retry's tag covers.
     let mut live: Option<Vec<u8>> = None;

@@ -146,9 +146,21 @@ impl Direct {
     fn new(rule: &RateRule) -> Direct {
         Direct {
             quota: rule.quota(),
-            limiter: RateLimiter::direct(rule.quota()),
+            limiter: direct_limiter(rule.quota()),
         }
     }
+}
+
+/// A direct (unkeyed) rate limiter on the process's one clock. governor's `RateLimiter::direct`
+/// builds a fresh `quanta` clock for each limiter, and `quanta::Clock::new` asks the CPU with
+/// `cpuid` whether its counter can be trusted: in a virtual machine every `cpuid` traps to the
+/// hypervisor, and every connection and session made one or two (a few percent of the edge's
+/// CPU while WebTransport sessions opened, issue 16). The clock's calibration is process-wide in
+/// `quanta` already; a copy of one clock reads the same counter.
+pub fn direct_limiter(quota: Quota) -> DefaultDirectRateLimiter {
+    static CLOCK: std::sync::LazyLock<DefaultClock> =
+        std::sync::LazyLock::new(DefaultClock::default);
+    RateLimiter::direct_with_clock(quota, CLOCK.clone())
 }
 
 /// What each key holds open now (sessions, or connections). A key is here only while it holds
@@ -213,7 +225,7 @@ impl LogBudget {
         let quota = Quota::per_second(NonZeroU32::new(Self::PER_SECOND).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(Self::BURST).unwrap_or(NonZeroU32::MIN));
         LogBudget {
-            limiter: RateLimiter::direct(quota),
+            limiter: direct_limiter(quota),
             suppressed: AtomicU64::new(0),
         }
     }
@@ -585,7 +597,7 @@ impl Admission {
         self.rate(Limit::new_sessions, &limits.new_sessions, &client, || {
             node.limiter
                 .check()
-                .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+                .map_err(|nu| nu.wait_time_from(node.limiter.clock().now()))
         })?;
         Ok(ticket)
     }

@@ -363,8 +363,21 @@ fn connection_caps(file: &schema::LimitsSection, max_connections: usize) -> (Cou
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebTransportConfig {
     pub enabled: bool,
-    /// A QUIC Retry round trip proves a client's address before anything is charged to it.
-    pub validate_address: bool,
+    pub validate_address: AddressValidation,
+}
+
+/// When a new QUIC client must prove its address with a Retry round trip (RFC 9000 §8.1)
+/// before the edge starts a handshake with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressValidation {
+    /// Every new address.
+    Always,
+    /// Only while `max_unvalidated` handshakes from unproven addresses are already under way.
+    /// Below that the handshake itself proves the address (the client's Handshake packet answers
+    /// what the edge sent there), and the address is charged to its connection limits only then.
+    UnderLoad { max_unvalidated: usize },
+    /// Never: the source address is taken as given, and charged at once.
+    Never,
 }
 
 #[derive(Debug, Clone)]
@@ -1107,7 +1120,7 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         limits,
         webtransport: WebTransportConfig {
             enabled: file.webtransport.enabled,
-            validate_address: file.webtransport.validate_address,
+            validate_address: address_validation(&file.webtransport, &invalid, &range)?,
         },
         log,
         demo: file.demo.validate(),
@@ -1115,6 +1128,39 @@ fn validate(file: FileConfig, origin: &dyn Fn(&str) -> String) -> Result<Config,
         channels: std::sync::Arc::new(channels),
         auth,
         effective: file,
+    })
+}
+
+/// `webtransport.validate_address` and its threshold, validated.
+fn address_validation(
+    w: &schema::WebTransportSection,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+    range: &dyn Fn(&'static str, usize, usize, usize) -> Result<usize, ConfigError>,
+) -> Result<AddressValidation, ConfigError> {
+    use schema::ValidateAddressSetting::{Mode, Switch};
+    let max_unvalidated = range(
+        "webtransport.unvalidated_handshakes",
+        w.unvalidated_handshakes,
+        1,
+        1 << 16,
+    )?;
+    Ok(match &w.validate_address {
+        Switch(true) => AddressValidation::Always,
+        Switch(false) => AddressValidation::Never,
+        Mode(m) => match m.as_str() {
+            "always" => AddressValidation::Always,
+            "under_load" => AddressValidation::UnderLoad { max_unvalidated },
+            "never" => AddressValidation::Never,
+            other => {
+                return Err(invalid(
+                    "webtransport.validate_address",
+                    format!(
+                        "{other:?} is not a mode; allowed are \"always\", \"under_load\" and \"never\" \
+                         (true and false still mean \"always\" and \"never\")"
+                    ),
+                ));
+            }
+        },
     })
 }
 
@@ -1132,10 +1178,18 @@ impl Config {
             format!(
                 "HTTP/3: UDP {} (WebTransport at /wt, SSE at /sse){}\n",
                 s.listen,
-                if self.webtransport.validate_address {
-                    ", client addresses validated with a QUIC Retry"
-                } else {
-                    ", client addresses NOT validated (spoofable)"
+                match self.webtransport.validate_address {
+                    AddressValidation::Always => {
+                        ", client addresses validated with a QUIC Retry".to_string()
+                    }
+                    AddressValidation::UnderLoad { max_unvalidated } => format!(
+                        ", client addresses validated with a QUIC Retry while {max_unvalidated} \
+                         handshakes from unproven addresses are under way, by the handshake \
+                         otherwise"
+                    ),
+                    AddressValidation::Never => {
+                        ", client addresses NOT validated (spoofable)".to_string()
+                    }
                 }
             )
         } else {
@@ -1539,6 +1593,38 @@ mod tests {
             e.contains("server.drain_delay") && e.contains("at most 1h"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn validate_address_takes_a_mode_or_the_old_boolean() {
+        let mode = |toml: &str| parse(toml).unwrap().webtransport.validate_address;
+        assert_eq!(mode(""), AddressValidation::Always);
+        assert_eq!(
+            mode("[webtransport]\nvalidate_address = true\n"),
+            AddressValidation::Always
+        );
+        assert_eq!(
+            mode("[webtransport]\nvalidate_address = false\n"),
+            AddressValidation::Never
+        );
+        assert_eq!(
+            mode("[webtransport]\nvalidate_address = \"under_load\"\nunvalidated_handshakes = 8\n"),
+            AddressValidation::UnderLoad { max_unvalidated: 8 }
+        );
+        let e = parse("[webtransport]\nvalidate_address = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("webtransport.validate_address")
+                && e.contains("always")
+                && e.contains("under_load")
+                && e.contains("never"),
+            "{e}"
+        );
+        let e = parse("[webtransport]\nunvalidated_handshakes = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("webtransport.unvalidated_handshakes"), "{e}");
     }
 
     #[test]

@@ -125,14 +125,31 @@ impl Default for ChannelRulesSection {
 #[serde(deny_unknown_fields, default)]
 pub struct WebTransportSection {
     pub enabled: bool,
-    pub validate_address: bool,
+    pub validate_address: ValidateAddressSetting,
+    pub unvalidated_handshakes: usize,
 }
+
+/// `webtransport.validate_address` as written: `"always"`, `"under_load"` or `"never"`, or the
+/// boolean it was before there were three (`true` is `"always"`, `false` `"never"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ValidateAddressSetting {
+    Switch(bool),
+    Mode(String),
+}
+
+/// `webtransport.unvalidated_handshakes`: with `validate_address = "under_load"`, how many
+/// handshakes from addresses no Retry has proved may be under way at once before every new
+/// address gets a Retry. A spoofed Initial holds its place until `server.handshake_timeout`, so
+/// this is also what a flood of them can make the edge start before it is retried.
+pub const DEFAULT_UNVALIDATED_HANDSHAKES: usize = 64;
 
 impl Default for WebTransportSection {
     fn default() -> Self {
         WebTransportSection {
             enabled: true,
-            validate_address: true,
+            validate_address: ValidateAddressSetting::Mode("always".into()),
+            unvalidated_handshakes: DEFAULT_UNVALIDATED_HANDSHAKES,
         }
     }
 }

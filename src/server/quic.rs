@@ -41,6 +41,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -48,11 +49,11 @@ use h3::error::Code;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{TransportConfig, VarInt};
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio_util::sync::CancellationToken;
 
 use super::routes;
-use crate::config::SessionConfig;
+use crate::config::{AddressValidation, SessionConfig};
 use crate::state::EdgeState;
 use crate::web::conn::{H3Connection, H3Stream, with_stream_kill};
 use crate::web::{Activity, Body, ConnInfo, ConnSlot, InFlight};
@@ -82,8 +83,35 @@ fn transport_config(cfg: &SessionConfig) -> std::io::Result<TransportConfig> {
         .max_idle_timeout(Some(cfg.idle_timeout.try_into().map_err(|_| {
             std::io::Error::other("session.idle_timeout is too long for QUIC")
         })?))
-        .keep_alive_interval(Some(cfg.ping_interval));
+        .keep_alive_interval(Some(cfg.ping_interval))
+        .mtu_discovery_config(Some(mtu_discovery()));
     Ok(t)
+}
+
+/// The largest UDP payload the edge probes for: a 1500-byte Ethernet MTU less the IPv6 and UDP
+/// headers (quinn's default upper bound).
+const PROBED_MTU: u16 = 1452;
+
+/// The UDP payload every QUIC path must carry (RFC 9000 §14), where quinn starts a connection.
+const QUIC_MIN_MTU: u16 = 1200;
+
+/// One MTU probe per connection, at [`PROBED_MTU`], instead of quinn's binary search from 1200
+/// (four probes of 1326 to 1436 bytes on every new connection, each acknowledged: with the
+/// client's own, 16 of the 35 datagrams a WebTransport session took to open in
+/// `benches/idle_sessions.rs`, issue 16). What the edge
+/// sends is small: JSON lines, events, and datagram pushes that go down the stream when they do
+/// not fit. So the steps between the two sizes are worth nothing to it; what a larger packet buys
+/// is room for a larger datagram push, and the paths that carry more than 1200 bytes almost all
+/// carry 1452. Either the one probe is acknowledged and the connection sends up to 1452, or it is
+/// lost (three tries, as any probe) and the connection stays at 1200, which every QUIC path must
+/// carry (RFC 9000 §14). quinn stops its search once the next step is under `minimum_change`
+/// and then probes the upper bound alone if it is at least that far away, so a minimum change of
+/// the whole range makes the upper bound the first and only probe.
+fn mtu_discovery() -> MtuDiscoveryConfig {
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(PROBED_MTU)
+        .minimum_change(PROBED_MTU - QUIC_MIN_MTU);
+    mtu
 }
 
 /// The endpoint's config: `tls` (the edge's certificate, TLS 1.3, ALPN h3) and the transport.
@@ -162,7 +190,8 @@ impl quinn::ConnectionIdGenerator for RandomConnectionIds {
 
 /// Accepts connections until shutdown, then closes the endpoint.
 pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
-    let validate = state.config.webtransport.validate_address;
+    let validation = state.config.webtransport.validate_address;
+    let unproven_handshakes = Arc::new(AtomicUsize::new(0));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let incoming = tokio::select! {
@@ -173,8 +202,20 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
             },
         };
         // A QUIC source address can be spoofed until the peer proves it receives packets sent
-        // there: nothing is charged to (or trusted of) an address before a Retry round trip.
-        if validate && !incoming.remote_address_validated() {
+        // there: nothing is charged to (or trusted of) an address before a Retry round trip or,
+        // under `"under_load"` while few unproven handshakes are under way, before the
+        // handshake itself has proved it.
+        let proven = incoming.remote_address_validated();
+        let retry = !proven
+            && match validation {
+                AddressValidation::Always => true,
+                AddressValidation::UnderLoad { max_unvalidated } => {
+                    unproven_handshakes.load(Ordering::Relaxed) >= max_unvalidated
+                }
+                AddressValidation::Never => false,
+            };
+        let unproven = !proven && validation != AddressValidation::Never;
+        if retry {
             // Fails only for an address already validated, which was checked just above.
             let _ = incoming.retry();
             continue;
@@ -182,21 +223,32 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
         // A QUIC connection is a connection like a TCP one: it holds state from the handshake
         // on, so it takes a place under `server.max_connections` and under its address's
         // connection limits, which TCP connections share. The address is the one validated
-        // above (taken as given with `webtransport.validate_address` off).
-        let Some(address) = state.admit_connection(incoming.remote_address().ip(), false) else {
-            incoming.refuse();
-            continue;
+        // above (taken as given with `webtransport.validate_address = "never"`); an unproven
+        // one is charged once its handshake completes (see `connection`).
+        let address = if unproven {
+            None
+        } else {
+            let Some(address) = state.admit_connection(incoming.remote_address().ip(), false)
+            else {
+                incoming.refuse();
+                continue;
+            };
+            Some(address)
         };
         let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
             state.metrics.connections_refused.inc();
             incoming.refuse();
             continue;
         };
-        let slot = ConnSlot::new(permit, state.metrics.connections.clone()).with_address(address);
+        let mut slot = ConnSlot::new(permit, state.metrics.connections.clone());
+        if let Some(address) = address {
+            slot = slot.with_address(address);
+        }
+        let counted = unproven.then(|| UnprovenHandshake::count(&unproven_handshakes));
         let st = state.clone();
         state
             .tasks
-            .spawn(connections.track_future(connection(incoming, st, slot)));
+            .spawn(connections.track_future(connection(incoming, st, slot, counted)));
     }
     // The connections end first, each session with its 1001 and reason: closing the endpoint
     // first would close every connection with code 0 before a session could say why.
@@ -205,6 +257,23 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<EdgeState>) {
     let _ = tokio::time::timeout(grace, connections.wait()).await;
     endpoint.close(VarInt::from_u32(0), b"edge shutting down");
     let _ = tokio::time::timeout(ENDPOINT_CLOSE_FLUSH, endpoint.wait_idle()).await;
+}
+
+/// A handshake under way from an address no Retry has proved, counted (for
+/// `AddressValidation::UnderLoad`) until it completes or fails.
+struct UnprovenHandshake(Arc<AtomicUsize>);
+
+impl UnprovenHandshake {
+    fn count(under_way: &Arc<AtomicUsize>) -> UnprovenHandshake {
+        under_way.fetch_add(1, Ordering::Relaxed);
+        UnprovenHandshake(under_way.clone())
+    }
+}
+
+impl Drop for UnprovenHandshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long the endpoint is given, once closed, to send the last close frames before the process
@@ -220,20 +289,26 @@ fn connection(
     incoming: quinn::Incoming,
     state: Arc<EdgeState>,
     slot: ConnSlot,
+    unproven: Option<UnprovenHandshake>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let peer = incoming.remote_address();
         let deadline = state.config.server.handshake_timeout;
-        // A handshake still under way at shutdown has no session to close with 1001: it is
-        // dropped, so the endpoint's close does not wait for it.
-        let handshake = tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            r = tokio::time::timeout(deadline, incoming) => r,
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
         };
-        let quic = match handshake {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
-            Err(_) => return tracing::debug!(%peer, "QUIC handshake timed out"),
+        // 0.5-RTT: the connection can send before the client's Finished arrives, so the HTTP/3
+        // SETTINGS built below leave with (or right behind) the edge's handshake flight, and the
+        // client, which waits for them before its CONNECT, sends the CONNECT with its Finished
+        // instead of one round trip later. Nothing is read from the client before its handshake
+        // completes: it cannot send 0-RTT (the TLS config allows no early data), and quinn
+        // processes no 1-RTT packet before then. What goes out early is the SETTINGS, the QPACK
+        // streams' openings and GREASE, all within QUIC's limit of three times what an
+        // unvalidated address sent. quinn refuses 0.5-RTT only to a client's connection.
+        let (quic, handshake) = match connecting.into_0rtt() {
+            Ok(c) => c,
+            Err(_) => return tracing::debug!(%peer, "QUIC connection refused 0.5-RTT"),
         };
         let mut builder = h3::server::builder();
         builder
@@ -249,13 +324,40 @@ fn connection(
             Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "HTTP/3 setup failed"),
             Err(_) => return tracing::debug!(%peer, "HTTP/3 setup timed out"),
         };
+        // A handshake still under way at shutdown has no session to close with 1001: it is
+        // dropped, so the endpoint's close does not wait for it. `handshake` resolves when the
+        // handshake ends either way (its value says whether the client sent 0-RTT, never here);
+        // the connection's close reason tells a failure.
+        let done = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = tokio::time::timeout(deadline, handshake) => r,
+        };
+        match (done, quic.close_reason()) {
+            (Err(_), _) => return tracing::debug!(%peer, "QUIC handshake timed out"),
+            (Ok(_), Some(e)) => return tracing::debug!(%peer, error = %e, "QUIC handshake failed"),
+            (Ok(_), None) => {}
+        }
+        // The client answered what the edge sent to its address: the address is proved, and
+        // now takes its place under its connection limits.
+        let slot = match unproven {
+            None => slot,
+            Some(counted) => {
+                drop(counted);
+                let Some(address) = state.admit_connection(peer.ip(), false) else {
+                    let code = VarInt::from_u64(Code::H3_EXCESSIVE_LOAD.value())
+                        .unwrap_or(VarInt::from_u32(0));
+                    return quic.close(code, b"too many connections from this address");
+                };
+                slot.with_address(address)
+            }
+        };
         let activity = Arc::new(Activity::default());
         let info = ConnInfo {
             peer,
             tls: true,
             permit: Some(Arc::new(slot)),
             activity: Some(activity.clone()),
-            publish_budget: Some(Arc::new(governor::RateLimiter::direct(
+            publish_budget: Some(Arc::new(crate::admission::limits::direct_limiter(
                 state.config.session.message_quota(),
             ))),
             // Never the whole connection: a stalled stream is reset alone (see `serve`).

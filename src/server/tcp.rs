@@ -333,7 +333,7 @@ async fn serve_hyper<IO>(
     let kill = CancellationToken::new();
     info.kill = Some(kill.clone());
     if kind == Listener::Public {
-        info.publish_budget = Some(Arc::new(governor::RateLimiter::direct(
+        info.publish_budget = Some(Arc::new(crate::admission::limits::direct_limiter(
             state.config.session.message_quota(),
         )));
     }

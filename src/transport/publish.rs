@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 
 use crate::admission::store::UserKey;
 use crate::admission::{Client, Refusal};
@@ -63,12 +63,12 @@ pub async fn accept<B: RequestBody>(
             r
         }
         Method::POST => {
-            let limited = info.publish_budget.as_ref().and_then(|b| b.check().err());
+            let limited = info
+                .publish_budget
+                .as_ref()
+                .and_then(|b| b.check().err().map(|nu| nu.wait_time_from(b.clock().now())));
             match limited {
-                Some(not_until) => {
-                    let wait = not_until.wait_time_from(DefaultClock::default().now());
-                    rate_limited(&state, wait)
-                }
+                Some(wait) => rate_limited(&state, wait),
                 None => {
                     let client = client_of(&state, &info, req.headers());
                     match check_head(&req, &state, Some(&client)) {
