@@ -8,7 +8,16 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEdge, start};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A plain event-stream request for channel `a`.
+const OPEN_A: &[u8] = b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Sends `req` and reads the response head (and what came after it).
+async fn ask<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &[u8]) -> (String, Vec<u8>) {
+    s.write_all(req).await.unwrap();
+    read_head(s).await
+}
 
 /// Reads until the end of a response head; returns it, and what came after it.
 async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
@@ -60,10 +69,7 @@ async fn freed(t: &TestEdge) -> bool {
 async fn the_stream_is_chunked_says_it_closes_and_carries_the_routes_headers() {
     let t = start(|_| {}).await;
     let mut s = t.tls_stream().await;
-    s.write_all(b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, rest) = read_head(&mut s).await;
+    let (head, rest) = ask(&mut s, OPEN_A).await;
     let lower = head.to_ascii_lowercase();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     for line in [
@@ -125,10 +131,7 @@ async fn a_head_past_the_header_cap_gets_431() {
 async fn a_client_that_sends_more_after_its_request_is_closed_and_its_session_freed() {
     let t = start(|_| {}).await;
     let mut s = t.tls_stream().await;
-    s.write_all(b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut s).await;
+    let (head, _) = ask(&mut s, OPEN_A).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(t.edge.state().hub.subscriber_count("a"), 1);
     // A second request behind an endless response can never be answered.
@@ -144,12 +147,8 @@ async fn a_client_that_sends_more_after_its_request_is_closed_and_its_session_fr
 async fn a_refused_stream_gets_a_sized_answer_and_the_connection_closes() {
     let t = start(|f| f.admission.allowed_origins = vec!["https://app.example.com".into()]).await;
     let mut s = t.tls_stream().await;
-    s.write_all(
-        b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example.com\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let (head, mut body) = read_head(&mut s).await;
+    let evil = b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example.com\r\n\r\n";
+    let (head, mut body) = ask(&mut s, evil).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     let lower = head.to_ascii_lowercase();
     let len: usize = lower
@@ -178,15 +177,10 @@ async fn a_refused_stream_gets_a_sized_answer_and_the_connection_closes() {
 async fn other_first_requests_keep_their_connection_and_hyper_serves_the_rest() {
     let t = start(|_| {}).await;
     let mut s = t.tls_stream().await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut s).await;
+    let (head, _) = ask(&mut s, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(!head.to_ascii_lowercase().contains("connection: close"));
-    s.write_all(b"GET /sse?channel=a HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(OPEN_A).await.unwrap();
     // The body of `/` may come first; look for the second head after it.
     let mut seen = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -218,8 +212,7 @@ async fn look_alike_requests_are_answered_by_hyper_from_their_first_byte() {
         ),
     ] {
         let mut s = t.tls_stream().await;
-        s.write_all(req).await.unwrap();
-        let (head, _) = read_head(&mut s).await;
+        let (head, _) = ask(&mut s, req).await;
         // hyper answers an HTTP/1.0 request as HTTP/1.0.
         assert!(
             head.starts_with("HTTP/1.") && head[9..].starts_with(status),
