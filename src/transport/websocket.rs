@@ -17,6 +17,7 @@
 //! session goes on.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -364,13 +365,41 @@ fn unbox<T>(b: Box<T>) -> T {
     *b
 }
 
+/// When the client was last heard, for the idle check: the read half marks it, the write half
+/// reads it at each ping. Sharing the ping's timer keeps one timer per session instead of a
+/// second one re-armed on every frame.
+struct Heard {
+    since: Instant,
+    /// Milliseconds from `since`.
+    at: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            since: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.at.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let at = Duration::from_millis(self.at.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(at)
+    }
+}
+
 type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
 type Stream<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
 
 /// Runs one session until it ends. Reading and writing are separate halves polled together, so a
 /// client whose socket is full can still be read (it can still unsubscribe or close), and a write
-/// that stalls cannot stop shutdown or the idle check. Every write is bounded by
-/// `session.write_timeout`, and ends early when the queue overflows meanwhile.
+/// that stalls cannot stop shutdown. Every write is bounded by `session.write_timeout`, and ends
+/// early when the queue overflows meanwhile; the idle check runs at the pings between writes.
 async fn run<S>(
     sink: &mut Sink<S>,
     stream: &mut Stream<S>,
@@ -384,10 +413,11 @@ where
     let cfg = &state.config.session;
     let outbox = session.outbox().clone();
 
+    let heard = Heard::new();
     let end = tokio::select! {
         _ = state.shutdown.cancelled() => End::Close(CloseReason::SHUTDOWN),
-        end = write_half(sink, &outbox, cfg) => end,
-        end = read_half(stream, session, cfg) => end,
+        end = write_half(sink, &outbox, cfg, &heard) => end,
+        end = read_half(stream, session, &heard) => end,
     };
     let reason = match &end {
         End::Close(r) => Some(r),
@@ -442,7 +472,12 @@ where
 
 /// Writes what the outbox holds (one flush per wake-up: the socket takes the frames and writes
 /// them in one vectored write, see [`WireIo`]) and pings on the interval.
-async fn write_half<S>(sink: &mut Sink<S>, outbox: &Outbox, cfg: &SessionConfig) -> End
+async fn write_half<S>(
+    sink: &mut Sink<S>,
+    outbox: &Outbox,
+    cfg: &SessionConfig,
+    heard: &Heard,
+) -> End
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -464,6 +499,12 @@ where
                 }
             }
             _ = ping.tick() => {
+                // The idle check rides on the ping's timer: a client silent for
+                // `session.idle_timeout` (longer than the ping interval, so a live client has
+                // answered the last ping by now) is closed at the first tick past it.
+                if heard.silent_for() >= cfg.idle_timeout {
+                    return End::Close(CloseReason::IDLE);
+                }
                 // Boxed like the write above; a ping is rare.
                 let ping = sink.send(Message::Ping(Default::default()));
                 if let Err(end) = Box::pin(bounded_write(ping, outbox, cfg.write_timeout)).await {
@@ -491,24 +532,22 @@ where
     }
 }
 
-/// Reads client frames into the session until it says close, the client goes, or nothing has
-/// been heard for `session.idle_timeout` (pongs to our pings count as heard).
-async fn read_half<S>(stream: &mut Stream<S>, session: &mut Session, cfg: &SessionConfig) -> End
+/// Reads client frames into the session until it says close or the client goes; every frame
+/// (pongs to our pings too) counts as heard, for the write half's idle check.
+async fn read_half<S>(stream: &mut Stream<S>, session: &mut Session, heard: &Heard) -> End
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut rules = session.rules_watch();
     loop {
-        let read = tokio::select! {
-            read = tokio::time::timeout(cfg.idle_timeout, stream.next()) => read,
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
             closed = session.identity_changed(&mut rules) => match closed {
                 Some(reason) => return End::Close(reason),
                 None => continue,
             },
         };
-        let Ok(msg) = read else {
-            return End::Close(CloseReason::IDLE);
-        };
+        heard.now();
         let verdict = match msg {
             None => return End::Gone,
             // Boxed: handling a frame (a subscribe's join, a publish) is a large future, and
