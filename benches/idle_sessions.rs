@@ -9,7 +9,8 @@
 //! Run: `cargo bench --bench idle_sessions`, with optional
 //! - `SESSIONS` total sessions per transport (default 1000),
 //! - `TRANSPORTS` comma-separated from `websocket`, `sse`, `sse-h2` and `sse-h3` (SSE over
-//!   HTTP/2 and HTTP/3, one connection per stream), `webtransport` (default `websocket`, `sse`,
+//!   HTTP/2 and HTTP/3, one connection per stream; `sse-h2-mux`: 90 streams per HTTP/2
+//!   connection, what one more stream costs), `webtransport` (default `websocket`, `sse`,
 //!   `webtransport`); `websocket+shared` and `websocket+each` are WebSocket sessions that, once
 //!   open, subscribe to one channel (the same one for all, or one channel each) and then idle:
 //!   their difference from `websocket` is what a subscription costs,
@@ -60,6 +61,10 @@ use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Endpoint};
 
 mod support;
+
+/// Streams `sse-h2-mux` opens on one HTTP/2 connection: under the edge's
+/// `max_concurrent_streams` (100), past which a client's requests would wait for a stream.
+const H2_STREAMS_PER_CONNECTION: u64 = 90;
 
 use support::{
     EdgeProc, KernelMem, ROLE, RedisProc, cpu_of, cpu_secs, env, env_str, meminfo_kib, rss_kib,
@@ -144,6 +149,8 @@ async fn client(job: Job) {
         .map(|(_, pem, _)| (!job.plain).then(|| support::tls_connector(pem, true)))
         .collect();
     let mut h3_endpoints: Vec<(u64, usize, quinn::Endpoint)> = Vec::new();
+    // `sse-h2-mux`: per edge, a client (one HTTP/2 connection) and the streams it carries.
+    let mut h2_clients: Vec<(usize, u64, reqwest::Client)> = Vec::new();
     let mut wt_endpoints: Vec<(
         u64,
         usize,
@@ -236,15 +243,32 @@ async fn client(job: Job) {
                     });
                 }
             }
-            "sse-h2" => {
-                let pem = std::fs::read(&job.edges[e].1).unwrap();
-                let client = reqwest::Client::builder()
-                    .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-                    .resolve("localhost", *addr)
-                    .local_address(source)
-                    .http2_prior_knowledge()
-                    .build()
-                    .unwrap();
+            "sse-h2" | "sse-h2-mux" => {
+                // `sse-h2-mux`: streams share connections, as a browser's or a proxy's do, so
+                // the figure is what one more stream costs; `sse-h2`: a connection each.
+                let shared = h2_clients
+                    .iter()
+                    .position(|(ed, n, _)| *ed == e && *n < H2_STREAMS_PER_CONNECTION);
+                let client = match shared {
+                    Some(k) if wire == "sse-h2-mux" => {
+                        h2_clients[k].1 += 1;
+                        h2_clients[k].2.clone()
+                    }
+                    _ => {
+                        let pem = std::fs::read(&job.edges[e].1).unwrap();
+                        let client = reqwest::Client::builder()
+                            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+                            .resolve("localhost", *addr)
+                            .local_address(source)
+                            .http2_prior_knowledge()
+                            .build()
+                            .unwrap();
+                        if wire == "sse-h2-mux" {
+                            h2_clients.push((e, 1, client.clone()));
+                        }
+                        client
+                    }
+                };
                 match sse_h2_open(client, addr.port()).await {
                     Ok(open) => held.push(Box::new(open)),
                     Err(e) => {

@@ -557,8 +557,14 @@ pub async fn serve(
     };
     let req = req.map(|()| body);
     let kill = CancellationToken::new();
+    // Boxed: the route's future is large and over once it answers, while this one lives as
+    // long as an event stream does.
+    let route = Box::pin(with_stream_kill(
+        kill.clone(),
+        routes::public(req, state.clone(), info),
+    ));
     let resp = tokio::select! {
-        r = with_stream_kill(kill.clone(), routes::public(req, state.clone(), info)) => r,
+        r = route => r,
         // A route can wait on a hook; a client that left does not wait for it.
         _ = quic.closed() => return,
         () = cancelled(&mut rest) => return,

@@ -342,7 +342,10 @@ async fn serve_hyper<IO>(
         let info = info.clone();
         let guard = act.begin();
         async move {
-            let resp = routes::route(req, st, kind, info).await;
+            // Boxed: hyper keeps this future in an HTTP/2 stream's task (and an HTTP/1.1
+            // connection's) until the response is done, and the route's (admission, the joins,
+            // the hooks) is ~11 KiB; an event stream would carry its room for hours.
+            let resp = Box::pin(routes::route(req, st, kind, info)).await;
             drop(guard);
             Ok::<_, std::convert::Infallible>(resp)
         }
