@@ -221,3 +221,49 @@ async fn look_alike_requests_are_answered_by_hyper_from_their_first_byte() {
         );
     }
 }
+
+/// A reader that stops reading while its queue still has room is cut off by the stall watcher
+/// once a frame has waited `session.write_timeout`, and counted as a slow consumer, not as a
+/// client that left: the bare path's own write bound must not beat the watcher to it.
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_counted_as_a_slow_consumer() {
+    let t = start(|f| {
+        f.session.write_timeout = Duration::from_millis(400);
+        f.session.outbound_queue = 100_000;
+        f.session.outbound_queue_bytes = 256 << 20;
+    })
+    .await;
+    let mut s = t.tls_stream().await;
+    let (head, _) = ask(
+        &mut s,
+        b"GET /sse?channel=firehose HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Never read again: the socket's buffers fill, the queue does not.
+    let mut ws = t.connect().await;
+    let payload = "p".repeat(60 * 1024);
+    for i in 0..400 {
+        let r = ws
+            .request(serde_json::json!({"id": i, "op": "publish", "channel": "firehose", "data": payload}))
+            .await;
+        assert_eq!(r["ok"], true);
+    }
+    let cut = t
+        .metrics_reach(
+            &[
+                ("edgeplex_sessions{transport=\"sse\"}", 0.0),
+                (
+                    "edgeplex_slow_consumer_closes_total{transport=\"sse\"}",
+                    1.0,
+                ),
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        cut,
+        "the stalled stream was cut and counted as a slow consumer"
+    );
+    drop(s);
+}

@@ -319,7 +319,14 @@ fn connection(
             .max_webtransport_sessions(1)
             .send_grease(true);
         let build = builder.build(h3_quinn::Connection::new(quic.clone()));
-        let mut h3 = match tokio::time::timeout(deadline, build).await {
+        // One deadline for the HTTP/3 setup and the handshake together: an unproven handshake
+        // holds its place under the caps no longer than before 0.5-RTT.
+        let until = tokio::time::Instant::now() + deadline;
+        let built = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = tokio::time::timeout_at(until, build) => r,
+        };
+        let mut h3 = match built {
             Ok(Ok(h3)) => h3,
             Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "HTTP/3 setup failed"),
             Err(_) => return tracing::debug!(%peer, "HTTP/3 setup timed out"),
@@ -330,7 +337,7 @@ fn connection(
         // the connection's close reason tells a failure.
         let done = tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            r = tokio::time::timeout(deadline, handshake) => r,
+            r = tokio::time::timeout_at(until, handshake) => r,
         };
         match (done, quic.close_reason()) {
             (Err(_), _) => return tracing::debug!(%peer, "QUIC handshake timed out"),

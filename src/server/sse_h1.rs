@@ -26,7 +26,6 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::EdgeState;
 use crate::web::{Body, ConnInfo};
 
 /// The request line every connection served here starts with; a query or a space follows.
@@ -134,7 +133,7 @@ pub(super) fn serve<'a, IO>(
     resp: Response<Body>,
     info: &'a ConnInfo,
     kill: &'a CancellationToken,
-    state: &'a EdgeState,
+    write_timeout: std::time::Duration,
 ) -> impl Future<Output = ()> + 'a
 where
     IO: AsyncRead + AsyncWrite + Unpin + 'a,
@@ -142,7 +141,6 @@ where
     let (parts, body) = resp.into_parts();
     let exact = hyper::body::Body::size_hint(&body).exact();
     let head = response_head(parts, exact);
-    let write_timeout = state.config.session.write_timeout;
     stream_body(io, head, body, exact.is_none(), info, kill, write_timeout)
 }
 
@@ -167,10 +165,18 @@ async fn stream_body<IO>(
                 io.write_all_buf(&mut buf).await?;
                 io.flush().await
             };
-            // The stall watcher (`kill`) ends a write a reader does not take; the timeout covers
-            // a response with no watcher (a refusal).
+            // An event stream's stall watcher (`kill`) ends a write its reader does not take,
+            // and counts it as a slow consumer, once a queued frame has waited
+            // `session.write_timeout` (checked every quarter of it): this bound lets it act
+            // first, and still ends a write that blocks on a quiet stream (a heartbeat) or a
+            // sized answer, which have no watcher.
+            let bound = if chunked {
+                2 * write_timeout
+            } else {
+                write_timeout
+            };
             let done = tokio::select! {
-                r = tokio::time::timeout(write_timeout, write) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(bound, write) => matches!(r, Ok(Ok(()))),
                 _ = kill.cancelled() => false,
             };
             if !done {
@@ -178,8 +184,12 @@ async fn stream_body<IO>(
                 return;
             }
         }
+        // Biased to the body: a sized answer that is ready is written whole even when the client
+        // already sent more or closed its side; a stream's client that left fails the next write.
         let frame = tokio::select! {
+            biased;
             _ = kill.cancelled() => return,
+            frame = body.frame() => frame,
             r = io.read(&mut probe) => {
                 match r {
                     Ok(0) | Err(_) => tracing::debug!(peer = %info.peer, "client closed its event stream"),
@@ -187,7 +197,6 @@ async fn stream_body<IO>(
                 }
                 return;
             }
-            frame = body.frame() => frame,
         };
         match frame {
             Some(Ok(frame)) => {
@@ -221,7 +230,19 @@ fn response_head(parts: http::response::Parts, exact: Option<u64>) -> Bytes {
     head.extend_from_slice(b" ");
     head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
+    // Framing and the connection's fate are this writer's to say, as they are hyper's.
+    let ours = [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::DATE,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+    ];
     for (name, value) in &parts.headers {
+        if ours.contains(name) {
+            continue;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());

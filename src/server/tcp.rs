@@ -238,6 +238,7 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if !sniff {
+        // Through `Prefixed` with nothing to replay: one `serve_hyper` per IO type, not two.
         return Box::pin(serve_hyper(
             Prefixed::new(Bytes::new(), io),
             state,
@@ -251,7 +252,12 @@ async fn serve_http<IO>(
     let (max_head, deadline) = (s.max_header_bytes, s.handshake_timeout);
     // The sniffed head is handed on inside the match, not held: this future lives as long as
     // the stream does. hyper's future is boxed so that an event stream's is not sized for it.
-    let served = match tokio::time::timeout(deadline, sse_h1::sniff(&mut io, max_head)).await {
+    let head = tokio::select! {
+        head = tokio::time::timeout(deadline, sse_h1::sniff(&mut io, max_head)) => head,
+        // A head left half-sent does not hold up a drain.
+        _ = stop.cancelled() => return,
+    };
+    let served = match head {
         Ok(Sniffed::EventStream(req)) => Either::Left(serve_event_stream(io, *req, state, info)),
         Ok(Sniffed::Other(read)) => Either::Right(Box::pin(serve_hyper(
             Prefixed::new(read, io),
@@ -288,7 +294,8 @@ where
     let route = Box::pin(routes::event_stream(req, state.clone(), info.clone()));
     async move {
         let resp = route.await;
-        sse_h1::serve(io, resp, &info, &kill, &state).await;
+        let write_timeout = state.config.session.write_timeout;
+        sse_h1::serve(io, resp, &info, &kill, write_timeout).await;
     }
 }
 

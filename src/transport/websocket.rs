@@ -581,6 +581,9 @@ where
                 return End::Gone;
             }
         };
+        // Again after the frame: pongs are not read while a handler (a hook, say) runs, and
+        // that wait is not the client's silence.
+        heard.now();
         if let Verdict::Close(reason) = verdict {
             return End::Close(reason);
         }
