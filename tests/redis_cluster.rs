@@ -271,6 +271,51 @@ fn delivered_in_order(got: &[Value], want: &[u64]) -> bool {
         && rest.any(|m| m["data"] == "after")
 }
 
+/// A channel the fault reached: its gap notice comes (live messages may come before it, from
+/// the master now serving it), and a resume from `before` on a new session of `edge` brings
+/// every publish answered `ok` since, in order.
+async fn expect_gap_then_resume(
+    s: &mut Client,
+    edge: &TestEdge,
+    c: &str,
+    before: &Value,
+    oks: &[u64],
+) {
+    loop {
+        let f = s.recv().await;
+        match f["op"].as_str() {
+            Some("gap") => break,
+            Some("message") => assert_ne!(f["data"], "before", "{c}: {f}"),
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    let mut r = edge.connect().await;
+    let ok = r
+        .request(json!({"id": 1, "op": "subscribe", "channel": c, "since": before}))
+        .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let mut got = Vec::new();
+    while got.last().is_none_or(|m: &Value| m["data"] != "after") {
+        got.push(next_message(&mut r).await.0);
+    }
+    assert!(
+        delivered_in_order(&got, oks),
+        "{c}: acknowledged {oks:?}, resumed {got:?}"
+    );
+}
+
+/// A channel the fault did not reach (`untouched` says how): what it received up to
+/// `"after"`, with no gap on the way.
+async fn live_until_after(s: &mut Client, c: &str, untouched: &str) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.last().is_none_or(|m: &Value| m["data"] != "after") {
+        let (m, gaps) = next_message(s).await;
+        assert_eq!(gaps, 0, "{c} is not {untouched}: no gap");
+        got.push(m);
+    }
+    got
+}
+
 /// Subscribers on B of channels on every master, and a publisher on A publishing to all of them
 /// throughout; `kill -9` one master (its replica is promoted). The other masters' channels
 /// carry on: no gap, and every publish answered `ok` arrives live, in order. The killed
@@ -303,35 +348,9 @@ async fn a_master_killed_gaps_only_its_channels_and_loses_no_acknowledged_publis
     }
     for ((((c, m), s), before), oks) in channels.iter().zip(&mut subs).zip(&before).zip(&oks) {
         if *m == victim {
-            // The gap notice comes (live messages may come before it, from the new master).
-            loop {
-                let f = s.recv().await;
-                match f["op"].as_str() {
-                    Some("gap") => break,
-                    Some("message") => assert_ne!(f["data"], "before", "{c}: {f}"),
-                    _ => panic!("unexpected {f}"),
-                }
-            }
-            let mut r = b.connect().await;
-            let ok = r
-                .request(json!({"id": 1, "op": "subscribe", "channel": c, "since": before}))
-                .await;
-            assert_eq!(ok["ok"], true, "{ok}");
-            let mut got = Vec::new();
-            while got.last().is_none_or(|m: &Value| m["data"] != "after") {
-                got.push(next_message(&mut r).await.0);
-            }
-            assert!(
-                delivered_in_order(&got, oks),
-                "{c}: acknowledged {oks:?}, resumed {got:?}"
-            );
+            expect_gap_then_resume(s, &b, c, before, oks).await;
         } else {
-            let mut got = Vec::new();
-            while got.last().is_none_or(|m: &Value| m["data"] != "after") {
-                let (m, gaps) = next_message(s).await;
-                assert_eq!(gaps, 0, "{c} is not on the killed master: no gap");
-                got.push(m);
-            }
+            let got = live_until_after(s, c, "on the killed master").await;
             assert!(
                 oks.len() >= 5,
                 "{c}: its master carried on through the failover: {oks:?}"
@@ -400,35 +419,9 @@ async fn a_slot_moved_under_subscribers_is_followed_with_a_gap() {
     }
     for ((((c, _), s), before), oks) in channels.iter().zip(&mut subs).zip(&before).zip(&oks) {
         if *c == moved {
-            // The gap notice comes (live messages may come before it, from either master).
-            loop {
-                let f = s.recv().await;
-                match f["op"].as_str() {
-                    Some("gap") => break,
-                    Some("message") => assert_ne!(f["data"], "before", "{c}: {f}"),
-                    _ => panic!("unexpected {f}"),
-                }
-            }
-            let mut r = b.connect().await;
-            let ok = r
-                .request(json!({"id": 1, "op": "subscribe", "channel": c, "since": before}))
-                .await;
-            assert_eq!(ok["ok"], true, "{ok}");
-            let mut got = Vec::new();
-            while got.last().is_none_or(|m: &Value| m["data"] != "after") {
-                got.push(next_message(&mut r).await.0);
-            }
-            assert!(
-                delivered_in_order(&got, oks),
-                "{c}: acknowledged {oks:?}, resumed {got:?}"
-            );
+            expect_gap_then_resume(s, &b, c, before, oks).await;
         } else {
-            let mut got = Vec::new();
-            while got.last().is_none_or(|m: &Value| m["data"] != "after") {
-                let (m, gaps) = next_message(s).await;
-                assert_eq!(gaps, 0, "{c} is not in the moved slot: no gap");
-                got.push(m);
-            }
+            let got = live_until_after(s, c, "in the moved slot").await;
             assert!(
                 delivered_in_order(&got, oks),
                 "{c}: acknowledged {oks:?}, received {got:?}"
