@@ -139,13 +139,7 @@ impl RedisCluster {
         let mut tls_args: Vec<String> = Vec::new();
         let mut tls_cert = None;
         if tls {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-            let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            let cert_path = dir.path().join("redis.pem");
-            let key_path = dir.path().join("redis.key");
-            std::fs::write(&cert_path, cert.pem()).unwrap();
-            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            let (cert_path, key_path) = super::redis_server::write_self_signed(dir.path());
             for (k, v) in [
                 ("--tls-cert-file", cert_path.display().to_string()),
                 ("--tls-key-file", key_path.display().to_string()),

@@ -24,10 +24,7 @@ impl RedisServer {
     /// With extra `redis-server` arguments (e.g. ACL users) and the `user:password@` the harness
     /// should log in with.
     pub fn start_with(extra: &[&str], auth: &str) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut s = RedisServer {
             port,
             child: None,
@@ -43,18 +40,9 @@ impl RedisServer {
     /// A TLS-only server with a fresh self-signed certificate for 127.0.0.1; clients trust
     /// [`RedisServer::ca_path`].
     pub fn start_tls() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let cert_path = dir.path().join("redis.pem");
-        let key_path = dir.path().join("redis.key");
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let (cert_path, key_path) = write_self_signed(dir.path());
         let extra = vec![
             "--tls-port".to_string(),
             port.to_string(),
@@ -195,4 +183,24 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Writes a self-signed certificate for 127.0.0.1 and its key into `dir` (`redis.pem`,
+/// `redis.key`): a TLS Redis serves it, and its clients trust it as their CA.
+pub fn write_self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.join("redis.pem");
+    let key_path = dir.join("redis.key");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
 }
